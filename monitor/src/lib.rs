@@ -1,1 +1,5 @@
-//! placeholder
+//! `ha-monitor`: one member of the Raft group that replicates the HA catalog.
+//!
+//! The leader judges health from agent reports (soft state, never Raft writes) and its own
+//! probes, runs the pure decision function, and proposes goal changes; a change takes effect only
+//! once committed. Followers answer with the leader's address.

@@ -1,1 +1,1 @@
-//! placeholder
+//! `ha-provision`: builds the stand described by one topology file.
