@@ -204,8 +204,8 @@ impl From<Goal> for v1::Goal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
     use proptest::prelude::*;
+    use prost::Message;
 
     fn goal_strategy() -> impl Strategy<Value = Goal> {
         let name = "[a-z][a-z0-9-]{0,20}".prop_map(|s| NodeId::new(s).expect("valid by regex"));
@@ -233,7 +233,13 @@ mod tests {
                     node: node.clone(),
                     state,
                     epoch: Epoch(epoch),
-                    upstream: Some((un.clone(), Endpoint { host: host.clone(), port })),
+                    upstream: Some((
+                        un.clone(),
+                        Endpoint {
+                            host: host.clone(),
+                            port,
+                        },
+                    )),
                     synchronous_standbys: standbys.clone(),
                     synchronous_quorum: quorum,
                 })
@@ -273,7 +279,10 @@ mod tests {
                 value: 42
             }
         );
-        assert_eq!(err.to_string(), "field `goal.state` has unknown enum value 42");
+        assert_eq!(
+            err.to_string(),
+            "field `goal.state` has unknown enum value 42"
+        );
         assert_eq!(
             tonic::Status::from(err).code(),
             tonic::Code::InvalidArgument
@@ -310,7 +319,10 @@ mod tests {
         };
         assert!(matches!(
             Goal::try_from(bad_name),
-            Err(WireError::Invalid { field: "goal.node", .. })
+            Err(WireError::Invalid {
+                field: "goal.node",
+                ..
+            })
         ));
         let bad_port = v1::Endpoint {
             host: "h".into(),
@@ -332,7 +344,10 @@ mod tests {
         };
         assert!(matches!(
             Goal::try_from(too_big_quorum),
-            Err(WireError::OutOfRange { field: "goal.synchronous_quorum", .. })
+            Err(WireError::OutOfRange {
+                field: "goal.synchronous_quorum",
+                ..
+            })
         ));
     }
 

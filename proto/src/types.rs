@@ -9,7 +9,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Why a textual identity or position was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
-    #[error("node name {0:?} is invalid: use 1 to 63 characters a-z, 0-9, '-', '_' or '.', starting with a letter or digit")]
+    #[error(
+        "node name {0:?} is invalid: use 1 to 63 characters a-z, 0-9, '-', '_' or '.', starting with a letter or digit"
+    )]
     NodeName(String),
     #[error("LSN {0:?} is invalid: expected PostgreSQL form such as 0/3000060")]
     Lsn(String),
@@ -303,7 +305,10 @@ mod tests {
     fn json_forms() {
         let id = NodeId::new("psql1").unwrap();
         assert_eq!(serde_json::to_string(&id).unwrap(), "\"psql1\"");
-        assert_eq!(serde_json::to_string(&Lsn(0x300_0060)).unwrap(), "\"0/3000060\"");
+        assert_eq!(
+            serde_json::to_string(&Lsn(0x300_0060)).unwrap(),
+            "\"0/3000060\""
+        );
         assert!(serde_json::from_str::<NodeId>("\"Bad Name\"").is_err());
         assert_eq!(Epoch(7).to_string(), "e7");
         assert_eq!(GoalState::StopReplication.to_string(), "stop_replication");
