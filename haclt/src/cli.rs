@@ -1,0 +1,589 @@
+//! The `haclt` command line: argument parsing, configuration, and one function per command.
+//! Every mutating command sends a fresh request id (retried calls reuse it), then waits until
+//! the cluster shows the result or the `--wait` deadline passes.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ha_proto::v1;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::client::{Failure, Monitors, Plaintext};
+use crate::output;
+
+/// Operator CLI for the XMPP/PostgreSQL high-availability cluster.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Configuration file (monitor addresses, credentials).
+    #[arg(long, env = "HACLT_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Monitor addresses (host:port), comma separated; overrides the file.
+    #[arg(long, env = "HACLT_MONITORS", value_delimiter = ',', global = true)]
+    pub monitors: Vec<String>,
+    /// Talk plaintext gRPC to monitors started with `--dev` (never in production).
+    #[arg(long, env = "HACLT_DEV", global = true)]
+    pub dev: bool,
+    /// Per-call timeout.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, global = true)]
+    pub timeout: Duration,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Every node, role, goal, epoch, LSN, lag and health, and the monitors.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Redraw every interval until interrupted.
+        #[arg(long, value_parser = humantime::parse_duration, num_args = 0..=1, default_missing_value = "1s")]
+        watch: Option<Duration>,
+        /// Accept an answer from a follower's copy when no leader is reachable.
+        #[arg(long)]
+        stale_ok: bool,
+    },
+    /// The decision history with reasons.
+    Events {
+        #[arg(long)]
+        json: bool,
+        /// Keep printing new events.
+        #[arg(long)]
+        follow: bool,
+        /// Start after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Planned switchover to NODE (or the best standby).
+    Switchover {
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, default_value = "")]
+        group: String,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+    /// Promote a standby now (the primary is fenced first).
+    Failover {
+        /// Promote even a standby not known to hold every acknowledged write.
+        #[arg(long)]
+        allow_data_loss: bool,
+        #[arg(long, default_value = "")]
+        group: String,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+    /// Maintenance on or off for a node (on the primary: switchover first).
+    Maintenance {
+        action: OnOff,
+        node: String,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+    /// Node settings and removal.
+    Node {
+        #[command(subcommand)]
+        command: NodeCmd,
+    },
+    /// Monitor membership.
+    Monitor {
+        #[command(subcommand)]
+        command: MonitorCmd,
+    },
+    /// Single-use join tokens for new nodes.
+    Token {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
+    /// Print a systemd unit file.
+    Systemd {
+        unit: crate::systemd::Unit,
+        /// The configuration path the unit passes to the daemon.
+        #[arg(long)]
+        config_path: Option<PathBuf>,
+        /// Where the binary is installed.
+        #[arg(long, default_value = "/usr/local/bin")]
+        bin_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OnOff {
+    Enable,
+    Disable,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Set a node's candidate priority (0: never promote) or replication quorum membership.
+    Set {
+        node: String,
+        setting: Setting,
+        value: String,
+    },
+    /// Remove a node from its group.
+    Remove { node: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Setting {
+    CandidatePriority,
+    ReplicationQuorum,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MonitorCmd {
+    /// Add a monitor (start it with `join = true` and this id first).
+    Add { id: u64, address: String },
+    /// Remove a monitor; it stops by itself.
+    Remove { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a single-use join token; it is printed once.
+    Create {
+        #[arg(long)]
+        role: Role,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long, default_value = "")]
+        group: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an unused token by id.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Role {
+    Postgres,
+    Ejabberd,
+}
+
+/// `haclt --config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub monitors: Vec<String>,
+    /// Plaintext gRPC (clusters started with `--dev`).
+    #[serde(default)]
+    pub dev: bool,
+}
+
+fn load_config(cli: &Cli) -> Result<ConfigFile, Failure> {
+    let Some(path) = &cli.config else {
+        return Ok(ConfigFile::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
+}
+
+fn request_id(what: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("haclt-{what}-{}-{nanos:x}", std::process::id())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Progress lines: a spinner on a terminal, plain lines otherwise.
+struct Progress(Option<indicatif::ProgressBar>);
+
+impl Progress {
+    fn new() -> Self {
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(Duration::from_millis(100));
+            Progress(Some(bar))
+        } else {
+            Progress(None)
+        }
+    }
+
+    fn step(&self, msg: &str) {
+        match &self.0 {
+            Some(bar) => bar.set_message(msg.to_owned()),
+            None => eprintln!("haclt: {msg}"),
+        }
+    }
+
+    fn done(self, msg: &str) {
+        match self.0 {
+            Some(bar) => bar.finish_with_message(msg.to_owned()),
+            None => eprintln!("haclt: {msg}"),
+        }
+    }
+}
+
+async fn status(m: &mut Monitors, stale_ok: bool) -> Result<v1::StatusResponse, Failure> {
+    match m.call(|mut c| async move { c.status(v1::StatusRequest { linearizable: true }).await }).await {
+        Err(Failure::Unreachable(_)) if stale_ok => {
+            m.call(|mut c| async move { c.status(v1::StatusRequest { linearizable: false }).await })
+                .await
+        }
+        other => other,
+    }
+}
+
+/// Polls the status until `done` says the goal is reached (returning its message) or `wait`
+/// passes; prints each new step.
+async fn converge(
+    m: &mut Monitors,
+    wait: Duration,
+    progress: Progress,
+    mut done: impl FnMut(&v1::StatusResponse) -> Result<String, String>,
+) -> Result<(), Failure> {
+    let deadline = Instant::now() + wait;
+    let mut last_step = String::new();
+    loop {
+        let s = m
+            .call_until(deadline, |mut c| async move {
+                c.status(v1::StatusRequest { linearizable: true }).await
+            })
+            .await?;
+        match done(&s) {
+            Ok(msg) => {
+                progress.done(&msg);
+                return Ok(());
+            }
+            Err(step) => {
+                if step != last_step {
+                    progress.step(&step);
+                    last_step = step;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Failure::NotConverged(last_step));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn group_named<'a>(s: &'a v1::StatusResponse, name: &str) -> Option<&'a v1::GroupStatus> {
+    if name.is_empty() {
+        s.groups.first()
+    } else {
+        s.groups.iter().find(|g| g.name == name)
+    }
+}
+
+/// A new primary is in charge and nothing is pending.
+fn promoted(
+    s: &v1::StatusResponse,
+    group: &str,
+    old_epoch: u64,
+    to: Option<&str>,
+) -> Result<String, String> {
+    let g = group_named(s, group).ok_or("group not found")?;
+    if g.epoch <= old_epoch {
+        return Err(format!(
+            "waiting for promotion (epoch {}){}",
+            g.epoch,
+            if g.pending.is_empty() { String::new() } else { format!(": {}", g.pending) }
+        ));
+    }
+    if let Some(t) = to {
+        if g.primary != t {
+            return Err(format!("primary is {}, waiting for {t}", g.primary));
+        }
+    }
+    if !g.pending.is_empty() {
+        return Err(format!("new primary {}: {}", g.primary, g.pending));
+    }
+    Ok(format!("{} is primary at epoch {}", g.primary, g.epoch))
+}
+
+/// Runs the parsed command; returns what to print on stdout.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Cmd::Systemd {
+        unit,
+        config_path,
+        bin_dir,
+    } = &cli.command
+    {
+        print!("{}", crate::systemd::render(*unit, config_path.as_deref(), bin_dir));
+        return Ok(());
+    }
+    let file = load_config(&cli)?;
+    let addresses = if cli.monitors.is_empty() {
+        file.monitors.clone()
+    } else {
+        cli.monitors.clone()
+    };
+    if !(file.dev || cli.dev) {
+        return Err(Failure::Usage(
+            "mutual TLS to the monitors is not available yet: pass --dev (or `dev = true`) for a cluster started with --dev".into(),
+        ));
+    }
+    let mut m = Monitors::new(addresses, Box::new(Plaintext), cli.timeout)?;
+    match cli.command {
+        Cmd::Systemd { .. } => Ok(()),
+        Cmd::Status {
+            json,
+            watch,
+            stale_ok,
+        } => loop {
+            let s = output::Status::from(status(&mut m, stale_ok).await?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s).map_err(|e| Failure::Other(e.to_string()))?);
+            } else {
+                if watch.is_some() {
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{}", output::status_table(&s, unix_ms()));
+            }
+            match watch {
+                Some(every) => tokio::time::sleep(every).await,
+                None => return Ok(()),
+            }
+        },
+        Cmd::Events {
+            json,
+            follow,
+            after,
+        } => {
+            let print = |e: v1::Event| {
+                let e = output::Event::from(e);
+                if json {
+                    println!("{}", serde_json::to_string(&e).unwrap_or_default());
+                } else {
+                    println!("{}", output::event_line(&e));
+                }
+            };
+            if follow {
+                let mut stream = m
+                    .call(|mut c| async move {
+                        c.follow_events(v1::EventsRequest {
+                            after_seq: after,
+                            limit: 0,
+                        })
+                        .await
+                    })
+                    .await?;
+                while let Some(e) = stream.message().await.map_err(|s| Failure::from_status(&s))? {
+                    print(e);
+                }
+                Err(Failure::Unreachable("the event stream ended".into()))
+            } else {
+                let r = m
+                    .call(|mut c| async move {
+                        c.events(v1::EventsRequest {
+                            after_seq: after,
+                            limit: 0,
+                        })
+                        .await
+                    })
+                    .await?;
+                r.events.into_iter().for_each(print);
+                Ok(())
+            }
+        }
+        Cmd::Switchover { to, group, wait } => {
+            let before = status(&mut m, false).await?;
+            let old_epoch = group_named(&before, &group).map_or(0, |g| g.epoch);
+            let req = v1::SwitchoverRequest {
+                request_id: request_id("switchover"),
+                group: group.clone(),
+                to_node: to.clone().unwrap_or_default(),
+            };
+            let progress = Progress::new();
+            progress.step("asking the monitors for a switchover");
+            m.call(|mut c| {
+                let req = req.clone();
+                async move { c.switchover(req).await }
+            })
+            .await?;
+            converge(&mut m, wait, progress, |s| promoted(s, &group, old_epoch, to.as_deref())).await
+        }
+        Cmd::Failover {
+            allow_data_loss,
+            group,
+            wait,
+        } => {
+            let before = status(&mut m, false).await?;
+            let old_epoch = group_named(&before, &group).map_or(0, |g| g.epoch);
+            let req = v1::FailoverRequest {
+                request_id: request_id("failover"),
+                group: group.clone(),
+                allow_data_loss,
+            };
+            let progress = Progress::new();
+            progress.step("asking the monitors for a failover");
+            m.call(|mut c| {
+                let req = req.clone();
+                async move { c.failover(req).await }
+            })
+            .await?;
+            converge(&mut m, wait, progress, |s| promoted(s, &group, old_epoch, None)).await
+        }
+        Cmd::Maintenance { action, node, wait } => {
+            let enabled = matches!(action, OnOff::Enable);
+            let req = v1::SetMaintenanceRequest {
+                request_id: request_id("maintenance"),
+                node: node.clone(),
+                enabled,
+            };
+            let progress = Progress::new();
+            m.call(|mut c| {
+                let req = req.clone();
+                async move { c.set_maintenance(req).await }
+            })
+            .await?;
+            converge(&mut m, wait, progress, |s| {
+                let n = s.nodes.iter().find(|n| n.name == node).ok_or("node vanished")?;
+                let primary = s.groups.iter().any(|g| g.primary == node);
+                match (enabled, n.maintenance, primary) {
+                    (true, true, false) => Ok(format!("{node} is in maintenance")),
+                    (false, false, _) => Ok(format!("{node} left maintenance")),
+                    (true, _, true) => Err(format!("switching over away from {node}")),
+                    _ => Err(format!("waiting for {node}")),
+                }
+            })
+            .await
+        }
+        Cmd::Node { command } => match command {
+            NodeCmd::Set {
+                node,
+                setting,
+                value,
+            } => {
+                let mut req = v1::SetNodeSettingsRequest {
+                    request_id: request_id("node-set"),
+                    node,
+                    ..Default::default()
+                };
+                match setting {
+                    Setting::CandidatePriority => {
+                        req.candidate_priority = Some(value.parse().map_err(|_| {
+                            Failure::Usage(format!("candidate priority must be 0 to 100, got {value:?}"))
+                        })?);
+                    }
+                    Setting::ReplicationQuorum => {
+                        req.replication_quorum = Some(value.parse().map_err(|_| {
+                            Failure::Usage(format!("replication quorum is true or false, got {value:?}"))
+                        })?);
+                    }
+                }
+                let r = m
+                    .call(|mut c| {
+                        let req = req.clone();
+                        async move { c.set_node_settings(req).await }
+                    })
+                    .await?;
+                println!("{}", r.message);
+                Ok(())
+            }
+            NodeCmd::Remove { node } => {
+                let req = v1::RemoveNodeRequest {
+                    request_id: request_id("node-remove"),
+                    node,
+                };
+                let r = m
+                    .call(|mut c| {
+                        let req = req.clone();
+                        async move { c.remove_node(req).await }
+                    })
+                    .await?;
+                println!("{}", r.message);
+                Ok(())
+            }
+        },
+        Cmd::Monitor { command } => {
+            let r = match command {
+                MonitorCmd::Add { id, address } => {
+                    let req = v1::AddMonitorRequest {
+                        request_id: request_id("monitor-add"),
+                        id,
+                        address,
+                    };
+                    m.call(|mut c| {
+                        let req = req.clone();
+                        async move { c.add_monitor(req).await }
+                    })
+                    .await?
+                }
+                MonitorCmd::Remove { id } => {
+                    let req = v1::RemoveMonitorRequest {
+                        request_id: request_id("monitor-remove"),
+                        id,
+                    };
+                    m.call(|mut c| {
+                        let req = req.clone();
+                        async move { c.remove_monitor(req).await }
+                    })
+                    .await?
+                }
+            };
+            for member in r.members {
+                println!("{}\t{}", member.id, member.address);
+            }
+            Ok(())
+        }
+        Cmd::Token { command } => match command {
+            TokenCmd::Create {
+                role,
+                ttl,
+                group,
+                json,
+            } => {
+                let kind = match role {
+                    Role::Postgres => v1::NodeKind::Postgres,
+                    Role::Ejabberd => v1::NodeKind::Ejabberd,
+                };
+                let req = v1::CreateJoinTokenRequest {
+                    request_id: request_id("token"),
+                    kind: kind.into(),
+                    ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+                    group,
+                };
+                let r = m
+                    .call(|mut c| {
+                        let req = req.clone();
+                        async move { c.create_join_token(req).await }
+                    })
+                    .await?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "token": r.token, "token_id": r.token_id,
+                            "expires_at_unix_ms": r.expires_at_unix_ms
+                        })
+                    );
+                } else {
+                    println!("{}", r.token);
+                    eprintln!("haclt: token {} expires in {}; it is shown only once", r.token_id, humantime::format_duration(ttl));
+                }
+                Ok(())
+            }
+            TokenCmd::Revoke { id } => {
+                let req = v1::RevokeJoinTokenRequest {
+                    request_id: request_id("token-revoke"),
+                    token_id: id,
+                };
+                let r = m
+                    .call(|mut c| {
+                        let req = req.clone();
+                        async move { c.revoke_join_token(req).await }
+                    })
+                    .await?;
+                println!("{}", r.message);
+                Ok(())
+            }
+        },
+    }
+}

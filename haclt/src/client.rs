@@ -1,0 +1,196 @@
+//! The connection to the monitor group: tries the monitors in turn, follows the leader hint a
+//! follower returns (`x-ha-leader`), and remembers the leader for the next call.
+//!
+//! Errors are classified into [`Failure`] so that every command exits with a code a script can
+//! act upon (see `exit_code`).
+
+use std::time::Duration;
+
+use ha_proto::v1::operator_service_client::OperatorServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// How a command failed; each maps to a documented exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// Bad arguments or configuration (64).
+    #[error("{0}")]
+    Usage(String),
+    /// No monitor answered, or none knows a leader (69).
+    #[error("cannot reach the monitors: {0}")]
+    Unreachable(String),
+    /// The request was accepted but the cluster did not converge before the deadline (75).
+    #[error("not converged in time: {0}")]
+    NotConverged(String),
+    /// The monitors refused the request as unsafe or impossible now (65).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// A node, group or monitor named on the command line does not exist (66).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The monitors refused our credentials (77).
+    #[error("permission denied: {0}")]
+    Denied(String),
+    /// Anything else (1).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Failure {
+    /// Exit codes follow sysexits(3) where one fits.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Usage(_) => 64,
+            Failure::Unreachable(_) => 69,
+            Failure::NotConverged(_) => 75,
+            Failure::Refused(_) => 65,
+            Failure::NotFound(_) => 66,
+            Failure::Denied(_) => 77,
+            Failure::Other(_) => 1,
+        }
+    }
+
+    pub fn from_status(s: &Status) -> Self {
+        let msg = s.message().to_owned();
+        match s.code() {
+            Code::InvalidArgument | Code::OutOfRange => Failure::Usage(msg),
+            Code::NotFound => Failure::NotFound(msg),
+            Code::FailedPrecondition | Code::Aborted | Code::AlreadyExists => Failure::Refused(msg),
+            Code::PermissionDenied | Code::Unauthenticated => Failure::Denied(msg),
+            Code::Unavailable | Code::DeadlineExceeded => Failure::Unreachable(msg),
+            _ => Failure::Other(format!("{:?}: {msg}", s.code())),
+        }
+    }
+}
+
+/// Builds channels to monitors (plaintext for `--dev` clusters, mutual TLS otherwise).
+pub trait Connector: Send + Sync {
+    fn endpoint(&self, address: &str) -> Result<Endpoint, String>;
+}
+
+/// Plaintext gRPC, for clusters started with `--dev`.
+#[derive(Debug, Clone, Copy)]
+pub struct Plaintext;
+
+impl Connector for Plaintext {
+    fn endpoint(&self, address: &str) -> Result<Endpoint, String> {
+        Endpoint::from_shared(format!("http://{address}")).map_err(|e| e.to_string())
+    }
+}
+
+/// A leader-following client of the operator service.
+pub struct Monitors {
+    addresses: Vec<String>,
+    connector: Box<dyn Connector>,
+    leader: Option<String>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Monitors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitors")
+            .field("addresses", &self.addresses)
+            .field("leader", &self.leader)
+            .finish()
+    }
+}
+
+impl Monitors {
+    pub fn new(
+        addresses: Vec<String>,
+        connector: Box<dyn Connector>,
+        timeout: Duration,
+    ) -> Result<Self, Failure> {
+        if addresses.is_empty() {
+            return Err(Failure::Usage(
+                "no monitor addresses: set `monitors` in the config or HACLT_MONITORS".into(),
+            ));
+        }
+        Ok(Self {
+            addresses,
+            connector,
+            leader: None,
+            timeout,
+        })
+    }
+
+    async fn connect(&self, address: &str) -> Result<OperatorServiceClient<Channel>, String> {
+        let endpoint = self
+            .connector
+            .endpoint(address)?
+            .connect_timeout(self.timeout.min(Duration::from_secs(2)))
+            .timeout(self.timeout);
+        endpoint
+            .connect()
+            .await
+            .map(OperatorServiceClient::new)
+            .map_err(|e| format!("{address}: {e}"))
+    }
+
+    /// Calls `f` on the leader: tries the last known leader, then every monitor, following
+    /// hints. `f` must be safe to retry (mutating requests carry a request id).
+    pub async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, Failure>
+    where
+        F: FnMut(OperatorServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut queue: Vec<String> = self.leader.iter().cloned().collect();
+        queue.extend(self.addresses.iter().cloned());
+        let mut tried = Vec::new();
+        let mut last = String::from("no monitor tried");
+        while let Some(addr) = queue.first().cloned() {
+            queue.remove(0);
+            if tried.contains(&addr) {
+                continue;
+            }
+            tried.push(addr.clone());
+            let client = match self.connect(&addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            match f(client).await {
+                Ok(r) => {
+                    self.leader = Some(addr);
+                    return Ok(r.into_inner());
+                }
+                Err(s) if s.code() == Code::Unavailable => {
+                    last = format!("{addr}: {}", s.message());
+                    if let Some(hint) = s
+                        .metadata()
+                        .get(ha_proto::LEADER_ADDR_METADATA)
+                        .and_then(|v| v.to_str().ok())
+                    {
+                        queue.insert(0, hint.to_owned());
+                    }
+                }
+                Err(s) => return Err(Failure::from_status(&s)),
+            }
+        }
+        Err(Failure::Unreachable(last))
+    }
+
+    /// Like [`Monitors::call`], but keeps trying while no leader answers (an election in
+    /// progress) until `deadline`.
+    pub async fn call_until<T, F, Fut>(
+        &mut self,
+        deadline: tokio::time::Instant,
+        mut f: F,
+    ) -> Result<T, Failure>
+    where
+        F: FnMut(OperatorServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        loop {
+            match self.call(&mut f).await {
+                Err(Failure::Unreachable(why)) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(%why, "no leader answered; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
