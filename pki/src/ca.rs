@@ -426,3 +426,184 @@ fn pem_encode_cert(der: &[u8]) -> String {
     pem.push_str("-----END CERTIFICATE-----\n");
     pem
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn ca() -> Ca {
+        Ca::create("cluster-ca", Validity::starting_now(10 * DAY).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn issued_certificates_carry_the_identity_and_requested_names() {
+        let ca = ca();
+        let sans = [
+            "192.168.1.10".to_owned(),
+            "psql1server.domain.local".to_owned(),
+        ];
+        let issued = ca
+            .issue(
+                "psql1server",
+                Role::Postgres,
+                &sans,
+                Validity::starting_now(DAY).unwrap(),
+            )
+            .unwrap();
+        let info = CertInfo::from_pem(&issued.cert_pem).unwrap();
+        assert!(!info.is_ca);
+        assert_eq!(
+            info.identity,
+            Some(PeerIdentity::new(Role::Postgres, "psql1server").unwrap())
+        );
+        let der = parse_one_cert_der(&issued.cert_pem).unwrap();
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        for expected in [
+            "URI(ha://postgres/psql1server)",
+            "DNSName(psql1server)",
+            "DNSName(psql1server.domain.local)",
+            // 192.168.1.10, as x509-parser prints an address.
+            "IPAddress(c0:a8:01:0a)",
+        ] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} not in {names:?}"
+            );
+        }
+        assert!(CertInfo::from_pem(ca.cert_pem()).unwrap().is_ca);
+    }
+
+    #[test]
+    fn a_stored_ca_reloads_and_keeps_issuing_under_the_same_name() {
+        let ca = ca();
+        let loaded = Ca::load(ca.cert_pem(), &ca.key_pem()).unwrap();
+        let issued = loaded
+            .issue(
+                "m1",
+                Role::Monitor,
+                &[],
+                Validity::starting_now(DAY).unwrap(),
+            )
+            .unwrap();
+        let der = parse_one_cert_der(&issued.cert_pem).unwrap();
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let ca_der = parse_one_cert_der(ca.cert_pem()).unwrap();
+        let (_, ca_cert) = X509Certificate::from_der(&ca_der).unwrap();
+        assert_eq!(cert.issuer(), ca_cert.subject());
+        cert.verify_signature(Some(ca_cert.public_key())).unwrap();
+    }
+
+    #[test]
+    fn loading_refuses_a_foreign_key_or_a_leaf_certificate() {
+        let ca = ca();
+        let other = Ca::create("other", Validity::starting_now(DAY).unwrap()).unwrap();
+        assert!(matches!(
+            Ca::load(ca.cert_pem(), &other.key_pem()),
+            Err(CaError::KeyMismatch)
+        ));
+        let leaf = ca
+            .issue(
+                "m1",
+                Role::Monitor,
+                &[],
+                Validity::starting_now(DAY).unwrap(),
+            )
+            .unwrap();
+        assert!(matches!(
+            Ca::load(&leaf.cert_pem, &leaf.key_pem),
+            Err(CaError::NotACa)
+        ));
+        assert!(Ca::load("not pem", &ca.key_pem()).is_err());
+    }
+
+    #[test]
+    fn validity_is_explicit_and_bounded_by_the_ca() {
+        let ca = ca();
+        let now = SystemTime::now();
+        assert!(matches!(
+            Validity::new(now, now),
+            Err(CaError::EmptyValidity)
+        ));
+        let too_long = Validity::starting_now(20 * DAY).unwrap();
+        assert!(matches!(
+            ca.issue("m1", Role::Monitor, &[], too_long),
+            Err(CaError::ValidityBeyondCa)
+        ));
+        let v = Validity::new(now - DAY, now + DAY).unwrap();
+        let info =
+            CertInfo::from_pem(&ca.issue("m1", Role::Monitor, &[], v).unwrap().cert_pem).unwrap();
+        // X.509 keeps whole seconds.
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(secs(info.not_before), secs(now - DAY));
+        assert_eq!(secs(info.not_after), secs(now + DAY));
+        assert!(!info.due_for_rotation(now, Duration::from_secs(3600)));
+        assert!(info.due_for_rotation(now, 2 * DAY));
+    }
+
+    #[test]
+    fn bad_names_and_sans_are_refused() {
+        let ca = ca();
+        let v = Validity::starting_now(DAY).unwrap();
+        assert!(ca.issue("Bad Name", Role::Operator, &[], v).is_err());
+        for san in ["", "bad name", "-x.example", "a..b"] {
+            assert!(
+                matches!(
+                    ca.issue("m1", Role::Monitor, &[san.to_owned()], v),
+                    Err(CaError::InvalidSan(_))
+                ),
+                "{san:?} accepted"
+            );
+        }
+        // An underscore is fine in a name but not in a DNS name: the SAN is left out.
+        let issued = ca.issue("node_1", Role::Postgres, &[], v).unwrap();
+        assert_eq!(
+            CertInfo::from_pem(&issued.cert_pem).unwrap().identity,
+            Some(PeerIdentity::new(Role::Postgres, "node_1").unwrap())
+        );
+    }
+
+    #[test]
+    fn the_bundle_merges_deduplicates_and_drops_expired_cas() {
+        let now = SystemTime::now();
+        let old = ca();
+        let new = Ca::create("cluster-ca-2", Validity::starting_now(DAY).unwrap()).unwrap();
+        let dead = Ca::create("dead", Validity::new(now - 2 * DAY, now - DAY).unwrap()).unwrap();
+        let bundle = merge_ca_bundle(&[old.cert_pem(), new.cert_pem()], now).unwrap();
+        let again = merge_ca_bundle(&[&bundle, new.cert_pem(), dead.cert_pem()], now).unwrap();
+        assert_eq!(bundle, again);
+        let ders: Vec<_> = CertificateDer::pem_slice_iter(again.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            ders,
+            vec![
+                parse_one_cert_der(old.cert_pem()).unwrap(),
+                parse_one_cert_der(new.cert_pem()).unwrap()
+            ]
+        );
+        let leaf = old
+            .issue(
+                "m1",
+                Role::Monitor,
+                &[],
+                Validity::starting_now(DAY).unwrap(),
+            )
+            .unwrap();
+        assert!(matches!(
+            merge_ca_bundle(&[&leaf.cert_pem], now),
+            Err(CaError::NotACa)
+        ));
+    }
+}

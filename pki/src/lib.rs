@@ -15,6 +15,45 @@
 //! `rustls::crypto::ring::default_provider().install_default()`) before anything touches rustls:
 //! this crate's configs name the ring provider explicitly, but other rustls users in the process
 //! (tokio-postgres-rustls) take the process default.
+//!
+//! Wiring a server and a client (the same calls the monitor, agents and `haclt` make):
+//!
+//! ```no_run
+//! # async fn demo(files: ha_pki::TlsFiles, shutdown: impl std::future::Future<Output = ()>)
+//! # -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use ha_pki::{ClientTls, Reload, ReloadWatcher, ServerTls};
+//! # #[derive(Default)] struct Svc;
+//! # #[tonic::async_trait]
+//! # impl ha_proto::v1::peer_service_server::PeerService for Svc {
+//! #     async fn raft(&self, request: tonic::Request<ha_proto::v1::RaftBatch>)
+//! #         -> Result<tonic::Response<ha_proto::v1::RaftAck>, tonic::Status> {
+//! // Inside a service method: only monitors may speak Raft.
+//! let peer = ha_pki::require_role(&request, &[ha_pki::Role::Monitor])?;
+//! # let _ = peer; Ok(tonic::Response::new(ha_proto::v1::RaftAck {})) } }
+//!
+//! ha_pki::install_crypto();
+//! let server_tls = Arc::new(ServerTls::load(files.clone())?);
+//! let client_tls = Arc::new(ClientTls::load(files)?);
+//! // SIGHUP or a changed file reloads both; new connections use the new files.
+//! let watcher = ReloadWatcher::new(
+//!     vec![server_tls.clone() as Arc<dyn Reload>, client_tls.clone()],
+//!     Duration::from_secs(5),
+//! )?;
+//! tokio::spawn(watcher.run(std::future::pending()));
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7400").await?;
+//! let incoming = ha_pki::tls_incoming(listener, server_tls);
+//! let server = tonic::transport::Server::builder()
+//!     .add_service(ha_proto::v1::peer_service_server::PeerServiceServer::new(Svc))
+//!     .serve_with_incoming_shutdown(incoming, shutdown);
+//!
+//! let channel = ha_pki::connect_lazy("https://m2.domain.local:7400", client_tls)?;
+//! let mut peer = ha_proto::v1::peer_service_client::PeerServiceClient::new(channel);
+//! # let _ = (&mut peer, server);
+//! # Ok(()) }
+//! ```
 
 pub mod ca;
 pub mod files;
