@@ -1,0 +1,336 @@
+//! Reloadable rustls configurations for mutual TLS against the cluster CA bundle.
+//!
+//! [`ServerTls`] requires and verifies a client certificate (`WebPkiClientVerifier`);
+//! [`ClientTls`] presents its certificate and verifies the server's, server name included. Both
+//! hold the current config behind `RwLock<Arc<_>>`: [`Reload::reload`] re-reads the three files
+//! and swaps the `Arc` only when everything parsed and matched, so a half-rotated set of files
+//! never replaces a working config. Connections take the `Arc` when they start, so existing ones
+//! continue with the config they began with and new ones use the new config.
+//!
+//! [`ReloadWatcher`] reloads on SIGHUP and when any file's identity (inode, size, mtime) changes.
+//!
+//! The ring provider is passed explicitly to every builder, so these configs do not depend on
+//! the process default; [`crate::install_crypto`] is still needed for other rustls users
+//! (tokio-postgres-rustls).
+
+use std::future::Future;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::files::{FileError, read_key_file, read_public_file};
+use crate::identity::{IdentityError, PeerIdentity};
+
+/// ALPN for gRPC (HTTP/2 only).
+const ALPN_H2: &[u8] = b"h2";
+
+/// Errors loading TLS material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{path}: invalid PEM: {reason}")]
+    Pem { path: PathBuf, reason: String },
+    #[error("{path}: no certificate found")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: certificate has no usable ha:// identity: {source}")]
+    Identity {
+        path: PathBuf,
+        #[source]
+        source: IdentityError,
+    },
+    #[error("rustls refused the configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("cannot build the certificate verifier: {0}")]
+    Verifier(String),
+    #[error("cannot listen for SIGHUP: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Where a daemon's TLS material lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM bundle of trusted CA certificates (old and new during a CA rotation).
+    pub ca_bundle: PathBuf,
+    /// PEM certificate chain, end-entity first.
+    pub cert: PathBuf,
+    /// PEM private key, mode 0600.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    fn paths(&self) -> [&Path; 3] {
+        [&self.ca_bundle, &self.cert, &self.key]
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn pem_error(path: &Path) -> impl Fn(rustls_pki_types::pem::Error) -> TlsError + '_ {
+    move |e| TlsError::Pem {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read_public_file(path)?;
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_error(path))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The parsed contents of a [`TlsFiles`] set.
+struct Material {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    identity: PeerIdentity,
+}
+
+impl Material {
+    fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for ca in read_certs(&files.ca_bundle)? {
+            roots.add(ca)?;
+        }
+        let chain = read_certs(&files.cert)?;
+        // Our own certificate must carry an identity: peers will refuse it otherwise, and a
+        // daemon should fail at start (or keep its old config) rather than at every connection.
+        let identity =
+            PeerIdentity::from_cert_der(&chain[0]).map_err(|source| TlsError::Identity {
+                path: files.cert.clone(),
+                source,
+            })?;
+        let key_pem = read_key_file(&files.key)?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(pem_error(&files.key))?;
+        Ok(Self {
+            roots: Arc::new(roots),
+            chain,
+            key,
+            identity,
+        })
+    }
+}
+
+/// Something whose TLS configuration can be re-read from its files.
+pub trait Reload: Send + Sync {
+    /// Re-reads the files and swaps the config; on error the previous config stays in use.
+    fn reload(&self) -> Result<(), TlsError>;
+    fn files(&self) -> &TlsFiles;
+}
+
+/// The server side: a `ServerConfig` that requires a client certificate from the CA bundle.
+#[derive(Debug)]
+pub struct ServerTls {
+    files: TlsFiles,
+    current: RwLock<Arc<ServerConfig>>,
+}
+
+fn build_server_config(files: &TlsFiles) -> Result<(Arc<ServerConfig>, PeerIdentity), TlsError> {
+    let m = Material::load(files)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(m.roots, provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.chain, m.key)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok((Arc::new(config), m.identity))
+}
+
+impl ServerTls {
+    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        let (config, identity) = build_server_config(&files)?;
+        info!(identity = %identity, cert = %files.cert.display(), "server TLS loaded");
+        Ok(Self {
+            files,
+            current: RwLock::new(config),
+        })
+    }
+
+    /// The config new connections use.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        // A poisoned lock only means a writer panicked between swaps; the Arc inside is whole.
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Reload for ServerTls {
+    fn reload(&self) -> Result<(), TlsError> {
+        let (config, identity) = build_server_config(&self.files)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+        info!(identity = %identity, cert = %self.files.cert.display(), "server TLS reloaded");
+        Ok(())
+    }
+
+    fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+}
+
+/// The client side: a `ClientConfig` presenting our certificate and verifying the server against
+/// the CA bundle (server name included).
+#[derive(Debug)]
+pub struct ClientTls {
+    files: TlsFiles,
+    current: RwLock<Arc<ClientConfig>>,
+}
+
+fn build_client_config(files: &TlsFiles) -> Result<(Arc<ClientConfig>, PeerIdentity), TlsError> {
+    let m = Material::load(files)?;
+    let verifier = WebPkiServerVerifier::builder_with_provider(m.roots, provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_webpki_verifier(verifier)
+        .with_client_auth_cert(m.chain, m.key)?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok((Arc::new(config), m.identity))
+}
+
+impl ClientTls {
+    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        let (config, identity) = build_client_config(&files)?;
+        info!(identity = %identity, cert = %files.cert.display(), "client TLS loaded");
+        Ok(Self {
+            files,
+            current: RwLock::new(config),
+        })
+    }
+
+    /// The config new connections use.
+    pub fn current(&self) -> Arc<ClientConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Reload for ClientTls {
+    fn reload(&self) -> Result<(), TlsError> {
+        let (config, identity) = build_client_config(&self.files)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+        info!(identity = %identity, cert = %self.files.cert.display(), "client TLS reloaded");
+        Ok(())
+    }
+
+    fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+}
+
+/// Identity of a file's current contents as far as change detection needs: a rename over it
+/// changes the inode, an in-place rewrite the size or mtime.
+type Stamp = Option<(u64, u64, u64, SystemTime)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.size(), m.modified().ok()?))
+}
+
+fn stamps(files: &TlsFiles) -> [Stamp; 3] {
+    files.paths().map(stamp)
+}
+
+/// Reloads TLS configs on SIGHUP and when their files change.
+pub struct ReloadWatcher {
+    targets: Vec<(Arc<dyn Reload>, [Stamp; 3])>,
+    poll: Duration,
+    sighup: tokio::signal::unix::Signal,
+}
+
+impl std::fmt::Debug for ReloadWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadWatcher")
+            .field("targets", &self.targets.len())
+            .field("poll", &self.poll)
+            .finish()
+    }
+}
+
+impl ReloadWatcher {
+    /// Registers the SIGHUP handler at once (so a SIGHUP sent after this returns is never lost
+    /// or fatal) and records the files' current state. Must be called inside a tokio runtime.
+    pub fn new(targets: Vec<Arc<dyn Reload>>, poll: Duration) -> Result<Self, TlsError> {
+        let sighup = signal(SignalKind::hangup()).map_err(TlsError::Signal)?;
+        let targets = targets
+            .into_iter()
+            .map(|t| {
+                let s = stamps(t.files());
+                (t, s)
+            })
+            .collect();
+        Ok(Self {
+            targets,
+            poll,
+            sighup,
+        })
+    }
+
+    /// Runs until `shutdown` completes.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut tick = tokio::time::interval(self.poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                _ = self.sighup.recv() => {
+                    info!("SIGHUP: reloading every TLS config");
+                    for (target, last) in &mut self.targets {
+                        *last = stamps(target.files());
+                        reload_logged(target.as_ref(), "sighup");
+                    }
+                }
+                _ = tick.tick() => {
+                    for (target, last) in &mut self.targets {
+                        let now = stamps(target.files());
+                        if now != *last {
+                            // Recorded even if the reload fails: a cert written before its key
+                            // fails once, and the key's own change triggers the next attempt.
+                            *last = now;
+                            reload_logged(target.as_ref(), "files changed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn reload_logged(target: &dyn Reload, reason: &'static str) {
+    if let Err(error) = target.reload() {
+        warn!(
+            cert = %target.files().cert.display(),
+            reason,
+            %error,
+            "TLS reload failed; keeping the previous configuration"
+        );
+    }
+}

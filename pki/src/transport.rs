@@ -1,0 +1,460 @@
+//! Mutual TLS for tonic: a server-side incoming stream that completes the handshake and attaches
+//! the verified [`PeerIdentity`] to every request, a client-side connector, and the checks a
+//! service runs on the caller's identity.
+//!
+//! Server: [`tls_incoming`] accepts TCP from a listener, runs each handshake in its own task
+//! (bounded by [`HANDSHAKE_TIMEOUT`], so one slow or hostile peer never blocks the others) with
+//! the [`ServerTls`] config current at accept time, and yields only connections whose client
+//! certificate verified against the CA bundle and carries an `ha://` identity. A failed handshake
+//! is logged and dropped; the accept loop goes on. tonic stores the connection's [`PeerInfo`] in
+//! each request's extensions: read it with [`peer_identity`], [`require_role`] or
+//! [`require_node`].
+//!
+//! Client: [`MtlsConnector`] dials TCP and runs the handshake with the [`ClientTls`] config
+//! current at connect time (so a reconnect after a reload uses the new files), verifies the
+//! server's name, and requires the server certificate's role to be [`SERVER_ROLE`]: every gRPC
+//! server of the cluster is a monitor, so a node certificate can never pose as one. tonic must
+//! not try its own TLS on top, so the channel's endpoint is given the `http://` form of the
+//! `https://` URL (see [`endpoint`]); the bytes on the wire are TLS all the same.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tonic::codegen::http::Uri;
+use tonic::transport::server::Connected;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+use tracing::{debug, info, warn};
+
+use crate::identity::{IdentityError, PeerIdentity, Role};
+use crate::tls::{ClientTls, ServerTls};
+
+/// Longest a TLS handshake may take on the server before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The role every gRPC server certificate must carry.
+pub const SERVER_ROLE: Role = Role::Monitor;
+
+/// Pause after a failed `accept` (for example out of file descriptors) before trying again.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Connections whose handshake finished but that tonic has not picked up yet.
+const READY_QUEUE: usize = 64;
+
+/// What the server knows about the peer of a connection; tonic inserts it into the extensions of
+/// every request on that connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub remote_addr: SocketAddr,
+    pub identity: PeerIdentity,
+}
+
+/// An accepted, authenticated server-side connection.
+#[derive(Debug)]
+pub struct TlsConn {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// The stream of authenticated connections to hand to
+/// `Server::builder()...serve_with_incoming_shutdown`. Dropping it stops the accept loop and
+/// closes the listener.
+#[derive(Debug)]
+pub struct TlsIncoming {
+    ready: mpsc::Receiver<TlsConn>,
+    accept_loop: JoinHandle<()>,
+}
+
+impl Drop for TlsIncoming {
+    fn drop(&mut self) {
+        self.accept_loop.abort();
+    }
+}
+
+impl tokio_stream::Stream for TlsIncoming {
+    type Item = Result<TlsConn, io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.ready.poll_recv(cx).map(|conn| conn.map(Ok))
+    }
+}
+
+/// Accepts mutual-TLS connections on `listener`. Must be called inside a tokio runtime.
+pub fn tls_incoming(listener: TcpListener, tls: Arc<ServerTls>) -> TlsIncoming {
+    let (tx, ready) = mpsc::channel(READY_QUEUE);
+    let accept_loop = tokio::spawn(accept_loop(listener, tls, tx));
+    TlsIncoming { ready, accept_loop }
+}
+
+async fn accept_loop(listener: TcpListener, tls: Arc<ServerTls>, tx: mpsc::Sender<TlsConn>) {
+    loop {
+        let accepted = tokio::select! {
+            () = tx.closed() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, remote_addr) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                warn!(%error, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        // gRPC sends small frames; Nagle would add latency to every report.
+        if let Err(error) = tcp.set_nodelay(true) {
+            debug!(%remote_addr, %error, "cannot set TCP_NODELAY");
+        }
+        let acceptor = TlsAcceptor::from(tls.current());
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Some(conn) = handshake(acceptor, tcp, remote_addr).await {
+                // The receiver is gone only when the server stopped; the connection just closes.
+                let _ = tx.send(conn).await;
+            }
+        });
+    }
+}
+
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    remote_addr: SocketAddr,
+) -> Option<TlsConn> {
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Err(_) => {
+            warn!(%remote_addr, "TLS handshake timed out; connection dropped");
+            return None;
+        }
+        Ok(Err(error)) => {
+            warn!(%remote_addr, %error, "TLS handshake failed; connection dropped");
+            return None;
+        }
+        Ok(Ok(stream)) => stream,
+    };
+    match end_entity_identity(stream.get_ref().1.peer_certificates()) {
+        Ok(identity) => {
+            debug!(%remote_addr, peer = %identity, "mutual TLS connection accepted");
+            Some(TlsConn {
+                stream,
+                info: PeerInfo {
+                    remote_addr,
+                    identity,
+                },
+            })
+        }
+        Err(error) => {
+            warn!(%remote_addr, %error, "client certificate has no usable identity; connection dropped");
+            None
+        }
+    }
+}
+
+fn end_entity_identity(
+    certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+) -> Result<PeerIdentity, ConnectError> {
+    let cert = certs
+        .and_then(|c| c.first())
+        .ok_or(ConnectError::NoPeerCertificate)?;
+    Ok(PeerIdentity::from_cert_der(cert)?)
+}
+
+/// The verified identity of the caller, if the request came through [`tls_incoming`].
+pub fn peer_identity<T>(request: &Request<T>) -> Option<PeerIdentity> {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .map(|info| info.identity.clone())
+}
+
+/// Admits the caller only if its certificate's role is one of `allowed`:
+/// `Unauthenticated` without a verified identity, `PermissionDenied` for another role.
+pub fn require_role<T>(request: &Request<T>, allowed: &[Role]) -> Result<PeerIdentity, Status> {
+    let identity = peer_identity(request)
+        .ok_or_else(|| Status::unauthenticated("no verified client certificate"))?;
+    if allowed.contains(&identity.role()) {
+        Ok(identity)
+    } else {
+        let allowed: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+        warn!(peer = %identity, ?allowed, "denied: role not allowed for this call");
+        Err(Status::permission_denied(format!(
+            "{identity} may not make this call (allowed roles: {})",
+            allowed.join(", ")
+        )))
+    }
+}
+
+/// Admits the caller only if it is the node agent (PostgreSQL or ejabberd) named `node`: an agent
+/// may act for its own node only.
+pub fn require_node<T>(request: &Request<T>, node: &str) -> Result<PeerIdentity, Status> {
+    let identity = require_role(request, &[Role::Postgres, Role::Ejabberd])?;
+    if identity.name() == node {
+        Ok(identity)
+    } else {
+        warn!(peer = %identity, node, "denied: agent acting for another node");
+        Err(Status::permission_denied(format!(
+            "{identity} may not act for node {node}"
+        )))
+    }
+}
+
+/// Errors of the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid URL {0:?}: expected https://host:port")]
+    InvalidUrl(String),
+    #[error("cannot connect to {addr}: {source}")]
+    Io {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the peer presented no certificate")]
+    NoPeerCertificate,
+    #[error("peer certificate: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("server {found} is not a {SERVER_ROLE}")]
+    WrongServerRole { found: PeerIdentity },
+    /// tonic's own message is only "transport error"; the cause chain is what an operator needs.
+    #[error("{}", error_chain(.0))]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// An error and its sources, joined with ": ".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A tower connector doing TCP plus client-side mutual TLS, for
+/// `Endpoint::connect_with_connector`.
+#[derive(Debug, Clone)]
+pub struct MtlsConnector {
+    tls: Arc<ClientTls>,
+}
+
+impl MtlsConnector {
+    pub fn new(tls: Arc<ClientTls>) -> Self {
+        Self { tls }
+    }
+}
+
+type ConnectFuture = Pin<
+    Box<
+        dyn Future<
+                Output = Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, ConnectError>,
+            > + Send,
+    >,
+>;
+
+impl tower::Service<Uri> for MtlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = ConnectError;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let config = self.tls.current();
+        Box::pin(async move {
+            let (host, port) = host_port(&uri)?;
+            let addr = format!("{host}:{port}");
+            let server_name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+                .map_err(|_| ConnectError::InvalidUrl(uri.to_string()))?;
+            let tcp = TcpStream::connect((host.trim_matches(['[', ']']), port))
+                .await
+                .map_err(|source| ConnectError::Io {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            // See the server side: small gRPC frames must not wait for Nagle.
+            let _ = tcp.set_nodelay(true);
+            let stream = TlsConnector::from(config)
+                .connect(server_name, tcp)
+                .await
+                .map_err(|source| ConnectError::Handshake {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            let server = end_entity_identity(stream.get_ref().1.peer_certificates())?;
+            if server.role() != SERVER_ROLE {
+                warn!(%addr, peer = %server, "refusing server: not a monitor certificate");
+                return Err(ConnectError::WrongServerRole { found: server });
+            }
+            debug!(%addr, peer = %server, "mutual TLS connection established");
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+fn host_port(uri: &Uri) -> Result<(String, u16), ConnectError> {
+    let invalid = || ConnectError::InvalidUrl(uri.to_string());
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(invalid)?;
+    let port = uri.port_u16().ok_or_else(invalid)?;
+    Ok((host.to_owned(), port))
+}
+
+/// Turns `https://host:port` into the tonic endpoint [`MtlsConnector`] expects (the `http://`
+/// form: TLS is the connector's job, and tonic refuses `https` without its own TLS config).
+/// Set timeouts on the result as needed.
+pub fn endpoint(url: &str) -> Result<Endpoint, ConnectError> {
+    let invalid = || ConnectError::InvalidUrl(url.to_owned());
+    let uri: Uri = url.parse().map_err(|_| invalid())?;
+    if uri.scheme_str() != Some("https") || uri.path() != "/" && !uri.path().is_empty() {
+        return Err(invalid());
+    }
+    host_port(&uri).map_err(|_| invalid())?;
+    let authority = uri.authority().ok_or_else(invalid)?;
+    Endpoint::from_shared(format!("http://{authority}")).map_err(|_| invalid())
+}
+
+/// Connects now (fails if the first connection fails); later reconnects use the current
+/// [`ClientTls`] config.
+pub async fn connect(url: &str, tls: Arc<ClientTls>) -> Result<Channel, ConnectError> {
+    let channel = endpoint(url)?
+        .connect_with_connector(MtlsConnector::new(tls))
+        .await?;
+    info!(url, "connected");
+    Ok(channel)
+}
+
+/// A channel that connects on first use and reconnects as needed.
+pub fn connect_lazy(url: &str, tls: Arc<ClientTls>) -> Result<Channel, ConnectError> {
+    Ok(endpoint(url)?.connect_with_connector_lazy(MtlsConnector::new(tls)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn request_from(identity: Option<PeerIdentity>) -> Request<()> {
+        let mut request = Request::new(());
+        if let Some(identity) = identity {
+            request.extensions_mut().insert(PeerInfo {
+                remote_addr: "127.0.0.1:1".parse().unwrap(),
+                identity,
+            });
+        }
+        request
+    }
+
+    #[test]
+    fn roles_are_enforced() {
+        let op = request_from(Some(PeerIdentity::new(Role::Operator, "alice").unwrap()));
+        assert_eq!(
+            require_role(&op, &[Role::Operator]).unwrap().name(),
+            "alice"
+        );
+        let denied = require_role(&op, &[Role::Monitor]).unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        let anonymous = request_from(None);
+        assert_eq!(
+            require_role(&anonymous, &Role::ALL).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn an_agent_acts_only_for_its_own_node() {
+        let psql1 = request_from(Some(PeerIdentity::new(Role::Postgres, "psql1").unwrap()));
+        assert!(require_node(&psql1, "psql1").is_ok());
+        assert_eq!(
+            require_node(&psql1, "psql2").unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        // An operator or monitor named like the node is still not that node's agent.
+        let op = request_from(Some(PeerIdentity::new(Role::Operator, "psql1").unwrap()));
+        assert_eq!(
+            require_node(&op, "psql1").unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+    }
+
+    #[test]
+    fn endpoint_accepts_only_https_host_port() {
+        let ep = endpoint("https://127.0.0.1:7400").unwrap();
+        assert_eq!(ep.uri().to_string(), "http://127.0.0.1:7400/");
+        assert!(endpoint("https://[::1]:7400").is_ok());
+        for bad in [
+            "http://127.0.0.1:7400",
+            "https://127.0.0.1",
+            "https://127.0.0.1:7400/x",
+            "127.0.0.1:7400",
+            "",
+        ] {
+            assert!(endpoint(bad).is_err(), "{bad} accepted");
+        }
+    }
+}
