@@ -5,7 +5,7 @@
 //! bridge name under the 15-character Linux limit and distinct between stands), domain
 //! `P-<node>`. Node addresses are static (no DHCP on the stand's networks), so the domain
 //! carries them in an `ha-provision` metadata element for the guest bootstrap; interface MACs
-//! are derived from those addresses so they are stable across `up` runs.
+//! are derived from those addresses ([`mac_address`]) so they are stable across `up` runs.
 //!
 //! Invariants: as in the netns backend, each object is recorded in the state file before it
 //! is defined, `up` defines only what is missing and starts only what is inactive, and `down`
@@ -17,9 +17,12 @@ use std::fmt::Write as _;
 
 use tracing::{debug, info};
 use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+use virt::network::Network;
 
 use crate::state::{Resource, StateError, StateFile};
-use crate::topology::{NetworkMode, Node, Topology};
+use crate::topology::{NetworkMode, Node, Topology, mac_address};
 
 /// XML namespace of the domain metadata element.
 pub const METADATA_NS: &str = "https://xmpp-ha.invalid/ha-provision/1";
@@ -125,14 +128,11 @@ pub fn domain_xml(topology: &Topology, prefix: &str, node: &Node) -> String {
     );
     xml.push_str("  <devices>\n");
     for a in topology.attachments(node) {
-        let o = a.address.octets();
         let _ = writeln!(
             xml,
-            "    <interface type='network'>\n      <source network='{}'/>\n      <mac address='52:54:00:{:02x}:{:02x}:{:02x}'/>\n      <model type='virtio'/>\n    </interface>",
+            "    <interface type='network'>\n      <source network='{}'/>\n      <mac address='{}'/>\n      <model type='virtio'/>\n    </interface>",
             network_name(prefix, &a.network.name),
-            o[1],
-            o[2],
-            o[3]
+            mac_address(a.address),
         );
     }
     xml.push_str("  </devices>\n</domain>\n");
@@ -158,11 +158,43 @@ pub struct LibvirtBackend {
     conn: Connect,
 }
 
+/// `Ok(None)` for libvirt's "no such object" error, the error otherwise.
+fn absent_as_none<T>(
+    result: Result<T, virt::error::Error>,
+    absent: ErrorNumber,
+    action: String,
+) -> Result<Option<T>, LibvirtError> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.code() == virt::enumutil::Enum::Known(absent) => Ok(None),
+        Err(source) => Err(LibvirtError::Virt { action, source }),
+    }
+}
+
 impl LibvirtBackend {
     /// Opens a connection to `uri` (`qemu:///system`, `test:///default`, ...).
     pub fn open(uri: &str) -> Result<Self, LibvirtError> {
+        // Errors are returned to the caller; libvirt's default handler would also print
+        // expected ones (a lookup of a not yet defined object) on stderr.
+        virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri)).map_err(virt_err(format!("connect to {uri}")))?;
         Ok(Self { conn })
+    }
+
+    fn network(&self, name: &str) -> Result<Option<Network>, LibvirtError> {
+        absent_as_none(
+            self.conn.lookup_network_by_name(name),
+            ErrorNumber::NoNetwork,
+            format!("look up network {name}"),
+        )
+    }
+
+    fn domain(&self, name: &str) -> Result<Option<Domain>, LibvirtError> {
+        absent_as_none(
+            self.conn.lookup_domain_by_name(name),
+            ErrorNumber::NoDomain,
+            format!("look up domain {name}"),
+        )
     }
 
     /// The connection, for callers that inspect what was built.
@@ -176,9 +208,9 @@ impl LibvirtBackend {
         for (k, net) in topology.networks.iter().enumerate() {
             let name = network_name(&prefix, &net.name);
             state.record(Resource::LibvirtNetwork { name: name.clone() })?;
-            let network = match self.conn.lookup_network_by_name(&name) {
-                Ok(n) => n,
-                Err(_) => {
+            let network = match self.network(&name)? {
+                Some(n) => n,
+                None => {
                     let xml =
                         network_xml(topology, &prefix, k).expect("k enumerates topology.networks");
                     info!(network = %name, "defining libvirt network");
@@ -200,9 +232,9 @@ impl LibvirtBackend {
         for node in &topology.nodes {
             let name = domain_name(&prefix, &node.name);
             state.record(Resource::LibvirtDomain { name: name.clone() })?;
-            let domain = match self.conn.lookup_domain_by_name(&name) {
-                Ok(d) => d,
-                Err(_) => {
+            let domain = match self.domain(&name)? {
+                Some(d) => d,
+                None => {
                     info!(domain = %name, role = %node.role, "defining libvirt domain");
                     self.conn
                         .define_domain_xml(&domain_xml(topology, &prefix, node))
@@ -233,8 +265,8 @@ impl LibvirtBackend {
             .partition(|r| matches!(r, Resource::LibvirtDomain { .. }));
         for resource in domains.iter().chain(&networks) {
             match resource {
-                Resource::LibvirtDomain { name } => match self.conn.lookup_domain_by_name(name) {
-                    Ok(d) => {
+                Resource::LibvirtDomain { name } => match self.domain(name)? {
+                    Some(d) => {
                         if d.is_active()
                             .map_err(virt_err(format!("query domain {name}")))?
                         {
@@ -245,10 +277,10 @@ impl LibvirtBackend {
                             .map_err(virt_err(format!("undefine domain {name}")))?;
                         info!(domain = %name, "undefined libvirt domain");
                     }
-                    Err(_) => debug!(domain = %name, "already gone"),
+                    None => debug!(domain = %name, "already gone"),
                 },
-                Resource::LibvirtNetwork { name } => match self.conn.lookup_network_by_name(name) {
-                    Ok(n) => {
+                Resource::LibvirtNetwork { name } => match self.network(name)? {
+                    Some(n) => {
                         if n.is_active()
                             .map_err(virt_err(format!("query network {name}")))?
                         {
@@ -259,7 +291,7 @@ impl LibvirtBackend {
                             .map_err(virt_err(format!("undefine network {name}")))?;
                         info!(network = %name, "undefined libvirt network");
                     }
-                    Err(_) => debug!(network = %name, "already gone"),
+                    None => debug!(network = %name, "already gone"),
                 },
                 other => return Err(LibvirtError::Foreign(other.clone())),
             }
@@ -280,13 +312,13 @@ impl LibvirtBackend {
             .iter()
             .map(|node| {
                 let domain = domain_name(prefix, &node.name);
-                let (defined, active) = match self.conn.lookup_domain_by_name(&domain) {
-                    Ok(d) => (
+                let (defined, active) = match self.domain(&domain)? {
+                    Some(d) => (
                         true,
                         d.is_active()
                             .map_err(virt_err(format!("query domain {domain}")))?,
                     ),
-                    Err(_) => (false, false),
+                    None => (false, false),
                 };
                 Ok(DomainStatus {
                     node: node.name.clone(),
@@ -302,7 +334,122 @@ impl LibvirtBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::BackendKind;
     use crate::topology::tests::example;
+
+    fn network_names(conn: &Connect) -> Vec<String> {
+        let mut names = conn.list_networks().expect("list active networks");
+        names.extend(
+            conn.list_defined_networks()
+                .expect("list inactive networks"),
+        );
+        names.sort();
+        names
+    }
+
+    fn domain_names(conn: &Connect) -> Vec<String> {
+        let mut names: Vec<String> = conn
+            .list_all_domains(0)
+            .expect("list domains")
+            .iter()
+            .map(|d| d.name().expect("domain name"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Against libvirt's built-in test driver: `up` defines and starts exactly the stand's
+    /// networks and domains with the topology's bridges, addresses, memory and vCPUs, a second
+    /// `up` changes nothing, and `down` removes exactly those, leaving the driver's own
+    /// `default` network and `test` domain.
+    #[test]
+    fn up_and_down_against_the_test_driver() {
+        let t = example();
+        let backend = LibvirtBackend::open("test:///default").expect("test driver");
+        let conn = backend.connection();
+        let networks_before = network_names(conn);
+        let domains_before = domain_names(conn);
+        assert!(
+            !domains_before.is_empty(),
+            "the test driver ships a domain of its own"
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = toml::to_string(&t).expect("serialize topology");
+        let mut state = StateFile::open_for_up(
+            dir.path(),
+            &text,
+            &t,
+            BackendKind::Libvirt,
+            "lvt",
+            Some("test:///default".into()),
+        )
+        .expect("state");
+        backend.up(&t, &mut state).expect("first up");
+        backend.up(&t, &mut state).expect("second up is idempotent");
+
+        let mut expected_networks = networks_before.clone();
+        expected_networks.extend(t.networks.iter().map(|n| network_name("lvt", &n.name)));
+        expected_networks.sort();
+        assert_eq!(network_names(conn), expected_networks);
+        let mut expected_domains = domains_before.clone();
+        expected_domains.extend(t.nodes.iter().map(|n| domain_name("lvt", &n.name)));
+        expected_domains.sort();
+        assert_eq!(domain_names(conn), expected_domains);
+        assert_eq!(
+            state.state().created.len(),
+            t.networks.len() + t.nodes.len(),
+            "each object recorded once"
+        );
+
+        for (k, net) in t.networks.iter().enumerate() {
+            let n = conn
+                .lookup_network_by_name(&network_name("lvt", &net.name))
+                .expect("network defined");
+            assert!(n.is_active().expect("is_active"), "{} started", net.name);
+            assert_eq!(n.bridge_name().expect("bridge"), bridge_name("lvt", k));
+            let xml = n.xml_desc(0).expect("network xml");
+            match net.host {
+                Some(host) => assert!(xml.contains(&format!("address='{host}'")), "{xml}"),
+                None => assert!(!xml.contains("<ip"), "{xml}"),
+            }
+        }
+        for node in &t.nodes {
+            let d = conn
+                .lookup_domain_by_name(&domain_name("lvt", &node.name))
+                .expect("domain defined");
+            assert!(d.is_active().expect("is_active"), "{} started", node.name);
+            let info = d.info().expect("domain info");
+            assert_eq!(
+                info.max_mem,
+                node.memory_mib * 1024,
+                "{} memory in KiB",
+                node.name
+            );
+            assert_eq!(info.nr_virt_cpu, node.cpus, "{} vcpus", node.name);
+            let xml = d.xml_desc(0).expect("domain xml");
+            for (net, addr) in &node.addresses {
+                assert!(
+                    // libvirt re-serialises metadata with double quotes.
+                    xml.contains(&format!("network=\"{net}\" ip=\"{addr}\"")),
+                    "{} address on {net}: {xml}",
+                    node.name
+                );
+                assert!(xml.contains(&network_name("lvt", net)), "{xml}");
+            }
+        }
+
+        let status = backend.status(&t, "lvt").expect("status");
+        assert!(status.iter().all(|s| s.defined && s.active), "{status:?}");
+
+        backend.down(state).expect("down");
+        assert_eq!(network_names(conn), networks_before);
+        assert_eq!(domain_names(conn), domains_before);
+        assert!(
+            StateFile::load(dir.path()).expect("load").is_none(),
+            "state removed"
+        );
+    }
 
     #[test]
     fn xml_carries_names_addresses_and_resources() {

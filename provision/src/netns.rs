@@ -2,7 +2,8 @@
 //!
 //! Layout, for a stand built under prefix `P`:
 //! - one namespace `P-<node>` per node, with `lo` up, one interface `eth<i>` per network the
-//!   node joins (in the file's network order), its address, a default route via the gateway,
+//!   node joins (in the file's network order) with a MAC derived from its address (stable
+//!   across rebuilds, so neighbours' ARP caches stay valid), its address, a default route via the gateway,
 //!   IPv4 forwarding on for gateways only, and the node's generated nftables rules;
 //! - one namespace `P--fabric` holding a bridge `br<k>` per network and the other end of each
 //!   veth pair (`v<node>-<i>`), plus the host address of routed/nat networks on their bridge,
@@ -31,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::firewall::node_firewall;
 use crate::state::{Resource, StateError, StateFile};
-use crate::topology::{Node, Role, Topology};
+use crate::topology::{Node, Role, Topology, mac_address};
 
 /// How long `down` waits for processes to leave after SIGTERM, then after SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(5);
@@ -233,8 +234,20 @@ fn up_node(
             }
             info!(node = %node.name, interface = %inner, network = %a.network.name, "creating veth");
             ip(&[
-                "-n", &fabric, "link", "add", &outer, "type", "veth", "peer", "name", &inner,
-                "netns", &ns,
+                "-n",
+                &fabric,
+                "link",
+                "add",
+                &outer,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &inner,
+                "address",
+                &mac_address(a.address),
+                "netns",
+                &ns,
             ])?;
         }
         ip(&[

@@ -449,6 +449,15 @@ pub struct Topology {
     pub nodes: Vec<Node>,
 }
 
+/// The MAC address of the interface holding `address`: the QEMU/KVM prefix `52:54:00` and
+/// the address's last three octets. Stable, so a node rebuilt by `up` keeps its MAC and its
+/// neighbours' ARP caches stay valid. Two addresses on one network differ in their last three
+/// octets for any prefix of /8 or longer, so MACs never collide on a bridge.
+pub fn mac_address(address: Ipv4Addr) -> String {
+    let o = address.octets();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", o[1], o[2], o[3])
+}
+
 /// Whether `name` is usable in namespace, libvirt, interface-free host names.
 pub fn valid_name(name: &str) -> bool {
     name.len() <= MAX_NAME_LEN
