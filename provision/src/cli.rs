@@ -338,7 +338,7 @@ pub fn status(state: &StateFile) -> anyhow::Result<StatusReport> {
     let nodes = match s.backend {
         BackendKind::Netns => netns::status(&topology, &s.prefix)
             .into_iter()
-            .map(|(name, target, present)| (name, target, present, present))
+            .map(|n| (n.node, n.namespace, n.present, n.present))
             .collect::<Vec<_>>(),
         BackendKind::Libvirt => {
             let uri = s

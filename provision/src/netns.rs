@@ -314,16 +314,30 @@ pub fn down(mut state: StateFile) -> Result<(), NetnsError> {
     Ok(())
 }
 
-/// For each node: its namespace and whether it exists.
-pub fn status(topology: &Topology, prefix: &str) -> Vec<(String, String, bool)> {
+/// A node's namespace and whether it exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceStatus {
+    /// The node.
+    pub node: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Whether the namespace exists.
+    pub present: bool,
+}
+
+/// The namespace of every node of the stand.
+pub fn status(topology: &Topology, prefix: &str) -> Vec<NamespaceStatus> {
     let layout = Layout::new(topology, prefix);
     topology
         .nodes
         .iter()
         .map(|n| {
-            let ns = layout.namespace(&n.name);
-            let present = namespace_exists(&ns);
-            (n.name.clone(), ns, present)
+            let namespace = layout.namespace(&n.name);
+            NamespaceStatus {
+                node: n.name.clone(),
+                present: namespace_exists(&namespace),
+                namespace,
+            }
         })
         .collect()
 }
