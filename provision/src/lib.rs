@@ -1,1 +1,19 @@
 //! `ha-provision`: builds the stand described by one topology file.
+//!
+//! A TOML topology ([`topology`]) is validated before anything is touched; the firewall of
+//! every node is generated from its role ([`firewall`]); a backend builds it, either network
+//! namespaces on this machine ([`netns`]) or libvirt networks and domains ([`libvirt`]); a
+//! state file ([`state`]) lists every created resource so `down` removes exactly those.
+//! [`cli`] is the command line; the binary only parses arguments and starts tracing.
+
+pub mod cidr;
+pub mod cli;
+pub mod firewall;
+pub mod libvirt;
+pub mod netns;
+pub mod state;
+pub mod topology;
+
+pub use cidr::Ipv4Cidr;
+pub use state::{BackendKind, StateFile};
+pub use topology::{Role, Topology, TopologyError};

@@ -1,0 +1,452 @@
+//! Command line of `ha-provision`: `plan`, `up`, `down`, `status` and `exec`.
+//!
+//! Invariants: the topology file is parsed and validated before anything is created; `up`
+//! records the file's text in the state directory, so `down`, `status` and `exec` work from
+//! the state alone and always act on what was actually built, with the backend that built it.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use tracing::info;
+
+use crate::firewall::node_firewall;
+use crate::libvirt::{self, LibvirtBackend};
+use crate::netns::{self, Layout};
+use crate::state::{BackendKind, StateFile};
+use crate::topology::{Topology, valid_name};
+
+/// Root of the default state directories (`/run/ha-provision/<stand>`).
+const STATE_ROOT: &str = "/run/ha-provision";
+
+/// Exit status for an invalid topology file (EX_DATAERR-style "bad input" of sysexits).
+pub const EXIT_INVALID_TOPOLOGY: u8 = 64;
+
+/// Builds the stand described by a topology file.
+#[derive(Debug, Parser)]
+#[command(name = "ha-provision", version, about)]
+pub struct Cli {
+    /// State directory (default: /run/ha-provision/<stand>).
+    #[arg(long, global = true, env = "HA_PROVISION_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Backend: `up` and `plan` use it (default netns); other commands use the backend
+    /// recorded in the state and refuse a different one.
+    #[arg(long, global = true, value_enum)]
+    pub backend: Option<BackendKind>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print what `up` would create: namespaces or libvirt XML, routes and firewall rules.
+    Plan {
+        /// Topology file.
+        file: PathBuf,
+        /// Prefix of every created name (default: the stand name).
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// Build the stand, or complete a partly built one.
+    Up {
+        /// Topology file.
+        file: PathBuf,
+        /// Prefix of every created name (default: the stand name).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// libvirt connection URI (overrides the file's `libvirt.uri`).
+        #[arg(long)]
+        libvirt_uri: Option<String>,
+    },
+    /// Remove everything `up` created.
+    Down {
+        /// Stand name, to find its default state directory.
+        #[arg(long)]
+        stand: Option<String>,
+    },
+    /// Show what exists.
+    Status {
+        /// Stand name, to find its default state directory.
+        #[arg(long)]
+        stand: Option<String>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command inside a node (netns backend).
+    Exec {
+        /// Stand name, to find its default state directory.
+        #[arg(long)]
+        stand: Option<String>,
+        /// Node name.
+        node: String,
+        /// Command and arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<OsString>,
+    },
+}
+
+/// `status --json` output.
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    /// Stand name.
+    pub stand: String,
+    /// Backend that built it.
+    pub backend: BackendKind,
+    /// Name prefix.
+    pub prefix: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Path of the operator config for `haclt` in the state directory.
+    pub haclt_config: PathBuf,
+    /// One entry per node.
+    pub nodes: Vec<NodeReport>,
+}
+
+/// One node in [`StatusReport`].
+#[derive(Debug, Serialize)]
+pub struct NodeReport {
+    /// Node name.
+    pub name: String,
+    /// Its role.
+    pub role: String,
+    /// Namespace or libvirt domain name.
+    pub target: String,
+    /// Whether the namespace or domain exists.
+    pub present: bool,
+    /// Whether it runs (a namespace that exists always does).
+    pub running: bool,
+    /// Addresses by network.
+    pub addresses: BTreeMap<String, Ipv4Addr>,
+}
+
+/// Why a topology file could not be used: the caller exits with [`EXIT_INVALID_TOPOLOGY`].
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct InvalidTopology {
+    path: PathBuf,
+    message: String,
+}
+
+fn load_topology(path: &Path) -> anyhow::Result<(String, Topology)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("while reading {}", path.display()))?;
+    let topology = Topology::parse(&text).map_err(|e| InvalidTopology {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    Ok((text, topology))
+}
+
+fn prefix_for(topology: &Topology, prefix: Option<String>) -> anyhow::Result<String> {
+    let prefix = prefix.unwrap_or_else(|| topology.name.clone());
+    if !valid_name(&prefix) {
+        bail!(
+            "prefix `{prefix}` is invalid: use 1 to 32 of a-z, 0-9 and '-', starting with a letter"
+        );
+    }
+    Ok(prefix)
+}
+
+/// The state directory of a command that acts on an existing stand.
+fn existing_state_dir(explicit: Option<PathBuf>, stand: Option<&str>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = explicit {
+        return Ok(dir);
+    }
+    if let Some(stand) = stand {
+        return Ok(StateFile::default_dir(stand));
+    }
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(STATE_ROOT) {
+        for entry in entries.flatten() {
+            if entry.path().join("state.json").exists() {
+                found.push(entry.path());
+            }
+        }
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => bail!("no stand found under {STATE_ROOT}: pass --stand or --state-dir"),
+        _ => bail!(
+            "several stands under {STATE_ROOT} ({}): pass --stand or --state-dir",
+            found
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn load_state(dir: &Path, backend: Option<BackendKind>) -> anyhow::Result<StateFile> {
+    let state = StateFile::load(dir)?.with_context(|| {
+        format!(
+            "no stand state in {}: run `ha-provision up FILE`",
+            dir.display()
+        )
+    })?;
+    if let Some(wanted) = backend
+        && wanted != state.state().backend
+    {
+        bail!(
+            "stand in {} was built with the {} backend, not {wanted}",
+            dir.display(),
+            state.state().backend
+        );
+    }
+    Ok(state)
+}
+
+/// Runs the command and returns the process exit status.
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Plan { file, prefix } => {
+            let (_, topology) = load_topology(&file)?;
+            let prefix = prefix_for(&topology, prefix)?;
+            print!(
+                "{}",
+                plan(
+                    &topology,
+                    &prefix,
+                    cli.backend.unwrap_or(BackendKind::Netns)
+                )
+            );
+            Ok(0)
+        }
+        Command::Up {
+            file,
+            prefix,
+            libvirt_uri,
+        } => {
+            let (text, topology) = load_topology(&file)?;
+            let prefix = prefix_for(&topology, prefix)?;
+            let backend = cli.backend.unwrap_or(BackendKind::Netns);
+            let dir = cli
+                .state_dir
+                .unwrap_or_else(|| StateFile::default_dir(&topology.name));
+            info!(stand = %topology.name, backend = %backend, prefix = %prefix, state_dir = %dir.display(), "up");
+            match backend {
+                BackendKind::Netns => {
+                    let mut state =
+                        StateFile::open_for_up(&dir, &text, &topology, backend, &prefix, None)?;
+                    netns::up(&topology, &mut state)?;
+                }
+                BackendKind::Libvirt => {
+                    let uri = libvirt_uri.unwrap_or_else(|| topology.libvirt.uri.clone());
+                    let mut state = StateFile::open_for_up(
+                        &dir,
+                        &text,
+                        &topology,
+                        backend,
+                        &prefix,
+                        Some(uri.clone()),
+                    )?;
+                    LibvirtBackend::open(&uri)?.up(&topology, &mut state)?;
+                }
+            }
+            println!("stand {} is up (state in {})", topology.name, dir.display());
+            Ok(0)
+        }
+        Command::Down { stand } => {
+            let dir = existing_state_dir(cli.state_dir, stand.as_deref())?;
+            let state = load_state(&dir, cli.backend)?;
+            let name = state.state().stand.clone();
+            match state.state().backend {
+                BackendKind::Netns => netns::down(state)?,
+                BackendKind::Libvirt => {
+                    let uri = state
+                        .state()
+                        .libvirt_uri
+                        .clone()
+                        .context("libvirt state without a connection URI")?;
+                    LibvirtBackend::open(&uri)?.down(state)?;
+                }
+            }
+            println!("stand {name} is down");
+            Ok(0)
+        }
+        Command::Status { stand, json } => {
+            let dir = existing_state_dir(cli.state_dir, stand.as_deref())?;
+            let state = load_state(&dir, cli.backend)?;
+            let report = status(&state)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "stand {} ({} backend, prefix {}), haclt config {}",
+                    report.stand,
+                    report.backend,
+                    report.prefix,
+                    report.haclt_config.display()
+                );
+                for n in &report.nodes {
+                    let addrs: Vec<String> = n
+                        .addresses
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    println!(
+                        "{:<16} {:<9} {:<28} {:<8} {}",
+                        n.name,
+                        n.role,
+                        n.target,
+                        if n.running {
+                            "up"
+                        } else if n.present {
+                            "defined"
+                        } else {
+                            "missing"
+                        },
+                        addrs.join(" ")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Exec {
+            stand,
+            node,
+            command,
+        } => {
+            let dir = existing_state_dir(cli.state_dir, stand.as_deref())?;
+            let state = load_state(&dir, cli.backend)?;
+            if state.state().backend != BackendKind::Netns {
+                bail!(
+                    "exec runs inside network namespaces; libvirt guests are reached over SSH once bootstrapped"
+                );
+            }
+            let topology = state.topology()?;
+            let status = netns::exec_command(&topology, &state.state().prefix, &node, &command)?
+                .status()
+                .context("while starting ip netns exec")?;
+            // A signal-terminated command has no code: report the shell convention's failure.
+            Ok(status.code().map_or(1, |c| u8::try_from(c).unwrap_or(1)))
+        }
+    }
+}
+
+/// The report of `status`.
+pub fn status(state: &StateFile) -> anyhow::Result<StatusReport> {
+    let topology = state.topology()?;
+    let s = state.state();
+    let nodes = match s.backend {
+        BackendKind::Netns => netns::status(&topology, &s.prefix)
+            .into_iter()
+            .map(|n| (n.node, n.namespace, n.present, n.present))
+            .collect::<Vec<_>>(),
+        BackendKind::Libvirt => {
+            let uri = s
+                .libvirt_uri
+                .as_deref()
+                .context("libvirt state without a connection URI")?;
+            LibvirtBackend::open(uri)?
+                .status(&topology, &s.prefix)?
+                .into_iter()
+                .map(|d| (d.node, d.domain, d.defined, d.active))
+                .collect()
+        }
+    };
+    let nodes = nodes
+        .into_iter()
+        .map(|(name, target, present, running)| {
+            let node = topology
+                .node(&name)
+                .expect("status lists exactly the topology's nodes");
+            NodeReport {
+                role: node.role.to_string(),
+                addresses: node.addresses.clone(),
+                name,
+                target,
+                present,
+                running,
+            }
+        })
+        .collect();
+    Ok(StatusReport {
+        stand: s.stand.clone(),
+        backend: s.backend,
+        prefix: s.prefix.clone(),
+        state_dir: state.dir().to_owned(),
+        haclt_config: StateFile::haclt_config_path(state.dir()),
+        nodes,
+    })
+}
+
+/// The text of `plan`: the backend's layout, each node's firewall, and the libvirt XML.
+pub fn plan(topology: &Topology, prefix: &str, backend: BackendKind) -> String {
+    let mut out = format!(
+        "# stand {} (prefix {prefix}, backend {backend})\n",
+        topology.name
+    );
+    if backend == BackendKind::Netns {
+        out.push_str("\n## network namespaces\n");
+        out.push_str(&Layout::new(topology, prefix).describe());
+    }
+    out.push_str("\n## firewall (nft -f, per node)\n");
+    for node in &topology.nodes {
+        out.push_str(&format!("\n# {} ({})\n", node.name, node.role));
+        out.push_str(&node_firewall(topology, node).to_nft());
+    }
+    out.push_str(&format!(
+        "\n## libvirt XML ({}, domain type {})\n",
+        topology.libvirt.uri, topology.libvirt.domain_type
+    ));
+    for k in 0..topology.networks.len() {
+        if let Some(xml) = libvirt::network_xml(topology, prefix, k) {
+            out.push('\n');
+            out.push_str(&xml);
+        }
+    }
+    for node in &topology.nodes {
+        out.push('\n');
+        out.push_str(&libvirt::domain_xml(topology, prefix, node));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::tests::example;
+
+    #[test]
+    fn plan_shows_layout_rules_and_xml() {
+        let p = plan(&example(), "lab", BackendKind::Netns);
+        assert!(p.contains("namespace lab-psql1server (postgres)"), "{p}");
+        assert!(
+            p.contains("# psql1server (postgres)\nadd table inet ha_provision"),
+            "{p}"
+        );
+        assert!(p.contains("<name>lab-backend</name>"), "{p}");
+        assert!(p.contains("<name>lab-mon3server</name>"), "{p}");
+    }
+
+    #[test]
+    fn cli_parses_exec_after_double_dash() {
+        let cli = Cli::try_parse_from([
+            "ha-provision",
+            "--state-dir",
+            "/tmp/x",
+            "exec",
+            "e1server",
+            "--",
+            "ip",
+            "-br",
+            "addr",
+        ])
+        .expect("valid command line");
+        match cli.command {
+            Command::Exec { node, command, .. } => {
+                assert_eq!(node, "e1server");
+                assert_eq!(command, ["ip", "-br", "addr"]);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+}
