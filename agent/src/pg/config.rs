@@ -264,6 +264,10 @@ pub struct PgConfig {
     pub sync_commit: SyncCommit,
     pub max_wal_senders: u32,
     pub max_replication_slots: u32,
+    /// `wal_keep_size` in MiB. Besides sparing lagging standbys, it keeps a primary's own WAL
+    /// back to the last checkpoint it shared with a standby, which `pg_rewind` must read after a
+    /// failover; without it the old primary usually needs a full base backup.
+    pub wal_keep_size_mb: u32,
     /// Further settings written into the managed file (e.g. `shared_buffers`).
     pub extra_settings: BTreeMap<String, String>,
     pub start_timeout: Duration,
@@ -295,6 +299,7 @@ impl PgConfig {
             sync_commit: SyncCommit::On,
             max_wal_senders: 10,
             max_replication_slots: 10,
+            wal_keep_size_mb: 1024,
             extra_settings: BTreeMap::new(),
             start_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(60),
@@ -332,6 +337,10 @@ impl PgConfig {
             (
                 "max_replication_slots",
                 self.max_replication_slots.to_string(),
+            ),
+            (
+                "wal_keep_size",
+                guc_quote(&format!("{}MB", self.wal_keep_size_mb)),
             ),
             ("hot_standby", "on".into()),
             ("wal_log_hints", "on".into()),
@@ -465,6 +474,7 @@ mod tests {
         assert!(primary.contains("synchronous_standby_names = 'ANY 1 (\"a\")'\n"));
         assert!(primary.contains("synchronous_commit = on\n"));
         assert!(primary.contains("wal_log_hints = on\n"));
+        assert!(primary.contains("wal_keep_size = '1024MB'\n"));
         assert_eq!(c.log_file, PathBuf::from("/var/lib/ha/data.log"));
     }
 

@@ -190,6 +190,7 @@ impl PgController {
         Ok(PgObservation::stopped(
             &control,
             self.standby_signal().exists(),
+            self.fenced_marker().exists(),
         ))
     }
 
@@ -666,15 +667,24 @@ impl PgController {
             })?;
         self.configure(&RoleSettings::Primary(SyncConfig::default()))
             .await?;
+        files::remove_optional(&self.fenced_marker())?;
         info!(node = %self.cfg.node, "promoted");
         Ok(())
     }
 
     /// Stops the server fast and leaves `standby.signal`, so a later start (by anyone) comes up
-    /// read-only. Idempotent.
+    /// read-only. A fenced primary is also marked (`ha.fenced`), so that even after such a start
+    /// it is still known as a former primary that must be rewound before it can stream.
+    /// Idempotent.
     pub async fn fence(&mut self) -> Result<(), PgError> {
         self.stop(StopMode::Fast).await?;
         if files::inspect(&self.cfg.data_dir)? == DataDirState::Initialized {
+            if matches!(
+                self.controldata().await?.state,
+                ClusterState::ShutDown | ClusterState::InProduction
+            ) {
+                files::write_atomic(&self.fenced_marker(), "", self.run_as.owner)?;
+            }
             self.configure(&RoleSettings::Standby(None)).await?;
         }
         info!(node = %self.cfg.node, "fenced");
@@ -701,6 +711,7 @@ impl PgController {
             self.base_backup(upstream).await?;
             RejoinPath::BaseBackup
         };
+        files::remove_optional(&self.fenced_marker())?;
         self.start_standby(Some(upstream)).await?;
         info!(node = %self.cfg.node, upstream = %upstream.node, ?path, "rejoined as standby");
         Ok(path)
@@ -766,6 +777,10 @@ impl PgController {
 
     fn standby_signal(&self) -> PathBuf {
         self.cfg.data_dir.join("standby.signal")
+    }
+
+    fn fenced_marker(&self) -> PathBuf {
+        self.cfg.data_dir.join("ha.fenced")
     }
 
     /// The socket directory must exist and be writable by PostgreSQL; an existing one (such as

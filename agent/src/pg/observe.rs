@@ -90,8 +90,9 @@ impl PgObservation {
         Self::blank(ServerRole::Empty)
     }
 
-    /// A stopped server, from its control file.
-    pub fn stopped(control: &ControlData, standby_signal: bool) -> Self {
+    /// A stopped server, from its control file; `fenced_primary` (the agent's fence marker)
+    /// overrides what the control file says about its last role.
+    pub fn stopped(control: &ControlData, standby_signal: bool, fenced_primary: bool) -> Self {
         let (was, clean) = match &control.state {
             ClusterState::ShutDown => (WasRole::Primary, true),
             ClusterState::InProduction => (WasRole::Primary, false),
@@ -100,6 +101,11 @@ impl PgObservation {
             // Crashed while starting or stopping: standby.signal is the best hint left.
             ClusterState::Other(_) if standby_signal => (WasRole::Standby, false),
             ClusterState::Other(_) => (WasRole::Primary, false),
+        };
+        let was = if fenced_primary {
+            WasRole::Primary
+        } else {
+            was
         };
         Self {
             timeline: Some(control.checkpoint_timeline),
@@ -289,7 +295,7 @@ mod tests {
             checkpoint_lsn: Lsn(0x300_0060),
             checkpoint_timeline: Timeline(3),
         };
-        let obs = PgObservation::stopped(&control, true);
+        let obs = PgObservation::stopped(&control, true, false);
         assert_eq!(
             obs.local(),
             Local::Stopped(Stopped {
@@ -298,6 +304,17 @@ mod tests {
                 standby_signal: true
             })
         );
+        let restarted_after_fence = ControlData {
+            state: ClusterState::ShutDownInRecovery,
+            ..control.clone()
+        };
+        assert!(matches!(
+            PgObservation::stopped(&restarted_after_fence, true, true).local(),
+            Local::Stopped(Stopped {
+                was: WasRole::Primary,
+                ..
+            })
+        ));
         let wire = v1::PostgresObservation::from(&obs);
         assert_eq!(wire.role, i32::from(v1::PgRole::Stopped));
         assert_eq!(wire.timeline, 3);
