@@ -3,7 +3,7 @@
 //! and its base-backup fallback, crash detection and the restart limit.
 //!
 //! Every server lives under one temporary directory; a [`Harness`] guard stops every postmaster
-//! it knows (by PID, with its process group) before the directory is removed, even on panic.
+//! it knows (by PID) before the directory is removed, even on panic.
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt as _;

@@ -238,7 +238,8 @@ impl PgController {
                 }
             }
         }
-        if files::inspect(&self.cfg.data_dir)? != DataDirState::Initialized {
+        // Not `inspect`: bootstrap starts the server before it removes its marker.
+        if !files::has_cluster(&self.cfg.data_dir) {
             return Err(PgError::NoData);
         }
         self.ensure_socket_dir()?;
@@ -343,11 +344,14 @@ impl PgController {
     }
 
     /// New primary: initdb (when there is no cluster yet), primary settings, start, and the
-    /// replication role with the grants `pg_rewind` needs on a source.
+    /// replication role with the grants `pg_rewind` needs on a source. The incomplete marker
+    /// stays until the role exists, so a bootstrap cut short anywhere is redone from scratch
+    /// (a new group holds no data worth keeping before it is bootstrapped).
     pub async fn bootstrap(&mut self, sync: &SyncConfig) -> Result<(), PgError> {
+        let marker = files::incomplete_marker(&self.cfg.data_dir);
         if files::inspect(&self.cfg.data_dir)? != DataDirState::Initialized {
-            let marker = files::incomplete_marker(&self.cfg.data_dir);
-            files::write_atomic(&marker, "initdb\n", self.run_as.owner)?;
+            self.stop(StopMode::Immediate).await?;
+            files::write_atomic(&marker, "bootstrap\n", self.run_as.owner)?;
             files::reset_dir(&self.cfg.data_dir, self.run_as.owner)?;
             let mut args: Vec<OsString> = vec!["-D".into(), self.cfg.data_dir.clone().into()];
             for a in [
@@ -363,7 +367,6 @@ impl PgController {
                 args.push(a.into());
             }
             self.run_as.run_tool(&self.tool("initdb"), args).await?;
-            files::remove_optional(&marker)?;
             info!(node = %self.cfg.node, "initdb done");
         }
         self.configure(&RoleSettings::Primary(sync.clone())).await?;
@@ -393,6 +396,7 @@ impl PgController {
             what: "creating the replication role",
             source: e,
         })?;
+        files::remove_optional(&marker)?;
         info!(node = %self.cfg.node, role = %user, "primary bootstrapped");
         Ok(())
     }
@@ -440,6 +444,10 @@ impl PgController {
             .run_tool(&self.tool("pg_basebackup"), args)
             .await?;
         files::sync_dir(&self.cfg.data_dir)?;
+        // The copy carries the upstream's primary settings: it only counts as complete once it
+        // is configured as a standby, or a crash here would leave what looks like a primary.
+        self.configure(&RoleSettings::Standby(Some(upstream.clone())))
+            .await?;
         files::remove_optional(&marker)?;
         info!(node = %self.cfg.node, upstream = %upstream.node, "base backup complete");
         Ok(())

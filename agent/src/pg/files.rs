@@ -47,11 +47,16 @@ pub fn inspect(data_dir: &Path) -> Result<DataDirState, PgError> {
     if entries.next().is_none() {
         return Ok(DataDirState::Empty);
     }
-    if data_dir.join("PG_VERSION").is_file() && data_dir.join("global/pg_control").is_file() {
+    if has_cluster(data_dir) {
         Ok(DataDirState::Initialized)
     } else {
         Ok(DataDirState::Partial)
     }
+}
+
+/// Whether `data_dir` holds the files PostgreSQL needs to start, whatever the marker says.
+pub fn has_cluster(data_dir: &Path) -> bool {
+    data_dir.join("PG_VERSION").is_file() && data_dir.join("global/pg_control").is_file()
 }
 
 /// Who owns the files the agent writes.

@@ -11,6 +11,7 @@ use ha_proto::{NodeId, Timeline};
 use tokio_postgres::Client;
 
 use super::PgError;
+use super::config::UPSTREAM_GUC;
 use super::files::{ClusterState, ControlData};
 use super::plan::{Local, Stopped, WasRole};
 
@@ -130,8 +131,8 @@ impl PgObservation {
                  current_setting('synchronous_standby_names'), \
                  current_setting('default_transaction_read_only') = 'on', \
                  (SELECT system_identifier FROM pg_control_system()), \
-                 coalesce(current_setting('ha.upstream_node', true), '')",
-                &[],
+                 coalesce(current_setting($1, true), '')",
+                &[&UPSTREAM_GUC],
             )
             .await
             .map_err(sql("reading the server state"))?;
