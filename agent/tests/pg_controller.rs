@@ -516,7 +516,18 @@ async fn postmaster_crash_is_detected_and_restarts_are_limited() {
     // A deliberate stop is not a crash.
     a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
     a.ctl.start().await.unwrap();
-    h.seen.push(a.ctl.postmaster_pid().unwrap());
-    a.ctl.stop(ha_agent::pg::StopMode::Smart).await.unwrap();
-    assert_eq!(a.ctl.check_postmaster(), PostmasterState::Stopped);
+    let pid = a.ctl.postmaster_pid().unwrap();
+    h.seen.push(pid);
+
+    // The agent itself restarts: a new controller adopts the running postmaster.
+    let cfg = a.ctl.config().clone();
+    drop(a);
+    let mut again = PgController::new(cfg).unwrap();
+    assert_eq!(again.postmaster_pid(), Some(pid));
+    assert_eq!(again.observe().await.unwrap().role, ServerRole::Primary);
+    again.start().await.unwrap();
+    assert_eq!(again.postmaster_pid(), Some(pid));
+    again.stop(ha_agent::pg::StopMode::Smart).await.unwrap();
+    assert_eq!(again.check_postmaster(), PostmasterState::Stopped);
+    assert!(again.connect().await.is_err());
 }

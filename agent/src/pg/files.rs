@@ -3,8 +3,9 @@
 //!
 //! Invariants: a file the agent writes is either its old or its new content after a crash
 //! (temp file, fsync, rename, fsync of the directory) and belongs to the PostgreSQL OS user.
-//! A base backup in progress is marked by a sibling file created before the first byte is copied
-//! and removed only after the copy is complete, so an interrupted copy is never started.
+//! A bootstrap or base backup in progress is marked by a sibling file created before the data
+//! directory is touched and removed only once the result is complete and configured, so an
+//! interrupted one is seen as [`DataDirState::Partial`] and redone, never started.
 
 use std::collections::HashMap;
 use std::fs;
