@@ -1,0 +1,533 @@
+//! The PostgreSQL controller against real PostgreSQL 15 servers run as the `postgres` user on
+//! loopback: bootstrap, standbys, quorum synchronous replication, failover with fencing, rewind
+//! and its base-backup fallback, crash detection and the restart limit.
+//!
+//! Every server lives under one temporary directory; a [`Harness`] guard stops every postmaster
+//! it knows (by PID) before the directory is removed, even on panic.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ha_agent::pg::{
+    Exit, HbaRule, Local, Outcome, PgConfig, PgController, PgError, PostmasterState, RejoinPath,
+    RestartLimit, ServerRole, Stopped, SyncConfig, SyncState, Upstream, WasRole, plan,
+};
+use ha_proto::NodeId;
+use ha_proto::convert::Goal;
+use ha_proto::types::{Endpoint, Epoch, GoalState};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, User};
+use tokio::time::Instant;
+
+/// Owns the temporary directory and stops every postmaster under it on drop.
+struct Harness {
+    root: tempfile::TempDir,
+    /// Postmaster PIDs seen during the test (a crashed one may have left children behind).
+    seen: Vec<i32>,
+    data_dirs: Vec<PathBuf>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("ha_agent=debug")
+            .try_init();
+        let root = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self {
+            root,
+            seen: Vec::new(),
+            data_dirs: Vec::new(),
+        }
+    }
+
+    fn node(&mut self, name: &str, tweak: impl FnOnce(&mut PgConfig)) -> Node {
+        let pg = User::from_name("postgres").unwrap().unwrap();
+        let dir = self.root.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(pg.uid.as_raw()), Some(pg.gid.as_raw())).unwrap();
+        let port = free_port();
+        let id = NodeId::new(name).unwrap();
+        let mut cfg = PgConfig::new(id.clone(), dir.join("data"), port, dir.clone());
+        cfg.listen_addresses = vec!["127.0.0.1".into()];
+        cfg.hba = vec![
+            HbaRule::local_trust("postgres"),
+            HbaRule::host("replication", "replicator", "127.0.0.1/32", "trust"),
+            HbaRule::host("postgres", "replicator", "127.0.0.1/32", "trust"),
+        ];
+        for (k, v) in [("shared_buffers", "16MB"), ("max_connections", "20")] {
+            cfg.extra_settings.insert(k.into(), v.into());
+        }
+        cfg.start_timeout = Duration::from_secs(30);
+        cfg.stop_timeout = Duration::from_secs(20);
+        tweak(&mut cfg);
+        self.data_dirs.push(cfg.data_dir.clone());
+        Node {
+            upstream: Upstream {
+                node: id,
+                endpoint: Endpoint {
+                    host: "127.0.0.1".into(),
+                    port,
+                },
+            },
+            ctl: PgController::new(cfg).unwrap(),
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let mut pids = self.seen.clone();
+        for dir in &self.data_dirs {
+            if let Some(pid) = std::fs::read_to_string(dir.join("postmaster.pid"))
+                .ok()
+                .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+            {
+                pids.push(pid);
+            }
+        }
+        for &pid in &pids {
+            if is_postgres(pid) {
+                // Immediate shutdown: the postmaster stops its children (each in its own
+                // session) before it exits; children of a killed postmaster exit by themselves.
+                let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pids.iter().any(|&p| is_postgres(p)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for &pid in &pids {
+            if is_postgres(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A live, non-zombie process named `postgres`.
+fn is_postgres(pid: i32) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    comm.trim() == "postgres"
+        && stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+}
+
+struct Node {
+    ctl: PgController,
+    upstream: Upstream,
+}
+
+impl Node {
+    async fn exec(&self, sql: &str) {
+        let client = self.ctl.connect().await.unwrap();
+        client.batch_execute(sql).await.unwrap();
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        let client = self.ctl.connect().await.unwrap();
+        client.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    fn name(&self) -> &NodeId {
+        &self.upstream.node
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Evaluates `check` (an expression that may `.await`) every 100 ms until it holds; panics
+/// naming `what` after `timeout`.
+macro_rules! eventually {
+    ($what:expr, $timeout:expr, $check:expr) => {{
+        let deadline = Instant::now() + $timeout;
+        while !$check {
+            assert!(
+                Instant::now() < deadline,
+                "not reached within {:?}: {}",
+                $timeout,
+                $what
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }};
+}
+
+async fn streaming_from(node: &mut Node, upstream: &NodeId) -> bool {
+    match node.ctl.observe().await {
+        Ok(o) => {
+            o.role == ServerRole::Standby
+                && o.streaming
+                && o.upstream_node.as_ref() == Some(upstream)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Waits until `standby` has replayed everything `primary` has flushed.
+async fn caught_up(primary: &mut Node, standby: &mut Node) {
+    let target = primary.ctl.observe().await.unwrap().flush_lsn.unwrap();
+    eventually!(
+        "standby replay catches up",
+        Duration::from_secs(20),
+        standby
+            .ctl
+            .observe()
+            .await
+            .unwrap()
+            .replay_lsn
+            .is_some_and(|l| l >= target)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_commit_waits_for_one_of_two_standbys() {
+    let mut h = Harness::new();
+    let mut a = h.node("a", |_| {});
+    let mut b = h.node("b", |_| {});
+    let mut c = h.node("c", |_| {});
+
+    // The plan drives the first steps, as the agent would.
+    let single = Goal {
+        node: a.name().clone(),
+        state: GoalState::Single,
+        epoch: Epoch(1),
+        upstream: None,
+        synchronous_standbys: vec![],
+        synchronous_quorum: 0,
+    };
+    let obs = a.ctl.observe().await.unwrap();
+    assert_eq!(obs.role, ServerRole::Empty);
+    let action = plan(&obs.local(), &single);
+    assert_eq!(a.ctl.apply(&action).await.unwrap(), Outcome::Done);
+    let obs = a.ctl.observe().await.unwrap();
+    assert_eq!(obs.role, ServerRole::Primary);
+    assert!(obs.system_identifier.is_some());
+    assert_eq!(plan(&obs.local(), &single), ha_agent::pg::Action::Nothing);
+    // Bootstrapping again is harmless.
+    a.ctl.bootstrap(&SyncConfig::default()).await.unwrap();
+    h.seen.push(a.ctl.postmaster_pid().unwrap());
+    a.exec("CREATE TABLE t (x int)").await;
+
+    b.ctl.join_standby(&a.upstream).await.unwrap();
+    // c's data directory holds the remains of an interrupted base backup: it must be redone.
+    let c_data = c.ctl.config().data_dir.clone();
+    std::fs::create_dir_all(c_data.join("base")).unwrap();
+    std::fs::write(c_data.join("PG_VERSION"), "15\n").unwrap();
+    let goal_c = Goal {
+        node: c.name().clone(),
+        state: GoalState::Standby,
+        epoch: Epoch(1),
+        upstream: Some((a.name().clone(), a.upstream.endpoint.clone())),
+        synchronous_standbys: vec![],
+        synchronous_quorum: 0,
+    };
+    let obs_c = c.ctl.observe().await.unwrap();
+    assert_eq!(
+        obs_c.local(),
+        Local::Empty,
+        "a partial copy is not a cluster"
+    );
+    let action = plan(&obs_c.local(), &goal_c);
+    c.ctl.apply(&action).await.unwrap();
+
+    for s in [&mut b, &mut c] {
+        let up = a.name().clone();
+        eventually!(
+            "standby streams from a",
+            Duration::from_secs(20),
+            streaming_from(s, &up).await
+        );
+    }
+    // Both walsenders exist on a, and the standbys hold their slots.
+    eventually!("two streaming replicas on a", Duration::from_secs(10), {
+        let o = a.ctl.observe().await.unwrap();
+        o.replicas.iter().filter(|r| r.state == "streaming").count() == 2
+    });
+    assert_eq!(
+        a.count("SELECT count(*) FROM pg_replication_slots WHERE active")
+            .await,
+        2
+    );
+
+    let sync = SyncConfig {
+        standbys: vec![b.name().clone(), c.name().clone()],
+        quorum: 1,
+    };
+    a.ctl.set_synchronous(&sync).await.unwrap();
+    let obs = a.ctl.observe().await.unwrap();
+    assert_eq!(obs.synchronous_standby_names, r#"ANY 1 ("b", "c")"#);
+    eventually!(
+        "both standbys are quorum candidates",
+        Duration::from_secs(10),
+        {
+            let o = a.ctl.observe().await.unwrap();
+            o.replicas.len() == 2
+                && o.replicas
+                    .iter()
+                    .all(|r| r.sync_state == Some(SyncState::Quorum))
+        }
+    );
+    a.exec("INSERT INTO t VALUES (1)").await;
+
+    // Both standbys down: a commit must wait.
+    b.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
+    c.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
+    let writer = a.ctl.connect().await.unwrap();
+    let mut commit =
+        tokio::spawn(async move { writer.batch_execute("INSERT INTO t VALUES (2)").await });
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), &mut commit)
+            .await
+            .is_err(),
+        "a commit returned while no synchronous standby was up"
+    );
+    // One standby back is a quorum of one.
+    b.ctl.start().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), commit)
+        .await
+        .expect("the commit returns once a standby is back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.count("SELECT count(*) FROM t").await, 2);
+
+    // Back to async: commits no longer wait for the (stopped) standbys.
+    a.ctl.set_synchronous(&SyncConfig::default()).await.unwrap();
+    b.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), a.exec("INSERT INTO t VALUES (3)"))
+        .await
+        .expect("an asynchronous commit does not wait");
+    let obs = a.ctl.observe().await.unwrap();
+    assert_eq!(obs.synchronous_standby_names, "");
+    a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
+}
+
+/// Builds a diverged pair: b (was a standby of a) promoted after its stream was cut, a fenced
+/// after a write b never received. Returns the rows only a has.
+async fn diverge(a: &mut Node, b: &mut Node) {
+    a.ctl.bootstrap(&SyncConfig::default()).await.unwrap();
+    a.exec("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await;
+    b.ctl.join_standby(&a.upstream).await.unwrap();
+    let up = a.name().clone();
+    eventually!(
+        "b streams from a",
+        Duration::from_secs(20),
+        streaming_from(b, &up).await
+    );
+    caught_up(a, b).await;
+
+    // Failover step 1 on the candidate: cut the stream.
+    let out = b.ctl.stop_replication().await.unwrap();
+    let Outcome::ReplicationStopped { received, replayed } = out else {
+        panic!("unexpected outcome {out:?}");
+    };
+    assert!(received.is_some() && replayed.is_some());
+    let obs = b.ctl.observe().await.unwrap();
+    assert!(!obs.streaming);
+    assert_eq!(obs.upstream_node, None);
+    assert_eq!(
+        obs.local(),
+        Local::Standby {
+            upstream: None,
+            streaming: false
+        }
+    );
+    // The old primary keeps writing: it diverges from b.
+    a.exec("INSERT INTO t VALUES (100); CHECKPOINT; INSERT INTO t VALUES (101)")
+        .await;
+
+    // Fence a: stopped, and it never accepts writes again.
+    a.ctl.fence().await.unwrap();
+    a.ctl.fence().await.unwrap();
+    let obs = a.ctl.observe().await.unwrap();
+    assert_eq!(
+        obs.role,
+        ServerRole::Stopped(Stopped {
+            was: WasRole::Primary,
+            clean: true,
+            standby_signal: true
+        })
+    );
+    assert!(a.ctl.connect().await.is_err());
+
+    // Promote b; promoting twice is refused (it is no longer a standby).
+    b.ctl.promote().await.unwrap();
+    assert!(matches!(
+        b.ctl.promote().await,
+        Err(PgError::WrongRole {
+            expected: "standby"
+        })
+    ));
+    let obs = b.ctl.observe().await.unwrap();
+    assert_eq!(obs.role, ServerRole::Primary);
+    assert_eq!(obs.timeline.unwrap().get(), 2);
+    b.exec("INSERT INTO t VALUES (2)").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_fences_old_primary_and_rewinds_it() {
+    let mut h = Harness::new();
+    let mut a = h.node("a", |_| {});
+    let mut b = h.node("b", |_| {});
+    diverge(&mut a, &mut b).await;
+
+    // Even if someone starts the fenced server, it comes up read-only.
+    a.ctl.start().await.unwrap();
+    h.seen.push(a.ctl.postmaster_pid().unwrap());
+    let client = a.ctl.connect().await.unwrap();
+    let err = client
+        .batch_execute("INSERT INTO t VALUES (666)")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{err:?}"
+    );
+    drop(client);
+    a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
+    // It is still known as a former primary: the plan rejoins it rather than starting it.
+    let goal = Goal {
+        node: a.name().clone(),
+        state: GoalState::Standby,
+        epoch: Epoch(2),
+        upstream: Some((b.name().clone(), b.upstream.endpoint.clone())),
+        synchronous_standbys: vec![],
+        synchronous_quorum: 0,
+    };
+    let action = plan(&a.ctl.observe().await.unwrap().local(), &goal);
+    assert_eq!(action, ha_agent::pg::Action::Rejoin(b.upstream.clone()));
+
+    assert_eq!(
+        a.ctl.apply(&action).await.unwrap(),
+        Outcome::Rejoined(RejoinPath::Rewound)
+    );
+    let up = b.name().clone();
+    eventually!(
+        "a streams from b",
+        Duration::from_secs(20),
+        streaming_from(&mut a, &up).await
+    );
+    caught_up(&mut b, &mut a).await;
+    let obs = a.ctl.observe().await.unwrap();
+    assert_eq!(obs.timeline.unwrap().get(), 2);
+    // The diverged rows are gone, the new primary's row arrived.
+    assert_eq!(a.count("SELECT count(*) FROM t WHERE x >= 100").await, 0);
+    assert_eq!(a.count("SELECT count(*) FROM t WHERE x = 2").await, 1);
+    assert_eq!(plan(&obs.local(), &goal), ha_agent::pg::Action::Nothing);
+    a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
+    b.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoin_falls_back_to_base_backup_when_rewind_is_impossible() {
+    let mut h = Harness::new();
+    let mut a = h.node("a", |_| {});
+    let mut b = h.node("b", |_| {});
+    diverge(&mut a, &mut b).await;
+
+    // Without its WAL, a cannot find the divergence point: pg_rewind must fail.
+    let wal = a.ctl.config().data_dir.join("pg_wal");
+    for entry in std::fs::read_dir(&wal).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    assert_eq!(
+        a.ctl.rejoin(&b.upstream).await.unwrap(),
+        RejoinPath::BaseBackup
+    );
+    h.seen.push(a.ctl.postmaster_pid().unwrap());
+    let up = b.name().clone();
+    eventually!(
+        "a streams from b",
+        Duration::from_secs(20),
+        streaming_from(&mut a, &up).await
+    );
+    caught_up(&mut b, &mut a).await;
+    assert_eq!(a.count("SELECT count(*) FROM t WHERE x >= 100").await, 0);
+    assert_eq!(a.count("SELECT count(*) FROM t WHERE x = 2").await, 1);
+
+    // Drain the new primary for a switchover: a clean stop with its final checkpoint.
+    let before = b.ctl.observe().await.unwrap().flush_lsn.unwrap();
+    let checkpoint = b.ctl.drain().await.unwrap();
+    assert!(checkpoint >= before, "{checkpoint} < {before}");
+    let obs = b.ctl.observe().await.unwrap();
+    assert_eq!(obs.flush_lsn, Some(checkpoint));
+    a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postmaster_crash_is_detected_and_restarts_are_limited() {
+    let mut h = Harness::new();
+    let mut a = h.node("a", |cfg| {
+        cfg.restart_limit = RestartLimit {
+            max_restarts: 2,
+            window: Duration::from_secs(600),
+        };
+    });
+    a.ctl.bootstrap(&SyncConfig::default()).await.unwrap();
+    for round in 0..3 {
+        let pid = a.ctl.postmaster_pid().unwrap();
+        h.seen.push(pid);
+        kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+        let state = a.ctl.wait_postmaster_exit(Duration::from_secs(10)).await;
+        assert_eq!(
+            state,
+            PostmasterState::Crashed {
+                pid,
+                exit: Exit::Signal(9)
+            }
+        );
+        assert_eq!(a.ctl.postmaster_pid(), None);
+        let obs = a.ctl.observe().await.unwrap();
+        assert_eq!(
+            obs.role,
+            ServerRole::Stopped(Stopped {
+                was: WasRole::Primary,
+                clean: false,
+                standby_signal: false
+            })
+        );
+        let restarted = a.ctl.start().await;
+        if round < 2 {
+            restarted.unwrap();
+            let new_pid = a.ctl.postmaster_pid().unwrap();
+            assert_ne!(new_pid, pid);
+            assert_eq!(a.count("SELECT 1::bigint").await, 1);
+        } else {
+            assert!(
+                matches!(restarted, Err(PgError::RestartLimit { restarts: 2, .. })),
+                "{restarted:?}"
+            );
+            assert_eq!(a.ctl.postmaster_pid(), None);
+        }
+    }
+    // A deliberate stop is not a crash.
+    a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
+    a.ctl.start().await.unwrap();
+    let pid = a.ctl.postmaster_pid().unwrap();
+    h.seen.push(pid);
+
+    // The agent itself restarts: a new controller adopts the running postmaster.
+    let cfg = a.ctl.config().clone();
+    drop(a);
+    let mut again = PgController::new(cfg).unwrap();
+    assert_eq!(again.postmaster_pid(), Some(pid));
+    assert_eq!(again.observe().await.unwrap().role, ServerRole::Primary);
+    again.start().await.unwrap();
+    assert_eq!(again.postmaster_pid(), Some(pid));
+    again.stop(ha_agent::pg::StopMode::Smart).await.unwrap();
+    assert_eq!(again.check_postmaster(), PostmasterState::Stopped);
+    assert!(again.connect().await.is_err());
+}
