@@ -112,6 +112,18 @@ pub struct WriteBatch<'a> {
     pub applied: Option<(u64, &'a [u8])>,
 }
 
+impl WriteBatch<'_> {
+    /// True when the cycle has nothing to persist; `write` then returns at once, without a commit.
+    pub fn is_empty(&self) -> bool {
+        self.snapshot.is_none()
+            && self.entries.is_empty()
+            && self.hard_state.is_none()
+            && self.commit.is_none()
+            && self.conf_state.is_none()
+            && self.applied.is_none()
+    }
+}
+
 /// Index and term of one log position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct LogPosition {
@@ -218,7 +230,8 @@ struct Plan<'a> {
 }
 
 impl RaftStore {
-    /// Opens or creates the database file. Fails with a clear error when another process holds it.
+    /// Opens or creates the database file. Fails with a clear error when another process holds it,
+    /// and with [`StorageError::Corrupt`] when the persisted state breaks an invariant.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StorageError::Io {
@@ -289,8 +302,12 @@ impl RaftStore {
         Ok(())
     }
 
-    /// Persists one Ready cycle in one transaction (see WriteBatch).
+    /// Persists one Ready cycle in one transaction (see WriteBatch). Returns once the commit is
+    /// durable (fsync); on error nothing of the batch was written and memory is unchanged.
     pub fn write(&mut self, batch: WriteBatch<'_>) -> Result<(), StorageError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         let plan = self.plan(&batch).inspect_err(|e| {
             warn!(error = %e, "raft store write refused");
         })?;

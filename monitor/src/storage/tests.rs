@@ -119,6 +119,13 @@ fn view(store: &RaftStore) -> View {
 }
 
 #[test]
+fn the_store_can_move_to_the_raft_thread() {
+    fn assert_send<T: Send + 'static>() {}
+    assert_send::<RaftStore>();
+    assert_send::<StorageError>();
+}
+
+#[test]
 fn bootstrap_and_reopen_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = store_in(&dir);
@@ -380,6 +387,10 @@ fn reopen_after_each_kind_of_write_gives_identical_state() {
     store = check(store);
     store.bootstrap(&[1, 2, 3]).unwrap();
     store = check(store);
+    // an empty cycle
+    assert!(WriteBatch::default().is_empty());
+    store.write(WriteBatch::default()).unwrap();
+    store = check(store);
     // entries alone
     store
         .write(WriteBatch {
@@ -563,6 +574,89 @@ fn open_reports_broken_invariants() {
             .unwrap();
     });
     assert!(what.contains("unknown format version 9"), "{what}");
+}
+
+// ---- with raft-rs itself ---------------------------------------------------------------------
+
+/// Applies committed entries to a toy state machine (the data of each entry followed by ';').
+fn apply_committed(committed: &[Entry], state: &mut Vec<u8>) -> Option<u64> {
+    for e in committed.iter().filter(|e| !e.data.is_empty()) {
+        state.extend_from_slice(&e.data);
+        state.push(b';');
+    }
+    committed.last().map(|e| e.index)
+}
+
+/// The ready loop the monitor runs, reduced to one node: one `write` per Ready, one per LightReady.
+fn drive(node: &mut raft::RawNode<RaftStore>, state: &mut Vec<u8>) {
+    while node.has_ready() {
+        let mut rd = node.ready();
+        let applied = apply_committed(&rd.take_committed_entries(), state);
+        let snapshot = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
+        node.mut_store()
+            .write(WriteBatch {
+                snapshot: snapshot.as_ref(),
+                entries: rd.entries(),
+                hard_state: rd.hs(),
+                applied: applied.map(|i| (i, state.as_slice())),
+                ..WriteBatch::default()
+            })
+            .unwrap();
+        let mut light = node.advance(rd);
+        let applied = apply_committed(&light.take_committed_entries(), state);
+        node.mut_store()
+            .write(WriteBatch {
+                commit: light.commit_index(),
+                applied: applied.map(|i| (i, state.as_slice())),
+                ..WriteBatch::default()
+            })
+            .unwrap();
+        node.advance_apply();
+    }
+}
+
+fn raft_node(store: RaftStore) -> raft::RawNode<RaftStore> {
+    let config = raft::Config {
+        id: 1,
+        applied: store.applied_index(),
+        ..raft::Config::default()
+    };
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    raft::RawNode::new(&config, store, &logger).unwrap()
+}
+
+#[test]
+fn a_raft_node_runs_on_the_store_and_resumes_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = store_in(&dir);
+    store.bootstrap(&[1]).unwrap();
+    let mut node = raft_node(store);
+    let mut state = Vec::new();
+    node.campaign().unwrap();
+    drive(&mut node, &mut state);
+    for data in ["a", "b", "c"] {
+        node.propose(vec![], data.as_bytes().to_vec()).unwrap();
+        drive(&mut node, &mut state);
+    }
+    assert_eq!(state, b"a;b;c;");
+    let applied = node.store().applied_index();
+    node.mut_store().compact(applied).unwrap();
+    let hard_state_before = node.store().hard_state();
+    drop(node);
+
+    // Restart: the state machine and applied index come back from the store.
+    let store_after = store_in(&dir);
+    assert_eq!(store_after.hard_state(), hard_state_before);
+    assert_eq!(store_after.applied_index(), applied);
+    let mut state = store_after.state_machine().unwrap();
+    let mut node = raft_node(store_after);
+    node.campaign().unwrap();
+    drive(&mut node, &mut state);
+    node.propose(vec![], b"d".to_vec()).unwrap();
+    drive(&mut node, &mut state);
+    assert_eq!(state, b"a;b;c;d;");
+    assert_eq!(node.store().state_machine().unwrap(), state);
+    assert!(node.store().hard_state().term >= 2);
 }
 
 // ---- crash consistency ----------------------------------------------------------------------
