@@ -13,8 +13,12 @@
 //!   `first = truncated.index + 1` and `truncated` is the last entry dropped by compaction or
 //!   replaced by a snapshot (its term is kept: raft asks for the term at `first - 1`);
 //! - `truncated.index <= applied <= commit <= last`;
-//! - a state machine is stored exactly when `applied > 0`, and it is the state at `applied`;
-//! - the stored conf state is the one in force at `applied`.
+//! - a state machine is stored exactly when `applied > 0`, and it is the state at `applied`.
+//!
+//! The caller keeps one more: the stored conf state is the one in force at `applied`, because it
+//! passes `conf_state` in the same batch as the `applied` index that covers the conf change.
+//! Restart raft with `Config::applied = applied_index()` and the state machine from
+//! `state_machine()`; committed entries after it are handed out again.
 //!
 //! Reads on raft's hot path (`first_index`, `last_index`, the term of the last and truncated
 //! entries, the hard and conf states) come from an in-memory copy that is replaced only after a
