@@ -4,4 +4,6 @@
 //! probes, runs the pure decision function, and proposes goal changes; a change takes effect only
 //! once committed. Followers answer with the leader's address.
 
+pub mod consensus;
 pub mod storage;
+pub mod transport;
