@@ -290,7 +290,10 @@ fn stop_set(
             && judge.reporting(&n.name)
             && judge.report(&n.name).is_some_and(|r| {
                 r.epoch >= g.epoch
-                    && matches!(r.reached, Some(GoalState::Standby | GoalState::StopReplication))
+                    && matches!(
+                        r.reached,
+                        Some(GoalState::Standby | GoalState::StopReplication)
+                    )
             })
     };
     if allow_data_loss {
@@ -609,7 +612,11 @@ impl<'a> Draft<'a> {
         if next == self.sync.standbys && quorum == self.sync.quorum {
             if !self.sync.confirmed && !next.is_empty() && self.judge.sync_applied(p, &self.sync) {
                 self.sync.confirmed = true;
-                self.event("sync", Some(p), format!("{p} applied the synchronous set ({})", join(&next)));
+                self.event(
+                    "sync",
+                    Some(p),
+                    format!("{p} applied the synchronous set ({})", join(&next)),
+                );
             }
             return;
         }

@@ -14,7 +14,11 @@ const STEP: u64 = 100;
 
 fn converged(postgres: &[&str]) -> World {
     let mut w = World::new(postgres, &["e1"]);
-    assert!(w.run_until(STEP, 50, |w| w.group().sync.confirmed), "{}", w.log.join("\n"));
+    assert!(
+        w.run_until(STEP, 50, |w| w.group().sync.confirmed),
+        "{}",
+        w.log.join("\n")
+    );
     assert!(w.write(1000, None));
     w.step();
     w
@@ -25,22 +29,38 @@ fn promoted_to(w: &World, name: &str) -> bool {
 }
 
 fn events(w: &World) -> Vec<String> {
-    w.cat.events_after(0, usize::MAX).map(|e| format!("{}: {}", e.kind, e.message)).collect()
+    w.cat
+        .events_after(0, usize::MAX)
+        .map(|e| format!("{}: {}", e.kind, e.message))
+        .collect()
 }
 
 #[test]
 fn bootstrap_makes_the_first_node_single_then_primary_with_a_sync_standby() {
     let mut w = World::new(&["p1", "p2"], &["e1"]);
     w.step();
-    assert_eq!(w.goal("p1").unwrap(), AssignedGoal::bare(GoalState::Single, Epoch(1)));
+    assert_eq!(
+        w.goal("p1").unwrap(),
+        AssignedGoal::bare(GoalState::Single, Epoch(1))
+    );
     let standby = w.goal("p2").unwrap();
-    assert_eq!((standby.state, standby.upstream), (GoalState::Standby, Some(id("p1"))));
+    assert_eq!(
+        (standby.state, standby.upstream),
+        (GoalState::Standby, Some(id("p1")))
+    );
     assert_eq!(w.goal_state("e1"), Some(GoalState::Follow));
     assert!(w.run_until(STEP, 20, |w| w.group().synchronous()));
     let p = w.goal("p1").unwrap();
     assert_eq!(p.state, GoalState::Primary);
-    assert_eq!((p.synchronous_standbys, p.synchronous_quorum), (vec![id("p2")], 1));
-    assert!(events(&w).iter().any(|e| e.contains("synchronous replication on")));
+    assert_eq!(
+        (p.synchronous_standbys, p.synchronous_quorum),
+        (vec![id("p2")], 1)
+    );
+    assert!(
+        events(&w)
+            .iter()
+            .any(|e| e.contains("synchronous replication on"))
+    );
     // Converged: nothing more to decide.
     w.step();
     assert!(decide(&w.cat, &w.obs, w.now).is_empty());
@@ -53,7 +73,11 @@ fn primary_drops_to_async_when_the_sync_standby_dies_and_back_when_it_returns() 
     w.crash("p2");
     assert!(w.run_until(STEP, 30, |w| !w.group().synchronous()));
     assert!(w.goal("p1").unwrap().synchronous_standbys.is_empty());
-    assert!(events(&w).iter().any(|e| e.contains("dropped to asynchronous")));
+    assert!(
+        events(&w)
+            .iter()
+            .any(|e| e.contains("dropped to asynchronous"))
+    );
     assert!(w.write(10, None), "async primary accepts writes");
     w.restart("p2");
     assert!(w.run_until(STEP, 30, |w| w.group().synchronous()));
@@ -65,13 +89,26 @@ fn crashed_primary_fails_over_on_positive_evidence_before_the_lease() {
     let mut w = converged(&["p1", "p2"]);
     let crash_at = w.now;
     w.crash("p1");
-    assert!(w.run_until(STEP, 60, |w| promoted_to(w, "p2")), "{}", w.log.join("\n"));
+    assert!(
+        w.run_until(STEP, 60, |w| promoted_to(w, "p2")),
+        "{}",
+        w.log.join("\n")
+    );
     let took = w.now - crash_at;
     let t = w.cat.timings().clone();
-    assert!(took >= t.unhealthy_after, "judged before unhealthy_after: {took:?}");
-    assert!(took < t.lease, "a refused probe and a silent agent are proof enough: {took:?}");
+    assert!(
+        took >= t.unhealthy_after,
+        "judged before unhealthy_after: {took:?}"
+    );
+    assert!(
+        took < t.lease,
+        "a refused probe and a silent agent are proof enough: {took:?}"
+    );
     assert_eq!(w.group().epoch, Epoch(2));
-    assert_eq!(w.goal("p1").unwrap(), AssignedGoal::following(GoalState::Standby, Epoch(2), id("p2")));
+    assert_eq!(
+        w.goal("p1").unwrap(),
+        AssignedGoal::following(GoalState::Standby, Epoch(2), id("p2"))
+    );
     assert!(w.run_until(STEP, 20, |w| service_converged(&w.cat, &w.obs, GROUP)));
     assert_eq!(w.node("e1").applied, Some((Epoch(2), id("p2"))));
 }
@@ -83,14 +120,22 @@ fn frozen_primary_is_promoted_away_only_after_lease_and_margin() {
     w.node_mut("p1").frozen = true;
     let t = w.cat.timings().clone();
     assert!(w.run_until(STEP, 20, |w| w.goal_state("p1") == Some(GoalState::Fenced)));
-    assert_eq!(w.goal_state("p2"), Some(GoalState::StopReplication), "the stream is cut first");
+    assert_eq!(
+        w.goal_state("p2"),
+        Some(GoalState::StopReplication),
+        "the stream is cut first"
+    );
     assert!(w.run_until(STEP, 80, |w| promoted_to(w, "p2")));
     let waited = w.now - last_report;
-    assert!(waited >= t.lease + t.lease_margin, "promoted after {waited:?}");
+    assert!(
+        waited >= t.lease + t.lease_margin,
+        "promoted after {waited:?}"
+    );
     assert!(waited < t.lease + t.lease_margin + Duration::from_millis(2 * STEP));
     // The frozen node wakes up with an expired lease: it cannot write, and it rejoins.
     w.restart("p1");
-    assert!(w.run_until(STEP, 30, |w| w.node("p1").reached == Some(GoalState::Standby)));
+    assert!(w.run_until(STEP, 30, |w| w.node("p1").reached
+        == Some(GoalState::Standby)));
     assert!(w.run_until(STEP, 30, |w| w.group().synchronous()));
 }
 
@@ -122,13 +167,23 @@ fn a_new_leader_judges_nobody_before_a_full_detection_window() {
 #[test]
 fn planned_switchover_drains_then_promotes_without_losing_writes() {
     let mut w = converged(&["p1", "p2"]);
-    assert_eq!(check_switchover(&w.cat, &w.obs, w.now, GROUP, None), Ok(id("p2")));
-    w.propose(Op::Switchover { group: GROUP.into(), target: id("p2") }).unwrap();
+    assert_eq!(
+        check_switchover(&w.cat, &w.obs, w.now, GROUP, None),
+        Ok(id("p2"))
+    );
+    w.propose(Op::Switchover {
+        group: GROUP.into(),
+        target: id("p2"),
+    })
+    .unwrap();
     w.step();
     assert_eq!(w.goal_state("p1"), Some(GoalState::Draining));
     assert!(w.run_until(STEP, 20, |w| promoted_to(w, "p2")));
     assert_eq!(w.group().epoch, Epoch(2));
-    assert_eq!(w.goal("p1").unwrap(), AssignedGoal::following(GoalState::Standby, Epoch(2), id("p2")));
+    assert_eq!(
+        w.goal("p1").unwrap(),
+        AssignedGoal::following(GoalState::Standby, Epoch(2), id("p2"))
+    );
     assert!(w.run_until(STEP, 20, |w| w.group().synchronous()));
     assert!(w.write(10, None));
 }
@@ -136,18 +191,30 @@ fn planned_switchover_drains_then_promotes_without_losing_writes() {
 #[test]
 fn switchover_is_refused_for_priority_zero_unhealthy_or_unknown_targets() {
     let mut w = converged(&["p1", "p2", "p3"]);
-    w.propose(Op::SetNodeSettings { node: id("p2"), candidate_priority: Some(0), replication_quorum: None })
-        .unwrap();
+    w.propose(Op::SetNodeSettings {
+        node: id("p2"),
+        candidate_priority: Some(0),
+        replication_quorum: None,
+    })
+    .unwrap();
     let refusal = check_switchover(&w.cat, &w.obs, w.now, GROUP, Some(&id("p2"))).unwrap_err();
     assert!(refusal.to_string().contains("priority is 0"), "{refusal}");
-    let rejected = w.propose(Op::Switchover { group: GROUP.into(), target: id("p2") }).unwrap_err();
+    let rejected = w
+        .propose(Op::Switchover {
+            group: GROUP.into(),
+            target: id("p2"),
+        })
+        .unwrap_err();
     assert!(matches!(rejected, Rejected::NotEligible(_)), "{rejected}");
     w.crash("p3");
     w.advance(2000);
     w.step();
     let refusal = check_switchover(&w.cat, &w.obs, w.now, GROUP, Some(&id("p3"))).unwrap_err();
     assert!(refusal.to_string().contains("not healthy"), "{refusal}");
-    assert!(check_switchover(&w.cat, &w.obs, w.now, GROUP, None).is_err(), "no healthy candidate left");
+    assert!(
+        check_switchover(&w.cat, &w.obs, w.now, GROUP, None).is_err(),
+        "no healthy candidate left"
+    );
     assert!(check_switchover(&w.cat, &w.obs, w.now, GROUP, Some(&id("zz"))).is_err());
 }
 
@@ -155,22 +222,46 @@ fn switchover_is_refused_for_priority_zero_unhealthy_or_unknown_targets() {
 fn maintenance_on_a_standby_leaves_the_sync_set_first() {
     let mut w = converged(&["p1", "p2", "p3"]);
     assert!(w.group().sync.standbys.contains(&id("p2")));
-    w.propose(Op::SetMaintenance { node: id("p2"), enabled: true, switchover_to: None }).unwrap();
+    w.propose(Op::SetMaintenance {
+        node: id("p2"),
+        enabled: true,
+        switchover_to: None,
+    })
+    .unwrap();
     w.step();
     assert!(!w.group().sync.standbys.contains(&id("p2")));
-    assert_ne!(w.goal_state("p2"), Some(GoalState::Maintenance), "not before the primary applied the new set");
-    assert!(w.run_until(STEP, 10, |w| w.goal_state("p2") == Some(GoalState::Maintenance)));
-    w.propose(Op::SetMaintenance { node: id("p2"), enabled: false, switchover_to: None }).unwrap();
+    assert_ne!(
+        w.goal_state("p2"),
+        Some(GoalState::Maintenance),
+        "not before the primary applied the new set"
+    );
+    assert!(w.run_until(STEP, 10, |w| w.goal_state("p2")
+        == Some(GoalState::Maintenance)));
+    w.propose(Op::SetMaintenance {
+        node: id("p2"),
+        enabled: false,
+        switchover_to: None,
+    })
+    .unwrap();
     assert!(w.run_until(STEP, 20, |w| w.group().sync.standbys.contains(&id("p2"))));
 }
 
 #[test]
 fn maintenance_on_the_primary_switches_over_first() {
     let mut w = converged(&["p1", "p2"]);
-    let no_target = w.propose(Op::SetMaintenance { node: id("p1"), enabled: true, switchover_to: None });
+    let no_target = w.propose(Op::SetMaintenance {
+        node: id("p1"),
+        enabled: true,
+        switchover_to: None,
+    });
     assert!(matches!(no_target, Err(Rejected::NotEligible(_))));
     let target = check_switchover(&w.cat, &w.obs, w.now, GROUP, None).unwrap();
-    w.propose(Op::SetMaintenance { node: id("p1"), enabled: true, switchover_to: Some(target) }).unwrap();
+    w.propose(Op::SetMaintenance {
+        node: id("p1"),
+        enabled: true,
+        switchover_to: Some(target),
+    })
+    .unwrap();
     assert!(w.run_until(STEP, 20, |w| promoted_to(w, "p2")));
     assert_eq!(w.goal_state("p1"), Some(GoalState::Maintenance));
 }
@@ -184,20 +275,30 @@ fn two_failovers_in_a_row_raise_the_epoch_each_time() {
     assert!(w.run_until(STEP, 30, |w| w.group().sync.confirmed));
     assert!(w.write(500, None));
     w.crash(&second);
-    assert!(w.run_until(STEP, 60, |w| w.group().epoch == Epoch(3)), "{}", w.log.join("\n"));
+    assert!(
+        w.run_until(STEP, 60, |w| w.group().epoch == Epoch(3)),
+        "{}",
+        w.log.join("\n")
+    );
     assert_eq!(w.primary().as_deref(), Some("p3"));
     w.restart("p1");
     w.restart(&second);
     assert!(w.run_until(STEP, 40, |w| {
-        ["p1", "p2"].iter().all(|n| w.node(n).reached == Some(GoalState::Standby))
+        ["p1", "p2"]
+            .iter()
+            .all(|n| w.node(n).reached == Some(GoalState::Standby))
     }));
 }
 
 #[test]
 fn failover_is_refused_without_a_sync_standby_unless_data_loss_is_allowed() {
     let mut w = converged(&["p1", "p2"]);
-    w.propose(Op::SetNodeSettings { node: id("p2"), candidate_priority: None, replication_quorum: Some(false) })
-        .unwrap();
+    w.propose(Op::SetNodeSettings {
+        node: id("p2"),
+        candidate_priority: None,
+        replication_quorum: Some(false),
+    })
+    .unwrap();
     assert!(w.run_until(STEP, 10, |w| !w.group().synchronous()));
     w.crash("p1");
     for _ in 0..60 {
@@ -205,11 +306,24 @@ fn failover_is_refused_without_a_sync_standby_unless_data_loss_is_allowed() {
         w.step();
     }
     assert_eq!(w.primary().as_deref(), Some("p1"));
-    assert!(w.group().notice.as_deref().unwrap_or("").contains("failover is refused"));
+    assert!(
+        w.group()
+            .notice
+            .as_deref()
+            .unwrap_or("")
+            .contains("failover is refused")
+    );
     let refusal = check_failover(&w.cat, &w.obs, w.now, GROUP, false).unwrap_err();
-    assert!(refusal.to_string().contains("no synchronous standby"), "{refusal}");
+    assert!(
+        refusal.to_string().contains("no synchronous standby"),
+        "{refusal}"
+    );
     check_failover(&w.cat, &w.obs, w.now, GROUP, true).unwrap();
-    w.propose(Op::Failover { group: GROUP.into(), allow_data_loss: true }).unwrap();
+    w.propose(Op::Failover {
+        group: GROUP.into(),
+        allow_data_loss: true,
+    })
+    .unwrap();
     assert!(w.run_until(STEP, 20, |w| promoted_to(w, "p2")));
     assert_eq!(w.group().epoch, Epoch(2));
 }
@@ -227,7 +341,13 @@ fn quorum_needs_n_minus_k_plus_one_reachable_sync_standbys() {
         w.step();
     }
     assert_eq!(w.group().epoch, Epoch(1), "{}", w.log.join("\n"));
-    assert!(w.group().notice.as_deref().unwrap_or("").contains("1 of the synchronous standbys"));
+    assert!(
+        w.group()
+            .notice
+            .as_deref()
+            .unwrap_or("")
+            .contains("1 of the synchronous standbys")
+    );
     w.restart("p3");
     assert!(w.run_until(STEP, 40, |w| w.group().epoch == Epoch(2)));
     assert!(w.node(&w.primary().unwrap()).flush >= w.acked);
@@ -236,8 +356,12 @@ fn quorum_needs_n_minus_k_plus_one_reachable_sync_standbys() {
 #[test]
 fn a_preferred_candidate_catches_up_from_the_most_advanced_standby() {
     let mut w = converged(&["p1", "p2", "p3"]);
-    w.propose(Op::SetNodeSettings { node: id("p2"), candidate_priority: Some(100), replication_quorum: None })
-        .unwrap();
+    w.propose(Op::SetNodeSettings {
+        node: id("p2"),
+        candidate_priority: Some(100),
+        replication_quorum: None,
+    })
+    .unwrap();
     w.step();
     assert!(w.write(900, Some(&[id("p3")])));
     let ahead = w.node("p3").flush;
@@ -246,12 +370,18 @@ fn a_preferred_candidate_catches_up_from_the_most_advanced_standby() {
     assert!(
         w.run_until(STEP, 60, |w| matches!(
             &w.group().operation,
-            Some(Operation::Failover { phase: FailoverPhase::CatchingUp { .. }, .. })
+            Some(Operation::Failover {
+                phase: FailoverPhase::CatchingUp { .. },
+                ..
+            })
         )),
         "{}",
         w.log.join("\n")
     );
-    assert_eq!(w.goal("p2").unwrap(), AssignedGoal::following(GoalState::Standby, Epoch(1), id("p3")));
+    assert_eq!(
+        w.goal("p2").unwrap(),
+        AssignedGoal::following(GoalState::Standby, Epoch(1), id("p3"))
+    );
     assert!(w.run_until(STEP, 20, |w| promoted_to(w, "p2")));
     assert!(w.node("p2").flush >= ahead);
 }
@@ -259,8 +389,12 @@ fn a_preferred_candidate_catches_up_from_the_most_advanced_standby() {
 #[test]
 fn priority_zero_is_never_promoted() {
     let mut w = converged(&["p1", "p2"]);
-    w.propose(Op::SetNodeSettings { node: id("p2"), candidate_priority: Some(0), replication_quorum: None })
-        .unwrap();
+    w.propose(Op::SetNodeSettings {
+        node: id("p2"),
+        candidate_priority: Some(0),
+        replication_quorum: None,
+    })
+    .unwrap();
     w.crash("p1");
     for _ in 0..60 {
         w.advance(STEP);
@@ -287,16 +421,23 @@ fn a_partitioned_primary_cannot_write_once_the_standby_is_promoted() {
         }
     }
     assert!(promoted_to(&w, "p2"));
-    assert!(wrote_after_cut, "the old primary kept running until its lease ended");
+    assert!(
+        wrote_after_cut,
+        "the old primary kept running until its lease ended"
+    );
     assert!(!w.node("p1").pg_up, "it fenced itself");
     w.node_mut("p1").partitioned = false;
-    assert!(w.run_until(STEP, 30, |w| w.node("p1").reached == Some(GoalState::Standby)));
+    assert!(w.run_until(STEP, 30, |w| w.node("p1").reached
+        == Some(GoalState::Standby)));
 }
 
 #[test]
 fn removed_nodes_leave_the_sync_set_before_being_told() {
     let mut w = converged(&["p1", "p2", "p3"]);
-    assert!(matches!(w.propose(Op::RemoveNode { node: id("p1") }), Err(Rejected::NotEligible(_))));
+    assert!(matches!(
+        w.propose(Op::RemoveNode { node: id("p1") }),
+        Err(Rejected::NotEligible(_))
+    ));
     w.propose(Op::RemoveNode { node: id("p2") }).unwrap();
     w.step();
     assert!(!w.group().sync.standbys.contains(&id("p2")));
@@ -304,7 +445,10 @@ fn removed_nodes_leave_the_sync_set_before_being_told() {
     w.propose(Op::RemoveNode { node: id("e1") }).unwrap();
     w.step();
     assert_eq!(w.goal_state("e1"), Some(GoalState::Removed));
-    assert!(service_converged(&w.cat, &w.obs, GROUP), "no ejabberd node left to wait for");
+    assert!(
+        service_converged(&w.cat, &w.obs, GROUP),
+        "no ejabberd node left to wait for"
+    );
 }
 
 #[test]
