@@ -777,7 +777,17 @@ impl<'a> Draft<'a> {
             })
             .filter_map(|s| Some((self.catalog.node(s)?, self.judge.pg(s)?.flush_lsn)))
             .collect();
-        if stopped.len() < alive.len() {
+        // Wait for every live standby's final LSN, except that without data loss n - k + 1
+        // stopped synchronous standbys suffice: the others (at most k - 1) cannot complete an
+        // acknowledgement any more, so a stuck agent does not block the failover.
+        let s = &self.group.sync;
+        let need = (s.standbys.len() + 1).saturating_sub(s.quorum as usize);
+        let have = stopped
+            .iter()
+            .filter(|(n, _)| s.standbys.contains(&n.name))
+            .count();
+        let enough = !allow_data_loss && have >= need;
+        if stopped.len() < alive.len() && !enough {
             return;
         }
         let Some(evidence) = self.judge.fence_evidence(p, self.epoch) else {
@@ -793,12 +803,6 @@ impl<'a> Draft<'a> {
             .min()
             .expect("the maximum comes from this list");
         if !allow_data_loss {
-            let s = &self.group.sync;
-            let need = s.standbys.len() - s.quorum as usize + 1;
-            let have = stopped
-                .iter()
-                .filter(|(n, _)| s.standbys.contains(&n.name))
-                .count();
             if have < need {
                 return self.set_notice(Some(format!(
                     "failover waits: {have} of the synchronous standbys ({}) stopped, {need} needed",

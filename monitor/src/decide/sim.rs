@@ -37,6 +37,8 @@ pub(super) struct SimNode {
     pub frozen: bool,
     /// Cut from the monitors only; PostgreSQL peers still reach it.
     pub partitioned: bool,
+    /// The agent reports but does not act on its goal (hung on a slow step).
+    pub stuck: bool,
     pub role: PgRole,
     pub flush: Lsn,
     pub epoch: Epoch,
@@ -55,6 +57,7 @@ impl SimNode {
             pg_up: false,
             frozen: false,
             partitioned: false,
+            stuck: false,
             role: PgRole::Empty,
             flush: Lsn::ZERO,
             epoch: Epoch::ZERO,
@@ -299,7 +302,7 @@ impl World {
 
     fn agent_act(&mut self, name: &NodeId) {
         let n = &self.nodes[name];
-        if !n.agent_up || n.frozen || n.partitioned {
+        if !n.agent_up || n.frozen || n.partitioned || n.stuck {
             return;
         }
         let Some(goal) = self.cat.node(name).and_then(|c| c.goal.clone()) else {
@@ -609,6 +612,7 @@ enum Action {
     Restart(usize),
     Freeze(usize),
     Partition(usize, bool),
+    Stuck(usize, bool),
     NewLeader,
     Switchover(Option<usize>),
     Failover(bool),
@@ -629,6 +633,7 @@ fn action() -> impl Strategy<Value = Action> {
         2 => node.clone().prop_map(Action::Restart),
         1 => node.clone().prop_map(Action::Freeze),
         1 => (node.clone(), any::<bool>()).prop_map(|(n, on)| Action::Partition(n, on)),
+        1 => (node.clone(), any::<bool>()).prop_map(|(n, on)| Action::Stuck(n, on)),
         1 => Just(Action::NewLeader),
         1 => proptest::option::of(node.clone()).prop_map(Action::Switchover),
         1 => any::<bool>().prop_map(Action::Failover),
@@ -652,6 +657,7 @@ impl World {
             Action::Restart(i) => self.restart(PG[*i]),
             Action::Freeze(i) => self.node_mut(PG[*i]).frozen = true,
             Action::Partition(i, on) => self.node_mut(PG[*i]).partitioned = *on,
+            Action::Stuck(i, on) => self.node_mut(PG[*i]).stuck = *on,
             Action::NewLeader => self.new_leader(),
             Action::Switchover(to) => {
                 let to = to.map(|i| id(PG[i]));
