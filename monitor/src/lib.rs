@@ -4,6 +4,8 @@
 //! probes, runs the pure decision function, and proposes goal changes; a change takes effect only
 //! once committed. Followers answer with the leader's address.
 
+pub mod catalog;
 pub mod consensus;
+pub mod decide;
 pub mod storage;
 pub mod transport;
