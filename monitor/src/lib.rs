@@ -5,7 +5,12 @@
 //! once committed. Followers answer with the leader's address.
 
 pub mod catalog;
+pub mod config;
 pub mod consensus;
 pub mod decide;
+pub mod logging;
+pub mod machine;
+pub mod server;
+pub mod status;
 pub mod storage;
 pub mod transport;

@@ -83,6 +83,8 @@ impl GrpcTransport {
     fn peer(&mut self, to: u64, address: &str, feedback: &FeedbackSender) -> Option<&Peer> {
         let stale = self.peers.get(&to).is_some_and(|p| p.address != address);
         if stale || !self.peers.contains_key(&to) {
+            // Channels spawn their connection task on the runtime; the raft thread is not in it.
+            let _runtime = self.runtime.enter();
             let channel = match (self.channels)(address) {
                 Ok(c) => c,
                 Err(e) => {
