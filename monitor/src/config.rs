@@ -321,7 +321,7 @@ report_interval = "250ms"
         assert!(err(&bad_duration, false).contains("report_interval"));
         let not_member = GOOD.replace("id = 1\n", "id = 9\n");
         assert!(err(&not_member, false).contains("id 9 is not among members"));
-        let short_lease = format!("{GOOD}lease = \"1s\"\n");
+        let short_lease = format!("{GOOD}lease = \"2s\"\n");
         assert!(err(&short_lease, false).contains("longer than two monitor election timeouts"));
         let dup = GOOD.replace("id = 3,", "id = 2,");
         assert!(err(&dup, false).contains("listed twice"));
