@@ -81,7 +81,9 @@ impl ErlNode {
             .ok_or_else(|| spawn_err(std::io::Error::other("erl_call stdin was not captured")))?;
         let run = async {
             stdin.write_all(expr.as_bytes()).await?;
+            // The Erlang scanner needs a newline after the final `.` to close the form, and
             // erl_call evaluates once stdin reaches end of file.
+            stdin.write_all(b"\n").await?;
             drop(stdin);
             child.wait_with_output().await
         };
@@ -107,12 +109,36 @@ impl ErlNode {
     }
 }
 
-/// `erl_call -e` prints `{ok, Term}` or `{error, Reason}`.
+/// `erl_call -e` prints `{ok, Term}` or `{error, Reason}`, with spaces and line breaks of its
+/// own choosing; the term comes back compacted (see [`compact`]).
 fn parse_reply(out: &str) -> Result<String, String> {
+    let out = compact(out);
     out.strip_prefix("{ok,")
         .and_then(|r| r.strip_suffix('}'))
-        .map(|term| term.trim().to_owned())
-        .ok_or_else(|| out.to_owned())
+        .map(str::to_owned)
+        .ok_or(out)
+}
+
+/// Removes whitespace outside double-quoted strings, so `{started, true}` reads
+/// `{started,true}` whatever the printer's layout.
+fn compact(term: &str) -> String {
+    let mut out = String::with_capacity(term.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in term.chars() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => escaped = false,
+            }
+        } else if !c.is_whitespace() {
+            in_string = c == '"';
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// An Erlang binary literal for `s`, which must be made of characters that need no escaping
@@ -168,7 +194,7 @@ mod tests {
     #[test]
     fn strings_join_pretty_printed_pieces() {
         assert_eq!(parse_string("\"a@x b@y\"").unwrap(), "a@x b@y");
-        assert_eq!(parse_string("\"ab\"\n   \"cd\"").unwrap(), "abcd");
+        assert_eq!(parse_string("\"ab\"\"cd\"").unwrap(), "abcd");
         assert_eq!(parse_string("[]").unwrap(), "");
         assert!(parse_string("ok").is_none());
         assert!(parse_string("\"a\\\"b\"").is_none());
