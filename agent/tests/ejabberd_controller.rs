@@ -340,6 +340,10 @@ fn print_report(label: &str, report: &ApplyReport) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_moves_a_real_ejabberd_between_two_postgres_servers() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("ha_agent=info")
+        .try_init();
     let (a, b) = tokio::join!(
         tokio::task::spawn_blocking(Pg::start),
         tokio::task::spawn_blocking(Pg::start)
@@ -459,6 +463,36 @@ async fn controller_moves_a_real_ejabberd_between_two_postgres_servers() {
         .await
         .unwrap();
     assert_eq!((a.users("dave"), b.users("dave")), (1, 0));
+
+    // A failure after the file was written (B takes only one ejabberd connection: ours, so
+    // ejabberd's pool cannot connect) restores the last good file and points ejabberd back.
+    b.psql(DB, &["-c", "ALTER ROLE ejabberd CONNECTION LIMIT 1"]);
+    let good = std::fs::read(&config_path).unwrap();
+    let mut short = ejabberd.controller_config(vec![VHOST.into()]);
+    short.verify_timeout = Duration::from_secs(3);
+    let impatient = EjabberdController::new(short, controller.applied().await).unwrap();
+    let err = impatient.apply(&b.endpoint(), Epoch(5)).await.unwrap_err();
+    println!("unusable target refused: {err}");
+    assert!(
+        matches!(err, ControllerError::VerifyTimeout { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&config_path).unwrap(),
+        good,
+        "last good file restored"
+    );
+    assert_eq!(impatient.applied().await.unwrap().epoch, Epoch(4));
+    ejabberd
+        .ctl(&["register", "erin", VHOST, "erin-pw"])
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.users("erin"), b.users("erin")),
+        (1, 0),
+        "ejabberd is back on A"
+    );
+    b.psql(DB, &["-c", "ALTER ROLE ejabberd CONNECTION LIMIT -1"]);
 
     // Re-asserting the same epoch and target is idempotent.
     let again = controller.apply(&a.endpoint(), Epoch(4)).await.unwrap();

@@ -84,12 +84,11 @@ pub enum ControllerError {
         vhost: String,
         sql_type: Option<String>,
     },
-    #[error("vhost {vhost}: cannot reach the target database at {target}: {source}")]
+    #[error("vhost {vhost}: cannot reach the target database at {target}: {detail}")]
     TargetUnreachable {
         vhost: String,
         target: String,
-        #[source]
-        source: tokio_postgres::Error,
+        detail: String,
     },
     #[error(transparent)]
     Write(#[from] WriteError),
@@ -484,16 +483,16 @@ impl EjabberdController {
                 detail: term,
             });
         }
-        info!(vhost = %plan.vhost, server = %plan.new.host, port = plan.new.port, "SQL pool restarted");
+        info!(vhost = %plan.vhost, "SQL pool restarted from the reloaded configuration");
         Ok(())
     }
 
     async fn listen(&self, plan: &Plan) -> Result<Listener, ControllerError> {
         let target = format!("{}:{}", plan.new.host, plan.new.port);
-        let unreachable = |source| ControllerError::TargetUnreachable {
+        let unreachable = |e: tokio_postgres::Error| ControllerError::TargetUnreachable {
             vhost: plan.vhost.clone(),
             target: target.clone(),
-            source,
+            detail: with_causes(&e),
         };
         let (client, mut connection) = self
             .db_config(&plan.new)
@@ -541,8 +540,15 @@ impl EjabberdController {
         let mut attempts = 0u32;
         let last = loop {
             attempts += 1;
-            let outcome = match self.config.node.eval(&expr).await {
-                Ok(term) if term.starts_with("{selected,") => {
+            // One probe may hang on a pool that cannot connect; the deadline bounds it too.
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let probe = tokio::time::timeout(
+                remaining.max(Duration::from_millis(200)),
+                self.config.node.eval(&expr),
+            );
+            let outcome = match probe.await {
+                Err(_) => "the probe write did not complete".to_owned(),
+                Ok(Ok(term)) if term.starts_with("{selected,") => {
                     // Delivery follows the commit at once; a missing one means another server.
                     let wait = deadline
                         .saturating_duration_since(Instant::now())
@@ -555,8 +561,8 @@ impl EjabberdController {
                         _ => "a write succeeded but did not reach the target: ejabberd still writes elsewhere".to_owned(),
                     }
                 }
-                Ok(term) => term,
-                Err(e) => e.to_string(),
+                Ok(Ok(term)) => term,
+                Ok(Err(e)) => e.to_string(),
             };
             if Instant::now() >= deadline {
                 break outcome;
@@ -583,7 +589,8 @@ impl EjabberdController {
                 client
             }
             Err(e) => {
-                info!(vhost = %plan.vhost, old = %old_name, error = %e, "old server unreachable, no leftover connection to check");
+                let error = with_causes(&e);
+                info!(vhost = %plan.vhost, old = %old_name, %error, "old server unreachable, no leftover connection to check");
                 return Ok(());
             }
         };
@@ -674,6 +681,18 @@ impl Listener {
         }
         false
     }
+}
+
+/// An error and its causes on one line (tokio-postgres puts the useful part in the causes).
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 async fn replace(path: PathBuf, text: String) -> Result<(), ControllerError> {

@@ -57,9 +57,14 @@ impl ErlNode {
             _ => "-sname",
         };
         let timeout_secs = self.timeout.as_secs().max(1).to_string();
+        // erl_call otherwise always calls itself `c17`: two overlapping calls would share a
+        // node name, and a late reply to an abandoned call would be read as the answer to
+        // the next one.
+        let own_name = format!("ha_agent_{:016x}", rand::random::<u64>());
         let mut cmd = Command::new(&self.erl_call);
         cmd.arg(name_flag)
             .arg(&self.node)
+            .args(["-h", &own_name])
             .args(["-timeout", &timeout_secs, "-e"])
             .env("HOME", &self.cookie_home)
             .stdin(Stdio::piped())
