@@ -304,6 +304,11 @@ where
     let config = raft::Config {
         id: settings.id,
         election_tick: settings.election_ticks,
+        // raft-rs draws each election timeout from [min, max); its default max of twice the
+        // election tick lets a leader's death go unnoticed for up to 2 s with our defaults.
+        // 1.5x keeps elections randomized enough to avoid split votes and bounds failover.
+        min_election_tick: settings.election_ticks,
+        max_election_tick: settings.election_ticks + settings.election_ticks.div_ceil(2),
         heartbeat_tick: settings.heartbeat_ticks,
         applied: store.applied_index(),
         max_size_per_msg: settings.max_size_per_msg,
