@@ -308,10 +308,10 @@ fn promoted(
             }
         ));
     }
-    if let Some(t) = to {
-        if g.primary != t {
-            return Err(format!("primary is {}, waiting for {t}", g.primary));
-        }
+    if let Some(t) = to
+        && g.primary != t
+    {
+        return Err(format!("primary is {}, waiting for {t}", g.primary));
     }
     if !g.pending.is_empty() {
         return Err(format!("new primary {}: {}", g.primary, g.pending));

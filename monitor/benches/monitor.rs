@@ -160,10 +160,10 @@ fn node_name(i: usize) -> String {
     format!("n{i}")
 }
 
-/// Registers `n` postgres nodes through join tokens, 64 at a time.
-async fn register(leader: &str, n: usize) {
+/// Registers postgres nodes `from..n` through join tokens, 64 at a time.
+async fn register(leader: &str, from: usize, n: usize) {
     let ch = channel(leader).await;
-    let mut next = 0;
+    let mut next = from;
     while next < n {
         let batch: Vec<usize> = (next..(next + 64).min(n)).collect();
         next += batch.len();
@@ -311,7 +311,7 @@ fn main() {
         for n in agents {
             if n > registered {
                 let t = Instant::now();
-                register(&leader, n).await;
+                register(&leader, registered, n).await;
                 println!("(registered {n} nodes in {:.1}s)", t.elapsed().as_secs_f64());
                 registered = n;
             }

@@ -837,7 +837,9 @@ async fn decide_loop(m: Arc<Monitor>) {
         }
         let catalog = m.catalog();
         let now = m.now();
-        let decisions = m.soft(|s| decide::decide(&catalog, &s.obs, now));
+        // Decide on a copy: reports must not wait for the decision function.
+        let obs = m.soft(|s| s.obs.clone());
+        let decisions = decide::decide(&catalog, &obs, now);
         let term = m.raft.status().term;
         for d in decisions {
             counter += 1;
