@@ -1,6 +1,10 @@
 //! `ha-agent`: the daemon on every PostgreSQL and ejabberd node.
 //!
 //! It reports what it observes to the monitor leader and converges its node to the goal the
-//! monitor assigns, one idempotent step at a time.
+//! monitor assigns, one idempotent step at a time. [`config`] validates the TOML file before
+//! anything starts; [`run::run`] is the daemon (join, reconcile loop, lease self-fencing);
+//! [`pg`] drives the local PostgreSQL server.
 
+pub mod config;
 pub mod pg;
+pub mod run;
