@@ -3,8 +3,9 @@
 //! It reports what it observes to the monitor leader and converges its node to the goal the
 //! monitor assigns, one idempotent step at a time. [`config`] validates the TOML file before
 //! anything starts; [`run::run`] is the daemon (join, reconcile loop, lease self-fencing);
-//! [`pg`] drives the local PostgreSQL server.
+//! [`pg`] drives the local PostgreSQL server and [`ejabberd`] a local ejabberd.
 
 pub mod config;
+pub mod ejabberd;
 pub mod pg;
 pub mod run;

@@ -229,10 +229,18 @@ impl Progress {
 }
 
 async fn status(m: &mut Monitors, stale_ok: bool) -> Result<v1::StatusResponse, Failure> {
-    match m.call(|mut c| async move { c.status(v1::StatusRequest { linearizable: true }).await }).await {
+    match m
+        .call(|mut c| async move { c.status(v1::StatusRequest { linearizable: true }).await })
+        .await
+    {
         Err(Failure::Unreachable(_)) if stale_ok => {
-            m.call(|mut c| async move { c.status(v1::StatusRequest { linearizable: false }).await })
+            m.call(|mut c| async move {
+                c.status(v1::StatusRequest {
+                    linearizable: false,
+                })
                 .await
+            })
+            .await
         }
         other => other,
     }
@@ -293,7 +301,11 @@ fn promoted(
         return Err(format!(
             "waiting for promotion (epoch {}){}",
             g.epoch,
-            if g.pending.is_empty() { String::new() } else { format!(": {}", g.pending) }
+            if g.pending.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", g.pending)
+            }
         ));
     }
     if let Some(t) = to {
@@ -315,7 +327,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         bin_dir,
     } = &cli.command
     {
-        print!("{}", crate::systemd::render(*unit, config_path.as_deref(), bin_dir));
+        print!(
+            "{}",
+            crate::systemd::render(*unit, config_path.as_deref(), bin_dir)
+        );
         return Ok(());
     }
     let file = load_config(&cli)?;
@@ -339,7 +354,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         } => loop {
             let s = output::Status::from(status(&mut m, stale_ok).await?);
             if json {
-                println!("{}", serde_json::to_string_pretty(&s).map_err(|e| Failure::Other(e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&s).map_err(|e| Failure::Other(e.to_string()))?
+                );
             } else {
                 if watch.is_some() {
                     print!("\x1b[2J\x1b[H");
@@ -374,7 +392,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                         .await
                     })
                     .await?;
-                while let Some(e) = stream.message().await.map_err(|s| Failure::from_status(&s))? {
+                while let Some(e) = stream
+                    .message()
+                    .await
+                    .map_err(|s| Failure::from_status(&s))?
+                {
                     print(e);
                 }
                 Err(Failure::Unreachable("the event stream ended".into()))
@@ -407,7 +429,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 async move { c.switchover(req).await }
             })
             .await?;
-            converge(&mut m, wait, progress, |s| promoted(s, &group, old_epoch, to.as_deref())).await
+            converge(&mut m, wait, progress, |s| {
+                promoted(s, &group, old_epoch, to.as_deref())
+            })
+            .await
         }
         Cmd::Failover {
             allow_data_loss,
@@ -428,7 +453,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 async move { c.failover(req).await }
             })
             .await?;
-            converge(&mut m, wait, progress, |s| promoted(s, &group, old_epoch, None)).await
+            converge(&mut m, wait, progress, |s| {
+                promoted(s, &group, old_epoch, None)
+            })
+            .await
         }
         Cmd::Maintenance { action, node, wait } => {
             let enabled = matches!(action, OnOff::Enable);
@@ -444,7 +472,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             })
             .await?;
             converge(&mut m, wait, progress, |s| {
-                let n = s.nodes.iter().find(|n| n.name == node).ok_or("node vanished")?;
+                let n = s
+                    .nodes
+                    .iter()
+                    .find(|n| n.name == node)
+                    .ok_or("node vanished")?;
                 let primary = s.groups.iter().any(|g| g.primary == node);
                 match (enabled, n.maintenance, primary) {
                     (true, true, false) => Ok(format!("{node} is in maintenance")),
@@ -469,12 +501,16 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 match setting {
                     Setting::CandidatePriority => {
                         req.candidate_priority = Some(value.parse().map_err(|_| {
-                            Failure::Usage(format!("candidate priority must be 0 to 100, got {value:?}"))
+                            Failure::Usage(format!(
+                                "candidate priority must be 0 to 100, got {value:?}"
+                            ))
                         })?);
                     }
                     Setting::ReplicationQuorum => {
                         req.replication_quorum = Some(value.parse().map_err(|_| {
-                            Failure::Usage(format!("replication quorum is true or false, got {value:?}"))
+                            Failure::Usage(format!(
+                                "replication quorum is true or false, got {value:?}"
+                            ))
                         })?);
                     }
                 }
@@ -566,7 +602,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     );
                 } else {
                     println!("{}", r.token);
-                    eprintln!("haclt: token {} expires in {}; it is shown only once", r.token_id, humantime::format_duration(ttl));
+                    eprintln!(
+                        "haclt: token {} expires in {}; it is shown only once",
+                        r.token_id,
+                        humantime::format_duration(ttl)
+                    );
                 }
                 Ok(())
             }

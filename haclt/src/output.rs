@@ -157,7 +157,9 @@ impl From<v1::StatusResponse> for Status {
                             running: e.running,
                             applied_epoch: e.applied_epoch,
                             applied_node: non_empty(e.applied_node),
-                            applied_target: e.applied_target.map(|t| format!("{}:{}", t.host, t.port)),
+                            applied_target: e
+                                .applied_target
+                                .map(|t| format!("{}:{}", t.host, t.port)),
                             applied_at_unix_ms: (e.applied_at_unix_ms > 0)
                                 .then_some(e.applied_at_unix_ms),
                             cluster_members: e.cluster_members,
@@ -205,7 +207,11 @@ pub fn status_table(s: &Status, now_unix_ms: u64) -> String {
             g.name,
             g.primary.as_deref().unwrap_or("(none)"),
             Epoch(g.epoch),
-            if g.synchronous { "synchronous" } else { "asynchronous" },
+            if g.synchronous {
+                "synchronous"
+            } else {
+                "asynchronous"
+            },
             g.pending
                 .as_ref()
                 .map(|p| format!(", pending: {p}"))
@@ -214,8 +220,17 @@ pub fn status_table(s: &Status, now_unix_ms: u64) -> String {
     }
     let mut nodes = Table::new();
     nodes.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
-        "node", "kind", "address", "state", "goal", "epoch", "tl:lsn", "lag", "healthy",
-        "report", "db target",
+        "node",
+        "kind",
+        "address",
+        "state",
+        "goal",
+        "epoch",
+        "tl:lsn",
+        "lag",
+        "healthy",
+        "report",
+        "db target",
     ]);
     for n in &s.nodes {
         let tl_lsn = n
@@ -267,9 +282,14 @@ pub fn status_table(s: &Status, now_unix_ms: u64) -> String {
     out.push_str(&nodes.to_string());
     out.push('\n');
     let mut monitors = Table::new();
-    monitors
-        .load_preset(UTF8_FULL_CONDENSED)
-        .set_header(vec!["monitor", "address", "role", "term", "commit", "reachable"]);
+    monitors.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "monitor",
+        "address",
+        "role",
+        "term",
+        "commit",
+        "reachable",
+    ]);
     for m in &s.monitors {
         monitors.add_row(vec![
             m.id.to_string(),
@@ -376,13 +396,19 @@ mod tests {
         assert_eq!(n["healthy"], true);
         assert_eq!(n["postgres"]["lsn"], "0/3000060");
         let m = &v["monitors"][0];
-        assert_eq!((m["id"].as_u64(), m["leader"].as_bool()), (Some(1), Some(true)));
+        assert_eq!(
+            (m["id"].as_u64(), m["leader"].as_bool()),
+            (Some(1), Some(true))
+        );
         assert_eq!(m["address"], "127.0.0.1:7400");
     }
 
     #[test]
     fn table_shows_nodes_and_monitors() {
         let t = status_table(&Status::from(sample()), 0);
-        assert!(t.contains("psql1") && t.contains("2:0/3000060") && t.contains("leader"), "{t}");
+        assert!(
+            t.contains("psql1") && t.contains("2:0/3000060") && t.contains("leader"),
+            "{t}"
+        );
     }
 }

@@ -80,10 +80,15 @@ mod tests {
                 "NoNewPrivileges=yes",
                 "ProtectSystem=strict",
             ] {
-                assert!(text.contains(needed), "{unit:?} unit lacks {needed}:\n{text}");
+                assert!(
+                    text.contains(needed),
+                    "{unit:?} unit lacks {needed}:\n{text}"
+                );
             }
         }
-        assert!(render(Unit::Agent, None, Path::new("/usr/local/bin"))
-            .contains("ExecStart=/usr/local/bin/ha-agent --config /etc/ha/agent.toml"));
+        assert!(
+            render(Unit::Agent, None, Path::new("/usr/local/bin"))
+                .contains("ExecStart=/usr/local/bin/ha-agent --config /etc/ha/agent.toml")
+        );
     }
 }

@@ -3,3 +3,14 @@
 //! The leader judges health from agent reports (soft state, never Raft writes) and its own
 //! probes, runs the pure decision function, and proposes goal changes; a change takes effect only
 //! once committed. Followers answer with the leader's address.
+
+pub mod catalog;
+pub mod config;
+pub mod consensus;
+pub mod decide;
+pub mod logging;
+pub mod machine;
+pub mod server;
+pub mod status;
+pub mod storage;
+pub mod transport;

@@ -1,0 +1,26 @@
+//! The ejabberd side of the agent: keep ejabberd's SQL storage on the current primary.
+//!
+//! - [`config`]: pure, line-preserving rewrite of `sql_server` / `sql_port` in `ejabberd.yml`.
+//! - [`files`]: atomic replacement of the file keeping owner, group and mode.
+//! - [`erl`]: expressions evaluated in the ejabberd node through `erl_call`.
+//! - [`controller`]: [`EjabberdController::apply`] rewrites, reloads, restarts the SQL pools and
+//!   proves with an uncached write that ejabberd now writes to the target; health and cluster
+//!   membership.
+//! - [`instance`]: a private ejabberd (own directory, node name and epmd) for tests and drills.
+//!
+//! Invariant: ejabberd is reported as following an epoch only after a write through ejabberd
+//! was seen on that epoch's primary.
+
+pub mod config;
+pub mod controller;
+pub mod erl;
+pub mod files;
+pub mod instance;
+
+pub use config::{ConfigError, SqlSettings, SqlTarget, rewrite};
+pub use controller::{
+    Applied, ApplyReport, ControllerConfig, ControllerError, EjabberdController, Health, Step,
+    StepTiming,
+};
+pub use erl::{ErlError, ErlNode};
+pub use instance::{InstanceError, PrivateInstance, free_loopback_port};

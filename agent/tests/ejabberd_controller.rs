@@ -1,0 +1,504 @@
+//! The ejabberd controller against the real thing: a private ejabberd 23.01 and two real
+//! PostgreSQL 15 servers (run as `postgres`, loopback, free ports), the ejabberd schema
+//! loaded into both. One scenario, in order, because each ejabberd start costs seconds on
+//! this 2-core machine: move A -> B (timed), prove writes land in B and nothing is left on A,
+//! keep an XMPP session across the move, refuse an older epoch, fail cleanly on a dead
+//! target, move back B -> A.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use ha_agent::ejabberd::{
+    ApplyReport, ControllerError, EjabberdController, PrivateInstance, free_loopback_port,
+};
+use ha_proto::types::{Endpoint, Epoch};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, User, chown};
+use std::os::unix::process::CommandExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const SCHEMA: &str = "/usr/share/ejabberd/sql/pg.sql";
+const DB: &str = "ejabberd-domain-local";
+const VHOST: &str = "domain.local";
+
+/// A PostgreSQL 15 server in a tempdir, stopped (fast shutdown, by PID) on drop.
+struct Pg {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Child,
+}
+
+impl Pg {
+    fn start() -> Pg {
+        let postgres = User::from_name("postgres").unwrap().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("ha-ejb-pg-")
+            .tempdir()
+            .unwrap();
+        chown(dir.path(), Some(postgres.uid), Some(postgres.gid)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let data = dir.path().join("data");
+        let as_postgres = |program: &str| {
+            let mut cmd = Command::new(Path::new(PG_BIN).join(program));
+            cmd.uid(postgres.uid.as_raw())
+                .gid(postgres.gid.as_raw())
+                .current_dir(dir.path());
+            cmd
+        };
+        let out = as_postgres("initdb")
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_loopback_port().unwrap();
+        let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
+        chown(
+            &dir.path().join("postgres.log"),
+            Some(postgres.uid),
+            Some(postgres.gid),
+        )
+        .unwrap();
+        let child = as_postgres("postgres")
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(dir.path())
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=60",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let pg = Pg { dir, port, child };
+        pg.wait_ready();
+        pg.psql(
+            "postgres",
+            &["-c", "CREATE ROLE ejabberd LOGIN PASSWORD 'ejb-pw'"],
+        );
+        pg.psql(
+            "postgres",
+            &["-c", &format!("CREATE DATABASE \"{DB}\" OWNER ejabberd")],
+        );
+        pg.psql_as("ejabberd", DB, &["-q", "-f", SCHEMA]);
+        pg
+    }
+
+    fn socket_dir(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    fn psql(&self, db: &str, args: &[&str]) -> String {
+        self.psql_as("postgres", db, args)
+    }
+
+    fn psql_as(&self, user: &str, db: &str, args: &[&str]) -> String {
+        let out = Command::new(Path::new(PG_BIN).join("psql"))
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                user,
+                "-d",
+                db,
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = Command::new(Path::new(PG_BIN).join("pg_isready"))
+                .arg("-h")
+                .arg(self.socket_dir())
+                .args(["-p", &self.port.to_string()])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres on {} not ready",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn count(&self, sql: &str) -> i64 {
+        self.psql(DB, &["-c", sql]).parse().unwrap()
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            host: "127.0.0.1".into(),
+            port: self.port,
+        }
+    }
+
+    /// ejabberd's sessions on this server (the controller's own checks run as the same role
+    /// but have ended by the time this is called).
+    fn ejabberd_sessions(&self) -> i64 {
+        self.count("SELECT count(*) FROM pg_stat_activity WHERE usename = 'ejabberd'")
+    }
+
+    fn users(&self, name: &str) -> i64 {
+        self.count(&format!(
+            "SELECT count(*) FROM users WHERE username = '{name}'"
+        ))
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT);
+        let _ = self.child.wait();
+    }
+}
+
+fn ejabberd_yml(c2s: u16, pg: &Pg) -> String {
+    format!(
+        r#"### ejabberd configuration in the reference stand's layout
+hosts:
+  - {VHOST}
+
+loglevel: info
+default_db: sql
+
+listen:
+  -
+    port: {c2s}
+    ip: "127.0.0.1"
+    module: ejabberd_c2s
+    starttls_required: false
+
+acl:
+  admin:
+    user: admin@{VHOST}
+
+modules:
+  mod_private: {{}}
+  mod_ping: {{}}
+  mod_admin_extra: {{}}
+
+host_config:
+  {VHOST}:
+    sql_type: pgsql
+    sql_server: 127.0.0.1   # psql1server
+    sql_port: {port}
+    sql_database: "{DB}"
+    sql_username: ejabberd
+    sql_password: 'ejb-pw'
+    auth_method: [sql]
+"#,
+        port = pg.port
+    )
+}
+
+/// A raw XMPP client stream: enough to log in and ping.
+struct Xmpp {
+    stream: TcpStream,
+    buf: String,
+}
+
+impl Xmpp {
+    async fn login(port: u16, user: &str, password: &str) -> Xmpp {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut x = Xmpp {
+            stream,
+            buf: String::new(),
+        };
+        x.open_stream().await;
+        x.read_until("</stream:features>").await;
+        let creds =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        x.send(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
+        ))
+        .await;
+        x.read_until("<success").await;
+        x.open_stream().await;
+        x.read_until("</stream:features>").await;
+        x.send("<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>t</resource></bind></iq>")
+            .await;
+        x.read_until("</iq>").await;
+        x
+    }
+
+    async fn open_stream(&mut self) {
+        self.buf.clear();
+        self.send(&format!(
+            "<?xml version='1.0'?><stream:stream to='{VHOST}' xmlns='jabber:client' \
+             xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
+        ))
+        .await;
+    }
+
+    async fn send(&mut self, data: &str) {
+        self.stream.write_all(data.as_bytes()).await.unwrap();
+    }
+
+    /// Reads until `needle` arrives (consuming through it); panics on close or timeout.
+    async fn read_until(&mut self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(i) = self.buf.find(needle) {
+                let head = self.buf[..i + needle.len()].to_owned();
+                self.buf.drain(..i + needle.len());
+                return head;
+            }
+            assert!(
+                !self.buf.contains("</stream:stream>"),
+                "stream closed: {}",
+                self.buf
+            );
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| panic!("no {needle:?} within 10 s; got {:?}", self.buf))
+                .unwrap();
+            assert!(
+                n > 0,
+                "server closed the XMPP connection; got {:?}",
+                self.buf
+            );
+            self.buf.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    }
+
+    /// An XMPP ping round trip on the open session.
+    async fn ping(&mut self, id: &str) {
+        self.send(&format!(
+            "<iq type='get' id='{id}' to='{VHOST}'><ping xmlns='urn:xmpp:ping'/></iq>"
+        ))
+        .await;
+        let reply = self.read_until("/>").await;
+        assert!(
+            reply.contains(id) && reply.contains("result"),
+            "ping reply: {reply}"
+        );
+    }
+}
+
+fn print_report(label: &str, report: &ApplyReport) {
+    println!(
+        "{label}: first write on target after {:?}, total {:?}, file changed: {}",
+        report.first_write, report.total, report.file_changed
+    );
+    for s in &report.steps {
+        println!(
+            "  {:<17} {:<13} {:?}",
+            s.step.to_string(),
+            s.vhost.as_deref().unwrap_or("-"),
+            s.elapsed
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_moves_a_real_ejabberd_between_two_postgres_servers() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("ha_agent=info")
+        .try_init();
+    let (a, b) = tokio::join!(
+        tokio::task::spawn_blocking(Pg::start),
+        tokio::task::spawn_blocking(Pg::start)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let c2s = free_loopback_port().unwrap();
+    let ejabberd = PrivateInstance::start(&ejabberd_yml(c2s, &a))
+        .await
+        .unwrap();
+    let config_path = ejabberd.config_path();
+    let controller =
+        EjabberdController::new(ejabberd.controller_config(vec![VHOST.into()]), None).unwrap();
+
+    let health = controller.health().await;
+    assert!(health.running, "{health:?}");
+    let members = controller.cluster_members().await.unwrap();
+    assert_eq!(members, vec![ejabberd.node().node.clone()]);
+
+    ejabberd
+        .ctl(&["register", "alice", VHOST, "alice-pw"])
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.users("alice"), b.users("alice")),
+        (1, 0),
+        "registration is stored in A"
+    );
+    assert!(
+        a.ejabberd_sessions() > 0,
+        "ejabberd's pool is connected to A"
+    );
+    let mut session = Xmpp::login(c2s, "alice", "alice-pw").await;
+    session.ping("before").await;
+
+    // A -> B.
+    let report = controller.apply(&b.endpoint(), Epoch(2)).await.unwrap();
+    print_report("A -> B", &report);
+    assert!(report.file_changed);
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    assert!(
+        text.contains(&format!(
+            "    sql_server: 127.0.0.1   # psql1server\n    sql_port: {}\n",
+            b.port
+        )),
+        "{text}"
+    );
+    let meta = std::fs::metadata(&config_path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o640, "mode kept");
+    assert_eq!(a.ejabberd_sessions(), 0, "no ejabberd connection left on A");
+    assert!(
+        b.ejabberd_sessions() > 0,
+        "ejabberd's pool is connected to B"
+    );
+
+    session.ping("after").await;
+    println!("XMPP session opened before the move still answers pings after it");
+
+    // A user-level, uncached write goes to B and only B.
+    ejabberd
+        .ctl(&["register", "bob", VHOST, "bob-pw"])
+        .await
+        .unwrap();
+    assert_eq!((a.users("bob"), b.users("bob")), (0, 1));
+    ejabberd
+        .ctl(&[
+            "private_set",
+            "alice",
+            VHOST,
+            "<q xmlns='ha:test'>after</q>",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        b.count("SELECT count(*) FROM private_storage WHERE namespace = 'ha:test'"),
+        1
+    );
+    assert_eq!(
+        a.count("SELECT count(*) FROM private_storage WHERE namespace = 'ha:test'"),
+        0
+    );
+
+    // An older epoch is refused and changes nothing.
+    let before = std::fs::read(&config_path).unwrap();
+    let stale = controller.apply(&a.endpoint(), Epoch(1)).await.unwrap_err();
+    assert!(
+        matches!(stale, ControllerError::StaleEpoch { .. }),
+        "{stale}"
+    );
+    assert_eq!(std::fs::read(&config_path).unwrap(), before);
+
+    // A dead target: clear error, the file stays the last good one, ejabberd stays on B.
+    let dead = Endpoint {
+        host: "127.0.0.1".into(),
+        port: free_loopback_port().unwrap(),
+    };
+    let err = controller.apply(&dead, Epoch(3)).await.unwrap_err();
+    println!("dead target refused: {err}");
+    assert!(
+        matches!(err, ControllerError::TargetUnreachable { .. }),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&config_path).unwrap(), before);
+    ejabberd
+        .ctl(&["register", "carol", VHOST, "carol-pw"])
+        .await
+        .unwrap();
+    assert_eq!((a.users("carol"), b.users("carol")), (0, 1));
+    assert_eq!(controller.applied().await.unwrap().epoch, Epoch(2));
+
+    // B -> A with a newer epoch; the session survives a second move too.
+    let report = controller.apply(&a.endpoint(), Epoch(4)).await.unwrap();
+    print_report("B -> A", &report);
+    assert_eq!(b.ejabberd_sessions(), 0, "no ejabberd connection left on B");
+    session.ping("back").await;
+    ejabberd
+        .ctl(&["register", "dave", VHOST, "dave-pw"])
+        .await
+        .unwrap();
+    assert_eq!((a.users("dave"), b.users("dave")), (1, 0));
+
+    // A failure after the file was written (B takes only one ejabberd connection: ours, so
+    // ejabberd's pool cannot connect) restores the last good file and points ejabberd back.
+    b.psql(DB, &["-c", "ALTER ROLE ejabberd CONNECTION LIMIT 1"]);
+    let good = std::fs::read(&config_path).unwrap();
+    let mut short = ejabberd.controller_config(vec![VHOST.into()]);
+    short.verify_timeout = Duration::from_secs(3);
+    let impatient = EjabberdController::new(short, controller.applied().await).unwrap();
+    let err = impatient.apply(&b.endpoint(), Epoch(5)).await.unwrap_err();
+    println!("unusable target refused: {err}");
+    assert!(
+        matches!(err, ControllerError::VerifyTimeout { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&config_path).unwrap(),
+        good,
+        "last good file restored"
+    );
+    assert_eq!(impatient.applied().await.unwrap().epoch, Epoch(4));
+    ejabberd
+        .ctl(&["register", "erin", VHOST, "erin-pw"])
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.users("erin"), b.users("erin")),
+        (1, 0),
+        "ejabberd is back on A"
+    );
+    b.psql(DB, &["-c", "ALTER ROLE ejabberd CONNECTION LIMIT -1"]);
+
+    // Re-asserting the same epoch and target is idempotent.
+    let again = controller.apply(&a.endpoint(), Epoch(4)).await.unwrap();
+    assert!(!again.file_changed);
+    print_report("re-assert", &again);
+
+    drop(session);
+    ejabberd.stop().await;
+}

@@ -1,0 +1,460 @@
+//! Scenario tests of `decide` + `apply` on the simulated cluster of `sim`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use ha_proto::types::{Epoch, GoalState, NodeId};
+
+use super::sim::{GROUP, World, id};
+use super::*;
+use crate::catalog::{Op, Rejected};
+
+const STEP: u64 = 100;
+
+fn converged(postgres: &[&str]) -> World {
+    let mut w = World::new(postgres, &["e1"]);
+    assert!(
+        w.run_until(STEP, 50, |w| w.group().sync.confirmed),
+        "{}",
+        w.log.join("\n")
+    );
+    assert!(w.write(1000, None));
+    w.step();
+    w
+}
+
+fn promoted_to(w: &World, name: &str) -> bool {
+    w.primary().as_deref() == Some(name) && w.goal_state(name) == Some(GoalState::Primary)
+}
+
+fn events(w: &World) -> Vec<String> {
+    w.cat
+        .events_after(0, usize::MAX)
+        .map(|e| format!("{}: {}", e.kind, e.message))
+        .collect()
+}
+
+#[test]
+fn bootstrap_makes_the_first_node_single_then_primary_with_a_sync_standby() {
+    let mut w = World::new(&["p1", "p2"], &["e1"]);
+    w.step();
+    assert_eq!(
+        w.goal("p1").unwrap(),
+        AssignedGoal::bare(GoalState::Single, Epoch(1))
+    );
+    let standby = w.goal("p2").unwrap();
+    assert_eq!(
+        (standby.state, standby.upstream),
+        (GoalState::Standby, Some(id("p1")))
+    );
+    assert_eq!(w.goal_state("e1"), Some(GoalState::Follow));
+    assert!(w.run_until(STEP, 20, |w| w.group().synchronous()));
+    let p = w.goal("p1").unwrap();
+    assert_eq!(p.state, GoalState::Primary);
+    assert_eq!(
+        (p.synchronous_standbys, p.synchronous_quorum),
+        (vec![id("p2")], 1)
+    );
+    assert!(
+        events(&w)
+            .iter()
+            .any(|e| e.contains("synchronous replication on"))
+    );
+    // Converged: nothing more to decide.
+    w.step();
+    assert!(decide(&w.cat, &w.obs, w.now).is_empty());
+    assert!(service_converged(&w.cat, &w.obs, GROUP));
+}
+
+#[test]
+fn primary_drops_to_async_when_the_sync_standby_dies_and_back_when_it_returns() {
+    let mut w = converged(&["p1", "p2"]);
+    w.crash("p2");
+    assert!(w.run_until(STEP, 30, |w| !w.group().synchronous()));
+    assert!(w.goal("p1").unwrap().synchronous_standbys.is_empty());
+    assert!(
+        events(&w)
+            .iter()
+            .any(|e| e.contains("dropped to asynchronous"))
+    );
+    assert!(w.write(10, None), "async primary accepts writes");
+    w.restart("p2");
+    assert!(w.run_until(STEP, 30, |w| w.group().synchronous()));
+    assert_eq!(w.primary().as_deref(), Some("p1"));
+}
+
+#[test]
+fn crashed_primary_fails_over_on_positive_evidence_before_the_lease() {
+    let mut w = converged(&["p1", "p2"]);
+    let crash_at = w.now;
+    w.crash("p1");
+    assert!(
+        w.run_until(STEP, 60, |w| promoted_to(w, "p2")),
+        "{}",
+        w.log.join("\n")
+    );
+    let took = w.now - crash_at;
+    let t = w.cat.timings().clone();
+    assert!(
+        took >= t.unhealthy_after,
+        "judged before unhealthy_after: {took:?}"
+    );
+    assert!(
+        took < t.lease,
+        "a refused probe and a silent agent are proof enough: {took:?}"
+    );
+    assert_eq!(w.group().epoch, Epoch(2));
+    assert_eq!(
+        w.goal("p1").unwrap(),
+        AssignedGoal::following(GoalState::Standby, Epoch(2), id("p2"))
+    );
+    assert!(w.run_until(STEP, 20, |w| service_converged(&w.cat, &w.obs, GROUP)));
+    assert_eq!(w.node("e1").applied, Some((Epoch(2), id("p2"))));
+}
+
+#[test]
+fn frozen_primary_is_promoted_away_only_after_lease_and_margin() {
+    let mut w = converged(&["p1", "p2"]);
+    let last_report = w.now;
+    w.node_mut("p1").frozen = true;
+    let t = w.cat.timings().clone();
+    assert!(w.run_until(STEP, 20, |w| w.goal_state("p1") == Some(GoalState::Fenced)));
+    assert_eq!(
+        w.goal_state("p2"),
+        Some(GoalState::StopReplication),
+        "the stream is cut first"
+    );
+    assert!(w.run_until(STEP, 80, |w| promoted_to(w, "p2")));
+    let waited = w.now - last_report;
+    assert!(
+        waited >= t.lease + t.lease_margin,
+        "promoted after {waited:?}"
+    );
+    assert!(waited < t.lease + t.lease_margin + Duration::from_millis(2 * STEP));
+    // The frozen node wakes up with an expired lease: it cannot write, and it rejoins.
+    w.restart("p1");
+    assert!(w.run_until(STEP, 30, |w| w.node("p1").reached
+        == Some(GoalState::Standby)));
+    assert!(w.run_until(STEP, 30, |w| w.group().synchronous()));
+}
+
+#[test]
+fn a_dead_agent_with_a_live_database_is_not_a_failure() {
+    let mut w = converged(&["p1", "p2"]);
+    w.kill_agent("p1");
+    for _ in 0..100 {
+        w.advance(STEP);
+        w.step();
+    }
+    assert_eq!(w.primary().as_deref(), Some("p1"), "{}", w.log.join("\n"));
+    assert_eq!(w.group().epoch, Epoch(1));
+    assert!(w.group().operation.is_none());
+}
+
+#[test]
+fn a_new_leader_judges_nobody_before_a_full_detection_window() {
+    let mut w = converged(&["p1", "p2"]);
+    w.advance(2000);
+    w.new_leader();
+    let since = w.now;
+    w.crash("p1");
+    let t = w.cat.timings().clone();
+    assert!(w.run_until(STEP, 40, |w| w.goal_state("p1") == Some(GoalState::Fenced)));
+    assert!(w.now - since >= t.unhealthy_after);
+}
+
+#[test]
+fn planned_switchover_drains_then_promotes_without_losing_writes() {
+    let mut w = converged(&["p1", "p2"]);
+    assert_eq!(
+        check_switchover(&w.cat, &w.obs, w.now, GROUP, None),
+        Ok(id("p2"))
+    );
+    w.propose(Op::Switchover {
+        group: GROUP.into(),
+        target: id("p2"),
+    })
+    .unwrap();
+    w.step();
+    assert_eq!(w.goal_state("p1"), Some(GoalState::Draining));
+    assert!(w.run_until(STEP, 20, |w| promoted_to(w, "p2")));
+    assert_eq!(w.group().epoch, Epoch(2));
+    assert_eq!(
+        w.goal("p1").unwrap(),
+        AssignedGoal::following(GoalState::Standby, Epoch(2), id("p2"))
+    );
+    assert!(w.run_until(STEP, 20, |w| w.group().synchronous()));
+    assert!(w.write(10, None));
+}
+
+#[test]
+fn switchover_is_refused_for_priority_zero_unhealthy_or_unknown_targets() {
+    let mut w = converged(&["p1", "p2", "p3"]);
+    w.propose(Op::SetNodeSettings {
+        node: id("p2"),
+        candidate_priority: Some(0),
+        replication_quorum: None,
+    })
+    .unwrap();
+    let refusal = check_switchover(&w.cat, &w.obs, w.now, GROUP, Some(&id("p2"))).unwrap_err();
+    assert!(refusal.to_string().contains("priority is 0"), "{refusal}");
+    let rejected = w
+        .propose(Op::Switchover {
+            group: GROUP.into(),
+            target: id("p2"),
+        })
+        .unwrap_err();
+    assert!(matches!(rejected, Rejected::NotEligible(_)), "{rejected}");
+    w.crash("p3");
+    w.advance(2000);
+    w.step();
+    let refusal = check_switchover(&w.cat, &w.obs, w.now, GROUP, Some(&id("p3"))).unwrap_err();
+    assert!(refusal.to_string().contains("not healthy"), "{refusal}");
+    assert!(
+        check_switchover(&w.cat, &w.obs, w.now, GROUP, None).is_err(),
+        "no healthy candidate left"
+    );
+    assert!(check_switchover(&w.cat, &w.obs, w.now, GROUP, Some(&id("zz"))).is_err());
+}
+
+#[test]
+fn maintenance_on_a_standby_leaves_the_sync_set_first() {
+    let mut w = converged(&["p1", "p2", "p3"]);
+    assert!(w.group().sync.standbys.contains(&id("p2")));
+    w.propose(Op::SetMaintenance {
+        node: id("p2"),
+        enabled: true,
+        switchover_to: None,
+    })
+    .unwrap();
+    w.step();
+    assert!(!w.group().sync.standbys.contains(&id("p2")));
+    assert_ne!(
+        w.goal_state("p2"),
+        Some(GoalState::Maintenance),
+        "not before the primary applied the new set"
+    );
+    assert!(w.run_until(STEP, 10, |w| w.goal_state("p2")
+        == Some(GoalState::Maintenance)));
+    w.propose(Op::SetMaintenance {
+        node: id("p2"),
+        enabled: false,
+        switchover_to: None,
+    })
+    .unwrap();
+    assert!(w.run_until(STEP, 20, |w| w.group().sync.standbys.contains(&id("p2"))));
+}
+
+#[test]
+fn maintenance_on_the_primary_switches_over_first() {
+    let mut w = converged(&["p1", "p2"]);
+    let no_target = w.propose(Op::SetMaintenance {
+        node: id("p1"),
+        enabled: true,
+        switchover_to: None,
+    });
+    assert!(matches!(no_target, Err(Rejected::NotEligible(_))));
+    let target = check_switchover(&w.cat, &w.obs, w.now, GROUP, None).unwrap();
+    w.propose(Op::SetMaintenance {
+        node: id("p1"),
+        enabled: true,
+        switchover_to: Some(target),
+    })
+    .unwrap();
+    assert!(w.run_until(STEP, 20, |w| promoted_to(w, "p2")));
+    assert_eq!(w.goal_state("p1"), Some(GoalState::Maintenance));
+}
+
+#[test]
+fn two_failovers_in_a_row_raise_the_epoch_each_time() {
+    let mut w = converged(&["p1", "p2", "p3"]);
+    w.crash("p1");
+    assert!(w.run_until(STEP, 60, |w| w.group().epoch == Epoch(2)));
+    let second = w.primary().unwrap();
+    assert!(w.run_until(STEP, 30, |w| w.group().sync.confirmed));
+    assert!(w.write(500, None));
+    w.crash(&second);
+    assert!(
+        w.run_until(STEP, 60, |w| w.group().epoch == Epoch(3)),
+        "{}",
+        w.log.join("\n")
+    );
+    assert_eq!(w.primary().as_deref(), Some("p3"));
+    w.restart("p1");
+    w.restart(&second);
+    assert!(w.run_until(STEP, 40, |w| {
+        ["p1", "p2"]
+            .iter()
+            .all(|n| w.node(n).reached == Some(GoalState::Standby))
+    }));
+}
+
+#[test]
+fn failover_is_refused_without_a_sync_standby_unless_data_loss_is_allowed() {
+    let mut w = converged(&["p1", "p2"]);
+    w.propose(Op::SetNodeSettings {
+        node: id("p2"),
+        candidate_priority: None,
+        replication_quorum: Some(false),
+    })
+    .unwrap();
+    assert!(w.run_until(STEP, 10, |w| !w.group().synchronous()));
+    w.crash("p1");
+    for _ in 0..60 {
+        w.advance(STEP);
+        w.step();
+    }
+    assert_eq!(w.primary().as_deref(), Some("p1"));
+    assert!(
+        w.group()
+            .notice
+            .as_deref()
+            .unwrap_or("")
+            .contains("failover is refused")
+    );
+    let refusal = check_failover(&w.cat, &w.obs, w.now, GROUP, false).unwrap_err();
+    assert!(
+        refusal.to_string().contains("no synchronous standby"),
+        "{refusal}"
+    );
+    check_failover(&w.cat, &w.obs, w.now, GROUP, true).unwrap();
+    w.propose(Op::Failover {
+        group: GROUP.into(),
+        allow_data_loss: true,
+    })
+    .unwrap();
+    assert!(w.run_until(STEP, 20, |w| promoted_to(w, "p2")));
+    assert_eq!(w.group().epoch, Epoch(2));
+}
+
+#[test]
+fn quorum_needs_n_minus_k_plus_one_reachable_sync_standbys() {
+    // ANY 1 of {p2, p3}: a write may be on either one only, so both must answer.
+    let mut w = converged(&["p1", "p2", "p3"]);
+    assert_eq!(w.group().sync.standbys.len(), 2);
+    assert!(w.write(700, Some(&[id("p3")])));
+    w.crash("p1");
+    w.crash("p3");
+    for _ in 0..60 {
+        w.advance(STEP);
+        w.step();
+    }
+    assert_eq!(w.group().epoch, Epoch(1), "{}", w.log.join("\n"));
+    assert!(
+        w.group()
+            .notice
+            .as_deref()
+            .unwrap_or("")
+            .contains("1 of the synchronous standbys")
+    );
+    w.restart("p3");
+    assert!(w.run_until(STEP, 40, |w| w.group().epoch == Epoch(2)));
+    assert!(w.node(&w.primary().unwrap()).flush >= w.acked);
+}
+
+#[test]
+fn a_preferred_candidate_catches_up_from_the_most_advanced_standby() {
+    let mut w = converged(&["p1", "p2", "p3"]);
+    w.propose(Op::SetNodeSettings {
+        node: id("p2"),
+        candidate_priority: Some(100),
+        replication_quorum: None,
+    })
+    .unwrap();
+    w.step();
+    assert!(w.write(900, Some(&[id("p3")])));
+    let ahead = w.node("p3").flush;
+    assert!(w.node("p2").flush < ahead);
+    w.crash("p1");
+    assert!(
+        w.run_until(STEP, 60, |w| matches!(
+            &w.group().operation,
+            Some(Operation::Failover {
+                phase: FailoverPhase::CatchingUp { .. },
+                ..
+            })
+        )),
+        "{}",
+        w.log.join("\n")
+    );
+    assert_eq!(
+        w.goal("p2").unwrap(),
+        AssignedGoal::following(GoalState::Standby, Epoch(1), id("p3"))
+    );
+    assert!(w.run_until(STEP, 20, |w| promoted_to(w, "p2")));
+    assert!(w.node("p2").flush >= ahead);
+}
+
+#[test]
+fn priority_zero_is_never_promoted() {
+    let mut w = converged(&["p1", "p2"]);
+    w.propose(Op::SetNodeSettings {
+        node: id("p2"),
+        candidate_priority: Some(0),
+        replication_quorum: None,
+    })
+    .unwrap();
+    w.crash("p1");
+    for _ in 0..60 {
+        w.advance(STEP);
+        w.step();
+    }
+    assert_eq!(w.group().epoch, Epoch(1));
+    assert!(w.group().notice.is_some());
+}
+
+#[test]
+fn a_partitioned_primary_cannot_write_once_the_standby_is_promoted() {
+    let mut w = converged(&["p1", "p2"]);
+    w.node_mut("p1").partitioned = true;
+    let mut wrote_after_cut = false;
+    for _ in 0..80 {
+        w.advance(STEP);
+        w.step();
+        // Clients on p1's side keep writing; the sim checks no acknowledged write is lost.
+        if w.goal_state("p2") == Some(GoalState::StopReplication) {
+            wrote_after_cut |= w.write(5, None);
+        }
+        if promoted_to(&w, "p2") {
+            break;
+        }
+    }
+    assert!(promoted_to(&w, "p2"));
+    assert!(
+        wrote_after_cut,
+        "the old primary kept running until its lease ended"
+    );
+    assert!(!w.node("p1").pg_up, "it fenced itself");
+    w.node_mut("p1").partitioned = false;
+    assert!(w.run_until(STEP, 30, |w| w.node("p1").reached
+        == Some(GoalState::Standby)));
+}
+
+#[test]
+fn removed_nodes_leave_the_sync_set_before_being_told() {
+    let mut w = converged(&["p1", "p2", "p3"]);
+    assert!(matches!(
+        w.propose(Op::RemoveNode { node: id("p1") }),
+        Err(Rejected::NotEligible(_))
+    ));
+    w.propose(Op::RemoveNode { node: id("p2") }).unwrap();
+    w.step();
+    assert!(!w.group().sync.standbys.contains(&id("p2")));
+    assert!(w.run_until(STEP, 10, |w| w.goal_state("p2") == Some(GoalState::Removed)));
+    w.propose(Op::RemoveNode { node: id("e1") }).unwrap();
+    w.step();
+    assert_eq!(w.goal_state("e1"), Some(GoalState::Removed));
+    assert!(
+        service_converged(&w.cat, &w.obs, GROUP),
+        "no ejabberd node left to wait for"
+    );
+}
+
+#[test]
+fn observations_of_unknown_nodes_are_ignored() {
+    let mut w = converged(&["p1", "p2"]);
+    let stranger = NodeId::new("stranger").unwrap();
+    w.obs.record_probe(stranger, ProbeResult::Refused, w.now);
+    assert!(decide(&w.cat, &w.obs, w.now).is_empty());
+}

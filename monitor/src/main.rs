@@ -1,0 +1,67 @@
+//! `ha-monitor --config PATH [--dev]`: parses arguments, validates the configuration (exit 64
+//! on a bad one, before any port is bound), starts logging, and runs the monitor until SIGTERM
+//! or SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ha_monitor::config::MonitorConfig;
+use tokio_util::sync::CancellationToken;
+
+/// One member of the Raft group that decides failovers for PostgreSQL and ejabberd nodes.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The monitor's TOML configuration file.
+    #[arg(long, env = "HA_MONITOR_CONFIG")]
+    config: PathBuf,
+    /// Allow plaintext gRPC or fewer than three monitors (the file must also say `dev = true`).
+    #[arg(long)]
+    dev: bool,
+}
+
+const EX_USAGE: u8 = 64;
+const EX_SOFTWARE: u8 = 70;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match MonitorConfig::load(&args.config, args.dev) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ha-monitor: invalid configuration: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    ha_monitor::logging::init();
+    if config.dev {
+        tracing::warn!(
+            "DEV MODE: insecure settings are active (plaintext gRPC or fewer than three monitors); never use this in production"
+        );
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ha-monitor: cannot start the async runtime: {e}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("ha-monitor: cannot listen on {}: {e}", config.listen);
+                return ExitCode::from(EX_SOFTWARE);
+            }
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(ha_monitor::logging::cancel_on_signal(shutdown.clone()));
+        match ha_monitor::server::run(config, listener, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ha-monitor: {e}");
+                ExitCode::from(EX_SOFTWARE)
+            }
+        }
+    })
+}

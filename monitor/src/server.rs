@@ -1,0 +1,996 @@
+//! The running monitor: the Raft node with the catalog, the gRPC services for agents, operators
+//! and peer monitors, and the leader's loops (probes and decisions).
+//!
+//! Soft state (agent reports, probe results, pending drill orders) lives only in the leader's
+//! memory, never in the Raft log. A monitor that becomes leader starts with empty observations
+//! and `leader_since = now`, so it judges no node on silence before one full detection window.
+//! Only the leader accepts reports and writes; followers answer `UNAVAILABLE` with the leader's
+//! address in the `x-ha-leader` metadata.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ha_proto::convert;
+use ha_proto::types::{NodeId, NodeKind};
+use ha_proto::v1::{self, agent_service_server, operator_service_server, peer_service_server};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::catalog::{self, Applied, Catalog, Command, Op, Registration, Rejected};
+use crate::config::MonitorConfig;
+use crate::consensus::{self, ProposeError, RaftHandle, RaftSettings};
+use crate::decide::{self, Observations, ProbeResult, Report};
+use crate::machine::{self, CatalogMachine};
+use crate::storage::RaftStore;
+use crate::transport::{self, ChannelFactory, GrpcTransport};
+
+/// The group a join token names when the operator names none and no group exists yet.
+pub const DEFAULT_GROUP: &str = "main";
+/// How long a request waits for its proposal to be committed and applied.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the leader runs `decide` (it is cheap and pure; faster than reports on purpose,
+/// so a failure is acted upon as soon as the evidence is complete).
+const DECIDE_EVERY: Duration = Duration::from_millis(100);
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Maps a consensus error to the status a client acts upon.
+fn raft_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::NotLeader { leader } => not_leader(leader),
+        ProposeError::Dropped => {
+            Status::unavailable("leadership changed before the request was applied; retry")
+        }
+        ProposeError::Stopped => Status::unavailable("this monitor is shutting down"),
+        ProposeError::Rejected(why) => Status::failed_precondition(why),
+    }
+}
+
+fn not_leader(leader: Option<(u64, String)>) -> Status {
+    let mut status = Status::unavailable("this monitor is not the leader");
+    if let Some((id, addr)) = leader {
+        let md = status.metadata_mut();
+        if let Ok(v) = addr.parse() {
+            md.insert(ha_proto::LEADER_ADDR_METADATA, v);
+        }
+        if let Ok(v) = id.to_string().parse() {
+            md.insert(ha_proto::LEADER_ID_METADATA, v);
+        }
+    }
+    status
+}
+
+/// Maps a catalog rejection to a status code an operator can act upon.
+fn rejected_status(r: Rejected) -> Status {
+    let msg = r.to_string();
+    match r {
+        Rejected::UnknownNode(_) | Rejected::UnknownGroup(_) => Status::not_found(msg),
+        Rejected::Token { .. } => Status::permission_denied(msg),
+        Rejected::MissingRequestId | Rejected::Invalid(_) => Status::invalid_argument(msg),
+        Rejected::NodeExists(_) | Rejected::TokenExists(_) => Status::already_exists(msg),
+        Rejected::StaleDecision { .. } | Rejected::OperationInProgress { .. } => {
+            Status::aborted(msg)
+        }
+        Rejected::NotEligible(_) | Rejected::Unsafe(_) => Status::failed_precondition(msg),
+    }
+}
+
+fn refusal_status(r: decide::Refusal) -> Status {
+    match r {
+        decide::Refusal::UnknownGroup(_) => Status::not_found(r.to_string()),
+        decide::Refusal::NotPossible(_) => Status::failed_precondition(r.to_string()),
+    }
+}
+
+/// What the leader holds in memory only.
+#[derive(Debug)]
+struct Soft {
+    /// The term in which `obs` was started; a new term starts over.
+    term: u64,
+    obs: Observations,
+    /// Each node's last report as sent, for the status screen.
+    raw: BTreeMap<NodeId, v1::ObservedState>,
+    drills: BTreeMap<NodeId, v1::DrillOrder>,
+}
+
+/// State shared by the services and the leader loops.
+#[derive(Debug)]
+pub struct Monitor {
+    id: u64,
+    raft: RaftHandle,
+    catalog: watch::Receiver<Arc<Catalog>>,
+    soft: Mutex<Soft>,
+    started: Instant,
+    allow_drills: bool,
+    shutdown: CancellationToken,
+}
+
+impl Monitor {
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.borrow().clone()
+    }
+
+    fn soft<R>(&self, f: impl FnOnce(&mut Soft) -> R) -> R {
+        f(&mut self.soft.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Fails with the leader hint unless this monitor leads; resets soft state on a new term.
+    fn require_leader(&self) -> Result<(), Status> {
+        let status = self.raft.status();
+        if !status.is_leader {
+            return Err(not_leader(status.leader_address()));
+        }
+        let now = self.now();
+        self.soft(|s| {
+            if s.term != status.term {
+                info!(term = status.term, "leading: observations start over, no node is judged before one detection window");
+                s.term = status.term;
+                s.obs = Observations::new(now);
+                s.raw.clear();
+                s.drills.clear();
+            }
+        });
+        Ok(())
+    }
+
+    /// Proposes a catalog command and waits until it is applied here.
+    async fn propose(&self, request_id: &str, op: Op) -> Result<Applied, Status> {
+        if request_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "request_id is required (retries reuse it)",
+            ));
+        }
+        let cmd = Command {
+            request_id: request_id.to_owned(),
+            at_unix_ms: unix_ms(),
+            op,
+        };
+        let fut = self.raft.propose(machine::encode_command(&cmd));
+        let (_, output) = tokio::time::timeout(PROPOSE_TIMEOUT, fut)
+            .await
+            .map_err(|_| Status::deadline_exceeded("the proposal was not committed in time"))?
+            .map_err(raft_status)?;
+        machine::decode_outcome(&output).map_err(rejected_status)
+    }
+
+    /// The catalog as of a linearizable read: the raft node answers the read barrier only after
+    /// applying up to the read index, and the catalog is published before that answer.
+    async fn linearizable_catalog(&self) -> Result<Arc<Catalog>, Status> {
+        tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.read_index())
+            .await
+            .map_err(|_| Status::deadline_exceeded("the read barrier was not reached in time"))?
+            .map_err(raft_status)?;
+        Ok(self.catalog())
+    }
+
+    fn lease_ms(&self, catalog: &Catalog) -> u64 {
+        u64::try_from(catalog.timings().lease.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Agent service
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct AgentApi(Arc<Monitor>);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl agent_service_server::AgentService for AgentApi {
+    async fn join(
+        &self,
+        request: Request<v1::JoinRequest>,
+    ) -> Result<Response<v1::JoinResponse>, Status> {
+        let m = &self.0;
+        m.require_leader()?;
+        let req = request.into_inner();
+        let node = convert::node_id(&req.node, "node")?;
+        let kind = convert::node_kind(req.kind, "kind")?;
+        let endpoint = convert::required(req.endpoint, "endpoint")?.try_into()?;
+        let catalog = m.catalog();
+        let grant = catalog.verify_token(&req.token, unix_ms()).map_err(|e| {
+            warn!(%node, reason = %e, "join refused");
+            Status::permission_denied(format!("join refused: {e}"))
+        })?;
+        if grant.kind != kind {
+            warn!(%node, "join refused: token is for another kind of node");
+            return Err(Status::permission_denied(format!(
+                "join refused: the token is for a {} node",
+                grant.kind
+            )));
+        }
+        let group = if req.group.is_empty() {
+            grant.group.clone()
+        } else if req.group == grant.group {
+            req.group
+        } else {
+            return Err(Status::permission_denied(format!(
+                "join refused: the token is for group {}",
+                grant.group
+            )));
+        };
+        // The token id doubles as request id: a retried join applies once, a second use of
+        // the same token by another request is refused by the catalog.
+        m.propose(
+            &format!("join-{}", grant.id),
+            Op::RegisterNode {
+                node: node.clone(),
+                kind,
+                group,
+                endpoint,
+                source: Registration::JoinToken { token_id: grant.id },
+            },
+        )
+        .await?;
+        info!(%node, %kind, "node joined");
+        let status = m.raft.status();
+        Ok(Response::new(v1::JoinResponse {
+            certificate_pem: String::new(),
+            ca_pem: String::new(),
+            monitors: status
+                .members
+                .iter()
+                .map(|(id, address)| v1::MonitorMember {
+                    id: *id,
+                    address: address.clone(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn report(
+        &self,
+        request: Request<v1::ReportRequest>,
+    ) -> Result<Response<v1::ReportResponse>, Status> {
+        let m = &self.0;
+        m.require_leader()?;
+        let observed = convert::required(request.into_inner().observed, "observed")?;
+        let report = Report::try_from(observed.clone())?;
+        let catalog = m.catalog();
+        let node = catalog
+            .node(&report.node)
+            .filter(|n| !n.removed)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "node {} is not registered: join with a token first",
+                    report.node
+                ))
+            })?;
+        let name = node.name.clone();
+        let now = m.now();
+        let drill = m.soft(|s| {
+            s.obs.record_report(report, now);
+            s.raw.insert(name.clone(), observed);
+            s.drills.get(&name).cloned()
+        });
+        let goal = catalog.goal(&name).map(|g| {
+            let mut wire = v1::Goal::from(g);
+            wire.drill = drill;
+            wire
+        });
+        Ok(Response::new(v1::ReportResponse {
+            goal,
+            lease_ms: m.lease_ms(&catalog),
+            report_interval_ms: u64::try_from(catalog.timings().report_interval.as_millis())
+                .unwrap_or(u64::MAX),
+        }))
+    }
+
+    type WatchGoalStream = BoxStream<v1::Goal>;
+
+    async fn watch_goal(
+        &self,
+        request: Request<v1::WatchGoalRequest>,
+    ) -> Result<Response<Self::WatchGoalStream>, Status> {
+        let m = &self.0;
+        m.require_leader()?;
+        let node = convert::node_id(&request.into_inner().node, "node")?;
+        if m.catalog().node(&node).is_none() {
+            return Err(Status::not_found(format!("node {node} is not registered")));
+        }
+        let mut catalog = m.catalog.clone();
+        let shutdown = m.shutdown.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let goal = catalog.borrow_and_update().goal(&node);
+                if goal != last {
+                    if let Some(g) = goal.clone()
+                        && tx.send(Ok(v1::Goal::from(g))).await.is_err()
+                    {
+                        return;
+                    }
+                    last = goal;
+                }
+                tokio::select! {
+                    changed = catalog.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Operator service
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct OperatorApi(Arc<Monitor>);
+
+fn group_of(catalog: &Catalog, group: &str) -> Result<String, Status> {
+    if !group.is_empty() {
+        return Ok(group.to_owned());
+    }
+    let mut groups = catalog.groups();
+    match (groups.next(), groups.next()) {
+        (Some(g), None) => Ok(g.name.clone()),
+        (None, _) => Err(Status::failed_precondition("no group exists yet")),
+        (Some(_), Some(_)) => Err(Status::invalid_argument(
+            "several groups exist: name the group",
+        )),
+    }
+}
+
+fn operation(applied: Applied) -> Response<v1::OperationResponse> {
+    Response::new(v1::OperationResponse {
+        committed_index: applied.index,
+        epoch: applied.epoch.get(),
+        message: applied.message,
+    })
+}
+
+impl OperatorApi {
+    fn status_response(&self, catalog: &Catalog, stale: bool) -> v1::StatusResponse {
+        let m = &self.0;
+        let raft = m.raft.status();
+        let now = m.now();
+        let (obs, raw) = m.soft(|s| {
+            if raft.is_leader && s.term == raft.term {
+                (s.obs.clone(), s.raw.clone())
+            } else {
+                (Observations::new(now), BTreeMap::new())
+            }
+        });
+        crate::status::build(catalog, &obs, &raw, now, &raft, stale)
+    }
+}
+
+#[tonic::async_trait]
+impl operator_service_server::OperatorService for OperatorApi {
+    async fn status(
+        &self,
+        request: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        let m = &self.0;
+        let (catalog, stale) = if request.into_inner().linearizable {
+            m.require_leader()?;
+            (m.linearizable_catalog().await?, false)
+        } else {
+            (m.catalog(), !m.raft.status().is_leader)
+        };
+        Ok(Response::new(self.status_response(&catalog, stale)))
+    }
+
+    async fn events(
+        &self,
+        request: Request<v1::EventsRequest>,
+    ) -> Result<Response<v1::EventsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = if req.limit == 0 {
+            usize::MAX
+        } else {
+            req.limit as usize
+        };
+        let catalog = self.0.catalog();
+        Ok(Response::new(v1::EventsResponse {
+            events: catalog
+                .events_after(req.after_seq, limit)
+                .map(crate::status::event)
+                .collect(),
+        }))
+    }
+
+    type FollowEventsStream = BoxStream<v1::Event>;
+
+    async fn follow_events(
+        &self,
+        request: Request<v1::EventsRequest>,
+    ) -> Result<Response<Self::FollowEventsStream>, Status> {
+        let mut after = request.into_inner().after_seq;
+        let mut catalog = self.0.catalog.clone();
+        let shutdown = self.0.shutdown.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let fresh: Vec<v1::Event> = catalog
+                    .borrow_and_update()
+                    .events_after(after, usize::MAX)
+                    .map(crate::status::event)
+                    .collect();
+                for e in fresh {
+                    after = e.seq;
+                    if tx.send(Ok(e)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    changed = catalog.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn switchover(
+        &self,
+        request: Request<v1::SwitchoverRequest>,
+    ) -> Result<Response<v1::OperationResponse>, Status> {
+        let m = &self.0;
+        m.require_leader()?;
+        let req = request.into_inner();
+        let catalog = m.catalog();
+        let group = group_of(&catalog, &req.group)?;
+        let to = if req.to_node.is_empty() {
+            None
+        } else {
+            Some(convert::node_id(&req.to_node, "to_node")?)
+        };
+        let now = m.now();
+        let target = m
+            .soft(|s| decide::check_switchover(&catalog, &s.obs, now, &group, to.as_ref()))
+            .map_err(refusal_status)?;
+        info!(%group, %target, "operator asked for a switchover");
+        let applied = m
+            .propose(&req.request_id, Op::Switchover { group, target })
+            .await?;
+        Ok(operation(applied))
+    }
+
+    async fn failover(
+        &self,
+        request: Request<v1::FailoverRequest>,
+    ) -> Result<Response<v1::OperationResponse>, Status> {
+        let m = &self.0;
+        m.require_leader()?;
+        let req = request.into_inner();
+        let catalog = m.catalog();
+        let group = group_of(&catalog, &req.group)?;
+        let now = m.now();
+        m.soft(|s| decide::check_failover(&catalog, &s.obs, now, &group, req.allow_data_loss))
+            .map_err(refusal_status)?;
+        info!(%group, allow_data_loss = req.allow_data_loss, "operator asked for a failover");
+        let applied = m
+            .propose(
+                &req.request_id,
+                Op::Failover {
+                    group,
+                    allow_data_loss: req.allow_data_loss,
+                },
+            )
+            .await?;
+        Ok(operation(applied))
+    }
+
+    async fn set_maintenance(
+        &self,
+        request: Request<v1::SetMaintenanceRequest>,
+    ) -> Result<Response<v1::OperationResponse>, Status> {
+        let m = &self.0;
+        m.require_leader()?;
+        let req = request.into_inner();
+        let node = convert::node_id(&req.node, "node")?;
+        let catalog = m.catalog();
+        let n = catalog
+            .node(&node)
+            .ok_or_else(|| Status::not_found(format!("unknown node {node}")))?;
+        let is_primary = catalog
+            .group(&n.group)
+            .is_some_and(|g| g.primary.as_ref() == Some(&node));
+        let switchover_to = if req.enabled && is_primary {
+            let now = m.now();
+            Some(
+                m.soft(|s| decide::check_switchover(&catalog, &s.obs, now, &n.group, None))
+                    .map_err(refusal_status)?,
+            )
+        } else {
+            None
+        };
+        let applied = m
+            .propose(
+                &req.request_id,
+                Op::SetMaintenance {
+                    node,
+                    enabled: req.enabled,
+                    switchover_to,
+                },
+            )
+            .await?;
+        Ok(operation(applied))
+    }
+
+    async fn set_node_settings(
+        &self,
+        request: Request<v1::SetNodeSettingsRequest>,
+    ) -> Result<Response<v1::OperationResponse>, Status> {
+        let m = &self.0;
+        m.require_leader()?;
+        let req = request.into_inner();
+        let node = convert::node_id(&req.node, "node")?;
+        let applied = m
+            .propose(
+                &req.request_id,
+                Op::SetNodeSettings {
+                    node,
+                    candidate_priority: req.candidate_priority,
+                    replication_quorum: req.replication_quorum,
+                },
+            )
+            .await?;
+        Ok(operation(applied))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<v1::RemoveNodeRequest>,
+    ) -> Result<Response<v1::OperationResponse>, Status> {
+        let m = &self.0;
+        m.require_leader()?;
+        let req = request.into_inner();
+        let node = convert::node_id(&req.node, "node")?;
+        let applied = m.propose(&req.request_id, Op::RemoveNode { node }).await?;
+        Ok(operation(applied))
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<v1::CreateJoinTokenRequest>,
+    ) -> Result<Response<v1::CreateJoinTokenResponse>, Status> {
+        let m = &self.0;
+        m.require_leader()?;
+        let req = request.into_inner();
+        let kind = convert::node_kind(req.kind, "kind")?;
+        if req.ttl_ms == 0 {
+            return Err(Status::invalid_argument("ttl_ms must be above zero"));
+        }
+        let catalog = m.catalog();
+        let group = if req.group.is_empty() {
+            catalog
+                .groups()
+                .next()
+                .map_or_else(|| DEFAULT_GROUP.to_owned(), |g| g.name.clone())
+        } else {
+            req.group
+        };
+        let token = catalog::token::generate();
+        let expires_at_unix_ms = unix_ms().saturating_add(req.ttl_ms);
+        let applied = m
+            .propose(
+                &req.request_id,
+                Op::CreateToken {
+                    token_id: token.id.clone(),
+                    secret_sha256_hex: token.secret_sha256_hex,
+                    kind,
+                    group,
+                    expires_at_unix_ms,
+                },
+            )
+            .await?;
+        // A retried request id returns the earlier outcome, for a token whose secret was
+        // generated (and shown) by the earlier call: this call's secret was never stored.
+        if applied.message != format!("token {} created", token.id) {
+            return Err(Status::already_exists(format!(
+                "request {} was applied earlier ({}); its token was shown once",
+                req.request_id, applied.message
+            )));
+        }
+        Ok(Response::new(v1::CreateJoinTokenResponse {
+            token: token.plaintext,
+            token_id: token.id,
+            expires_at_unix_ms,
+        }))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        request: Request<v1::RevokeJoinTokenRequest>,
+    ) -> Result<Response<v1::OperationResponse>, Status> {
+        let m = &self.0;
+        m.require_leader()?;
+        let req = request.into_inner();
+        let applied = m
+            .propose(
+                &req.request_id,
+                Op::RevokeToken {
+                    token_id: req.token_id,
+                },
+            )
+            .await?;
+        Ok(operation(applied))
+    }
+
+    async fn add_monitor(
+        &self,
+        request: Request<v1::AddMonitorRequest>,
+    ) -> Result<Response<v1::MembershipResponse>, Status> {
+        let m = &self.0;
+        m.require_leader()?;
+        let req = request.into_inner();
+        if req.address.is_empty() {
+            return Err(Status::invalid_argument("address is required"));
+        }
+        let status = m.raft.status();
+        if let Some(existing) = status.members.get(&req.id) {
+            if *existing == req.address {
+                return Ok(membership(&status.members, status.commit_index));
+            }
+            return Err(Status::already_exists(format!(
+                "monitor {} is already a member at {existing}; a wiped monitor rejoins under a new id",
+                req.id
+            )));
+        }
+        info!(id = req.id, address = %req.address, "adding a monitor");
+        let members = m
+            .raft
+            .add_member(req.id, req.address)
+            .await
+            .map_err(raft_status)?;
+        Ok(membership(&members, m.raft.status().commit_index))
+    }
+
+    async fn remove_monitor(
+        &self,
+        request: Request<v1::RemoveMonitorRequest>,
+    ) -> Result<Response<v1::MembershipResponse>, Status> {
+        let m = &self.0;
+        m.require_leader()?;
+        let req = request.into_inner();
+        let status = m.raft.status();
+        if !status.members.contains_key(&req.id) {
+            return Ok(membership(&status.members, status.commit_index));
+        }
+        if status.members.len() <= 1 {
+            return Err(Status::failed_precondition(
+                "cannot remove the last monitor",
+            ));
+        }
+        info!(id = req.id, "removing a monitor");
+        let members = m.raft.remove_member(req.id).await.map_err(raft_status)?;
+        Ok(membership(&members, m.raft.status().commit_index))
+    }
+
+    async fn start_drill(
+        &self,
+        request: Request<v1::StartDrillRequest>,
+    ) -> Result<Response<v1::OperationResponse>, Status> {
+        let m = &self.0;
+        m.require_leader()?;
+        let req = request.into_inner();
+        let fault = v1::Fault::try_from(req.fault)
+            .ok()
+            .filter(|f| *f != v1::Fault::Unspecified)
+            .ok_or_else(|| Status::invalid_argument("fault is required"))?;
+        if req.request_id.is_empty() {
+            return Err(Status::invalid_argument("request_id is required"));
+        }
+        if fault == v1::Fault::KillMonitorLeader {
+            if !m.allow_drills {
+                return Err(Status::permission_denied(
+                    "drills are disabled in this monitor's configuration (allow_drills)",
+                ));
+            }
+            warn!(id = m.id, "drill: the monitor leader exits abruptly now");
+            let shutdown = m.shutdown.clone();
+            tokio::spawn(async move {
+                // Let the answer reach the operator, then die without any cleanup, like kill -9.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                drop(shutdown);
+                std::process::abort();
+            });
+            return Ok(Response::new(v1::OperationResponse {
+                message: format!("monitor {} is exiting", m.id),
+                ..Default::default()
+            }));
+        }
+        let node = convert::node_id(&req.target, "target")?;
+        if m.catalog().node(&node).is_none() {
+            return Err(Status::not_found(format!("unknown node {node}")));
+        }
+        let duration_ms = req.duration_ms.max(1);
+        let order = v1::DrillOrder {
+            id: req.request_id.clone(),
+            fault: fault.into(),
+            duration_ms,
+            not_after_unix_ms: unix_ms() + 5_000,
+        };
+        info!(%node, fault = ?fault, duration_ms, "drill order queued for the node's agent");
+        m.soft(|s| s.drills.insert(node.clone(), order));
+        Ok(Response::new(v1::OperationResponse {
+            message: format!("drill {} queued for {node}", req.request_id),
+            ..Default::default()
+        }))
+    }
+}
+
+fn membership(members: &consensus::Members, index: u64) -> Response<v1::MembershipResponse> {
+    Response::new(v1::MembershipResponse {
+        members: members
+            .iter()
+            .map(|(id, address)| v1::MonitorMember {
+                id: *id,
+                address: address.clone(),
+            })
+            .collect(),
+        committed_index: index,
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// Peer service
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct PeerApi(Arc<Monitor>);
+
+#[tonic::async_trait]
+impl peer_service_server::PeerService for PeerApi {
+    async fn raft(&self, request: Request<v1::RaftBatch>) -> Result<Response<v1::RaftAck>, Status> {
+        let batch = request.into_inner();
+        let messages = transport::decode(&batch.messages)
+            .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
+        for msg in messages {
+            if msg.from != batch.from || msg.to != self.0.id {
+                return Err(Status::invalid_argument(format!(
+                    "raft message from {} to {} in a batch from {} to {}",
+                    msg.from, msg.to, batch.from, self.0.id
+                )));
+            }
+            self.0.raft.step(msg).map_err(raft_status)?;
+        }
+        Ok(Response::new(v1::RaftAck {}))
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Leader loops
+// ------------------------------------------------------------------------------------------
+
+/// Runs `decide` while leading and proposes its decisions.
+async fn decide_loop(m: Arc<Monitor>) {
+    let mut tick = tokio::time::interval(DECIDE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut counter = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = m.shutdown.cancelled() => return,
+        }
+        if m.require_leader().is_err() {
+            continue;
+        }
+        let catalog = m.catalog();
+        let now = m.now();
+        let decisions = m.soft(|s| decide::decide(&catalog, &s.obs, now));
+        let term = m.raft.status().term;
+        for d in decisions {
+            counter += 1;
+            let group = d.group.clone();
+            let request_id = format!("decide-m{}-t{term}-{counter}", m.id);
+            match m.propose(&request_id, Op::Decide(d)).await {
+                Ok(a) => debug!(%group, index = a.index, "decision committed"),
+                Err(s) if s.code() == tonic::Code::Aborted => {
+                    debug!(%group, reason = s.message(), "decision superseded")
+                }
+                Err(s) => {
+                    warn!(%group, code = ?s.code(), reason = s.message(), "decision not committed")
+                }
+            }
+        }
+    }
+}
+
+/// Probes every PostgreSQL node's port while leading (a TCP connect: refused means nothing
+/// listens there; no answer says nothing about PostgreSQL).
+async fn probe_loop(m: Arc<Monitor>) {
+    loop {
+        let interval = m.catalog().timings().report_interval;
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = m.shutdown.cancelled() => return,
+        }
+        if m.require_leader().is_err() {
+            continue;
+        }
+        let catalog = m.catalog();
+        let targets: Vec<(NodeId, String)> = catalog
+            .nodes()
+            .filter(|n| n.kind == NodeKind::Postgres && !n.removed)
+            .map(|n| (n.name.clone(), n.endpoint.to_string()))
+            .collect();
+        let probes = targets.into_iter().map(|(node, addr)| async move {
+            let result =
+                match tokio::time::timeout(interval, tokio::net::TcpStream::connect(addr.as_str()))
+                    .await
+                {
+                    Ok(Ok(_)) => ProbeResult::Ok,
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        ProbeResult::Refused
+                    }
+                    Ok(Err(_)) | Err(_) => ProbeResult::Timeout,
+                };
+            (node, result)
+        });
+        let results = futures::future::join_all(probes).await;
+        let now = m.now();
+        m.soft(|s| {
+            for (node, result) in results {
+                s.obs.record_probe(node, result, now);
+            }
+        });
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Start and stop
+// ------------------------------------------------------------------------------------------
+
+/// Why the monitor could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("raft storage at {path}: {source}")]
+    Storage {
+        path: String,
+        source: crate::storage::StorageError,
+    },
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Start(#[from] consensus::StartError),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+fn plaintext_channels() -> ChannelFactory {
+    Arc::new(|addr: &str| {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map(|e| {
+                e.connect_timeout(Duration::from_millis(500))
+                    .timeout(Duration::from_secs(2))
+                    .connect_lazy()
+            })
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Runs one monitor until `shutdown` is cancelled or this member is removed from the group.
+/// The listener is bound by the caller (tests bind `127.0.0.1:0`).
+pub async fn run(
+    config: MonitorConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let db_path = config.data_dir.join("raft.redb");
+    let store = open_store(&db_path)?;
+    let (machine, catalog) = CatalogMachine::new();
+    let transport = GrpcTransport::new(
+        config.id,
+        tokio::runtime::Handle::current(),
+        plaintext_channels(),
+        config.members.clone(),
+    );
+    let settings = RaftSettings {
+        tick: config.timings.raft_tick,
+        election_ticks: config.timings.election_ticks as usize,
+        ..RaftSettings::new(config.id)
+    };
+    let bootstrap = (!config.join).then(|| config.members.clone());
+    let (raft, raft_thread) = consensus::spawn(settings, store, machine, transport, bootstrap)?;
+    let monitor = Arc::new(Monitor {
+        id: config.id,
+        raft: raft.clone(),
+        catalog,
+        soft: Mutex::new(Soft {
+            term: 0,
+            obs: Observations::default(),
+            raw: BTreeMap::new(),
+            drills: BTreeMap::new(),
+        }),
+        started: Instant::now(),
+        allow_drills: config.allow_drills,
+        shutdown: shutdown.clone(),
+    });
+    info!(id = config.id, listen = %config.listen, advertise = %config.advertise, members = ?config.members, "monitor starting");
+
+    tokio::spawn(decide_loop(monitor.clone()));
+    tokio::spawn(probe_loop(monitor.clone()));
+    tokio::spawn(timings_loop(monitor.clone(), config.timings.catalog()));
+    // A removed member stops by itself.
+    let mut status = raft.watch_status();
+    let stop_on_removal = shutdown.clone();
+    tokio::spawn(async move {
+        if status.wait_for(|s| s.removed || s.stopped).await.is_ok() {
+            stop_on_removal.cancel();
+        }
+    });
+
+    let server = tonic::transport::Server::builder()
+        .add_service(agent_service_server::AgentServiceServer::new(AgentApi(
+            monitor.clone(),
+        )))
+        .add_service(operator_service_server::OperatorServiceServer::new(
+            OperatorApi(monitor.clone()),
+        ))
+        .add_service(peer_service_server::PeerServiceServer::new(PeerApi(
+            monitor.clone(),
+        )))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());
+    let served = server.await;
+    shutdown.cancel();
+    raft.stop();
+    let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
+    info!(id = config.id, "monitor stopped");
+    served.map_err(ServeError::from)
+}
+
+fn open_store(path: &Path) -> Result<RaftStore, ServeError> {
+    RaftStore::open(path).map_err(|source| ServeError::Storage {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Makes the replicated timings match this monitor's configuration once it leads (the
+/// configuration files of all monitors are expected to agree; the last leader's wins).
+async fn timings_loop(m: Arc<Monitor>, wanted: catalog::Timings) {
+    let mut status = m.raft.watch_status();
+    loop {
+        tokio::select! {
+            r = status.wait_for(|s| s.is_leader) => if r.is_err() { return },
+            () = m.shutdown.cancelled() => return,
+        }
+        if *m.catalog().timings() != wanted {
+            let id = format!("timings-m{}-t{}", m.id, m.raft.status().term);
+            match m.propose(&id, Op::SetTimings(wanted.clone())).await {
+                Ok(_) => {
+                    info!(timings = ?wanted, "replicated timings set from this monitor's configuration")
+                }
+                Err(s) => warn!(reason = s.message(), "could not set the replicated timings"),
+            }
+        }
+        tokio::select! {
+            r = status.wait_for(|s| !s.is_leader) => if r.is_err() { return },
+            () = m.shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! Real `ha-monitor` processes on loopback: killing the leader with SIGKILL, and killing every
+//! monitor in the middle of a stream of proposals. Processes are killed by PID and reaped by a
+//! guard even when an assertion fails.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ha_proto::v1::operator_service_client::OperatorServiceClient;
+use ha_proto::v1::{CreateJoinTokenRequest, EventsRequest, NodeKind, StatusRequest};
+use tokio::time::{Instant, timeout};
+use tonic::transport::Channel;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Monitors {
+    dir: tempfile::TempDir,
+    addrs: BTreeMap<u64, String>,
+    children: BTreeMap<u64, Child>,
+}
+
+impl Monitors {
+    fn new(n: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let addrs: BTreeMap<u64, String> = (1..=n)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let mut m = Monitors {
+            dir,
+            addrs,
+            children: BTreeMap::new(),
+        };
+        for id in 1..=n {
+            m.start(id);
+        }
+        m
+    }
+
+    fn config_path(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("m{id}.toml"))
+    }
+
+    fn start(&mut self, id: u64) {
+        let members: Vec<String> = self
+            .addrs
+            .iter()
+            .map(|(i, a)| format!("{{ id = {i}, address = \"{a}\" }}"))
+            .collect();
+        let config = format!(
+            "id = {id}\ndev = true\ndata_dir = \"{}\"\nlisten = \"{}\"\nmembers = [{}]\n",
+            self.dir.path().join(format!("m{id}")).display(),
+            self.addrs[&id],
+            members.join(", ")
+        );
+        std::fs::write(self.config_path(id), config).unwrap();
+        let child = spawn_monitor(&self.config_path(id), self.dir.path(), id);
+        self.children.insert(id, child);
+    }
+
+    fn kill(&mut self, id: u64) {
+        let mut child = self.children.remove(&id).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    async fn client(&self, id: u64) -> Option<OperatorServiceClient<Channel>> {
+        let endpoint = Channel::from_shared(format!("http://{}", self.addrs[&id]))
+            .unwrap()
+            .connect_timeout(Duration::from_millis(200))
+            .timeout(Duration::from_secs(3));
+        endpoint
+            .connect()
+            .await
+            .ok()
+            .map(OperatorServiceClient::new)
+    }
+
+    /// The id of the monitor that answers a linearizable status as leader, waiting up to
+    /// `deadline`.
+    async fn leader(&self, deadline: Duration) -> u64 {
+        let end = Instant::now() + deadline;
+        loop {
+            for id in self.children.keys() {
+                if let Some(mut c) = self.client(*id).await
+                    && let Ok(s) = c.status(StatusRequest { linearizable: true }).await
+                {
+                    return s.into_inner().answered_by;
+                }
+            }
+            assert!(Instant::now() < end, "no leader within {deadline:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Monitors {
+    fn drop(&mut self) {
+        for child in self.children.values_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn_monitor(config: &Path, dir: &Path, id: u64) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("m{id}.log")))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_ha-monitor"))
+        .arg("--config")
+        .arg(config)
+        .arg("--dev")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn token_request(i: usize) -> CreateJoinTokenRequest {
+    CreateJoinTokenRequest {
+        request_id: format!("proc-test-{i}"),
+        kind: NodeKind::Postgres.into(),
+        ttl_ms: 3_600_000,
+        group: "main".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_leader_serves_within_two_seconds_after_kill_9() {
+    let mut monitors = Monitors::new(3);
+    let leader = monitors.leader(Duration::from_secs(10)).await;
+    let mut c = monitors.client(leader).await.unwrap();
+    c.create_join_token(token_request(0)).await.unwrap();
+
+    let killed_at = Instant::now();
+    monitors.kill(leader);
+    let new = monitors.leader(Duration::from_secs(5)).await;
+    // Serving means accepting a write, not only answering a read.
+    let mut c = monitors.client(new).await.unwrap();
+    c.create_join_token(token_request(1)).await.unwrap();
+    let took = killed_at.elapsed();
+    println!("leader {leader} killed; monitor {new} committed a write after {took:?}");
+    assert_ne!(new, leader);
+    assert!(
+        took < Duration::from_secs(2),
+        "a new leader took {took:?} to serve (target 2 s)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_all_mid_stream_keeps_every_acknowledged_proposal_once() {
+    let mut monitors = Monitors::new(3);
+    monitors.leader(Duration::from_secs(10)).await;
+
+    // Propose continuously from a task; kill every monitor while it runs.
+    let addrs = monitors.addrs.clone();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let counter = progress.clone();
+    let writer = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut leader_addr = addrs.values().next().cloned().unwrap();
+        for i in 0..10_000 {
+            let Ok(ch) = Channel::from_shared(format!("http://{leader_addr}"))
+                .unwrap()
+                .connect_timeout(Duration::from_millis(100))
+                .timeout(Duration::from_secs(2))
+                .connect()
+                .await
+            else {
+                return acked;
+            };
+            match OperatorServiceClient::new(ch)
+                .create_join_token(token_request(i))
+                .await
+            {
+                Ok(r) => {
+                    acked.push((i, r.into_inner().token_id));
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(s) => match s.metadata().get(ha_proto::LEADER_ADDR_METADATA) {
+                    Some(hint) => leader_addr = hint.to_str().unwrap().to_owned(),
+                    None => return acked,
+                },
+            }
+        }
+        acked
+    });
+    // Kill everything once some proposals went through, while the writer is mid-stream.
+    let end = Instant::now() + Duration::from_secs(20);
+    while progress.load(Ordering::SeqCst) < 50 {
+        assert!(
+            Instant::now() < end && !writer.is_finished(),
+            "the writer made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for id in [1, 2, 3] {
+        monitors.kill(id);
+    }
+    let acked = timeout(Duration::from_secs(10), writer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        acked.len() >= 3,
+        "too few proposals before the kill: {}",
+        acked.len()
+    );
+
+    for id in [1, 2, 3] {
+        monitors.start(id);
+    }
+    let leader = monitors.leader(Duration::from_secs(10)).await;
+    let mut c = monitors.client(leader).await.unwrap();
+    let events = c
+        .events(EventsRequest {
+            after_seq: 0,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    for (i, token_id) in &acked {
+        let count = events
+            .iter()
+            .filter(|e| e.kind == "token_created" && e.message.contains(token_id.as_str()))
+            .count();
+        assert_eq!(
+            count, 1,
+            "acknowledged proposal {i} (token {token_id}) found {count} times"
+        );
+    }
+    println!(
+        "{} proposals acknowledged before kill -9 of all monitors; all present once after restart",
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_report_status_and_token_refusals() {
+    use ha_proto::v1::agent_service_client::AgentServiceClient;
+    use ha_proto::v1::{
+        Endpoint, JoinRequest, ObservedState, PgRole, PostgresObservation, ReportRequest,
+        observed_state,
+    };
+
+    let monitors = Monitors::new(3);
+    let leader = monitors.leader(Duration::from_secs(10)).await;
+    let mut op = monitors.client(leader).await.unwrap();
+    let token = op
+        .create_join_token(token_request(0))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    // The same request id again must not hand out a second, unusable secret.
+    let again = op.create_join_token(token_request(0)).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::AlreadyExists);
+
+    let ch = Channel::from_shared(format!("http://{}", monitors.addrs[&leader]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut agent = AgentServiceClient::new(ch);
+    let join = |token: String, node: &str| JoinRequest {
+        token,
+        node: node.into(),
+        kind: NodeKind::Postgres.into(),
+        endpoint: Some(Endpoint {
+            host: "127.0.0.1".into(),
+            port: 5432,
+        }),
+        csr_pem: String::new(),
+        group: String::new(),
+    };
+    let joined = agent
+        .join(join(token.clone(), "psql1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(joined.monitors.len(), 3);
+
+    // Reused, forged and malformed tokens are refused and register nothing.
+    let reused = agent.join(join(token.clone(), "psql9")).await.unwrap_err();
+    assert_eq!(reused.code(), tonic::Code::PermissionDenied, "{reused:?}");
+    let mut forged = token.clone();
+    forged.pop();
+    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    let forged = agent.join(join(forged, "psql9")).await.unwrap_err();
+    assert_eq!(forged.code(), tonic::Code::PermissionDenied, "{forged:?}");
+    let malformed = agent.join(join("hello".into(), "psql9")).await.unwrap_err();
+    assert_eq!(malformed.code(), tonic::Code::PermissionDenied);
+
+    let report = agent
+        .report(ReportRequest {
+            observed: Some(ObservedState {
+                node: "psql1".into(),
+                kind: NodeKind::Postgres.into(),
+                detail: Some(observed_state::Detail::Postgres(PostgresObservation {
+                    role: PgRole::Empty.into(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.lease_ms, 3000);
+    // An unknown node may not report.
+    let stranger = agent
+        .report(ReportRequest {
+            observed: Some(ObservedState {
+                node: "psql9".into(),
+                kind: NodeKind::Postgres.into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stranger.code(), tonic::Code::NotFound);
+
+    // The first node of the group is told to bootstrap, at epoch 1.
+    let end = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let s = op
+            .status(StatusRequest { linearizable: true })
+            .await
+            .unwrap()
+            .into_inner();
+        if s.nodes.iter().any(|n| n.name == "psql1" && n.goal != 0) {
+            break s;
+        }
+        assert!(Instant::now() < end, "no goal assigned: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let node = status.nodes.iter().find(|n| n.name == "psql1").unwrap();
+    assert_eq!(node.goal, i32::from(ha_proto::v1::GoalState::Single));
+    assert_eq!(node.epoch, 1);
+    assert!(!status.nodes.iter().any(|n| n.name == "psql9"));
+    assert_eq!(status.monitors.iter().filter(|m| m.leader).count(), 1);
+
+    // A follower refuses writes and names the leader.
+    let follower = *monitors.addrs.keys().find(|id| **id != leader).unwrap();
+    let mut f = monitors.client(follower).await.unwrap();
+    let refused = f.create_join_token(token_request(1)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        refused
+            .metadata()
+            .get(ha_proto::LEADER_ADDR_METADATA)
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        monitors.addrs[&leader]
+    );
+}
