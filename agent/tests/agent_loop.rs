@@ -190,18 +190,7 @@ hba = [
         );
         let config_path = self.root.path().join(format!("{name}.toml"));
         std::fs::write(&config_path, config).unwrap();
-        let log = self.root.path().join(format!("{name}-agent.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_ha-agent"))
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--dev")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        self.logs.push(log);
+        let child = self.spawn_agent(name);
         self.logs.push(dir.join("data.log"));
         self.agents.push(Agent {
             name: name.into(),
@@ -210,6 +199,36 @@ hba = [
             socket_dir: dir,
             port,
         });
+    }
+
+    /// Starts (or restarts) the agent process of `name` with its config file.
+    fn spawn_agent(&mut self, name: &str) -> Child {
+        let log = self.root.path().join(format!("{name}-agent.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        if !self.logs.contains(&log) {
+            self.logs.push(log);
+        }
+        Command::new(env!("CARGO_BIN_EXE_ha-agent"))
+            .arg("--config")
+            .arg(self.root.path().join(format!("{name}.toml")))
+            .arg("--dev")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap()
+    }
+
+    fn restart_agent(&mut self, name: &str) {
+        let child = self.spawn_agent(name);
+        let agent = self.agents.iter_mut().find(|a| a.name == name).unwrap();
+        assert!(agent.child.is_none(), "{name}'s agent still runs");
+        agent.child = Some(child);
     }
 
     fn agent(&self, name: &str) -> &Agent {
@@ -518,4 +537,42 @@ async fn bootstrap_standby_then_failover_after_primary_crash() {
     write(cluster.agent("psql2"), 4, Duration::from_secs(5))
         .await
         .unwrap();
+
+    // A restarted agent adopts the running server and renews its lease.
+    cluster.restart_agent("psql2");
+    cluster
+        .wait_for(
+            &mut op,
+            "the restarted agent reports",
+            Duration::from_secs(30),
+            |s| {
+                node(s, "psql2").is_some_and(|n| {
+                    n.last_report_age_ms.is_some_and(|ms| ms < 400)
+                        && n.reached == i32::from(v1::GoalState::Primary)
+                })
+            },
+        )
+        .await;
+    assert_eq!(postmaster_pid(&cluster.agent("psql2").data_dir), Some(pid));
+
+    // Lease self-fencing: with the monitor gone, the primary's agent stops PostgreSQL once the
+    // 3 s lease has passed since its last answered report (sent at most ~0.5 s before the
+    // kill), and before the monitor's lease + margin (4 s) could allow a promotion.
+    let lost = Instant::now();
+    let _ = cluster.monitor.kill();
+    let _ = cluster.monitor.wait();
+    let fence_deadline = lost + Duration::from_secs(10);
+    while is_postgres(pid) {
+        assert!(
+            Instant::now() < fence_deadline,
+            "the primary never fenced itself"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let fenced = lost.elapsed();
+    println!("monitor lost to primary stopped by its own agent: {fenced:?}");
+    assert!(
+        fenced >= Duration::from_millis(2000) && fenced < Duration::from_secs(4),
+        "fenced after {fenced:?}: expected once the 3 s lease passed, before lease + margin"
+    );
 }
