@@ -6,6 +6,35 @@
 //! address, absolute paths, an existing PostgreSQL bin dir and OS user; secrets (the join token)
 //! live in files that only their owner can read, never on a command line. The role section maps
 //! onto the controller's [`PgConfig`] in one place ([`PostgresRole::pg_config`]).
+//!
+//! ```toml
+//! role = "postgres"
+//! node = "psql1server"
+//! group = "main"
+//! monitors = ["10.0.0.21:7400", "10.0.0.22:7400", "10.0.0.23:7400"]
+//! join_token_file = "/etc/ha/join-token"      # mode 0600; read only until the node joined
+//! state_dir = "/var/lib/ha-agent"
+//! dev = true                                  # plaintext gRPC (also needs --dev)
+//! # allow_drills = false, report_interval = "500ms", rpc_timeout = "1s",
+//! # stop_postgres_on_shutdown = false
+//!
+//! [postgres]
+//! data_dir = "/var/lib/postgresql/15/ha"
+//! port = 5432
+//! listen_addresses = ["10.0.0.10"]
+//! advertise_host = "10.0.0.10"                # what peers and monitors connect to
+//! socket_dir = "/run/postgresql"
+//! # bin_dir = "/usr/lib/postgresql/15/bin", os_user = "postgres",
+//! # replication_user = "replicator", log_file, start_timeout, stop_timeout
+//! settings = { shared_buffers = "128MB" }
+//!
+//! [[postgres.hba]]                            # besides local trust for the agent
+//! type = "host"
+//! database = "replication"
+//! user = "replicator"
+//! address = "10.0.0.11/32"
+//! method = "scram-sha-256"
+//! ```
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt as _;
@@ -519,6 +548,23 @@ method = "trust"
         assert!(err(&no_section).contains("[postgres] section"));
         let flag_missing = AgentConfig::parse(GOOD, Path::new("a.toml"), false).unwrap_err();
         assert!(flag_missing.to_string().contains("--dev"));
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let source = include_str!("config.rs");
+        let example: String = source
+            .lines()
+            .skip_while(|l| *l != "//! ```toml")
+            .skip(1)
+            .take_while(|l| *l != "//! ```")
+            .map(|l| format!("{}\n", l.trim_start_matches("//!").trim_start()))
+            .collect();
+        let c = parse(&example).unwrap();
+        assert_eq!(c.monitors.len(), 3);
+        let RoleConfig::Postgres(pg) = &c.role;
+        assert_eq!(pg.advertise.to_string(), "10.0.0.10:5432");
+        assert_eq!(pg.pg.hba.len(), 2);
     }
 
     #[test]

@@ -336,8 +336,11 @@ impl<L: MonitorLink> Reconciler<L> {
                     info!(node = %self.node, "reports answered by the monitor leader");
                     self.monitor_ok = Some(true);
                 }
-                self.lease
-                    .renew(r.sent_at, Duration::from_millis(resp.lease_ms));
+                // A zero lease would be a monitor bug; it grants nothing rather than fencing.
+                if resp.lease_ms > 0 {
+                    self.lease
+                        .renew(r.sent_at, Duration::from_millis(resp.lease_ms));
+                }
                 if self.lease_fenced && !self.lease.expired(Instant::now()) {
                     info!(node = %self.node, "lease renewed after fencing: resuming the goal");
                     self.lease_fenced = false;
