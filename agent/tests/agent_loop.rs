@@ -2,7 +2,9 @@
 //! 15 servers on loopback: the first node bootstraps as primary, the second becomes a streaming
 //! standby; then the primary's postmaster and its agent are killed with SIGKILL and the standby
 //! must be promoted under a new epoch. The time from the kill to the first acknowledged write on
-//! the new primary is printed.
+//! the new primary is printed. Then the new primary's agent is stopped with SIGTERM (PostgreSQL
+//! keeps serving), restarted (it adopts the server), and the monitor is killed: the agent must
+//! fence its primary once the lease has passed. A bad config file exits 64.
 //!
 //! Every process is started by this test and ended by PID from a guard, even on failure; on
 //! failure the guard prints the tail of every log.
@@ -574,5 +576,32 @@ async fn bootstrap_standby_then_failover_after_primary_crash() {
     assert!(
         fenced >= Duration::from_millis(2000) && fenced < Duration::from_secs(4),
         "fenced after {fenced:?}: expected once the 3 s lease passed, before lease + margin"
+    );
+}
+
+#[test]
+fn a_bad_config_exits_64_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "role = \"postgres\"\nnode = \"Bad Name\"\n").unwrap();
+    for args in [vec!["--dev"], vec![]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ha-agent"))
+            .arg("--config")
+            .arg(&config)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("invalid configuration"), "{stderr}");
+    }
+    let missing = Command::new(env!("CARGO_BIN_EXE_ha-agent"))
+        .args(["--config", "/nonexistent/agent.toml", "--dev"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(64));
+    assert!(
+        dir.path().read_dir().unwrap().count() == 1,
+        "nothing was created"
     );
 }
