@@ -121,6 +121,8 @@ pub struct RaftStatus {
     pub matched: BTreeMap<u64, u64>,
     /// Set when this member was removed from the group; the process should stop.
     pub removed: bool,
+    /// Set when the group refused this member (it came back with wiped data).
+    pub refused: Option<String>,
     pub stopped: bool,
 }
 
@@ -132,11 +134,13 @@ impl RaftStatus {
     }
 }
 
-/// Transport feedback raft-rs needs to pace replication.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Transport feedback: what raft-rs needs to pace replication, and the group's refusal of
+/// this member (its data was wiped: see `incarnation`), which stops it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Feedback {
     Unreachable(u64),
     SnapshotDone { to: u64, ok: bool },
+    Refused(String),
 }
 
 /// Sends raft messages to other members. Implementations must not block the raft thread:
@@ -233,6 +237,11 @@ impl RaftHandle {
 
     pub fn watch_status(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()
+    }
+
+    /// Stops this member because the group refuses it (see `incarnation`).
+    pub fn refuse(&self, why: String) {
+        let _ = self.tx.send(Request::Feedback(Feedback::Refused(why)));
     }
 
     /// Asks the raft thread to stop after persisting what it has; returns immediately.
@@ -346,6 +355,7 @@ where
         conf_changes: HashMap::new(),
         was_leader: false,
         removed: false,
+        refused: None,
     };
     let thread = thread::Builder::new()
         .name(format!("raft-{}", node.settings.id))
@@ -371,6 +381,7 @@ struct Node<S: StateMachine<Output = Vec<u8>>, T: Transport> {
     persisted_sm_index: u64,
     was_leader: bool,
     removed: bool,
+    refused: Option<String>,
 }
 
 impl<S: StateMachine<Output = Vec<u8>>, T: Transport> Node<S, T> {
@@ -417,6 +428,9 @@ impl<S: StateMachine<Output = Vec<u8>>, T: Transport> Node<S, T> {
                 );
                 break;
             }
+            if self.refused.is_some() {
+                break;
+            }
         }
         self.shutdown();
     }
@@ -439,6 +453,7 @@ impl<S: StateMachine<Output = Vec<u8>>, T: Transport> Node<S, T> {
         self.status.send_modify(|s| {
             s.stopped = true;
             s.removed = self.removed;
+            s.refused.clone_from(&self.refused);
             s.is_leader = false;
         });
     }
@@ -501,6 +516,10 @@ impl<S: StateMachine<Output = Vec<u8>>, T: Transport> Node<S, T> {
                 }
             }
             Request::Feedback(Feedback::Unreachable(to)) => self.raw.report_unreachable(to),
+            Request::Feedback(Feedback::Refused(why)) => {
+                error!(id = self.settings.id, %why, "the monitor group refuses this member; stopping");
+                self.refused = Some(why);
+            }
             Request::Feedback(Feedback::SnapshotDone { to, ok }) => {
                 let status = if ok {
                     SnapshotStatus::Finish
@@ -826,6 +845,7 @@ impl<S: StateMachine<Output = Vec<u8>>, T: Transport> Node<S, T> {
             members: self.members.clone(),
             matched,
             removed: self.removed,
+            refused: self.refused.clone(),
             stopped: false,
         };
         self.status.send_if_modified(|s| {

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod config;
 pub mod consensus;
 pub mod decide;
+pub mod incarnation;
 pub mod logging;
 pub mod machine;
 pub mod server;

@@ -29,6 +29,8 @@ use crate::catalog::{self, Applied, Catalog, Command, Op, Registration, Rejected
 use crate::config::MonitorConfig;
 use crate::consensus::{self, ProposeError, RaftHandle, RaftSettings};
 use crate::decide::{self, Observations, ProbeResult, Report};
+use crate::incarnation::{self, Incarnations};
+
 use crate::machine::{self, CatalogMachine};
 use crate::storage::RaftStore;
 use crate::transport::{self, ChannelFactory, GrpcTransport};
@@ -110,6 +112,7 @@ struct Soft {
 #[derive(Debug)]
 pub struct Monitor {
     id: u64,
+    incarnations: incarnation::Shared,
     raft: RaftHandle,
     catalog: watch::Receiver<Arc<Catalog>>,
     soft: Mutex<Soft>,
@@ -759,7 +762,43 @@ pub struct PeerApi(Arc<Monitor>);
 #[tonic::async_trait]
 impl peer_service_server::PeerService for PeerApi {
     async fn raft(&self, request: Request<v1::RaftBatch>) -> Result<Response<v1::RaftAck>, Status> {
+        let incarnation = request
+            .metadata()
+            .get(incarnation::METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| Status::invalid_argument("raft batch without a valid incarnation"))?;
+        let claimed = request
+            .metadata()
+            .get(incarnation::PEER_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
         let batch = request.into_inner();
+        // A removed monitor that missed its own removal keeps campaigning: tell it to stop.
+        let members = self.0.raft.status().members;
+        if !members.is_empty() && !members.contains_key(&batch.from) {
+            return Err(Status::failed_precondition(format!(
+                "{}: monitor {} was removed (members: {:?}); add it back under a new id",
+                incarnation::NOT_A_MEMBER,
+                batch.from,
+                members.keys().collect::<Vec<_>>()
+            )));
+        }
+        let own = {
+            let mut records = incarnation::lock(&self.0.incarnations);
+            if let Some(claimed) = claimed
+                && let Err(why) = records.check_claim(self.0.id, batch.from, claimed)
+            {
+                // This member is the wiped one: stop before stepping anything of the group.
+                self.0.raft.refuse(why.clone());
+                return Err(Status::failed_precondition(why));
+            }
+            if let Err(why) = records.check(batch.from, incarnation) {
+                warn!(from = batch.from, %why, "raft batch refused");
+                return Err(Status::failed_precondition(why));
+            }
+            records.own()
+        };
         let messages = transport::decode(&batch.messages)
             .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))?;
         for msg in messages {
@@ -771,7 +810,11 @@ impl peer_service_server::PeerService for PeerApi {
             }
             self.0.raft.step(msg).map_err(raft_status)?;
         }
-        Ok(Response::new(v1::RaftAck {}))
+        let mut answer = Response::new(v1::RaftAck {});
+        if let Ok(v) = own.to_string().parse() {
+            answer.metadata_mut().insert(incarnation::METADATA, v);
+        }
+        Ok(answer)
     }
 }
 
@@ -873,6 +916,10 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Start(#[from] consensus::StartError),
+    #[error("incarnation records: {0}")]
+    Incarnation(#[from] crate::incarnation::IncarnationError),
+    #[error("{0}")]
+    Refused(String),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
 }
@@ -901,10 +948,13 @@ pub async fn run(
         source,
     })?;
     let db_path = config.data_dir.join("raft.redb");
+    let fresh_log = !db_path.exists();
     let store = open_store(&db_path)?;
+    let incarnations = Arc::new(Mutex::new(Incarnations::open(&config.data_dir, fresh_log)?));
     let (machine, catalog) = CatalogMachine::new();
     let transport = GrpcTransport::new(
         config.id,
+        incarnations.clone(),
         tokio::runtime::Handle::current(),
         plaintext_channels(),
         config.members.clone(),
@@ -918,6 +968,7 @@ pub async fn run(
     let (raft, raft_thread) = consensus::spawn(settings, store, machine, transport, bootstrap)?;
     let monitor = Arc::new(Monitor {
         id: config.id,
+        incarnations,
         raft: raft.clone(),
         catalog,
         soft: Mutex::new(Soft {
@@ -935,13 +986,13 @@ pub async fn run(
     tokio::spawn(decide_loop(monitor.clone()));
     tokio::spawn(probe_loop(monitor.clone()));
     tokio::spawn(timings_loop(monitor.clone(), config.timings.catalog()));
-    // A removed member stops by itself.
-    let mut status = raft.watch_status();
-    let stop_on_removal = shutdown.clone();
-    tokio::spawn(async move {
-        if status.wait_for(|s| s.removed || s.stopped).await.is_ok() {
-            stop_on_removal.cancel();
-        }
+    // The process lives as long as its raft thread: a removed or refused member stops, and so
+    // does one whose raft thread died (raft-rs panics on a broken invariant).
+    let stop_with_raft = shutdown.clone();
+    let raft_exit = tokio::task::spawn_blocking(move || {
+        let result = raft_thread.join();
+        stop_with_raft.cancel();
+        result.is_err()
     });
 
     let server = tonic::transport::Server::builder()
@@ -958,9 +1009,16 @@ pub async fn run(
     let served = server.await;
     shutdown.cancel();
     raft.stop();
-    let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
+    let panicked = raft_exit.await.unwrap_or(true);
     info!(id = config.id, "monitor stopped");
-    served.map_err(ServeError::from)
+    served.map_err(ServeError::from)?;
+    match raft.status().refused {
+        Some(why) => Err(ServeError::Refused(why)),
+        None if panicked => Err(ServeError::Refused(
+            "the raft thread died on a broken invariant (see the panic above); the data directory may be inconsistent with the group".into(),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn open_store(path: &Path) -> Result<RaftStore, ServeError> {

@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 use tracing::{debug, warn};
 
 use crate::consensus::{Feedback, FeedbackSender, Members, Transport};
+use crate::incarnation;
 
 /// Makes a (lazily connecting) channel to a peer address; TLS is decided by the caller.
 pub type ChannelFactory = Arc<dyn Fn(&str) -> Result<Channel, String> + Send + Sync>;
@@ -43,6 +44,7 @@ const PEER_QUEUE: usize = 64;
 /// Raft over the monitors' `PeerService`.
 pub struct GrpcTransport {
     from: u64,
+    incarnations: incarnation::Shared,
     runtime: tokio::runtime::Handle,
     channels: ChannelFactory,
     /// Addresses known before the replicated member list has them (a member being added).
@@ -67,12 +69,14 @@ impl std::fmt::Debug for GrpcTransport {
 impl GrpcTransport {
     pub fn new(
         from: u64,
+        incarnations: incarnation::Shared,
         runtime: tokio::runtime::Handle,
         channels: ChannelFactory,
         seeds: Members,
     ) -> Self {
         Self {
             from,
+            incarnations,
             runtime,
             channels,
             seeds,
@@ -93,10 +97,14 @@ impl GrpcTransport {
                 }
             };
             let (queue, rx) = mpsc::channel(PEER_QUEUE);
-            let from = self.from;
+            let sender = Sender {
+                from: self.from,
+                incarnations: self.incarnations.clone(),
+                to,
+            };
             let fb = feedback.clone();
             self.runtime
-                .spawn(deliver(from, to, PeerServiceClient::new(channel), rx, fb));
+                .spawn(deliver(sender, PeerServiceClient::new(channel), rx, fb));
             self.peers.insert(
                 to,
                 Peer {
@@ -145,9 +153,16 @@ fn report_failure(to: u64, batch: &[Message], feedback: &FeedbackSender) {
     }
 }
 
-async fn deliver(
+/// Who sends a batch, and to whom.
+#[derive(Debug, Clone)]
+struct Sender {
     from: u64,
+    incarnations: incarnation::Shared,
     to: u64,
+}
+
+async fn deliver(
+    sender: Sender,
     mut client: PeerServiceClient<Channel>,
     mut rx: mpsc::Receiver<Vec<Message>>,
     feedback: FeedbackSender,
@@ -160,15 +175,47 @@ async fn deliver(
         let has_snapshot = batch
             .iter()
             .any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
-        let request = RaftBatch {
+        let Sender {
+            from,
+            ref incarnations,
+            to,
+        } = sender;
+        let mut request = tonic::Request::new(RaftBatch {
             from,
             messages: encode(&batch),
+        });
+        let (own, known) = {
+            let records = incarnation::lock(incarnations);
+            (records.own(), records.known(to))
         };
+        let md = request.metadata_mut();
+        if let Ok(v) = own.to_string().parse() {
+            md.insert(incarnation::METADATA, v);
+        }
+        if let Some(Ok(v)) = known.map(|k| k.to_string().parse()) {
+            md.insert(incarnation::PEER_METADATA, v);
+        }
         match client.raft(request).await {
-            Ok(_) => {
+            Ok(answer) => {
+                let theirs = answer
+                    .metadata()
+                    .get(incarnation::METADATA)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if let Some(theirs) = theirs
+                    && let Err(why) = incarnation::lock(incarnations).check(to, theirs)
+                {
+                    warn!(to, %why, "a peer came back with wiped data; it will stop by itself");
+                }
                 if has_snapshot {
                     feedback.report(Feedback::SnapshotDone { to, ok: true });
                 }
+            }
+            Err(status)
+                if status.code() == tonic::Code::FailedPrecondition
+                    && incarnation::is_refusal(status.message()) =>
+            {
+                feedback.report(Feedback::Refused(status.message().to_owned()));
             }
             Err(status) => {
                 debug!(to, code = ?status.code(), message = status.message(), "raft batch not delivered");

@@ -372,3 +372,42 @@ async fn join_report_status_and_token_refusals() {
         monitors.addrs[&leader]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_monitor_is_refused_and_stops() {
+    let mut monitors = Monitors::new(3);
+    let leader = monitors.leader(Duration::from_secs(10)).await;
+    let mut c = monitors.client(leader).await.unwrap();
+    c.create_join_token(token_request(0)).await.unwrap();
+    let wiped = *monitors.addrs.keys().find(|id| **id != leader).unwrap();
+    monitors.kill(wiped);
+    std::fs::remove_dir_all(monitors.dir.path().join(format!("m{wiped}"))).unwrap();
+    monitors.start(wiped);
+
+    // The wiped member is told it was refused and exits on its own, with the fix in its log.
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = monitors
+            .children
+            .get_mut(&wiped)
+            .unwrap()
+            .try_wait()
+            .unwrap()
+        {
+            break status;
+        }
+        assert!(Instant::now() < end, "the wiped monitor kept running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    monitors.children.remove(&wiped);
+    assert!(!status.success());
+    let log = std::fs::read_to_string(monitors.dir.path().join(format!("m{wiped}.log"))).unwrap();
+    assert!(
+        log.contains(&format!("haclt monitor remove {wiped}")),
+        "{log}"
+    );
+    // The group goes on with the two others.
+    let leader = monitors.leader(Duration::from_secs(5)).await;
+    let mut c = monitors.client(leader).await.unwrap();
+    c.create_join_token(token_request(1)).await.unwrap();
+}
