@@ -1,7 +1,11 @@
 //! `ha-agent`: the daemon on every PostgreSQL and ejabberd node.
 //!
 //! It reports what it observes to the monitor leader and converges its node to the goal the
-//! monitor assigns, one idempotent step at a time.
+//! monitor assigns, one idempotent step at a time. [`config`] validates the TOML file before
+//! anything starts; [`run::run`] is the daemon (join, reconcile loop, lease self-fencing);
+//! [`pg`] drives the local PostgreSQL server and [`ejabberd`] a local ejabberd.
 
+pub mod config;
 pub mod ejabberd;
 pub mod pg;
+pub mod run;

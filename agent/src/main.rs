@@ -1,0 +1,87 @@
+//! `ha-agent --config PATH [--dev]`: parses arguments, validates the configuration (exit 64 on
+//! a bad one, before anything starts), starts logging, and runs the agent until SIGTERM or
+//! SIGINT. PostgreSQL is left running on exit (the next agent adopts it) unless configured
+//! otherwise.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ha_agent::config::AgentConfig;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+/// The agent of one PostgreSQL node: reports to the monitors and follows their goals.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The agent's TOML configuration file.
+    #[arg(long, env = "HA_AGENT_CONFIG")]
+    config: PathBuf,
+    /// Allow plaintext gRPC to the monitors (the file must also say `dev = true`).
+    #[arg(long)]
+    dev: bool,
+}
+
+const EX_USAGE: u8 = 64;
+const EX_SOFTWARE: u8 = 70;
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    let config = match AgentConfig::load(&args.config, args.dev) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ha-agent: invalid configuration: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    // Logs go to stderr (journald keeps both streams; stdout stays free for tools).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    if config.dev {
+        tracing::warn!("DEV MODE: plaintext gRPC to the monitors; never use this in production");
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ha-agent: cannot start the async runtime: {e}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("ha-agent: cannot install signal handlers: {e}");
+                return ExitCode::from(EX_SOFTWARE);
+            }
+        };
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+            on_signal.cancel();
+        });
+        match ha_agent::run::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "agent stopped");
+                eprintln!("ha-agent: {e}");
+                ExitCode::from(EX_SOFTWARE)
+            }
+        }
+    })
+}

@@ -1,0 +1,739 @@
+//! The agent daemon: join once, then the reconcile loop (report, take the goal, converge one
+//! step at a time) until shutdown.
+//!
+//! Invariants:
+//! - a goal with an epoch lower than the persisted one is refused (logged and reported); a
+//!   higher epoch is persisted before the goal is acted upon;
+//! - while the goal is writable, PostgreSQL is fenced (fast stop at once, then the controller's
+//!   fence step) as soon as `lease` has passed since the send time of the last answered report,
+//!   and stays fenced until a report is answered again;
+//! - reporting never waits for a controller step: steps run in the worker task and the loop
+//!   reports the step in progress meanwhile;
+//! - every transition (goal, reached goal, step, error, lease, monitor reachability) is logged
+//!   once at info or warn, with its reason.
+
+pub mod lease;
+pub mod monitors;
+pub mod state;
+pub mod worker;
+
+use std::time::Duration;
+
+use ha_proto::convert::Goal;
+use ha_proto::types::{GoalState, NodeKind};
+use ha_proto::{NodeId, v1};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+use tracing::{debug, error, info, warn};
+
+use crate::config::{self, AgentConfig, ConfigError, PostgresRole, RoleConfig};
+use crate::pg::{Action, PgController, PgError, StopMode};
+use lease::Lease;
+use monitors::{MonitorLink, Monitors};
+use state::{AgentState, EpochCheck, StateError, StateFile};
+use worker::{Job, WorkerEvent};
+
+/// Pause between attempts when no monitor answers (join, goal stream).
+const RETRY: Duration = Duration::from_millis(300);
+/// How long shutdown waits for a controller step in progress.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the agent stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("agent state: {0}")]
+    State(#[from] StateError),
+    #[error("PostgreSQL: {0}")]
+    Pg(#[from] PgError),
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("the node has not joined yet and no join_token_file is configured")]
+    NoToken,
+    #[error("the monitors refused the join: {0}")]
+    JoinRefused(String),
+    #[error("the PostgreSQL worker task ended unexpectedly")]
+    WorkerGone,
+}
+
+/// Runs the agent until `shutdown` is cancelled. PostgreSQL is left running at the end unless
+/// the config says `stop_postgres_on_shutdown`.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    let state_file = StateFile::new(&config.state_dir);
+    let mut state = state_file.load()?;
+    info!(node = %config.node, epoch = %state.highest_epoch, joined = state.joined, "agent starting");
+    let RoleConfig::Postgres(role) = &config.role;
+    let ctl = PgController::new(role.pg_config())?;
+    let monitors = Monitors::new(config.monitors.clone(), config.rpc_timeout);
+    if !state.joined {
+        tokio::select! {
+            r = join(&config, role, &monitors) => r?,
+            () = shutdown.cancelled() => return Ok(()),
+        }
+        state.joined = true;
+        state_file.store(&state)?;
+    }
+
+    let (job_tx, job_rx) = mpsc::channel(1);
+    let (event_tx, event_rx) = mpsc::channel(16);
+    let worker = tokio::spawn(worker::run(ctl, job_rx, event_tx));
+    let (goal_tx, goal_rx) = mpsc::channel(8);
+    let watcher = tokio::spawn(watch_goals(
+        monitors.clone(),
+        config.node.clone(),
+        goal_tx,
+        shutdown.child_token(),
+    ));
+    let core = Reconciler::new(&config, state, state_file, monitors);
+    let result = reconcile(core, goal_rx, job_tx, event_rx, shutdown).await;
+    watcher.abort();
+    info!(node = %config.node, "reporting stopped");
+    // The job channel is closed: the worker ends after the step in progress.
+    match tokio::time::timeout(SHUTDOWN_GRACE, worker).await {
+        Ok(Ok(mut ctl)) if config.stop_postgres_on_shutdown => {
+            info!(node = %config.node, "stopping PostgreSQL as configured");
+            ctl.stop(StopMode::Fast).await?;
+        }
+        Ok(Ok(_)) => info!(node = %config.node, "leaving PostgreSQL running"),
+        Ok(Err(e)) => warn!(node = %config.node, error = %e, "worker task failed"),
+        Err(_) => warn!(node = %config.node, "a controller step outlived the shutdown grace"),
+    }
+    result
+}
+
+/// Registers the node with its join token, retrying while no monitor leads.
+async fn join(cfg: &AgentConfig, role: &PostgresRole, monitors: &Monitors) -> Result<(), RunError> {
+    let path = cfg.join_token_file.as_ref().ok_or(RunError::NoToken)?;
+    let mut last_error = String::new();
+    loop {
+        let request = v1::JoinRequest {
+            token: config::read_token(path)?,
+            node: cfg.node.to_string(),
+            kind: v1::NodeKind::from(cfg.role.kind()).into(),
+            endpoint: Some(role.advertise.clone().into()),
+            // Plaintext (--dev) clusters issue no certificates.
+            csr_pem: String::new(),
+            group: cfg.group.clone(),
+        };
+        let answer = monitors
+            .call(|mut c| {
+                let r = request.clone();
+                async move { c.join(r).await }
+            })
+            .await;
+        match answer {
+            Ok(resp) => {
+                info!(node = %cfg.node, group = %cfg.group, monitors = resp.monitors.len(), "joined the cluster");
+                return Ok(());
+            }
+            Err(s) if s.code() == Code::AlreadyExists => {
+                // A previous run joined but crashed before persisting it.
+                warn!(node = %cfg.node, reason = %s.message(), "already registered: treating the node as joined");
+                return Ok(());
+            }
+            Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded) => {
+                if s.message() != last_error {
+                    warn!(node = %cfg.node, error = %s.message(), "no monitor leader to join yet; retrying");
+                    last_error = s.message().to_owned();
+                }
+                tokio::time::sleep(RETRY).await;
+            }
+            Err(s) => {
+                return Err(RunError::JoinRefused(format!(
+                    "{:?}: {}",
+                    s.code(),
+                    s.message()
+                )));
+            }
+        }
+    }
+}
+
+/// Forwards every goal the leader pushes; reconnects (to the new leader) when the stream ends.
+async fn watch_goals(
+    monitors: Monitors,
+    node: NodeId,
+    goals: mpsc::Sender<v1::Goal>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let request = v1::WatchGoalRequest {
+            node: node.to_string(),
+        };
+        let stream = monitors
+            .call(|mut c| {
+                let r = request.clone();
+                async move { c.watch_goal(r).await }
+            })
+            .await;
+        match stream {
+            Ok(mut stream) => loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    item = stream.message() => match item {
+                        Ok(Some(goal)) => if goals.send(goal).await.is_err() { return },
+                        Ok(None) => { debug!("goal stream ended"); break }
+                        Err(e) => { debug!(error = %e.message(), "goal stream failed"); break }
+                    },
+                }
+            },
+            Err(e) => debug!(error = %e.message(), "cannot watch the goal"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(RETRY) => {}
+        }
+    }
+}
+
+/// The answer to one report, with the instant its request was sent.
+#[derive(Debug)]
+pub struct ReportResult {
+    pub sent_at: Instant,
+    pub result: Result<v1::ReportResponse, Status>,
+}
+
+/// The loop's state; each event handler is synchronous, the driver ([`reconcile`]) does I/O.
+#[derive(Debug)]
+pub struct Reconciler<L> {
+    node: NodeId,
+    kind: NodeKind,
+    allow_drills: bool,
+    link: L,
+    state: AgentState,
+    state_file: StateFile,
+    goal: Option<Goal>,
+    reached: Option<GoalState>,
+    step: String,
+    last_error: String,
+    observed: Option<v1::PostgresObservation>,
+    postmaster_pid: Option<i32>,
+    lease: Lease,
+    lease_fenced: bool,
+    report_interval: Duration,
+    report_in_flight: bool,
+    monitor_ok: Option<bool>,
+    worker_busy: bool,
+    want_job: bool,
+    last_drill: String,
+}
+
+impl<L: MonitorLink> Reconciler<L> {
+    pub fn new(cfg: &AgentConfig, state: AgentState, state_file: StateFile, link: L) -> Self {
+        Self {
+            node: cfg.node.clone(),
+            kind: cfg.role.kind(),
+            allow_drills: cfg.allow_drills,
+            link,
+            state,
+            state_file,
+            goal: None,
+            reached: None,
+            step: String::new(),
+            last_error: String::new(),
+            observed: None,
+            postmaster_pid: None,
+            lease: Lease::new(),
+            lease_fenced: false,
+            report_interval: cfg.report_interval,
+            report_in_flight: false,
+            monitor_ok: None,
+            worker_busy: false,
+            want_job: true,
+            last_drill: String::new(),
+        }
+    }
+
+    fn writable_goal(&self) -> bool {
+        self.goal.as_ref().is_some_and(|g| g.state.is_writable())
+    }
+
+    /// When the lease must be enforced: only while the goal is writable and not yet fenced.
+    pub fn lease_deadline(&self) -> Option<Instant> {
+        if self.writable_goal() && !self.lease_fenced {
+            self.lease.expires_at()
+        } else {
+            None
+        }
+    }
+
+    fn set_error(&mut self, error: String) {
+        if error != self.last_error {
+            warn!(node = %self.node, %error, "error");
+            self.last_error = error;
+        }
+    }
+
+    fn clear_error(&mut self) {
+        if !self.last_error.is_empty() {
+            info!(node = %self.node, previous = %self.last_error, "error cleared");
+            self.last_error.clear();
+        }
+    }
+
+    /// The report to send now.
+    pub fn observed_state(&self) -> v1::ObservedState {
+        v1::ObservedState {
+            node: self.node.to_string(),
+            kind: v1::NodeKind::from(self.kind).into(),
+            epoch: self.state.highest_epoch.get(),
+            reached: self.reached.map_or(0, |s| v1::GoalState::from(s).into()),
+            step: self.step.clone(),
+            last_error: self.last_error.clone(),
+            detail: self
+                .observed
+                .clone()
+                .map(v1::observed_state::Detail::Postgres),
+            drill: None,
+        }
+    }
+
+    /// The next worker job.
+    fn job(&mut self) -> Job {
+        let writable = self.writable_goal();
+        if writable && self.lease.expires_at().is_none() {
+            // Writable goals are acted upon only under a lease granted in this run.
+            debug!(node = %self.node, "holding the writable goal until a report is answered");
+            return Job {
+                goal: None,
+                fence: false,
+            };
+        }
+        Job {
+            goal: self.goal.clone(),
+            fence: self.lease_fenced && writable,
+        }
+    }
+
+    /// The lease ran out: stop accepting writes at once, then let the worker fence properly.
+    pub fn on_lease_expired(&mut self, now: Instant) {
+        let since_ms = self
+            .lease
+            .last_ok_send()
+            .map_or(0, |t| now.saturating_duration_since(t).as_millis());
+        warn!(node = %self.node, since_last_ok_send_ms = since_ms,
+              "lease expired without a successful report: fencing PostgreSQL");
+        if let Some(pid) = self.postmaster_pid {
+            // Fast shutdown refuses new connections and ends sessions immediately; the worker's
+            // fence step (which waits for the exit) follows.
+            if let Err(e) = kill(Pid::from_raw(pid), Signal::SIGINT) {
+                warn!(node = %self.node, pid, error = %e, "could not signal the postmaster");
+            }
+        }
+        self.lease_fenced = true;
+        self.want_job = true;
+        self.set_error("lease expired: PostgreSQL fenced".into());
+    }
+
+    pub fn on_report(&mut self, r: ReportResult) {
+        self.report_in_flight = false;
+        match r.result {
+            Ok(resp) => {
+                if self.monitor_ok != Some(true) {
+                    info!(node = %self.node, "reports answered by the monitor leader");
+                    self.monitor_ok = Some(true);
+                }
+                // A zero lease would be a monitor bug; it grants nothing rather than fencing.
+                if resp.lease_ms > 0 {
+                    self.lease
+                        .renew(r.sent_at, Duration::from_millis(resp.lease_ms));
+                }
+                if self.lease_fenced && !self.lease.expired(Instant::now()) {
+                    info!(node = %self.node, "lease renewed after fencing: resuming the goal");
+                    self.lease_fenced = false;
+                    self.want_job = true;
+                }
+                let interval = Duration::from_millis(resp.report_interval_ms.clamp(50, 60_000));
+                if resp.report_interval_ms != 0 && interval != self.report_interval {
+                    info!(node = %self.node, interval_ms = interval.as_millis(), "report interval set by the monitor");
+                    self.report_interval = interval;
+                }
+                if let Some(goal) = resp.goal {
+                    self.on_goal(goal, "report");
+                }
+            }
+            Err(s) => {
+                if self.monitor_ok != Some(false) {
+                    warn!(node = %self.node, code = ?s.code(), error = %s.message(), "report not answered");
+                    self.monitor_ok = Some(false);
+                }
+                if s.code() == Code::NotFound {
+                    self.set_error(format!("monitor: {}", s.message()));
+                }
+            }
+        }
+    }
+
+    pub fn on_goal(&mut self, wire: v1::Goal, source: &'static str) {
+        if let Some(drill) = &wire.drill
+            && drill.id != self.last_drill
+        {
+            // Fault injection is not part of this agent yet; the order is never executed.
+            warn!(node = %self.node, drill = %drill.id, allowed = self.allow_drills,
+                  "drill order not executed: this agent does not inject faults");
+            self.last_drill = drill.id.clone();
+        }
+        let goal = match Goal::try_from(wire) {
+            Ok(g) => g,
+            Err(e) => return self.set_error(format!("invalid goal from the monitor: {e}")),
+        };
+        if goal.node != self.node {
+            return self.set_error(format!("goal for another node ({}) ignored", goal.node));
+        }
+        match self.state.check(goal.epoch) {
+            EpochCheck::Stale { highest } => {
+                return self.set_error(format!(
+                    "refused goal {} with stale epoch {} (highest seen {highest})",
+                    goal.state, goal.epoch
+                ));
+            }
+            EpochCheck::Newer => {
+                let next = AgentState {
+                    highest_epoch: goal.epoch,
+                    ..self.state
+                };
+                if let Err(e) = self.state_file.store(&next) {
+                    error!(node = %self.node, error = %e, "cannot persist the new epoch");
+                    return self.set_error(format!("cannot persist epoch {}: {e}", goal.epoch));
+                }
+                info!(node = %self.node, epoch = %goal.epoch, previous = %self.state.highest_epoch, "new epoch persisted");
+                self.state = next;
+            }
+            EpochCheck::Current => {}
+        }
+        if self.goal.as_ref() != Some(&goal) {
+            info!(node = %self.node, goal = %goal.state, epoch = %goal.epoch, source,
+                  previous = ?self.goal.as_ref().map(|g| g.state), "goal changed");
+            if !goal.state.is_writable() && self.lease_fenced {
+                self.lease_fenced = false;
+            }
+            self.goal = Some(goal);
+            self.want_job = true;
+        }
+    }
+
+    pub fn on_event(&mut self, event: WorkerEvent) {
+        match event {
+            WorkerEvent::Observed {
+                obs,
+                postmaster_pid,
+            } => {
+                self.postmaster_pid = postmaster_pid;
+                match obs {
+                    Ok(o) => self.observed = Some(v1::PostgresObservation::from(&o)),
+                    Err(e) => self.set_error(format!("observing PostgreSQL: {e}")),
+                }
+            }
+            WorkerEvent::Applying(action) => {
+                self.step = step_name(&action).to_owned();
+                info!(node = %self.node, step = %self.step, goal = ?self.goal.as_ref().map(|g| g.state),
+                      lease_fenced = self.lease_fenced, "step started");
+            }
+            WorkerEvent::Finished {
+                job,
+                action,
+                result,
+            } => {
+                self.worker_busy = false;
+                self.step.clear();
+                match (result, action) {
+                    (Err(e), _) => self.set_error(e),
+                    (Ok(()), Some(Action::Nothing)) => {
+                        self.clear_error_unless_fenced();
+                        let target = match &job.goal {
+                            Some(_) if job.fence => Some(GoalState::Fenced),
+                            Some(g) if Some(g) == self.goal.as_ref() => Some(g.state),
+                            _ => None,
+                        };
+                        if let Some(t) = target
+                            && self.reached != Some(t)
+                        {
+                            info!(node = %self.node, reached = %t, "goal reached");
+                            self.reached = Some(t);
+                        }
+                    }
+                    (Ok(()), Some(_)) => {
+                        self.clear_error_unless_fenced();
+                        // Converge without waiting for the next tick.
+                        self.want_job = true;
+                    }
+                    (Ok(()), None) => {}
+                }
+            }
+        }
+    }
+
+    fn clear_error_unless_fenced(&mut self) {
+        if !self.lease_fenced {
+            self.clear_error();
+        }
+    }
+}
+
+fn step_name(action: &Action) -> &'static str {
+    match action {
+        Action::Nothing => "",
+        Action::Bootstrap(_) => "bootstrap",
+        Action::Start => "start",
+        Action::JoinStandby(_) => "basebackup",
+        Action::StartStandby(_) => "start_standby",
+        Action::Follow(_) => "follow",
+        Action::StopReplication => "stop_replication",
+        Action::Promote => "promote",
+        Action::SetSynchronous(_) => "set_synchronous",
+        Action::Fence => "fence",
+        Action::Rejoin(_) => "rejoin",
+        Action::Drain => "drain",
+        Action::Stop => "stop",
+        Action::Refuse(_) => "refused",
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Drives a [`Reconciler`]: ticks, reports, pushed goals, worker events and the lease timer.
+pub async fn reconcile<L: MonitorLink>(
+    mut core: Reconciler<L>,
+    mut goals: mpsc::Receiver<v1::Goal>,
+    jobs: mpsc::Sender<Job>,
+    mut events: mpsc::Receiver<WorkerEvent>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let (report_tx, mut reports) = mpsc::channel::<ReportResult>(1);
+    let mut next_report = Instant::now();
+    loop {
+        if core.want_job && !core.worker_busy {
+            let job = core.job();
+            core.want_job = false;
+            core.worker_busy = true;
+            jobs.send(job).await.map_err(|_| RunError::WorkerGone)?;
+        }
+        let deadline = core.lease_deadline();
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ok(()),
+            // Before anything else: an expired lease is acted upon at once.
+            () = sleep_until_some(deadline) => core.on_lease_expired(Instant::now()),
+            Some(r) = reports.recv() => core.on_report(r),
+            Some(g) = goals.recv() => core.on_goal(g, "watch"),
+            event = events.recv() => match event {
+                Some(e) => core.on_event(e),
+                None => return Err(RunError::WorkerGone),
+            },
+            () = tokio::time::sleep_until(next_report) => {
+                next_report = Instant::now() + core.report_interval;
+                core.want_job = true;
+                if !core.report_in_flight {
+                    core.report_in_flight = true;
+                    let link = core.link.clone();
+                    let observed = core.observed_state();
+                    let tx = report_tx.clone();
+                    tokio::spawn(async move {
+                        let sent_at = Instant::now();
+                        let result = link.report(observed).await;
+                        let _ = tx.send(ReportResult { sent_at, result }).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::path::Path;
+
+    use ha_proto::Epoch;
+
+    use super::*;
+    use crate::pg::PgObservation;
+
+    /// A monitor that answers every report sent before `silent_after` with a writable goal,
+    /// and never answers later ones (a partition: the request hangs).
+    #[derive(Debug, Clone)]
+    struct ScriptedMonitor {
+        silent_after: Instant,
+        epoch: u64,
+    }
+
+    impl MonitorLink for ScriptedMonitor {
+        async fn report(&self, _: v1::ObservedState) -> Result<v1::ReportResponse, Status> {
+            if Instant::now() >= self.silent_after {
+                std::future::pending::<()>().await;
+            }
+            Ok(v1::ReportResponse {
+                goal: Some(goal_wire(GoalState::Primary, self.epoch)),
+                lease_ms: 3000,
+                report_interval_ms: 500,
+            })
+        }
+    }
+
+    fn goal_wire(state: GoalState, epoch: u64) -> v1::Goal {
+        v1::Goal {
+            node: "psql1".into(),
+            state: v1::GoalState::from(state).into(),
+            epoch,
+            ..Default::default()
+        }
+    }
+
+    fn config(state_dir: &Path) -> AgentConfig {
+        let text = format!(
+            r#"
+role = "postgres"
+node = "psql1"
+group = "main"
+monitors = ["127.0.0.1:1"]
+state_dir = "{}"
+dev = true
+[postgres]
+data_dir = "/tmp/ha-agent-unit/data"
+port = 5432
+advertise_host = "127.0.0.1"
+socket_dir = "/tmp/ha-agent-unit"
+"#,
+            state_dir.display()
+        );
+        AgentConfig::parse(&text, Path::new("unit.toml"), true).unwrap()
+    }
+
+    fn core<L: MonitorLink>(dir: &Path, link: L, highest: u64) -> Reconciler<L> {
+        let cfg = config(dir);
+        let file = StateFile::new(dir);
+        let state = AgentState {
+            highest_epoch: Epoch(highest),
+            joined: true,
+        };
+        file.store(&state).unwrap();
+        Reconciler::new(&cfg, state, file, link)
+    }
+
+    /// Plays the worker: answers every job at once and returns when a fencing job arrives.
+    async fn fencing_job_time(silent_after: Duration) -> (Instant, Instant) {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let link = ScriptedMonitor {
+            silent_after: t0 + silent_after,
+            epoch: 2,
+        };
+        let c = core(dir.path(), link, 1);
+        let (_goal_tx, goal_rx) = mpsc::channel(1);
+        let (job_tx, mut job_rx) = mpsc::channel(1);
+        let (event_tx, event_rx) = mpsc::channel(16);
+        let shutdown = CancellationToken::new();
+        let driver = tokio::spawn(reconcile(c, goal_rx, job_tx, event_rx, shutdown.clone()));
+        let mut writable_jobs = 0;
+        let fenced_at = loop {
+            let job = job_rx.recv().await.unwrap();
+            if job.fence {
+                break Instant::now();
+            }
+            if job
+                .goal
+                .as_ref()
+                .is_some_and(|g| g.state == GoalState::Primary)
+            {
+                writable_jobs += 1;
+            }
+            event_tx
+                .send(WorkerEvent::Observed {
+                    obs: Ok(PgObservation::empty()),
+                    postmaster_pid: None,
+                })
+                .await
+                .unwrap();
+            event_tx
+                .send(WorkerEvent::Finished {
+                    job,
+                    action: Some(Action::Nothing),
+                    result: Ok(()),
+                })
+                .await
+                .unwrap();
+        };
+        assert!(
+            writable_jobs > 0,
+            "the primary goal was acted upon under the lease"
+        );
+        shutdown.cancel();
+        driver.await.unwrap().unwrap();
+        assert_eq!(
+            StateFile::new(dir.path()).load().unwrap().highest_epoch,
+            Epoch(2)
+        );
+        (t0, fenced_at)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fences_exactly_when_the_lease_passes_without_an_answer() {
+        // Only the very first report (sent at t0) is answered.
+        let (t0, fenced) = fencing_job_time(Duration::from_millis(1)).await;
+        assert_eq!(fenced - t0, Duration::from_secs(3));
+        // Reports sent at 0, 0.5, 1.0 and 1.5 s are answered; the lease runs from 1.5 s.
+        let (t0, fenced) = fencing_job_time(Duration::from_millis(1600)).await;
+        assert_eq!(fenced - t0, Duration::from_millis(4500));
+    }
+
+    #[tokio::test]
+    async fn stale_epochs_are_refused_and_newer_ones_persisted_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = ScriptedMonitor {
+            silent_after: Instant::now(),
+            epoch: 0,
+        };
+        let mut c = core(dir.path(), link, 5);
+        c.on_goal(goal_wire(GoalState::Primary, 4), "report");
+        assert!(c.goal.is_none(), "a stale goal is not taken");
+        let report = c.observed_state();
+        assert!(
+            report.last_error.contains("stale epoch e4"),
+            "{}",
+            report.last_error
+        );
+        assert_eq!(report.epoch, 5);
+
+        c.on_goal(goal_wire(GoalState::Fenced, 7), "watch");
+        assert_eq!(c.goal.as_ref().map(|g| g.epoch), Some(Epoch(7)));
+        assert_eq!(
+            StateFile::new(dir.path()).load().unwrap().highest_epoch,
+            Epoch(7)
+        );
+        assert_eq!(c.observed_state().epoch, 7);
+        // An older epoch after that is refused again, and the goal stays.
+        c.on_goal(goal_wire(GoalState::Primary, 6), "watch");
+        assert_eq!(c.goal.as_ref().map(|g| g.state), Some(GoalState::Fenced));
+    }
+
+    #[tokio::test]
+    async fn writable_goal_waits_for_a_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = ScriptedMonitor {
+            silent_after: Instant::now(),
+            epoch: 0,
+        };
+        let mut c = core(dir.path(), link, 1);
+        c.on_goal(goal_wire(GoalState::Primary, 1), "watch");
+        assert_eq!(c.lease_deadline(), None);
+        assert_eq!(c.job().goal, None, "no lease granted yet: observe only");
+        c.on_report(ReportResult {
+            sent_at: Instant::now(),
+            result: Ok(v1::ReportResponse {
+                goal: Some(goal_wire(GoalState::Primary, 1)),
+                lease_ms: 3000,
+                report_interval_ms: 500,
+            }),
+        });
+        assert!(c.lease_deadline().is_some());
+        assert_eq!(c.job().goal.map(|g| g.state), Some(GoalState::Primary));
+    }
+}
