@@ -6,11 +6,14 @@
 //! state file ([`state`]) lists every created resource so `down` removes exactly those.
 //! [`cli`] is the command line; the binary only parses arguments and starts tracing.
 
+pub mod bootstrap;
 pub mod cidr;
 pub mod cli;
 pub mod firewall;
+pub mod image;
 pub mod libvirt;
 pub mod netns;
+pub mod ssh;
 pub mod state;
 pub mod topology;
 
