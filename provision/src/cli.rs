@@ -277,6 +277,11 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             info!(stand = %topology.name, backend = %backend, prefix = %prefix, state_dir = %dir.display(), "up");
             match backend {
                 BackendKind::Netns => {
+                    if image.is_some() {
+                        bail!(
+                            "--image and --files are for the libvirt backend (--backend libvirt)"
+                        );
+                    }
                     let mut state =
                         StateFile::open_for_up(&dir, &text, &topology, backend, &prefix, None)?;
                     netns::up(&topology, &mut state)?;
@@ -531,5 +536,60 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn cli_parses_image_build_and_guest_options_of_up() {
+        let cli = Cli::try_parse_from(["ha-provision", "image", "build", "--out", "/var/img"])
+            .expect("valid command line");
+        match cli.command {
+            Command::Image {
+                action:
+                    ImageAction::Build {
+                        out,
+                        mirror,
+                        suite,
+                        size_gib,
+                    },
+            } => {
+                assert_eq!(out, Path::new("/var/img"));
+                assert_eq!(mirror, "http://deb.debian.org/debian");
+                assert_eq!(suite, "bookworm");
+                assert_eq!(size_gib, 4);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "ha-provision",
+            "--backend",
+            "libvirt",
+            "up",
+            "lab.toml",
+            "--image",
+            "/var/img",
+            "--files",
+            "/srv/files",
+            "--ssh-timeout",
+            "90",
+        ])
+        .expect("valid command line");
+        match cli.command {
+            Command::Up {
+                image,
+                files,
+                ssh_timeout,
+                ..
+            } => {
+                assert_eq!(image.as_deref(), Some(Path::new("/var/img")));
+                assert_eq!(files.as_deref(), Some(Path::new("/srv/files")));
+                assert_eq!(ssh_timeout, 90);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(
+            Cli::try_parse_from(["ha-provision", "up", "lab.toml", "--files", "/srv/files"])
+                .is_err(),
+            "--files needs --image"
+        );
     }
 }
