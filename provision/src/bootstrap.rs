@@ -354,7 +354,12 @@ pub fn prepare(
             node: node.name.clone(),
             source,
         })?;
-        known_hosts.push_str(&format!("[{mgmt}]:{port} {line}\n"));
+        // OpenSSH writes the default port without brackets and would not match `[ip]:22`.
+        if port == 22 {
+            known_hosts.push_str(&format!("{mgmt} {line}\n"));
+        } else {
+            known_hosts.push_str(&format!("[{mgmt}]:{port} {line}\n"));
+        }
         guests.insert(
             node.name.clone(),
             Guest {
