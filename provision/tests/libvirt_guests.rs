@@ -186,6 +186,7 @@ mod e2e {
     /// The daemons this run started because none was running (stopped by PID at the end).
     struct Daemons {
         _children: Vec<KillOnDrop>,
+        _shadow: Option<tempfile::TempDir>,
     }
 
     fn ensure_packages() {
@@ -221,25 +222,60 @@ mod e2e {
         if virt::connect::Connect::open(Some(URI)).is_ok() {
             return Daemons {
                 _children: Vec::new(),
+                _shadow: None,
             };
         }
         // No init started them (containers): run them in the foreground as our children.
-        let mut started = Vec::new();
-        for (bin, name) in [
-            ("/usr/sbin/virtlogd", "virtlogd"),
-            ("/usr/sbin/libvirtd", "libvirtd"),
-        ] {
-            let child = Command::new(bin)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            started.push(KillOnDrop(child, name));
-        }
+        let virtlogd = Command::new("/usr/sbin/virtlogd")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        // A /dev/kvm that exists but does not work makes libvirt 9.0 find its capability
+        // cache stale on every lookup ("KVM was enabled when probing, but it is not available
+        // now") and re-probe qemu for 30-60 s per domain definition. This daemon sees, in its
+        // own mount namespace, a root-only regular file there instead, so KVM is consistently
+        // unusable and the cache holds; and a qemu.conf with `namespaces = []`, because the
+        // per-domain private /dev cannot carry that bind mount over. The host's /dev/kvm and
+        // /etc/libvirt/qemu.conf are untouched.
+        let shadow = tempfile::tempdir().unwrap();
+        let no_kvm = shadow.path().join("kvm");
+        std::fs::write(&no_kvm, b"").unwrap();
+        std::fs::set_permissions(&no_kvm, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let qemu_conf = shadow.path().join("qemu.conf");
+        let mut conf = std::fs::read_to_string("/etc/libvirt/qemu.conf").unwrap_or_default();
+        conf.push_str("\nnamespaces = []\n");
+        std::fs::write(&qemu_conf, conf).unwrap();
+        let mut libvirtd = if Path::new("/dev/kvm").exists() {
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                .arg(
+                    "mount --bind \"$0\" /dev/kvm && mount --bind \"$1\" /etc/libvirt/qemu.conf \
+                     && exec /usr/sbin/libvirtd",
+                )
+                .arg(&no_kvm)
+                .arg(&qemu_conf);
+            c
+        } else {
+            Command::new("/usr/sbin/libvirtd")
+        };
+        // unshare and sh exec into libvirtd: the PID we kill is the daemon's.
+        let libvirtd = libvirtd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = vec![
+            KillOnDrop(virtlogd, "virtlogd"),
+            KillOnDrop(libvirtd, "libvirtd"),
+        ];
         wait_until("libvirtd answering", Duration::from_secs(30), || {
             virt::connect::Connect::open(Some(URI)).is_ok()
         });
-        Daemons { _children: started }
+        Daemons {
+            _children: started,
+            _shadow: Some(shadow),
+        }
     }
 
     /// Tears the stand down even when an assertion fails.
