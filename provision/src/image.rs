@@ -351,9 +351,10 @@ mod tests {
                 "mv \"$work/vmlinuz\" \"$work/initrd.img\" \"$work/base.qcow2\" \"$out/\""
             )
         );
-        assert!(
-            !s.contains("http://") || s.matches("http://").count() == 1,
-            "one source only"
+        assert_eq!(
+            s.matches("http://").count(),
+            1,
+            "the archive is the only source"
         );
     }
 
