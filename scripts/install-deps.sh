@@ -16,6 +16,8 @@ packages=(
   ejabberd erlang-p1-pgsql
   # libvirt backend of ha-provision (virt crate links libvirt; test:///default needs no daemon)
   libvirt-dev pkg-config
+  # sshd the ha-provision SSH client tests start on loopback (host-key pinning, exec, upload)
+  openssh-server
   # network namespaces, bridges, veth, firewalls for the netns backend and partition drills
   iproute2 nftables procps
   # regenerating the checked-in gRPC code in the proto freshness test

@@ -1,4 +1,4 @@
-//! Command line of `ha-provision`: `plan`, `up`, `down`, `status` and `exec`.
+//! Command line of `ha-provision`: `plan`, `up`, `down`, `status`, `exec` and `image build`.
 //!
 //! Invariants: the topology file is parsed and validated before anything is created; `up`
 //! records the file's text in the state directory, so `down`, `status` and `exec` work from
@@ -8,13 +8,16 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use tracing::info;
 
+use crate::bootstrap::{self, Guests};
 use crate::firewall::node_firewall;
+use crate::image::{BaseImage, ImageRecipe};
 use crate::libvirt::{self, LibvirtBackend};
 use crate::netns::{self, Layout};
 use crate::state::{BackendKind, StateFile};
@@ -63,6 +66,18 @@ pub enum Command {
         /// libvirt connection URI (overrides the file's `libvirt.uri`).
         #[arg(long)]
         libvirt_uri: Option<String>,
+        /// libvirt: boot real guests from this base image directory (`image build --out`),
+        /// then wait for their SSH with the pinned host keys.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// libvirt: files to push over SSH, `roles/<role>/` and `nodes/<node>/` trees
+        /// mirrored onto each guest's `/`; pushed `etc/systemd/system/*.service` units are
+        /// enabled and started. Needs `--image`.
+        #[arg(long, requires = "image")]
+        files: Option<PathBuf>,
+        /// libvirt: how long to wait for every guest's SSH, in seconds.
+        #[arg(long, default_value_t = 600)]
+        ssh_timeout: u64,
     },
     /// Remove everything `up` created.
     Down {
@@ -79,6 +94,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Guest base image of the libvirt backend.
+    Image {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: ImageAction,
+    },
     /// Run a command inside a node (netns backend).
     Exec {
         /// Stand name, to find its default state directory.
@@ -89,6 +110,26 @@ pub enum Command {
         /// Command and arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<OsString>,
+    },
+}
+
+/// `image` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ImageAction {
+    /// Build the shared base image (debootstrap; needs root, debootstrap, qemu-img).
+    Build {
+        /// Output directory: base.qcow2, vmlinuz, initrd.img, recipe.sh.
+        #[arg(long)]
+        out: PathBuf,
+        /// Debian archive to install from (the build's only network source).
+        #[arg(long, default_value = "http://deb.debian.org/debian")]
+        mirror: String,
+        /// Debian suite.
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        /// Root filesystem size in GiB (sparse).
+        #[arg(long, default_value_t = 4)]
+        size_gib: u32,
     },
 }
 
@@ -223,6 +264,9 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             file,
             prefix,
             libvirt_uri,
+            image,
+            files,
+            ssh_timeout,
         } => {
             let (text, topology) = load_topology(&file)?;
             let prefix = prefix_for(&topology, prefix)?;
@@ -233,6 +277,11 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             info!(stand = %topology.name, backend = %backend, prefix = %prefix, state_dir = %dir.display(), "up");
             match backend {
                 BackendKind::Netns => {
+                    if image.is_some() {
+                        bail!(
+                            "--image and --files are for the libvirt backend (--backend libvirt)"
+                        );
+                    }
                     let mut state =
                         StateFile::open_for_up(&dir, &text, &topology, backend, &prefix, None)?;
                     netns::up(&topology, &mut state)?;
@@ -247,7 +296,28 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                         &prefix,
                         Some(uri.clone()),
                     )?;
-                    LibvirtBackend::open(&uri)?.up(&topology, &mut state)?;
+                    let guests = match &image {
+                        Some(image) => Some(bootstrap::prepare(
+                            &topology,
+                            &dir,
+                            &BaseImage::open(image)?,
+                        )?),
+                        None => None,
+                    };
+                    let media = guests.as_ref().map(Guests::media).unwrap_or_default();
+                    LibvirtBackend::open(&uri)?.up(&topology, &mut state, &media)?;
+                    if let Some(guests) = guests {
+                        let started = tokio::runtime::Runtime::new()
+                            .context("while starting the async runtime")?
+                            .block_on(bootstrap::bootstrap_all(
+                                &guests,
+                                files.as_deref(),
+                                Duration::from_secs(ssh_timeout),
+                            ))?;
+                        for (node, units) in started {
+                            println!("{node}: ssh up, units started: {}", units.join(" "));
+                        }
+                    }
                 }
             }
             println!("stand {} is up (state in {})", topology.name, dir.display());
@@ -307,6 +377,24 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                     );
                 }
             }
+            Ok(0)
+        }
+        Command::Image {
+            action:
+                ImageAction::Build {
+                    out,
+                    mirror,
+                    suite,
+                    size_gib,
+                },
+        } => {
+            let recipe = ImageRecipe {
+                suite,
+                mirror,
+                size_gib,
+            };
+            let image = recipe.build(&out)?;
+            println!("base image {}", image.disk().display());
             Ok(0)
         }
         Command::Exec {
@@ -405,7 +493,7 @@ pub fn plan(topology: &Topology, prefix: &str, backend: BackendKind) -> String {
     }
     for node in &topology.nodes {
         out.push('\n');
-        out.push_str(&libvirt::domain_xml(topology, prefix, node));
+        out.push_str(&libvirt::domain_xml(topology, prefix, node, None));
     }
     out
 }
@@ -448,5 +536,60 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn cli_parses_image_build_and_guest_options_of_up() {
+        let cli = Cli::try_parse_from(["ha-provision", "image", "build", "--out", "/var/img"])
+            .expect("valid command line");
+        match cli.command {
+            Command::Image {
+                action:
+                    ImageAction::Build {
+                        out,
+                        mirror,
+                        suite,
+                        size_gib,
+                    },
+            } => {
+                assert_eq!(out, Path::new("/var/img"));
+                assert_eq!(mirror, "http://deb.debian.org/debian");
+                assert_eq!(suite, "bookworm");
+                assert_eq!(size_gib, 4);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "ha-provision",
+            "--backend",
+            "libvirt",
+            "up",
+            "lab.toml",
+            "--image",
+            "/var/img",
+            "--files",
+            "/srv/files",
+            "--ssh-timeout",
+            "90",
+        ])
+        .expect("valid command line");
+        match cli.command {
+            Command::Up {
+                image,
+                files,
+                ssh_timeout,
+                ..
+            } => {
+                assert_eq!(image.as_deref(), Some(Path::new("/var/img")));
+                assert_eq!(files.as_deref(), Some(Path::new("/srv/files")));
+                assert_eq!(ssh_timeout, 90);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(
+            Cli::try_parse_from(["ha-provision", "up", "lab.toml", "--files", "/srv/files"])
+                .is_err(),
+            "--files needs --image"
+        );
     }
 }

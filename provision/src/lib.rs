@@ -4,13 +4,18 @@
 //! every node is generated from its role ([`firewall`]); a backend builds it, either network
 //! namespaces on this machine ([`netns`]) or libvirt networks and domains ([`libvirt`]); a
 //! state file ([`state`]) lists every created resource so `down` removes exactly those.
+//! Real libvirt guests boot from one shared base image ([`image`]) with a per-guest seed disk
+//! and are reached over SSH with pinned host keys ([`ssh`], [`bootstrap`]).
 //! [`cli`] is the command line; the binary only parses arguments and starts tracing.
 
+pub mod bootstrap;
 pub mod cidr;
 pub mod cli;
 pub mod firewall;
+pub mod image;
 pub mod libvirt;
 pub mod netns;
+pub mod ssh;
 pub mod state;
 pub mod topology;
 

@@ -10,10 +10,13 @@
 //! Invariants: as in the netns backend, each object is recorded in the state file before it
 //! is defined, `up` defines only what is missing and starts only what is inactive, and `down`
 //! destroys and undefines exactly the recorded objects, domains before the networks they use.
-//! The XML is built from validated names and typed addresses only, so nothing needs escaping.
+//! The XML is built from validated names and typed addresses; file paths, the only free-form
+//! input, are escaped.
 //! The calls are blocking FFI: async callers must wrap them in `spawn_blocking`.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::PathBuf;
 
 use tracing::{debug, info};
 use virt::connect::Connect;
@@ -41,6 +44,14 @@ pub enum LibvirtError {
     /// The state file could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The guests' disks and keys could not be removed.
+    #[error("removing guest files {path}: {source}")]
+    GuestFiles {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The state lists a resource of another backend.
     #[error("state lists {0:?}, which the libvirt backend does not create")]
     Foreign(Resource),
@@ -86,6 +97,9 @@ pub fn network_xml(topology: &Topology, prefix: &str, network_index: usize) -> O
         NetworkMode::Nat => xml.push_str("  <forward mode='nat'/>\n"),
     }
     if let Some(host) = net.host {
+        // Addresses are static and hosts files are written into each guest: no DHCP, and no
+        // DNS either, so libvirt starts no dnsmasq on the stand's networks.
+        xml.push_str("  <dns enable='no'/>\n");
         let _ = writeln!(
             xml,
             "  <ip address='{host}' prefix='{}'/>",
@@ -96,8 +110,31 @@ pub fn network_xml(topology: &Topology, prefix: &str, network_index: usize) -> O
     Some(xml)
 }
 
-/// The domain XML of `node`.
-pub fn domain_xml(topology: &Topology, prefix: &str, node: &Node) -> String {
+/// The disks and boot files of one guest (see [`crate::bootstrap`]). A domain defined without
+/// them is an empty shell: enough for the network layout and the test driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestMedia {
+    /// Kernel for direct boot (from the base image).
+    pub kernel: PathBuf,
+    /// Its initrd.
+    pub initrd: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// The guest's qcow2 overlay on the base image (`vda`, the root filesystem).
+    pub disk: PathBuf,
+    /// The seed disk (`vdb`, raw ext4, read-only).
+    pub seed: PathBuf,
+    /// File receiving the serial console.
+    pub console_log: PathBuf,
+}
+
+/// The domain XML of `node`, with its disks and direct kernel boot when `media` is given.
+pub fn domain_xml(
+    topology: &Topology,
+    prefix: &str,
+    node: &Node,
+    media: Option<&GuestMedia>,
+) -> String {
     let mut xml = format!("<domain type='{}'>\n", topology.libvirt.domain_type);
     let _ = writeln!(xml, "  <name>{}</name>", domain_name(prefix, &node.name));
     xml.push_str("  <metadata>\n");
@@ -123,10 +160,39 @@ pub fn domain_xml(topology: &Topology, prefix: &str, node: &Node) -> String {
     let _ = writeln!(xml, "  <vcpu>{}</vcpu>", node.cpus);
     let _ = writeln!(
         xml,
-        "  <os>\n    <type arch='{}'>hvm</type>\n  </os>",
+        "  <os>\n    <type arch='{}'>hvm</type>",
         std::env::consts::ARCH
     );
+    if let Some(m) = media {
+        let _ = writeln!(
+            xml,
+            "    <kernel>{}</kernel>\n    <initrd>{}</initrd>\n    <cmdline>{}</cmdline>",
+            xml_text(&m.kernel.display().to_string()),
+            xml_text(&m.initrd.display().to_string()),
+            xml_text(&m.cmdline)
+        );
+    }
+    xml.push_str("  </os>\n");
+    // ACPI lets `virsh shutdown` reach the guest; `destroy` works without it.
+    xml.push_str("  <features>\n    <acpi/>\n  </features>\n");
     xml.push_str("  <devices>\n");
+    if let Some(m) = media {
+        let _ = writeln!(
+            xml,
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      <source file='{}'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>",
+            xml_text(&m.disk.display().to_string())
+        );
+        let _ = writeln!(
+            xml,
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source file='{}'/>\n      <target dev='vdb' bus='virtio'/>\n      <readonly/>\n    </disk>",
+            xml_text(&m.seed.display().to_string())
+        );
+        let _ = writeln!(
+            xml,
+            "    <serial type='file'>\n      <source path='{}'/>\n      <target port='0'/>\n    </serial>",
+            xml_text(&m.console_log.display().to_string())
+        );
+    }
     for a in topology.attachments(node) {
         let _ = writeln!(
             xml,
@@ -137,6 +203,15 @@ pub fn domain_xml(topology: &Topology, prefix: &str, node: &Node) -> String {
     }
     xml.push_str("  </devices>\n</domain>\n");
     xml
+}
+
+/// Escapes text for an XML attribute or element: paths are the only free-form input.
+fn xml_text(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
 }
 
 /// A domain's observed state.
@@ -202,8 +277,14 @@ impl LibvirtBackend {
         &self.conn
     }
 
-    /// Defines and starts every missing or inactive network and domain of `topology`.
-    pub fn up(&self, topology: &Topology, state: &mut StateFile) -> Result<(), LibvirtError> {
+    /// Defines and starts every missing or inactive network and domain of `topology`; the
+    /// domains of nodes in `media` get their disks and direct kernel boot.
+    pub fn up(
+        &self,
+        topology: &Topology,
+        state: &mut StateFile,
+        media: &BTreeMap<String, GuestMedia>,
+    ) -> Result<(), LibvirtError> {
         let prefix = state.state().prefix.clone();
         for (k, net) in topology.networks.iter().enumerate() {
             let name = network_name(&prefix, &net.name);
@@ -237,7 +318,12 @@ impl LibvirtBackend {
                 None => {
                     info!(domain = %name, role = %node.role, "defining libvirt domain");
                     self.conn
-                        .define_domain_xml(&domain_xml(topology, &prefix, node))
+                        .define_domain_xml(&domain_xml(
+                            topology,
+                            &prefix,
+                            node,
+                            media.get(&node.name),
+                        ))
                         .map_err(virt_err(format!("define domain {name}")))?
                 }
             };
@@ -256,7 +342,7 @@ impl LibvirtBackend {
     }
 
     /// Stops and undefines every recorded domain, then every recorded network, then removes
-    /// the state file.
+    /// the guests' files and keys and the state file.
     pub fn down(&self, mut state: StateFile) -> Result<(), LibvirtError> {
         let created: Vec<Resource> = state.state().created.iter().rev().cloned().collect();
         // Domains first: a network cannot be destroyed while guests use it.
@@ -296,6 +382,17 @@ impl LibvirtBackend {
                 other => return Err(LibvirtError::Foreign(other.clone())),
             }
             state.forget(resource)?;
+        }
+        // The guests' overlays, seeds, consoles and keys (crate::bootstrap) go with them.
+        for path in [
+            crate::bootstrap::guests_root(state.dir()),
+            crate::bootstrap::ssh_dir(state.dir()),
+        ] {
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => info!(path = %path.display(), "removed guest files"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(LibvirtError::GuestFiles { path, source }),
+            }
         }
         state.remove()?;
         Ok(())
@@ -385,8 +482,11 @@ mod tests {
             Some("test:///default".into()),
         )
         .expect("state");
-        backend.up(&t, &mut state).expect("first up");
-        backend.up(&t, &mut state).expect("second up is idempotent");
+        let no_media = BTreeMap::new();
+        backend.up(&t, &mut state, &no_media).expect("first up");
+        backend
+            .up(&t, &mut state, &no_media)
+            .expect("second up is idempotent");
 
         let mut expected_networks = networks_before.clone();
         expected_networks.extend(t.networks.iter().map(|n| network_name("lvt", &n.name)));
@@ -471,9 +571,11 @@ mod tests {
             mgmt.contains("<ip address='192.168.121.1' prefix='24'/>"),
             "{mgmt}"
         );
+        assert!(mgmt.contains("<dns enable='no'/>"), "{mgmt}");
         let e1 = t.node("e1server").expect("e1server");
-        let xml = domain_xml(&t, "lab", e1);
+        let xml = domain_xml(&t, "lab", e1, None);
         assert!(xml.starts_with("<domain type='qemu'>"), "{xml}");
+        assert!(!xml.contains("<disk"), "no media, no disk: {xml}");
         assert!(xml.contains("<memory unit='MiB'>1024</memory>"), "{xml}");
         assert!(xml.contains("<vcpu>1</vcpu>"), "{xml}");
         assert!(
@@ -487,6 +589,39 @@ mod tests {
         assert!(xml.contains("<source network='lab-dmz'/>"), "{xml}");
         assert!(xml.contains("<mac address='52:54:00:a8:01:02'/>"), "{xml}");
         assert!(bridge_name("a-rather-long-prefix", 12).len() <= 15);
+    }
+
+    #[test]
+    fn domain_with_media_boots_its_kernel_from_its_disks() {
+        let mut t = example();
+        t.libvirt.domain_type = crate::topology::DomainType::Kvm;
+        let e1 = t.node("e1server").expect("e1server");
+        let media = GuestMedia {
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd.img".into(),
+            cmdline: "root=/dev/vda console=ttyS0".into(),
+            disk: "/s/guests/e1server/disk.qcow2".into(),
+            seed: "/s/guests/e1server/seed.img".into(),
+            console_log: "/s/it's/console.log".into(),
+        };
+        let xml = domain_xml(&t, "lab", e1, Some(&media));
+        assert!(xml.starts_with("<domain type='kvm'>"), "{xml}");
+        assert!(
+            xml.contains("<kernel>/img/vmlinuz</kernel>\n    <initrd>/img/initrd.img</initrd>\n    <cmdline>root=/dev/vda console=ttyS0</cmdline>\n  </os>"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<driver name='qemu' type='qcow2'/>\n      <source file='/s/guests/e1server/disk.qcow2'/>\n      <target dev='vda' bus='virtio'/>"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<source file='/s/guests/e1server/seed.img'/>\n      <target dev='vdb' bus='virtio'/>\n      <readonly/>"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<serial type='file'>\n      <source path='/s/it&apos;s/console.log'/>"),
+            "{xml}"
+        );
         assert_ne!(bridge_name("lab1", 0), bridge_name("lab2", 0));
     }
 }
