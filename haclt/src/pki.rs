@@ -554,10 +554,8 @@ pub fn summarize(file: &Path) -> Result<CertSummary, PkiError> {
 pub fn show(file: &Path, json: bool) -> Result<String, PkiError> {
     let s = summarize(file)?;
     if json {
-        return serde_json::to_string_pretty(&s).map_err(|e| PkiError::NotACertificate {
-            path: file.to_owned(),
-            reason: e.to_string(),
-        });
+        return Ok(serde_json::to_string_pretty(&s)
+            .expect("a summary of strings, booleans and paths always serializes"));
     }
     let identity = match (&s.role, &s.name) {
         (Some(role), Some(name)) => format!("{role}/{name}"),
@@ -686,8 +684,16 @@ pub fn rotate(
                 dir.display()
             ));
         } else {
+            let generation = index
+                .ca
+                .generation
+                .checked_add(1)
+                .ok_or_else(|| PkiError::Index {
+                    path: dir.join(INDEX),
+                    reason: "CA generation overflows".into(),
+                })?;
             let record = CaRecord {
-                generation: index.ca.generation + 1,
+                generation,
                 ..index.ca.clone()
             };
             let lifetime = Duration::from_secs(record.lifetime_secs);
@@ -751,16 +757,15 @@ pub fn retire_old_ca_in(dir: &Path, now: SystemTime) -> Result<Vec<String>, PkiE
     let ca = load_ca(dir)?;
     let dir = absolute_dir(dir)?;
     let index = load_index(&dir)?;
-    let stale: Vec<&str> = index
-        .certs
-        .iter()
-        .filter_map(
-            |r| match rotation_reason(r, ca.cert_pem(), now, Duration::ZERO) {
-                Ok(Some(Reason::Missing | Reason::PreviousCa)) | Err(_) => Some(r.name.as_str()),
-                Ok(Some(Reason::Due) | None) => None,
-            },
-        )
-        .collect();
+    let mut stale = Vec::new();
+    for record in &index.certs {
+        // Expiry does not matter here, only who signed it.
+        if let Some(Reason::Missing | Reason::PreviousCa) =
+            rotation_reason(record, ca.cert_pem(), now, Duration::ZERO)?
+        {
+            stale.push(record.name.as_str());
+        }
+    }
     if !stale.is_empty() {
         return Err(PkiError::Usage(format!(
             "not signed by the current CA yet: {}; run `haclt pki rotate --dir {}` first",
@@ -946,5 +951,12 @@ mod tests {
         let short = read("short");
         usage(rotate(dir.path(), 90 * DAY, false, None, later));
         assert_eq!(read("short"), short);
+        // After the CA is replaced, the old CA cannot be retired before every certificate is
+        // re-issued by the new one.
+        init(dir.path(), "cluster-ca", "10y", true, later).unwrap();
+        let refused = usage(retire_old_ca_in(dir.path(), later));
+        assert!(refused.contains("short, long"), "{refused}");
+        rotate(dir.path(), 30 * DAY, false, None, later).unwrap();
+        retire_old_ca_in(dir.path(), later).unwrap();
     }
 }
