@@ -99,6 +99,11 @@ pub enum Cmd {
         #[command(subcommand)]
         command: TokenCmd,
     },
+    /// The cluster CA and certificates (local files only; no monitor is contacted).
+    Pki {
+        #[command(subcommand)]
+        command: crate::pki::PkiCmd,
+    },
     /// Print a systemd unit file.
     Systemd {
         unit: crate::systemd::Unit,
@@ -321,6 +326,9 @@ fn promoted(
 
 /// Runs the parsed command; returns what to print on stdout.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Cmd::Pki { command } = &cli.command {
+        return crate::pki::run(command, SystemTime::now());
+    }
     if let Cmd::Systemd {
         unit,
         config_path,
@@ -346,7 +354,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     }
     let mut m = Monitors::new(addresses, Box::new(Plaintext), cli.timeout)?;
     match cli.command {
-        Cmd::Systemd { .. } => Ok(()),
+        Cmd::Systemd { .. } | Cmd::Pki { .. } => Ok(()),
         Cmd::Status {
             json,
             watch,

@@ -5,4 +5,5 @@
 pub mod cli;
 pub mod client;
 pub mod output;
+pub mod pki;
 pub mod systemd;
