@@ -10,7 +10,7 @@
 //! failure the guard prints the tail of every log.
 #![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
+use ha_tests::free_port;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,14 +23,6 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, User};
 use tokio::time::Instant;
 use tonic::transport::Channel;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The `ha-monitor` binary of this workspace, built on demand next to this test's binary.
 fn monitor_binary() -> PathBuf {

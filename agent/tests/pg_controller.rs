@@ -6,6 +6,7 @@
 //! it knows (by PID) before the directory is removed, even on panic.
 #![allow(clippy::unwrap_used)]
 
+use ha_tests::free_port;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -137,11 +138,6 @@ impl Node {
     fn name(&self) -> &NodeId {
         &self.upstream.node
     }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// Evaluates `check` (an expression that may `.await`) every 100 ms until it holds; panics

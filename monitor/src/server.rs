@@ -468,10 +468,9 @@ impl operator_service_server::OperatorService for OperatorApi {
             .soft(|s| decide::check_switchover(&catalog, &s.obs, now, &group, to.as_ref()))
             .map_err(refusal_status)?;
         info!(%group, %target, "operator asked for a switchover");
-        let applied = m
-            .propose(&req.request_id, Op::Switchover { group, target })
-            .await?;
-        Ok(operation(applied))
+        m.propose(&req.request_id, Op::Switchover { group, target })
+            .await
+            .map(operation)
     }
 
     async fn failover(
@@ -487,16 +486,15 @@ impl operator_service_server::OperatorService for OperatorApi {
         m.soft(|s| decide::check_failover(&catalog, &s.obs, now, &group, req.allow_data_loss))
             .map_err(refusal_status)?;
         info!(%group, allow_data_loss = req.allow_data_loss, "operator asked for a failover");
-        let applied = m
-            .propose(
-                &req.request_id,
-                Op::Failover {
-                    group,
-                    allow_data_loss: req.allow_data_loss,
-                },
-            )
-            .await?;
-        Ok(operation(applied))
+        m.propose(
+            &req.request_id,
+            Op::Failover {
+                group,
+                allow_data_loss: req.allow_data_loss,
+            },
+        )
+        .await
+        .map(operation)
     }
 
     async fn set_maintenance(
@@ -523,17 +521,16 @@ impl operator_service_server::OperatorService for OperatorApi {
         } else {
             None
         };
-        let applied = m
-            .propose(
-                &req.request_id,
-                Op::SetMaintenance {
-                    node,
-                    enabled: req.enabled,
-                    switchover_to,
-                },
-            )
-            .await?;
-        Ok(operation(applied))
+        m.propose(
+            &req.request_id,
+            Op::SetMaintenance {
+                node,
+                enabled: req.enabled,
+                switchover_to,
+            },
+        )
+        .await
+        .map(operation)
     }
 
     async fn set_node_settings(
@@ -544,17 +541,16 @@ impl operator_service_server::OperatorService for OperatorApi {
         m.require_leader()?;
         let req = request.into_inner();
         let node = convert::node_id(&req.node, "node")?;
-        let applied = m
-            .propose(
-                &req.request_id,
-                Op::SetNodeSettings {
-                    node,
-                    candidate_priority: req.candidate_priority,
-                    replication_quorum: req.replication_quorum,
-                },
-            )
-            .await?;
-        Ok(operation(applied))
+        m.propose(
+            &req.request_id,
+            Op::SetNodeSettings {
+                node,
+                candidate_priority: req.candidate_priority,
+                replication_quorum: req.replication_quorum,
+            },
+        )
+        .await
+        .map(operation)
     }
 
     async fn remove_node(
@@ -565,8 +561,9 @@ impl operator_service_server::OperatorService for OperatorApi {
         m.require_leader()?;
         let req = request.into_inner();
         let node = convert::node_id(&req.node, "node")?;
-        let applied = m.propose(&req.request_id, Op::RemoveNode { node }).await?;
-        Ok(operation(applied))
+        m.propose(&req.request_id, Op::RemoveNode { node })
+            .await
+            .map(operation)
     }
 
     async fn create_join_token(
@@ -625,15 +622,14 @@ impl operator_service_server::OperatorService for OperatorApi {
         let m = &self.0;
         m.require_leader()?;
         let req = request.into_inner();
-        let applied = m
-            .propose(
-                &req.request_id,
-                Op::RevokeToken {
-                    token_id: req.token_id,
-                },
-            )
-            .await?;
-        Ok(operation(applied))
+        m.propose(
+            &req.request_id,
+            Op::RevokeToken {
+                token_id: req.token_id,
+            },
+        )
+        .await
+        .map(operation)
     }
 
     async fn add_monitor(
@@ -858,8 +854,8 @@ async fn decide_loop(m: Arc<Monitor>) {
     }
 }
 
-/// Probes every PostgreSQL node's port while leading (a TCP connect: refused means nothing
-/// listens there; no answer says nothing about PostgreSQL).
+/// Probes the port of every PostgreSQL node whose agent is silent, while leading (a TCP
+/// connect: refused means nothing listens there; no answer says nothing about PostgreSQL).
 async fn probe_loop(m: Arc<Monitor>) {
     loop {
         let interval = m.catalog().timings().report_interval;
@@ -871,9 +867,21 @@ async fn probe_loop(m: Arc<Monitor>) {
             continue;
         }
         let catalog = m.catalog();
+        let now = m.now();
+        // Only a node whose agent went quiet needs the leader's own look: the probe tells a
+        // dead agent beside a live database from a dead database, and reporting nodes would
+        // cost a connection each per interval for nothing.
+        let silent = |n: &NodeId| {
+            m.soft(|s| {
+                s.obs
+                    .node(n)
+                    .and_then(|o| o.report_at)
+                    .is_none_or(|at| now.saturating_sub(at) >= interval)
+            })
+        };
         let targets: Vec<(NodeId, String)> = catalog
             .nodes()
-            .filter(|n| n.kind == NodeKind::Postgres && !n.removed)
+            .filter(|n| n.kind == NodeKind::Postgres && !n.removed && silent(&n.name))
             .map(|n| (n.name.clone(), n.endpoint.to_string()))
             .collect();
         let probes = targets.into_iter().map(|(node, addr)| async move {

@@ -3,8 +3,8 @@
 //! guard even when an assertion fails.
 #![allow(clippy::unwrap_used)]
 
+use ha_tests::{ChildGuard, free_port};
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -16,18 +16,10 @@ use ha_proto::v1::{CreateJoinTokenRequest, EventsRequest, NodeKind, StatusReques
 use tokio::time::{Instant, timeout};
 use tonic::transport::Channel;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Monitors {
     dir: tempfile::TempDir,
     addrs: BTreeMap<u64, String>,
-    children: BTreeMap<u64, Child>,
+    children: BTreeMap<u64, ChildGuard>,
 }
 
 impl Monitors {
@@ -65,13 +57,12 @@ impl Monitors {
         );
         std::fs::write(self.config_path(id), config).unwrap();
         let child = spawn_monitor(&self.config_path(id), self.dir.path(), id);
-        self.children.insert(id, child);
+        self.children.insert(id, ChildGuard::new(child));
     }
 
     fn kill(&mut self, id: u64) {
-        let mut child = self.children.remove(&id).unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
+        // The guard sends SIGKILL and reaps.
+        drop(self.children.remove(&id).unwrap());
     }
 
     async fn client(&self, id: u64) -> Option<OperatorServiceClient<Channel>> {
@@ -100,15 +91,6 @@ impl Monitors {
             }
             assert!(Instant::now() < end, "no leader within {deadline:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Monitors {
-    fn drop(&mut self) {
-        for child in self.children.values_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
         }
     }
 }
@@ -391,6 +373,7 @@ async fn a_wiped_monitor_is_refused_and_stops() {
             .children
             .get_mut(&wiped)
             .unwrap()
+            .child()
             .try_wait()
             .unwrap()
         {

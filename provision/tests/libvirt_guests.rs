@@ -5,8 +5,9 @@
 //! key and authorized key, as a child killed by PID when the test ends (pass or fail).
 #![allow(clippy::unwrap_used)]
 
+use ha_tests::free_port;
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,11 +29,6 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
         eprintln!("stopped {} (pid {})", self.1, self.0.id());
     }
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// Polls `what` until it holds or `deadline` passes.
