@@ -1,11 +1,11 @@
-//! `ha-pki`: the cluster CA, certificates, join tokens and mutual TLS for every gRPC connection.
+//! `ha-pki`: the cluster CA, certificates and mutual TLS for every gRPC connection. (Join
+//! tokens live in the monitor's catalog, which alone issues and consumes them.)
 //!
 //! - [`identity`]: how a certificate encodes its holder's [`Role`] and name (CN = name plus one
 //!   `ha://<role>/<name>` URI SAN), and [`PeerIdentity`].
 //! - [`ca`]: [`Ca`] creates/loads the CA, issues certificates, signs CSRs; [`generate_csr`] for a
 //!   joining node; [`CertInfo`] and [`merge_ca_bundle`] for rotation with an overlap window.
 //! - [`files`]: atomic 0600 key writes and permission-checked key reads.
-//! - [`token`]: join tokens `hajt_<id>_<secret>`, stored as SHA-256, verified in constant time.
 //! - [`tls`]: reloadable rustls server/client configs ([`ServerTls`], [`ClientTls`]) and the
 //!   [`ReloadWatcher`] (SIGHUP and file changes).
 //! - [`transport`]: tonic integration: [`tls_incoming`] for servers, [`connect`] /
@@ -59,7 +59,6 @@ pub mod ca;
 pub mod files;
 pub mod identity;
 pub mod tls;
-pub mod token;
 pub mod transport;
 
 pub use ca::{
@@ -69,7 +68,6 @@ pub use ca::{
 pub use files::{FileError, read_key_file, read_public_file, write_key_file, write_public_file};
 pub use identity::{IdentityError, PeerIdentity, Role};
 pub use tls::{ClientTls, Reload, ReloadWatcher, ServerTls, TlsError, TlsFiles};
-pub use token::{JoinToken, TokenError, TokenHash};
 pub use transport::{
     ConnectError, MtlsConnector, PeerInfo, TlsConn, TlsIncoming, connect, connect_lazy, endpoint,
     peer_identity, require_node, require_role, tls_incoming,
