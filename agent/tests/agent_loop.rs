@@ -10,7 +10,7 @@
 //! failure the guard prints the tail of every log.
 #![allow(clippy::unwrap_used)]
 
-use ha_tests::free_port;
+use ha_tests::{free_port, is_postgres, postmaster_pid, stop_postmasters};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,23 +37,6 @@ fn monitor_binary() -> PathBuf {
     let bin = exe.parent().unwrap().parent().unwrap().join("ha-monitor");
     assert!(bin.is_file(), "{} missing", bin.display());
     bin
-}
-
-/// A live, non-zombie process named `postgres`.
-fn is_postgres(pid: i32) -> bool {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    comm.trim() == "postgres"
-        && stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-}
-
-fn postmaster_pid(data_dir: &Path) -> Option<i32> {
-    std::fs::read_to_string(data_dir.join("postmaster.pid"))
-        .ok()
-        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
-        .filter(|&pid| is_postgres(pid))
 }
 
 struct Agent {
@@ -327,20 +310,7 @@ impl Drop for Cluster {
                 .iter()
                 .filter_map(|a| postmaster_pid(&a.data_dir)),
         );
-        for &pid in &pids {
-            if is_postgres(pid) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
-            }
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while pids.iter().any(|&p| is_postgres(p)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        for &pid in &pids {
-            if is_postgres(pid) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
+        stop_postmasters(&pids);
         if std::thread::panicking() {
             for log in &self.logs {
                 let text = std::fs::read_to_string(log).unwrap_or_default();

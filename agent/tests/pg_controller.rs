@@ -6,7 +6,7 @@
 //! it knows (by PID) before the directory is removed, even on panic.
 #![allow(clippy::unwrap_used)]
 
-use ha_tests::free_port;
+use ha_tests::{free_port, postmaster_pid, stop_postmasters};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -82,41 +82,9 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         let mut pids = self.seen.clone();
-        for dir in &self.data_dirs {
-            if let Some(pid) = std::fs::read_to_string(dir.join("postmaster.pid"))
-                .ok()
-                .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
-            {
-                pids.push(pid);
-            }
-        }
-        for &pid in &pids {
-            if is_postgres(pid) {
-                // Immediate shutdown: the postmaster stops its children (each in its own
-                // session) before it exits; children of a killed postmaster exit by themselves.
-                let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
-            }
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while pids.iter().any(|&p| is_postgres(p)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        for &pid in &pids {
-            if is_postgres(pid) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
+        pids.extend(self.data_dirs.iter().filter_map(|d| postmaster_pid(d)));
+        stop_postmasters(&pids);
     }
-}
-
-/// A live, non-zombie process named `postgres`.
-fn is_postgres(pid: i32) -> bool {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    comm.trim() == "postgres"
-        && stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
 }
 
 struct Node {

@@ -7,7 +7,12 @@
 //! guard drops, even when an assertion fails.
 
 use std::net::TcpListener;
+use std::path::Path;
 use std::process::Child;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 /// A loopback TCP port that was free a moment ago (bound, read, released). The caller binds it
 /// again soon after; collisions with other tests are unlikely, not impossible, so callers that
@@ -43,6 +48,43 @@ impl Drop for ChildGuard {
         if let Some(mut child) = self.0.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process named `postgres`: a guard must never signal a
+/// PID that was reused by something else.
+pub fn is_postgres(pid: i32) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    comm.trim() == "postgres"
+        && stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+}
+
+/// The postmaster PID recorded in a data directory, if any.
+pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+}
+
+/// Stops the given postmasters: immediate shutdown (SIGQUIT: the postmaster stops its children,
+/// each in its own session, before it exits), then SIGKILL for any still alive after 10 s.
+pub fn stop_postmasters(pids: &[i32]) {
+    for &pid in pids {
+        if is_postgres(pid) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGQUIT);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|&p| is_postgres(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for &pid in pids {
+        if is_postgres(pid) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
 }
