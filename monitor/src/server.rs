@@ -209,16 +209,8 @@ impl agent_service_server::AgentService for AgentApi {
         let node = convert::node_id(&req.node, "node")?;
         let kind = convert::node_kind(req.kind, "kind")?;
         let endpoint = convert::required(req.endpoint, "endpoint")?.try_into()?;
-        let mut verified = m.catalog().verify_token(&req.token, unix_ms());
-        if verified == Err(catalog::TokenError::Unknown) {
-            // The published catalog may trail the log by a few milliseconds (see `machine`):
-            // a token created just now is visible after a read barrier.
-            verified = m
-                .linearizable_catalog()
-                .await?
-                .verify_token(&req.token, unix_ms());
-        }
-        let grant = verified.map_err(|e| {
+        let catalog = m.catalog();
+        let grant = catalog.verify_token(&req.token, unix_ms()).map_err(|e| {
             warn!(%node, reason = %e, "join refused");
             Status::permission_denied(format!("join refused: {e}"))
         })?;
