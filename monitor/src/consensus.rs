@@ -44,12 +44,8 @@ pub trait StateMachine: Send + 'static {
     fn snapshot(&self) -> Vec<u8>;
     /// Replaces the state with one produced by `snapshot` (on this or another member).
     fn restore(&mut self, data: &[u8]) -> Result<(), String>;
-    /// Called once after each batch of applied entries (e.g. to publish a read-only copy; it
-    /// may defer that under load).
+    /// Called once after each batch of applied entries (e.g. to publish a read-only copy).
     fn after_batch(&mut self, _applied: u64) {}
-    /// Makes everything applied so far visible to readers now. Called before a linearizable
-    /// read is answered and on every tick, so deferred publication is bounded by one tick.
-    fn flush(&mut self) {}
 }
 
 /// Timing and size settings of the Raft node.
@@ -414,7 +410,6 @@ impl<S: StateMachine<Output = Vec<u8>>, T: Transport> Node<S, T> {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
             if Instant::now() >= next_tick {
-                self.sm.flush();
                 self.raw.tick();
                 next_tick += self.settings.tick;
                 if next_tick < Instant::now() {
@@ -797,9 +792,6 @@ impl<S: StateMachine<Output = Vec<u8>>, T: Transport> Node<S, T> {
             .drain(..)
             .partition(|(index, _)| *index <= applied);
         self.waiting_reads = waiting;
-        if !ready.is_empty() {
-            self.sm.flush();
-        }
         for (_, reply) in ready {
             let _ = reply.send(Ok(applied));
         }

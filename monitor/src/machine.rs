@@ -1,30 +1,18 @@
 //! The catalog as the Raft state machine: commands travel as JSON, outcomes come back as JSON,
-//! and a read-only copy of the catalog is published on a watch channel for the gRPC services
-//! (readers never lock the state machine).
-//!
-//! Publishing clones the whole catalog, which dominated the monitor's CPU when batches were
-//! applied hundreds of times a second (a profile of the benchmark: 57% of all CPU). So a batch
-//! is published at once only if the previous publication is at least [`PUBLISH_EVERY`] old;
-//! otherwise it waits for the next flush: the Raft thread flushes on every tick and before it
-//! answers a linearizable read, so readers that need the latest state get it.
+//! and after every applied batch a read-only copy of the catalog is published on a watch
+//! channel for the gRPC services (readers never lock the state machine).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::catalog::{Catalog, Command, Outcome, Rejected};
 use crate::consensus::StateMachine;
 
-/// Minimum spacing of publications while batches keep coming.
-pub const PUBLISH_EVERY: Duration = Duration::from_millis(50);
-
 #[derive(Debug)]
 pub struct CatalogMachine {
     catalog: Catalog,
     published: watch::Sender<Arc<Catalog>>,
-    last_publish: Instant,
-    dirty: bool,
 }
 
 impl CatalogMachine {
@@ -34,8 +22,6 @@ impl CatalogMachine {
             Self {
                 catalog: Catalog::new(),
                 published,
-                last_publish: Instant::now(),
-                dirty: false,
             },
             rx,
         )
@@ -73,23 +59,11 @@ impl StateMachine for CatalogMachine {
 
     fn restore(&mut self, data: &[u8]) -> Result<(), String> {
         self.catalog = Catalog::from_bytes(data).map_err(|e| e.to_string())?;
-        self.dirty = true;
-        self.flush();
+        self.published.send_replace(Arc::new(self.catalog.clone()));
         Ok(())
     }
 
     fn after_batch(&mut self, _applied: u64) {
-        self.dirty = true;
-        if self.last_publish.elapsed() >= PUBLISH_EVERY {
-            self.flush();
-        }
-    }
-
-    fn flush(&mut self) {
-        if self.dirty {
-            self.published.send_replace(Arc::new(self.catalog.clone()));
-            self.last_publish = Instant::now();
-            self.dirty = false;
-        }
+        self.published.send_replace(Arc::new(self.catalog.clone()));
     }
 }
