@@ -231,10 +231,11 @@ impl agent_service_server::AgentService for AgentApi {
                 grant.group
             )));
         };
-        // The token id doubles as request id: a retried join applies once, a second use of
-        // the same token by another request is refused by the catalog.
+        // Token id and node name make the request id: the same node retrying its join applies
+        // once, while another node presenting a used token is a new request, which the catalog
+        // refuses even if this leader's copy does not show the token as used yet.
         m.propose(
-            &format!("join-{}", grant.id),
+            &format!("join-{}-{node}", grant.id),
             Op::RegisterNode {
                 node: node.clone(),
                 kind,
