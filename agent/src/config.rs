@@ -27,6 +27,9 @@
 //! # bin_dir = "/usr/lib/postgresql/15/bin", os_user = "postgres",
 //! # replication_user = "replicator", log_file, start_timeout, stop_timeout
 //! settings = { shared_buffers = "128MB" }
+//! # With [tls]: the other PostgreSQL nodes that may replicate from this one (certificate name
+//! # and source address); they get `hostssl ... cert` rules and an ident map entry.
+//! peers = [{ node = "psql2server", address = "10.0.0.11" }]
 //!
 //! [[postgres.hba]]                            # besides local trust for the agent
 //! type = "host"
@@ -45,7 +48,7 @@ use ha_proto::NodeId;
 use ha_proto::types::{Endpoint, NodeKind};
 use serde::Deserialize;
 
-use crate::pg::{HbaConnType, HbaRule, PgConfig};
+use crate::pg::{HbaConnType, HbaRule, PgConfig, ReplicationPeer};
 
 /// Why a configuration (or a secret file it names) was refused.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +143,16 @@ struct PostgresFile {
     /// `pg_hba.conf` rules besides local trust for the agent's superuser.
     #[serde(default)]
     hba: Vec<HbaFile>,
+    /// The group's other PostgreSQL nodes, until the monitor hands them to the agent.
+    #[serde(default)]
+    peers: Vec<PeerFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerFile {
+    node: String,
+    address: std::net::IpAddr,
 }
 
 fn default_listen() -> Vec<String> {
@@ -215,9 +228,13 @@ pub struct PostgresRole {
 }
 
 impl PostgresRole {
-    /// The controller configuration.
-    pub fn pg_config(&self) -> PgConfig {
-        self.pg.clone()
+    /// The controller configuration; `tls` (the agent's `[tls]` files) turns on TLS with
+    /// certificate authentication for replication, `None` keeps it plaintext (`--dev`).
+    pub fn pg_config(&self, tls: Option<&ha_pki::TlsFiles>) -> PgConfig {
+        PgConfig {
+            tls: tls.cloned(),
+            ..self.pg.clone()
+        }
     }
 }
 
@@ -353,6 +370,14 @@ fn postgres_role(node: &NodeId, f: PostgresFile) -> Result<PostgresRole, ConfigE
             method: rule.method,
         });
     }
+    for (i, peer) in f.peers.into_iter().enumerate() {
+        let node =
+            NodeId::new(peer.node).map_err(|e| invalid(format!("postgres.peers[{i}]: {e}")))?;
+        pg.peers.push(ReplicationPeer {
+            node,
+            address: peer.address,
+        });
+    }
     Ok(PostgresRole {
         pg,
         advertise: Endpoint {
@@ -455,6 +480,7 @@ advertise_host = "127.0.0.1"
 socket_dir = "/run/ha"
 start_timeout = "30s"
 settings = { shared_buffers = "16MB" }
+peers = [{ node = "psql2", address = "127.0.0.2" }]
 
 [[postgres.hba]]
 type = "host"
@@ -481,8 +507,17 @@ method = "trust"
         assert!(!c.allow_drills && !c.stop_postgres_on_shutdown);
         let RoleConfig::Postgres(pg) = &c.role;
         assert_eq!(c.role.kind(), NodeKind::Postgres);
-        let p = pg.pg_config();
+        let p = pg.pg_config(None);
         assert_eq!(p.port, 5433);
+        assert!(p.tls.is_none());
+        assert_eq!(p.peers.len(), 1);
+        assert_eq!(p.peers[0].node.as_str(), "psql2");
+        let files = ha_pki::TlsFiles {
+            ca_bundle: "/etc/ha/ca.pem".into(),
+            cert: "/etc/ha/node.pem".into(),
+            key: "/etc/ha/node.key".into(),
+        };
+        assert_eq!(pg.pg_config(Some(&files)).tls, Some(files));
         assert_eq!(p.start_timeout, Duration::from_secs(30));
         assert_eq!(p.extra_settings["shared_buffers"], "16MB");
         assert_eq!(p.hba.len(), 2, "local trust plus the configured rule");
@@ -501,6 +536,7 @@ method = "trust"
                 "unknown field",
             ),
             (GOOD.replace("\"250ms\"", "\"fast\""), "report_interval"),
+            (GOOD.replace("\"127.0.0.2\"", "\"psql2\""), "address"),
             (GOOD.replace("\"250ms\"", "\"10ms\""), "outside"),
             (
                 GOOD.replace(r#"["127.0.0.1:7400", "[::1]:7401"]"#, "[]"),

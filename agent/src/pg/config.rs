@@ -1,24 +1,37 @@
 //! What the controller needs to know about its server, and the text it renders from it: the
-//! managed include file (`postgresql.ha.conf`), `pg_hba.conf`, and libpq connection strings.
+//! managed include file (`postgresql.ha.conf`), `pg_hba.conf`, `pg_ident.conf`, and libpq
+//! connection strings.
 //!
 //! Invariants: every value written into a PostgreSQL configuration file or a connection string
 //! goes through one quoting function ([`guc_quote`], [`ConnInfo::render`]), so a node name or a
 //! path can never inject a setting. Rendering is deterministic: the same inputs give the same
-//! bytes, which lets the controller skip rewrites and reloads that would change nothing.
+//! bytes, which lets the controller skip rewrites and reloads that would change nothing. With
+//! TLS configured ([`PgConfig::tls`]) every TCP connection the agent's PostgreSQL makes or accepts
+//! for replication is TLS with full verification and certificate authentication: outgoing
+//! connection strings say `sslmode=verify-full`, `pg_hba.conf` admits exactly the configured
+//! peers by address with `hostssl ... cert map=ha`, the `ha` ident map names exactly those peers'
+//! certificate names, and [`PgConfig::validate`] refuses any plaintext `host` replication rule.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ha_pki::TlsFiles;
 use ha_proto::NodeId;
 use ha_proto::types::Endpoint;
+
+use super::PgError;
 
 /// Name of the include file the agent owns inside the data directory.
 pub const MANAGED_CONF: &str = "postgresql.ha.conf";
 
 /// Custom setting recording whom a standby streams from, readable with `current_setting`.
 pub const UPSTREAM_GUC: &str = "ha.upstream_node";
+
+/// The `pg_ident.conf` map that turns a peer's certificate name into the replication role.
+pub const IDENT_MAP: &str = "ha";
 
 /// How the walsender-side `synchronous_commit` behaves while standbys are synchronous.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,26 +51,25 @@ impl SyncCommit {
     }
 }
 
-/// TLS parameters of an outgoing replication connection (libpq `sslmode`, `sslcert`, ...).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnTls {
-    /// `require`, `verify-ca` or `verify-full`.
-    pub mode: String,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub root_cert: PathBuf,
-}
-
-/// The role and transport this node uses to reach an upstream for streaming, base backups and
-/// `pg_rewind`.
+/// The role this node uses to reach an upstream for streaming, base backups and `pg_rewind`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicationAuth {
     /// A role with `REPLICATION` and the `pg_rewind` function grants (created by bootstrap).
     pub user: String,
-    pub tls: Option<ConnTls>,
 }
 
-/// A structured libpq connection string; TLS parts are fields, not string surgery.
+/// Another PostgreSQL node of the group, allowed to stream, take base backups and rewind from
+/// this one when TLS is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationPeer {
+    /// Also the name in the peer's certificate (its common name), which the ident map checks.
+    pub node: NodeId,
+    /// The address its connections come from.
+    pub address: IpAddr,
+}
+
+/// A structured libpq connection string; TLS parts are fields, not string surgery. It holds
+/// paths, never secrets, so it may appear on a command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnInfo {
     pub host: String,
@@ -65,22 +77,12 @@ pub struct ConnInfo {
     pub user: String,
     pub dbname: Option<String>,
     pub application_name: Option<String>,
-    pub tls: Option<ConnTls>,
+    /// Client certificate, key and trusted CAs: `sslmode=verify-full` (the server's certificate
+    /// must chain to the CA and name `host`). `None`: `sslmode=disable`.
+    pub tls: Option<TlsFiles>,
 }
 
 impl ConnInfo {
-    /// Connection parameters for `auth` to `endpoint`.
-    pub fn to(endpoint: &Endpoint, auth: &ReplicationAuth) -> Self {
-        Self {
-            host: endpoint.host.clone(),
-            port: endpoint.port,
-            user: auth.user.clone(),
-            dbname: None,
-            application_name: None,
-            tls: auth.tls.clone(),
-        }
-    }
-
     /// `key='value'` pairs separated by spaces, values quoted as libpq expects.
     pub fn render(&self) -> String {
         let mut pairs: Vec<(&str, String)> = vec![
@@ -96,10 +98,10 @@ impl ConnInfo {
         }
         match &self.tls {
             Some(tls) => {
-                pairs.push(("sslmode", tls.mode.clone()));
+                pairs.push(("sslmode", "verify-full".to_owned()));
                 pairs.push(("sslcert", tls.cert.display().to_string()));
                 pairs.push(("sslkey", tls.key.display().to_string()));
-                pairs.push(("sslrootcert", tls.root_cert.display().to_string()));
+                pairs.push(("sslrootcert", tls.ca_bundle.display().to_string()));
             }
             None => pairs.push(("sslmode", "disable".to_owned())),
         }
@@ -144,6 +146,19 @@ impl HbaRule {
         }
     }
 
+    /// Certificate authentication over TLS for `user` from exactly `address`, the certificate's
+    /// name mapped through [`IDENT_MAP`].
+    pub fn peer_cert(database: &str, user: &str, address: IpAddr) -> Self {
+        let prefix = if address.is_ipv4() { 32 } else { 128 };
+        Self {
+            conn_type: HbaConnType::HostSsl,
+            database: database.into(),
+            user: user.into(),
+            address: Some(format!("{address}/{prefix}")),
+            method: format!("cert map={IDENT_MAP}"),
+        }
+    }
+
     /// A TCP rule for `database` (`replication` for streaming and base backups).
     pub fn host(database: &str, user: &str, address: &str, method: &str) -> Self {
         Self {
@@ -156,15 +171,6 @@ impl HbaRule {
     }
 
     fn render(&self) -> String {
-        let quote = |s: &str| {
-            if s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-            {
-                s.to_owned()
-            } else {
-                format!("\"{}\"", s.replace('"', ""))
-            }
-        };
         let kind = match self.conn_type {
             HbaConnType::Local => "local",
             HbaConnType::Host => "host",
@@ -176,10 +182,22 @@ impl HbaRule {
         };
         format!(
             "{kind} {} {} {address}{}",
-            quote(&self.database),
-            quote(&self.user),
+            quote_hba(&self.database),
+            quote_hba(&self.user),
             self.method
         )
+    }
+}
+
+/// Quotes a name for `pg_hba.conf` or `pg_ident.conf` (which cannot escape a double quote:
+/// one is dropped, and node and role names never contain one).
+fn quote_hba(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    {
+        s.to_owned()
+    } else {
+        format!("\"{}\"", s.replace('"', ""))
     }
 }
 
@@ -260,7 +278,21 @@ pub struct PgConfig {
     /// Superuser created by `initdb`, used by the agent over the unix socket.
     pub superuser: String,
     pub replication: ReplicationAuth,
+    /// `pg_hba.conf` rules from the configuration (local trust for the agent by default). With
+    /// TLS on, the rules for [`Self::peers`] are generated before these.
     pub hba: Vec<HbaRule>,
+    /// The agent's TLS files (cluster CA bundle, node certificate with role postgres and the
+    /// node's name, its key). `None`: plaintext replication (`--dev` configurations).
+    pub tls: Option<TlsFiles>,
+    /// Where the controller installs the copies of [`Self::tls`] that PostgreSQL reads (mode
+    /// 0600, owned by `os_user`). Outside the data directory on purpose: a base backup would
+    /// copy a primary's private key to every standby, `pg_rewind` would overwrite a node's
+    /// copies with its source's, and wiping the data directory for a base backup would delete
+    /// them.
+    pub tls_dir: PathBuf,
+    /// The other PostgreSQL nodes of the group: with TLS on, exactly these may replicate from
+    /// this server (this node's own entry, if listed, is skipped).
+    pub peers: Vec<ReplicationPeer>,
     pub sync_commit: SyncCommit,
     pub max_wal_senders: u32,
     pub max_replication_slots: u32,
@@ -278,11 +310,17 @@ pub struct PgConfig {
 impl PgConfig {
     /// Defaults for PostgreSQL 15 from Debian's packages, running as `postgres`, replicating as
     /// `replicator`, with local trust for the agent's superuser and nothing else in `pg_hba`.
+    /// The log file and the TLS directory sit next to the data directory (`<data>.log`,
+    /// `<data>.tls`).
     pub fn new(node: NodeId, data_dir: PathBuf, port: u16, socket_dir: PathBuf) -> Self {
-        let mut log_name = data_dir.file_name().unwrap_or_default().to_os_string();
-        log_name.push(".log");
+        let sibling = |suffix: &str| {
+            let mut name = data_dir.file_name().unwrap_or_default().to_os_string();
+            name.push(suffix);
+            data_dir.with_file_name(name)
+        };
         Self {
-            log_file: data_dir.with_file_name(log_name),
+            log_file: sibling(".log"),
+            tls_dir: sibling(".tls"),
             node,
             bin_dir: PathBuf::from("/usr/lib/postgresql/15/bin"),
             data_dir,
@@ -293,9 +331,10 @@ impl PgConfig {
             superuser: "postgres".into(),
             replication: ReplicationAuth {
                 user: "replicator".into(),
-                tls: None,
             },
             hba: vec![HbaRule::local_trust("postgres")],
+            tls: None,
+            peers: Vec::new(),
             sync_commit: SyncCommit::On,
             max_wal_senders: 10,
             max_replication_slots: 10,
@@ -310,12 +349,99 @@ impl PgConfig {
         }
     }
 
+    /// Refuses combinations that would weaken TLS: a plaintext `host` rule for replication next
+    /// to TLS, or the TLS copies inside the data directory.
+    pub fn validate(&self) -> Result<(), PgError> {
+        if self.tls.is_none() {
+            return Ok(());
+        }
+        // `all` does not match replication connections in pg_hba.conf; only this keyword does.
+        if let Some(rule) = self
+            .hba
+            .iter()
+            .find(|r| r.conn_type == HbaConnType::Host && r.database == "replication")
+        {
+            return Err(PgError::Config(format!(
+                "TLS is on but pg_hba rule {:?} admits plaintext connections",
+                rule.render()
+            )));
+        }
+        if self.tls_dir.starts_with(&self.data_dir) {
+            return Err(PgError::Config(format!(
+                "the TLS directory {} must be outside the data directory",
+                self.tls_dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The copies of [`Self::tls`] PostgreSQL reads (server side) and presents (client side).
+    pub fn installed_tls(&self) -> Option<TlsFiles> {
+        self.tls.as_ref().map(|_| TlsFiles {
+            ca_bundle: self.tls_dir.join("ca.pem"),
+            cert: self.tls_dir.join("node.crt"),
+            key: self.tls_dir.join("node.key"),
+        })
+    }
+
+    /// Replication connection parameters to `endpoint` (no database: add one for `pg_rewind`).
+    pub fn conn_to(&self, endpoint: &Endpoint) -> ConnInfo {
+        ConnInfo {
+            host: endpoint.host.clone(),
+            port: endpoint.port,
+            user: self.replication.user.clone(),
+            dbname: None,
+            application_name: None,
+            tls: self.installed_tls(),
+        }
+    }
+
     /// Connection string this node uses to stream from `upstream`.
     pub fn primary_conninfo(&self, upstream: &Upstream) -> ConnInfo {
         ConnInfo {
             application_name: Some(self.node.to_string()),
-            ..ConnInfo::to(&upstream.endpoint, &self.replication)
+            ..self.conn_to(&upstream.endpoint)
         }
+    }
+
+    /// The peers that may connect: [`Self::peers`] without this node.
+    fn other_peers(&self) -> impl Iterator<Item = &ReplicationPeer> {
+        self.peers.iter().filter(|p| p.node != self.node)
+    }
+
+    /// Every `pg_hba.conf` rule: with TLS, certificate rules for each peer's address for
+    /// streaming and base backups (`replication`) and for `pg_rewind`, which reads files
+    /// through an ordinary session (`postgres`); then the configured rules.
+    pub fn hba_rules(&self) -> Vec<HbaRule> {
+        let user = &self.replication.user;
+        let mut rules = Vec::new();
+        if self.tls.is_some() {
+            for peer in self.other_peers() {
+                rules.push(HbaRule::peer_cert("replication", user, peer.address));
+                rules.push(HbaRule::peer_cert("postgres", user, peer.address));
+            }
+        }
+        rules.extend(self.hba.iter().cloned());
+        rules
+    }
+
+    /// The whole `pg_ident.conf`: map [`IDENT_MAP`] from each peer's certificate name to the
+    /// replication role, literal names only (a name never starts with `/`, which would make it
+    /// a regular expression). Empty without TLS.
+    pub fn render_ident(&self) -> String {
+        let mut out =
+            String::from("# Managed by ha-agent: rewritten on every configuration step.\n");
+        if self.tls.is_some() {
+            for peer in self.other_peers() {
+                let _ = writeln!(
+                    out,
+                    "{IDENT_MAP} {} {}",
+                    peer.node.as_str(),
+                    quote_hba(&self.replication.user)
+                );
+            }
+        }
+        out
     }
 
     /// The text of [`MANAGED_CONF`] for `role`.
@@ -346,6 +472,18 @@ impl PgConfig {
             ("wal_log_hints", "on".into()),
             ("recovery_target_timeline", guc_quote("latest")),
         ];
+        match self.installed_tls() {
+            Some(tls) => {
+                s.push(("ssl", "on".into()));
+                let path = |p: &PathBuf| guc_quote(&p.display().to_string());
+                s.push(("ssl_cert_file", path(&tls.cert)));
+                s.push(("ssl_key_file", path(&tls.key)));
+                // Client certificates (the `cert` rules) are verified against this bundle.
+                s.push(("ssl_ca_file", path(&tls.ca_bundle)));
+                s.push(("ssl_min_protocol_version", guc_quote("TLSv1.2")));
+            }
+            None => s.push(("ssl", "off".into())),
+        }
         let (sync, upstream) = match role {
             RoleSettings::Primary(sync) => (sync.clone(), None),
             RoleSettings::Standby(up) => (SyncConfig::default(), up.as_ref()),
@@ -431,11 +569,10 @@ mod tests {
             c.render(),
             r"host='10.0.0.1' port='5432' user='o\'brien' dbname='postgres' sslmode='disable'"
         );
-        c.tls = Some(ConnTls {
-            mode: "verify-full".into(),
+        c.tls = Some(TlsFiles {
             cert: "/etc/ha/node.crt".into(),
             key: "/etc/ha/node.key".into(),
-            root_cert: "/etc/ha/ca.crt".into(),
+            ca_bundle: "/etc/ha/ca.crt".into(),
         });
         assert!(c.render().ends_with(
             "sslmode='verify-full' sslcert='/etc/ha/node.crt' sslkey='/etc/ha/node.key' \
@@ -475,6 +612,7 @@ mod tests {
         assert!(primary.contains("synchronous_commit = on\n"));
         assert!(primary.contains("wal_log_hints = on\n"));
         assert!(primary.contains("wal_keep_size = '1024MB'\n"));
+        assert!(primary.contains("ssl = off\n"));
         assert_eq!(c.log_file, PathBuf::from("/var/lib/ha/data.log"));
     }
 
@@ -486,5 +624,76 @@ mod tests {
         ]);
         assert!(text.contains("\nlocal all postgres trust\n"));
         assert!(text.contains("\nhost replication replicator 10.0.0.2/32 scram-sha-256\n"));
+    }
+
+    #[test]
+    fn tls_renders_verify_full_cert_rules_and_an_exact_ident_map() {
+        let mut c = cfg();
+        c.tls = Some(TlsFiles {
+            ca_bundle: "/etc/ha/ca.pem".into(),
+            cert: "/etc/ha/node.pem".into(),
+            key: "/etc/ha/node.key".into(),
+        });
+        let peer = |name: &str, ip: &str| ReplicationPeer {
+            node: NodeId::new(name).unwrap(),
+            address: ip.parse().unwrap(),
+        };
+        c.peers = vec![
+            peer("psql-1", "10.0.0.10"),
+            peer("psql-2", "10.0.0.11"),
+            peer("psql-3", "fd00::12"),
+        ];
+        c.validate().unwrap();
+
+        let up = Upstream {
+            node: NodeId::new("psql-1").unwrap(),
+            endpoint: Endpoint {
+                host: "10.0.0.10".into(),
+                port: 5432,
+            },
+        };
+        let standby = c.render_managed(&RoleSettings::Standby(Some(up)));
+        assert!(standby.contains("ssl = on\n"), "{standby}");
+        assert!(standby.contains("ssl_cert_file = '/var/lib/ha/data.tls/node.crt'\n"));
+        assert!(standby.contains("ssl_key_file = '/var/lib/ha/data.tls/node.key'\n"));
+        assert!(standby.contains("ssl_ca_file = '/var/lib/ha/data.tls/ca.pem'\n"));
+        assert!(standby.contains(
+            "sslmode=''verify-full'' sslcert=''/var/lib/ha/data.tls/node.crt'' \
+             sslkey=''/var/lib/ha/data.tls/node.key'' sslrootcert=''/var/lib/ha/data.tls/ca.pem'''"
+        ));
+        assert!(!standby.contains("password"));
+
+        let hba = render_hba(&c.hba_rules());
+        assert_eq!(
+            hba.lines().skip(1).collect::<Vec<_>>(),
+            [
+                "hostssl replication replicator 10.0.0.10/32 cert map=ha",
+                "hostssl postgres replicator 10.0.0.10/32 cert map=ha",
+                "hostssl replication replicator fd00::12/128 cert map=ha",
+                "hostssl postgres replicator fd00::12/128 cert map=ha",
+                "local all postgres trust",
+            ],
+            "this node (psql-2) gets no rule"
+        );
+        assert_eq!(
+            c.render_ident().lines().skip(1).collect::<Vec<_>>(),
+            ["ha psql-1 replicator", "ha psql-3 replicator"]
+        );
+
+        c.hba.push(HbaRule::host(
+            "replication",
+            "replicator",
+            "10.0.0.0/8",
+            "trust",
+        ));
+        assert!(matches!(c.validate(), Err(PgError::Config(_))));
+        c.hba.pop();
+        c.tls_dir = c.data_dir.join("tls");
+        assert!(matches!(c.validate(), Err(PgError::Config(_))));
+
+        // Without TLS: no generated rules, an empty map, the configured rules as they are.
+        let plain = cfg();
+        assert_eq!(plain.hba_rules(), plain.hba);
+        assert_eq!(plain.render_ident().lines().count(), 1);
     }
 }

@@ -23,7 +23,7 @@ use super::files::{self, ClusterState, ControlData, DataDirState};
 use super::observe::PgObservation;
 use super::plan::Action;
 use super::process::{Exit, Postmaster, RunAs};
-use super::{PgError, config::render_hba};
+use super::{PgError, config::render_hba, tls};
 
 const INCLUDE_LINE: &str = "include = 'postgresql.ha.conf'";
 const POLL: Duration = Duration::from_millis(100);
@@ -95,11 +95,15 @@ pub struct PgController {
     /// The unhandled crash, cleared by a successful start or a deliberate stop.
     crashed: Option<(i32, Exit)>,
     crash_restarts: VecDeque<Instant>,
+    /// TLS copies were replaced and the running server has not been reloaded since.
+    tls_pending: bool,
 }
 
 impl PgController {
-    /// Resolves the OS user and adopts a postmaster a previous agent run left running.
+    /// Validates the configuration, resolves the OS user and adopts a postmaster a previous
+    /// agent run left running.
     pub fn new(cfg: PgConfig) -> Result<Self, PgError> {
+        cfg.validate()?;
         let run_as = RunAs::resolve(&cfg.os_user)?;
         let postmaster = Postmaster::find_running(&cfg.data_dir).map(|pid| {
             info!(node = %cfg.node, pid = pid.as_raw(), "adopting running postmaster");
@@ -112,6 +116,7 @@ impl PgController {
             stopping: false,
             crashed: None,
             crash_restarts: VecDeque::new(),
+            tls_pending: false,
         })
     }
 
@@ -176,8 +181,14 @@ impl PgController {
         Ok(client)
     }
 
-    /// Reads the server (running) or its control file (stopped).
+    /// Reads the server (running) or its control file (stopped). First it brings the TLS copies
+    /// up to date ([`Self::refresh_tls`]): the agent observes every tick, so a rotated
+    /// certificate reaches PostgreSQL within one report interval without a plan step. A refresh
+    /// that fails is logged and retried next time; the server keeps its previous material.
     pub async fn observe(&mut self) -> Result<PgObservation, PgError> {
+        if let Err(e) = self.refresh_tls().await {
+            warn!(node = %self.cfg.node, error = %e, "TLS material not refreshed");
+        }
         let state = self.check_postmaster();
         if files::inspect(&self.cfg.data_dir)? != DataDirState::Initialized {
             return Ok(PgObservation::empty());
@@ -192,6 +203,41 @@ impl PgController {
             self.standby_signal().exists(),
             self.fenced_marker().exists(),
         ))
+    }
+
+    /// Installs the node's TLS files for PostgreSQL when they changed (first install or
+    /// rotation) and, when the server runs, reloads it: PostgreSQL re-reads its certificate, key
+    /// and CA on reload, and the WAL receiver reads the client files at its next connection.
+    /// Returns whether anything changed. Without TLS it does nothing.
+    pub async fn refresh_tls(&mut self) -> Result<bool, PgError> {
+        self.install_tls()?;
+        if !self.tls_pending {
+            return Ok(false);
+        }
+        if let PostmasterState::Running { .. } = self.check_postmaster() {
+            self.reload_conf().await?;
+            info!(node = %self.cfg.node, "reloaded for new TLS material");
+        }
+        // A stopped server reads the new files when it starts.
+        self.tls_pending = false;
+        Ok(true)
+    }
+
+    /// Connection parameters for a client tool (`pg_receivewal`, `pg_basebackup`, `pg_rewind`)
+    /// to `upstream`, with the TLS files it names installed first (a new standby has no copies
+    /// before its first base backup).
+    fn client_conn(&mut self, upstream: &Upstream) -> Result<ConnInfo, PgError> {
+        self.install_tls()?;
+        Ok(self.cfg.conn_to(&upstream.endpoint))
+    }
+
+    /// Installs changed TLS copies and remembers that the server must reload for them.
+    fn install_tls(&mut self) -> Result<(), PgError> {
+        if let (Some(source), Some(installed)) = (&self.cfg.tls, self.cfg.installed_tls()) {
+            self.tls_pending |=
+                tls::install(source, &installed, &self.cfg.node, self.run_as.owner)?;
+        }
+        Ok(())
     }
 
     pub async fn controldata(&self) -> Result<ControlData, PgError> {
@@ -427,7 +473,7 @@ impl PgController {
         files::reset_dir(&self.cfg.data_dir, self.run_as.owner)?;
         self.ensure_slot(upstream).await?;
         info!(node = %self.cfg.node, upstream = %upstream.node, "base backup started");
-        let conn = ConnInfo::to(&upstream.endpoint, &self.cfg.replication);
+        let conn = self.client_conn(upstream)?;
         let args: Vec<OsString> = vec![
             "-D".into(),
             self.cfg.data_dir.clone().into(),
@@ -455,8 +501,8 @@ impl PgController {
 
     /// Creates this node's physical slot on `upstream` unless it exists (over a replication
     /// connection, so the replication role needs no database access).
-    async fn ensure_slot(&self, upstream: &Upstream) -> Result<(), PgError> {
-        let conn = ConnInfo::to(&upstream.endpoint, &self.cfg.replication);
+    async fn ensure_slot(&mut self, upstream: &Upstream) -> Result<(), PgError> {
+        let conn = self.client_conn(upstream)?;
         let args: Vec<OsString> = vec![
             "--create-slot".into(),
             "--if-not-exists".into(),
@@ -476,6 +522,8 @@ impl PgController {
     /// Writes the managed files for `role` and, when running, reloads and waits until the
     /// server uses them. Nothing is rewritten or reloaded when nothing changes.
     pub async fn configure(&mut self, role: &RoleSettings) -> Result<(), PgError> {
+        // Before the files that name the copies, so PostgreSQL never reads a missing file.
+        self.install_tls()?;
         let owner = self.run_as.owner;
         let dir = &self.cfg.data_dir;
         let mut changed = false;
@@ -488,7 +536,8 @@ impl PgController {
             Ok(())
         };
         put(MANAGED_CONF, &self.cfg.render_managed(role))?;
-        put("pg_hba.conf", &render_hba(&self.cfg.hba))?;
+        put("pg_hba.conf", &render_hba(&self.cfg.hba_rules()))?;
+        put("pg_ident.conf", &self.cfg.render_ident())?;
         let conf_path = dir.join("postgresql.conf");
         let conf = files::read_optional(&conf_path)?.ok_or(PgError::NoData)?;
         if !conf.lines().any(|l| l.trim() == INCLUDE_LINE) {
@@ -515,17 +564,19 @@ impl PgController {
                 }
             }
         }
-        if changed {
-            info!(node = %self.cfg.node, ?role, "managed settings written");
+        if changed || self.tls_pending {
+            info!(node = %self.cfg.node, ?role, tls = self.tls_pending, "managed settings written");
             if let PostmasterState::Running { .. } = self.check_postmaster() {
                 self.reload(role).await?;
             }
+            // Reloaded, or a stopped server reads everything when it starts.
+            self.tls_pending = false;
         }
         Ok(())
     }
 
-    /// `pg_reload_conf()`, then waits until new sessions see the role's replication settings.
-    async fn reload(&self, role: &RoleSettings) -> Result<(), PgError> {
+    /// `pg_reload_conf()`: the postmaster re-reads its files (configuration, hba, ident, TLS).
+    async fn reload_conf(&self) -> Result<(), PgError> {
         let client = self.connect().await?;
         client
             .simple_query("SELECT pg_reload_conf()")
@@ -534,6 +585,12 @@ impl PgController {
                 what: "reloading",
                 source: e,
             })?;
+        Ok(())
+    }
+
+    /// Reloads, then waits until new sessions see the role's replication settings.
+    async fn reload(&self, role: &RoleSettings) -> Result<(), PgError> {
+        self.reload_conf().await?;
         let (name, want) = match role {
             RoleSettings::Primary(sync) => ("synchronous_standby_names", sync.standby_names()),
             RoleSettings::Standby(up) => (
@@ -725,10 +782,10 @@ impl PgController {
         Ok(path)
     }
 
-    async fn rewind(&self, upstream: &Upstream) -> Result<(), PgError> {
+    async fn rewind(&mut self, upstream: &Upstream) -> Result<(), PgError> {
         let source = ConnInfo {
             dbname: Some("postgres".into()),
-            ..ConnInfo::to(&upstream.endpoint, &self.cfg.replication)
+            ..self.client_conn(upstream)?
         };
         let args: Vec<OsString> = vec![
             "-D".into(),

@@ -4,8 +4,10 @@
 //! Invariants: every controller step is idempotent (repeating it after the agent crashed midway
 //! is safe); a server the agent fenced never accepts writes again until it is promoted; an
 //! old primary only comes back as a standby (rewind, else a fresh base backup). The agent owns
-//! `postgresql.ha.conf` (included last from `postgresql.conf`), `pg_hba.conf` and
-//! `standby.signal`; every other line of the user's configuration is left alone.
+//! `postgresql.ha.conf` (included last from `postgresql.conf`), `pg_hba.conf`, `pg_ident.conf`,
+//! `standby.signal` and, with TLS, the copies of the node's certificate, key and CA bundle that
+//! PostgreSQL uses (refreshed when the agent's files change, picked up by a reload); every other
+//! line of the user's configuration is left alone.
 
 mod config;
 mod controller;
@@ -13,13 +15,14 @@ mod files;
 mod observe;
 mod plan;
 mod process;
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use config::{
-    ConnInfo, ConnTls, HbaConnType, HbaRule, MANAGED_CONF, PgConfig, ReplicationAuth, RestartLimit,
-    RoleSettings, SyncCommit, SyncConfig, Upstream,
+    ConnInfo, HbaConnType, HbaRule, IDENT_MAP, MANAGED_CONF, PgConfig, ReplicationAuth,
+    ReplicationPeer, RestartLimit, RoleSettings, SyncCommit, SyncConfig, Upstream,
 };
 pub use controller::{Outcome, PgController, PostmasterState, RejoinPath, StopMode};
 pub use files::{ClusterState, ControlData, DataDirState};
@@ -78,6 +81,10 @@ pub enum PgError {
     NotClean(ClusterState),
     #[error("refused: {0}")]
     Refused(&'static str),
+    #[error("invalid PostgreSQL configuration: {0}")]
+    Config(String),
+    #[error("TLS material: {0}")]
+    Tls(String),
 }
 
 impl PgError {

@@ -66,7 +66,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let mut state = state_file.load()?;
     info!(node = %config.node, epoch = %state.highest_epoch, joined = state.joined, "agent starting");
     let RoleConfig::Postgres(role) = &config.role;
-    let ctl = PgController::new(role.pg_config())?;
+    let ctl = PgController::new(role.pg_config(None))?;
     let monitors = Monitors::new(config.monitors.clone(), config.rpc_timeout);
     if !state.joined {
         tokio::select! {

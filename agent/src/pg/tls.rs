@@ -1,0 +1,179 @@
+//! The node's TLS material as PostgreSQL needs it: the agent's own files (owned by the agent,
+//! key mode 0600) are checked and copied into [`super::PgConfig::tls_dir`], owned by the
+//! PostgreSQL OS user with mode 0600 (PostgreSQL refuses a server key others can read, and libpq
+//! a client key).
+//!
+//! Invariants: a copy is only replaced by material that passed the checks (every PEM parses, the
+//! key belongs to the certificate, the certificate names this node with role postgres), so a
+//! half-written rotation never reaches PostgreSQL; copies are written atomically; key material
+//! never appears in a log line or an error message (errors name paths only).
+
+use std::path::Path;
+
+use ha_pki::{PeerIdentity, Role, TlsFiles};
+use ha_proto::NodeId;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tracing::info;
+
+use super::PgError;
+use super::files::{self, Owner};
+
+/// Checks the material in `source` and installs it as `installed` (all three paths in one
+/// directory). Returns whether any copy changed, i.e. whether PostgreSQL must reload.
+pub fn install(
+    source: &TlsFiles,
+    installed: &TlsFiles,
+    node: &NodeId,
+    owner: Owner,
+) -> Result<bool, PgError> {
+    let ca = ha_pki::read_public_file(&source.ca_bundle).map_err(tls_err)?;
+    let cert = ha_pki::read_public_file(&source.cert).map_err(tls_err)?;
+    // Refuses a key file that group or others can read: the agent's copy must be private too.
+    let key = ha_pki::read_key_file(&source.key).map_err(tls_err)?;
+    let wanted = [
+        (&installed.ca_bundle, &ca),
+        (&installed.cert, &cert),
+        (&installed.key, &key),
+    ];
+    let mut stale = Vec::new();
+    for (path, text) in wanted {
+        if files::read_optional(path)?.as_deref() != Some(text.as_str()) {
+            stale.push((path, text));
+        }
+    }
+    if stale.is_empty() {
+        return Ok(false);
+    }
+    check(&ca, &cert, &key, node, source)?;
+    if let Some(dir) = installed.key.parent() {
+        files::prepare_dir(dir, owner)?;
+    }
+    for (path, text) in &stale {
+        files::write_atomic(path, text, owner)?;
+    }
+    info!(node = %node, dir = %installed.key.parent().unwrap_or(Path::new("")).display(),
+          files = stale.len(), "TLS material installed for PostgreSQL");
+    Ok(true)
+}
+
+fn tls_err(e: ha_pki::FileError) -> PgError {
+    PgError::Tls(e.to_string())
+}
+
+fn certs(pem: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, PgError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PgError::Tls(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(PgError::Tls(format!(
+            "{}: no certificate in the file",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The checks PostgreSQL and the peers would otherwise only make at the next connection.
+fn check(ca: &str, cert: &str, key: &str, node: &NodeId, source: &TlsFiles) -> Result<(), PgError> {
+    certs(ca, &source.ca_bundle)?;
+    let chain = certs(cert, &source.cert)?;
+    let identity = PeerIdentity::from_cert_der(&chain[0])
+        .map_err(|e| PgError::Tls(format!("{}: {e}", source.cert.display())))?;
+    if identity.role() != Role::Postgres || identity.name() != node.as_str() {
+        return Err(PgError::Tls(format!(
+            "{} is the certificate of {identity}, not of postgres node {node}",
+            source.cert.display()
+        )));
+    }
+    // Only the path goes into the message: a parse error must not quote the key.
+    let key_der = PrivateKeyDer::from_pem_slice(key.as_bytes())
+        .map_err(|_| PgError::Tls(format!("{}: not a PEM private key", source.key.display())))?;
+    rustls::sign::CertifiedKey::from_der(chain, key_der, &rustls::crypto::ring::default_provider())
+        .map_err(|e| {
+            PgError::Tls(format!(
+                "{} and {}: {e}",
+                source.cert.display(),
+                source.key.display()
+            ))
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::time::Duration;
+
+    use ha_pki::{Ca, Validity};
+
+    use super::*;
+
+    fn me() -> Owner {
+        Owner {
+            uid: nix::unistd::geteuid(),
+            gid: nix::unistd::getegid(),
+        }
+    }
+
+    fn write(dir: &Path, ca: &Ca, cert: &str, key: &str) -> TlsFiles {
+        let files = TlsFiles {
+            ca_bundle: dir.join("ca.pem"),
+            cert: dir.join("node.pem"),
+            key: dir.join("node.key"),
+        };
+        ha_pki::write_public_file(&files.ca_bundle, ca.cert_pem().as_bytes()).unwrap();
+        ha_pki::write_public_file(&files.cert, cert.as_bytes()).unwrap();
+        ha_pki::write_key_file(&files.key, key.as_bytes()).unwrap();
+        files
+    }
+
+    #[test]
+    fn installs_checked_copies_once_and_refuses_bad_material() {
+        let tmp = tempfile::tempdir().unwrap();
+        let validity = Validity::starting_now(Duration::from_secs(3600)).unwrap();
+        let ca = Ca::create("test-ca", validity).unwrap();
+        let node = NodeId::new("psql1").unwrap();
+        let issued = ca.issue("psql1", Role::Postgres, &[], validity).unwrap();
+        let src = write(tmp.path(), &ca, &issued.cert_pem, &issued.key_pem);
+        let dst_dir = tmp.path().join("pg.tls");
+        let dst = TlsFiles {
+            ca_bundle: dst_dir.join("ca.pem"),
+            cert: dst_dir.join("node.crt"),
+            key: dst_dir.join("node.key"),
+        };
+        assert!(install(&src, &dst, &node, me()).unwrap());
+        assert!(
+            !install(&src, &dst, &node, me()).unwrap(),
+            "nothing changed"
+        );
+        let mode = std::fs::metadata(&dst.key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read_to_string(&dst.cert).unwrap(), issued.cert_pem);
+
+        // A rotation that so far replaced only the certificate: refused, old copies kept.
+        let next = ca.issue("psql1", Role::Postgres, &[], validity).unwrap();
+        ha_pki::write_public_file(&src.cert, next.cert_pem.as_bytes()).unwrap();
+        let err = install(&src, &dst, &node, me()).unwrap_err().to_string();
+        assert!(err.contains("node.pem"), "{err}");
+        assert!(!err.contains("PRIVATE KEY"), "{err}");
+        assert_eq!(std::fs::read_to_string(&dst.cert).unwrap(), issued.cert_pem);
+        ha_pki::write_key_file(&src.key, next.key_pem.as_bytes()).unwrap();
+        assert!(install(&src, &dst, &node, me()).unwrap());
+        assert_eq!(std::fs::read_to_string(&dst.key).unwrap(), next.key_pem);
+
+        // Another node's (or an operator's) certificate is not this node's identity.
+        let other = ca.issue("psql2", Role::Postgres, &[], validity).unwrap();
+        let src = write(tmp.path(), &ca, &other.cert_pem, &other.key_pem);
+        assert!(install(&src, &dst, &node, me()).is_err());
+        let op = ca.issue("psql1", Role::Operator, &[], validity).unwrap();
+        let src = write(tmp.path(), &ca, &op.cert_pem, &op.key_pem);
+        assert!(install(&src, &dst, &node, me()).is_err());
+
+        // A key others can read is refused before anything is copied.
+        std::fs::set_permissions(&src.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(install(&src, &dst, &node, me()).is_err());
+        assert_eq!(std::fs::read_to_string(&dst.key).unwrap(), next.key_pem);
+    }
+}
