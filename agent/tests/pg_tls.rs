@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ha_agent::pg::{
-    HbaRule, PgConfig, PgController, PgError, ReplicationPeer, ServerRole, SyncConfig, Upstream,
+    HbaRule, PgConfig, PgController, PgError, RejoinPath, ReplicationPeer, ServerRole, SyncConfig,
+    Upstream,
 };
 use ha_pki::{Ca, Role, TlsFiles, Validity};
 use ha_proto::NodeId;
@@ -515,5 +516,44 @@ async fn rotated_server_certificate_is_served_without_restart_and_streaming_resu
             .await
             .as_deref()
             == Some("42")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_rewinds_the_old_primary_over_tls() {
+    let mut h = Harness::new();
+    let pki = Pki::new("cluster-ca", h.path().join("pki"));
+    let mut a = h.node("psql1", Some(pki.issue("psql1", &pki)), &["psql1", "psql2"]);
+    let mut b = h.node("psql2", Some(pki.issue("psql2", &pki)), &["psql1", "psql2"]);
+    a.ctl.bootstrap(&SyncConfig::default()).await.unwrap();
+    a.exec("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await;
+    b.ctl.join_standby(&a.upstream_via(a.port)).await.unwrap();
+    eventually!("psql2 streams", b.streaming().await);
+    eventually!(
+        "psql2 has the first row",
+        b.text("SELECT x::text FROM t").await.as_deref() == Some("1")
+    );
+
+    // Failover: cut the stream, let the old primary diverge, fence it, promote psql2.
+    b.ctl.stop_replication().await.unwrap();
+    a.exec("INSERT INTO t VALUES (100); CHECKPOINT; INSERT INTO t VALUES (101)")
+        .await;
+    a.ctl.fence().await.unwrap();
+    b.ctl.promote().await.unwrap();
+    b.exec("INSERT INTO t VALUES (2)").await;
+
+    // pg_rewind reads psql2's files through an ordinary session: the `hostssl postgres` rule.
+    assert_eq!(
+        a.ctl.rejoin(&b.upstream_via(b.port)).await.unwrap(),
+        RejoinPath::Rewound
+    );
+    eventually!("psql1 streams from psql2", a.streaming().await);
+    eventually!(
+        "psql1 holds psql2's history only",
+        a.text("SELECT string_agg(x::text, ',' ORDER BY x) FROM t")
+            .await
+            .as_deref()
+            == Some("1,2")
     );
 }

@@ -480,6 +480,8 @@ impl PgConfig {
                 s.push(("ssl_key_file", path(&tls.key)));
                 // Client certificates (the `cert` rules) are verified against this bundle.
                 s.push(("ssl_ca_file", path(&tls.ca_bundle)));
+                // PostgreSQL's default, pinned here because this file wins over a weaker value
+                // in the user's postgresql.conf.
                 s.push(("ssl_min_protocol_version", guc_quote("TLSv1.2")));
             }
             None => s.push(("ssl", "off".into())),

@@ -97,6 +97,8 @@ pub struct PgController {
     crash_restarts: VecDeque<Instant>,
     /// TLS copies were replaced and the running server has not been reloaded since.
     tls_pending: bool,
+    /// The last refresh failure, so a lasting one is logged once rather than every tick.
+    tls_error: Option<String>,
 }
 
 impl PgController {
@@ -117,6 +119,7 @@ impl PgController {
             crashed: None,
             crash_restarts: VecDeque::new(),
             tls_pending: false,
+            tls_error: None,
         })
     }
 
@@ -184,10 +187,23 @@ impl PgController {
     /// Reads the server (running) or its control file (stopped). First it brings the TLS copies
     /// up to date ([`Self::refresh_tls`]): the agent observes every tick, so a rotated
     /// certificate reaches PostgreSQL within one report interval without a plan step. A refresh
-    /// that fails is logged and retried next time; the server keeps its previous material.
+    /// that fails is logged (once while it keeps failing) and retried next time; the server
+    /// keeps its previous material.
     pub async fn observe(&mut self) -> Result<PgObservation, PgError> {
-        if let Err(e) = self.refresh_tls().await {
-            warn!(node = %self.cfg.node, error = %e, "TLS material not refreshed");
+        match self.refresh_tls().await {
+            Ok(_) => {
+                if self.tls_error.take().is_some() {
+                    info!(node = %self.cfg.node, "TLS material usable again");
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.tls_error.as_ref() != Some(&e) {
+                    warn!(node = %self.cfg.node, error = %e,
+                          "TLS material not refreshed; PostgreSQL keeps the previous files");
+                    self.tls_error = Some(e);
+                }
+            }
         }
         let state = self.check_postmaster();
         if files::inspect(&self.cfg.data_dir)? != DataDirState::Initialized {
