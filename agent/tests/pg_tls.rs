@@ -8,6 +8,8 @@
 //!   another CA, and then accepts the real peer.
 //! - A rotated server certificate (same CA) is served after a reload, with no restart, and the
 //!   standby reconnects and keeps streaming.
+//! - After a failover the old primary is rewound from the new one over TLS (`pg_rewind`'s
+//!   ordinary session needs its own `hostssl postgres` rule).
 //!
 //! A [`Harness`] stops every postmaster it started (by PID) before its directory is removed, and
 //! a [`Proxy`] aborts its tasks when dropped, even when an assertion fails.

@@ -6,11 +6,11 @@
 //! goes through one quoting function ([`guc_quote`], [`ConnInfo::render`]), so a node name or a
 //! path can never inject a setting. Rendering is deterministic: the same inputs give the same
 //! bytes, which lets the controller skip rewrites and reloads that would change nothing. With
-//! TLS configured ([`PgConfig::tls`]) every TCP connection the agent's PostgreSQL makes or accepts
-//! for replication is TLS with full verification and certificate authentication: outgoing
-//! connection strings say `sslmode=verify-full`, `pg_hba.conf` admits exactly the configured
-//! peers by address with `hostssl ... cert map=ha`, the `ha` ident map names exactly those peers'
-//! certificate names, and [`PgConfig::validate`] refuses any plaintext `host` replication rule.
+//! TLS configured ([`PgConfig::tls`]) every replication connection is TLS: outgoing connection
+//! strings say `sslmode=verify-full` with the node's certificate and no password; `pg_hba.conf`
+//! admits exactly the configured peers by address with `hostssl ... cert map=ha`, the `ha` ident
+//! map names exactly those peers' certificate names, and [`PgConfig::validate`] refuses any
+//! plaintext `host` replication rule. Without TLS the `ssl` setting is left to the user.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -472,20 +472,18 @@ impl PgConfig {
             ("wal_log_hints", "on".into()),
             ("recovery_target_timeline", guc_quote("latest")),
         ];
-        match self.installed_tls() {
-            Some(tls) => {
-                s.push(("ssl", "on".into()));
-                let path = |p: &PathBuf| guc_quote(&p.display().to_string());
-                s.push(("ssl_cert_file", path(&tls.cert)));
-                s.push(("ssl_key_file", path(&tls.key)));
-                // Client certificates (the `cert` rules) are verified against this bundle.
-                s.push(("ssl_ca_file", path(&tls.ca_bundle)));
-                // PostgreSQL's default, pinned here because this file wins over a weaker value
-                // in the user's postgresql.conf.
-                s.push(("ssl_min_protocol_version", guc_quote("TLSv1.2")));
-            }
-            None => s.push(("ssl", "off".into())),
+        if let Some(tls) = self.installed_tls() {
+            s.push(("ssl", "on".into()));
+            let path = |p: &PathBuf| guc_quote(&p.display().to_string());
+            s.push(("ssl_cert_file", path(&tls.cert)));
+            s.push(("ssl_key_file", path(&tls.key)));
+            // Client certificates (the `cert` rules) are verified against this bundle.
+            s.push(("ssl_ca_file", path(&tls.ca_bundle)));
+            // PostgreSQL's default, pinned here because this file wins over a weaker value
+            // in the user's postgresql.conf.
+            s.push(("ssl_min_protocol_version", guc_quote("TLSv1.2")));
         }
+        // Without TLS nothing is written: the user's own `ssl` settings (for applications) stay.
         let (sync, upstream) = match role {
             RoleSettings::Primary(sync) => (sync.clone(), None),
             RoleSettings::Standby(up) => (SyncConfig::default(), up.as_ref()),
@@ -614,7 +612,7 @@ mod tests {
         assert!(primary.contains("synchronous_commit = on\n"));
         assert!(primary.contains("wal_log_hints = on\n"));
         assert!(primary.contains("wal_keep_size = '1024MB'\n"));
-        assert!(primary.contains("ssl = off\n"));
+        assert!(!primary.contains("ssl"), "{primary}");
         assert_eq!(c.log_file, PathBuf::from("/var/lib/ha/data.log"));
     }
 
