@@ -5,7 +5,11 @@
 //! 2. `drill crash-primary` aimed at psql2: its agent refuses (exit 65, `allow_drills` named),
 //!    and nothing happens: same primary, same postmaster, agent still running;
 //! 3. `drill switchover` back to psql1, then `drill crash-primary --json`: psql1's agent kills
-//!    its postmaster and itself with SIGKILL, psql2 is promoted, no acknowledged write lost.
+//!    its postmaster and itself with SIGKILL, psql2 is promoted, no acknowledged write lost;
+//! 4. psql1's agent restarted (as a supervisor would), back to psql1 by switchover, then
+//!    `drill freeze-primary` for less than the lease (no failover, nothing lost) and
+//!    `drill partition-primary` for more (psql2 promoted, psql1 returns as a standby). On
+//!    loopback the partition cuts psql1's PostgreSQL port and holds its agent's reports back.
 //!
 //! Every process is started here and ended by PID from a guard, even on failure; on failure the
 //! guard prints the tail of every log. (This cluster is meant to move onto the shared harness
@@ -167,9 +171,18 @@ hba = [{repl}, {rewind}, {writer}]
             writer = trust("postgres", "postgres"),
         );
         std::fs::write(self.root.path().join(format!("{name}.toml")), config).unwrap();
-        let log =
-            std::fs::File::create(self.root.path().join(format!("{name}-agent.log"))).unwrap();
-        let child = Command::new(&self.agent_bin)
+        let child = self.spawn_agent(name);
+        self.agents.push((name.to_owned(), Some(child)));
+    }
+
+    /// Starts the agent of `name` (again: the log is appended to).
+    fn spawn_agent(&self, name: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join(format!("{name}-agent.log")))
+            .unwrap();
+        Command::new(&self.agent_bin)
             .arg("--config")
             .arg(self.root.path().join(format!("{name}.toml")))
             .arg("--dev")
@@ -178,8 +191,19 @@ hba = [{repl}, {rewind}, {writer}]
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap();
-        self.agents.push((name.to_owned(), Some(child)));
+            .unwrap()
+    }
+
+    /// What a supervisor does for an agent that died: start it again.
+    fn restart_agent(&mut self, name: &str) {
+        let child = self.spawn_agent(name);
+        let slot = self.agents.iter_mut().find(|(n, _)| n == name).unwrap();
+        if let Some(mut old) = slot.1.replace(child) {
+            assert!(
+                old.try_wait().unwrap().is_some(),
+                "{name}'s agent still runs"
+            );
+        }
     }
 
     fn data_dir(&self, name: &str) -> PathBuf {
@@ -339,4 +363,53 @@ fn drills_switchover_refusal_and_primary_crash() {
         "psql1's agent killed itself: {exit}"
     );
     assert!(!is_postgres(postmaster), "psql1's postmaster was killed");
+
+    // The restarted agent brings psql1 back as a standby; then psql1 leads again.
+    cluster.restart_agent("psql1");
+    cluster.wait_synchronous("psql2", "psql1");
+    let report = cluster.drill("switchover");
+    assert_no_loss(&report, "switchover", "psql2", "psql1");
+    cluster.wait_synchronous("psql1", "psql2");
+
+    // A freeze shorter than the lease: PostgreSQL and the agent stop, then resume by
+    // themselves; no failover, no write lost, the writes waited for the freeze.
+    let postmaster = cluster.postmaster("psql1");
+    let out = cluster.haclt(&["drill", "freeze-primary", "--json", "--duration", "1500ms"]);
+    assert_eq!(out.status.code(), Some(0), "freeze drill failed");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("freeze-primary: {report}");
+    assert_eq!(report["lost_writes"], 0);
+    assert_eq!(report["converged"], true);
+    assert_eq!(
+        report["new_primary"], "psql1",
+        "no failover for a short freeze"
+    );
+    assert!(
+        report["write_unavailable_ms"].as_u64().unwrap() >= 1000,
+        "{report}"
+    );
+    assert_eq!(postmaster_pid(&cluster.data_dir("psql1")), Some(postmaster));
+    assert!(cluster.agent("psql1").try_wait().unwrap().is_none());
+
+    // A partition longer than the lease (on loopback: psql1's PostgreSQL port, and its agent's
+    // reports): psql2 is promoted, psql1 fences itself and comes back as a standby after it.
+    let out = cluster.haclt(&["drill", "partition-primary", "--json", "--duration", "6s"]);
+    assert_eq!(out.status.code(), Some(0), "partition drill failed");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("partition-primary: {report}");
+    assert_eq!(report["lost_writes"], 0);
+    assert_eq!(report["converged"], true);
+    assert_eq!(
+        report["new_primary"], "psql2",
+        "the cut-off primary was replaced"
+    );
+    cluster.wait_synchronous("psql2", "psql1");
+    let tables = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("ha_drill_psql1"),
+        "the partition's table was removed after the drill"
+    );
 }
