@@ -41,43 +41,62 @@ fn daemon_binaries() -> (PathBuf, PathBuf) {
 
 struct Cluster {
     root: tempfile::TempDir,
-    monitor_addr: String,
+    /// `host:port` of every monitor, comma separated (as `--monitors` takes them).
+    monitor_addrs: String,
     agent_bin: PathBuf,
-    monitor: Child,
+    monitors: Vec<Child>,
     agents: Vec<(String, Option<Child>)>,
     postmasters_seen: Vec<i32>,
 }
 
 impl Cluster {
-    fn start() -> Self {
+    /// `monitors` monitors (drills allowed in them), no node yet.
+    fn start(monitors: u64) -> Self {
         let (monitor_bin, agent_bin) = daemon_binaries();
         let root = tempfile::tempdir().unwrap();
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let config = root.path().join("monitor.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "id = 1\ndev = true\ndata_dir = \"{}\"\nlisten = \"{addr}\"\nmembers = [{{ id = 1, address = \"{addr}\" }}]\n",
-                root.path().join("monitor").display()
-            ),
-        )
-        .unwrap();
-        let monitor = Command::new(monitor_bin)
-            .arg("--config")
-            .arg(&config)
-            .arg("--dev")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(root.path().join("monitor.log")).unwrap())
-            .spawn()
-            .unwrap();
+        let addrs: Vec<(u64, String)> = (1..=monitors)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let members: Vec<String> = addrs
+            .iter()
+            .map(|(id, a)| format!("{{ id = {id}, address = \"{a}\" }}"))
+            .collect();
+        let children = addrs
+            .iter()
+            .map(|(id, addr)| {
+                let config = root.path().join(format!("m{id}.toml"));
+                std::fs::write(
+                    &config,
+                    format!(
+                        "id = {id}\ndev = true\nallow_drills = true\ndata_dir = \"{}\"\nlisten = \"{addr}\"\nmembers = [{}]\n",
+                        root.path().join(format!("m{id}")).display(),
+                        members.join(", ")
+                    ),
+                )
+                .unwrap();
+                let log = std::fs::File::create(root.path().join(format!("m{id}.log"))).unwrap();
+                Command::new(&monitor_bin)
+                    .arg("--config")
+                    .arg(&config)
+                    .arg("--dev")
+                    .env("RUST_LOG", "info")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
         Self {
             root,
-            monitor_addr: addr,
+            monitor_addrs: addrs
+                .iter()
+                .map(|(_, a)| a.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
             agent_bin,
-            monitor,
+            monitors: children,
             agents: Vec::new(),
             postmasters_seen: Vec::new(),
         }
@@ -85,7 +104,7 @@ impl Cluster {
 
     fn haclt(&self, args: &[&str]) -> Output {
         let out = Command::new(env!("CARGO_BIN_EXE_haclt"))
-            .args(["--dev", "--monitors", &self.monitor_addr])
+            .args(["--dev", "--monitors", &self.monitor_addrs])
             .args(args)
             .env_remove("HACLT_CONFIG")
             .output()
@@ -145,7 +164,7 @@ impl Cluster {
 role = "postgres"
 node = "{name}"
 group = "main"
-monitors = ["{monitor}"]
+monitors = [{monitors}]
 join_token_file = "{token}"
 state_dir = "{dir}/state"
 dev = true
@@ -162,7 +181,12 @@ stop_timeout = "20s"
 settings = {{ shared_buffers = "16MB", max_connections = "30" }}
 hba = [{repl}, {rewind}, {writer}]
 "#,
-            monitor = self.monitor_addr,
+            monitors = self
+                .monitor_addrs
+                .split(',')
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
             token = token_file.display(),
             dir = dir.display(),
             port = free_port(),
@@ -258,8 +282,10 @@ impl Drop for Cluster {
                 let _ = c.wait();
             }
         }
-        let _ = self.monitor.kill();
-        let _ = self.monitor.wait();
+        for m in &mut self.monitors {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
         let mut pids = self.postmasters_seen.clone();
         pids.extend(
             self.agents
@@ -268,7 +294,9 @@ impl Drop for Cluster {
         );
         stop_postmasters(&pids);
         if std::thread::panicking() {
-            let mut logs = vec![self.root.path().join("monitor.log")];
+            let mut logs: Vec<PathBuf> = (1..=self.monitors.len())
+                .map(|id| self.root.path().join(format!("m{id}.log")))
+                .collect();
             for (n, _) in &self.agents {
                 logs.push(self.root.path().join(format!("{n}-agent.log")));
                 logs.push(self.root.path().join(n).join("data.log"));
@@ -315,7 +343,7 @@ fn assert_no_loss(report: &Value, scenario: &str, old: &str, new: &str) {
 
 #[test]
 fn drills_switchover_refusal_and_primary_crash() {
-    let mut cluster = Cluster::start();
+    let mut cluster = Cluster::start(1);
     cluster.wait_for("the monitor leads", Duration::from_secs(20), |_| true);
     cluster.add_node("psql1", true);
     cluster.wait_for("psql1 bootstraps", Duration::from_secs(60), |s| {
@@ -412,4 +440,54 @@ fn drills_switchover_refusal_and_primary_crash() {
         !String::from_utf8_lossy(&tables.stdout).contains("ha_drill_psql1"),
         "the partition's table was removed after the drill"
     );
+}
+
+/// Three monitors and one primary: the monitor leader exits abruptly, another one leads, and
+/// the primary keeps its role (a leader change is not a database failure).
+#[test]
+fn killing_the_monitor_leader_fails_nothing_over() {
+    let mut cluster = Cluster::start(3);
+    cluster.wait_for("a monitor leads", Duration::from_secs(30), |s| {
+        s["monitors"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["leader"] == true))
+    });
+    cluster.add_node("solo1", false);
+    cluster.wait_for("solo1 bootstraps", Duration::from_secs(60), |s| {
+        s["groups"][0]["primary"] == "solo1" && node(s, "solo1")["state"] != "unknown"
+    });
+    let before = cluster.status().unwrap();
+    let leader = before["monitors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["leader"] == true)
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let report = cluster.drill("kill-monitor-leader");
+    println!("kill-monitor-leader: {report}");
+    assert_eq!(report["lost_writes"], 0);
+    assert_eq!(
+        (
+            report["old_primary"].as_str(),
+            report["new_primary"].as_str()
+        ),
+        (Some("solo1"), Some("solo1"))
+    );
+    assert_eq!(report["old_epoch"], report["new_epoch"], "no failover");
+    let dead = cluster.monitors[usize::try_from(leader - 1).unwrap()]
+        .wait()
+        .unwrap();
+    assert!(!dead.success(), "the old leader died abruptly: {dead}");
+    let after = cluster.status().unwrap();
+    let new_leader = after["monitors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["leader"] == true)
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    assert_ne!(new_leader, leader);
 }
