@@ -30,6 +30,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Writes acknowledged before the fault is injected (the writer demonstrably works).
 const BASELINE_WRITES: u64 = 20;
 const POLL: Duration = Duration::from_millis(100);
+/// Allowance for an order to reach its agent (with the next report, every 500 ms by default).
+const ORDER_DELIVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -47,24 +49,11 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    fn name(self) -> &'static str {
-        match self {
-            Scenario::Switchover => "switchover",
-            Scenario::CrashPrimary => "crash-primary",
-            Scenario::FreezePrimary => "freeze-primary",
-            Scenario::PartitionPrimary => "partition-primary",
-            Scenario::KillMonitorLeader => "kill-monitor-leader",
-        }
-    }
-
-    /// The agent fault, for scenarios the primary's agent injects.
-    fn agent_fault(self) -> Option<v1::Fault> {
-        match self {
-            Scenario::CrashPrimary => Some(v1::Fault::Crash),
-            Scenario::FreezePrimary => Some(v1::Fault::Freeze),
-            Scenario::PartitionPrimary => Some(v1::Fault::Partition),
-            Scenario::Switchover | Scenario::KillMonitorLeader => None,
-        }
+    /// The name on the command line (and in the JSON report).
+    fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -311,7 +300,7 @@ pub async fn run(
     let fault_at = Instant::now();
     let fault_unix_ms = now_unix_ms();
     let deadline = fault_at + o.wait;
-    tracing::info!(scenario = scenario.name(), %old_primary, "injecting the fault");
+    tracing::info!(scenario = %scenario.name(), %old_primary, "injecting the fault");
     let injected = inject(m, scenario, o, &group, &old_primary, &request_id).await;
     if let Err(f) = injected {
         stop_writer(stop_tx, writer).await;
@@ -320,9 +309,12 @@ pub async fn run(
 
     // The cluster is back when the scenario's condition holds and a write was acknowledged
     // by the primary of that moment after it held.
-    let resumed_after = match scenario.agent_fault() {
-        Some(v1::Fault::Freeze | v1::Fault::Partition) => fault_at + o.duration,
-        _ => fault_at,
+    // A timed fault starts when the order reaches the agent, with its next report.
+    let resumed_after = match scenario {
+        Scenario::FreezePrimary | Scenario::PartitionPrimary => {
+            fault_at + o.duration + ORDER_DELIVERY
+        }
+        Scenario::Switchover | Scenario::CrashPrimary | Scenario::KillMonitorLeader => fault_at,
     };
     let mut recovered: Option<v1::StatusResponse> = None;
     let mut last_wait = String::new();
@@ -334,7 +326,11 @@ pub async fn run(
                 break;
             }
         };
-        let g = group_of(&s, &group.name).map_err(bare)?;
+        let Ok(g) = group_of(&s, &group.name) else {
+            last_wait = format!("group {} is missing from the status", group.name);
+            tokio::time::sleep(POLL).await;
+            continue;
+        };
         let primary_target = target_of(&s, &g.primary);
         target_tx.send_replace(primary_target.clone());
         if let Some(refusal) = refused(&s, &old_primary, &request_id) {
@@ -395,6 +391,10 @@ pub async fn run(
             })
             .collect()
     };
+    if let Some(e) = ejabberd.iter().find(|e| e.recovered_ms.is_none()) {
+        last_wait = format!("ejabberd {} does not serve {} yet", e.node, g.primary);
+    }
+    let converged = recovered.is_some() && ejabberd.iter().all(|e| e.recovered_ms.is_some());
     let mut write_unavailable = written.max_gap;
     if recovered.is_none()
         && let Some(last) = written.last_ack
@@ -418,7 +418,7 @@ pub async fn run(
     let mut report = Report {
         scenario,
         group: group.name.clone(),
-        converged: recovered.is_some(),
+        converged,
         write_unavailable_ms: millis(write_unavailable),
         acknowledged_writes: u64::try_from(written.acked.len()).unwrap_or(u64::MAX),
         lost_writes: 0,
@@ -464,14 +464,8 @@ async fn inject(
     primary: &str,
     request_id: &str,
 ) -> Result<(), Failure> {
-    let drill = |target: &str, fault: v1::Fault| v1::StartDrillRequest {
-        request_id: request_id.to_owned(),
-        target: target.to_owned(),
-        fault: fault.into(),
-        duration_ms: millis(o.duration),
-    };
-    match (scenario, scenario.agent_fault()) {
-        (Scenario::Switchover, _) => {
+    let (target, fault) = match scenario {
+        Scenario::Switchover => {
             let req = v1::SwitchoverRequest {
                 request_id: request_id.to_owned(),
                 group: group.name.clone(),
@@ -482,30 +476,24 @@ async fn inject(
                 async move { c.switchover(req).await }
             })
             .await?;
+            return Ok(());
         }
-        (Scenario::KillMonitorLeader, _) => {
-            let req = drill("", v1::Fault::KillMonitorLeader);
-            m.call(|mut c| {
-                let req = req.clone();
-                async move { c.start_drill(req).await }
-            })
-            .await?;
-        }
-        (_, Some(fault)) => {
-            let req = drill(primary, fault);
-            m.call(|mut c| {
-                let req = req.clone();
-                async move { c.start_drill(req).await }
-            })
-            .await?;
-        }
-        (_, None) => {
-            return Err(Failure::Other(format!(
-                "{} injects no fault",
-                scenario.name()
-            )));
-        }
-    }
+        Scenario::KillMonitorLeader => ("", v1::Fault::KillMonitorLeader),
+        Scenario::CrashPrimary => (primary, v1::Fault::Crash),
+        Scenario::FreezePrimary => (primary, v1::Fault::Freeze),
+        Scenario::PartitionPrimary => (primary, v1::Fault::Partition),
+    };
+    let req = v1::StartDrillRequest {
+        request_id: request_id.to_owned(),
+        target: target.to_owned(),
+        fault: fault.into(),
+        duration_ms: millis(o.duration),
+    };
+    m.call(|mut c| {
+        let req = req.clone();
+        async move { c.start_drill(req).await }
+    })
+    .await?;
     Ok(())
 }
 
@@ -536,11 +524,12 @@ async fn ejabberd_recovery(
     deadline: Instant,
     fault_unix_ms: u64,
 ) -> Vec<EjabberdRecovery> {
+    let mut out = Vec::new();
     loop {
         let Ok(s) = status(m, deadline).await else {
-            return Vec::new();
+            return out;
         };
-        let out: Vec<EjabberdRecovery> = ejabberd_nodes(&s, group)
+        out = ejabberd_nodes(&s, group)
             .map(|n| EjabberdRecovery {
                 node: n.name.clone(),
                 recovered_ms: n.ejabberd.as_ref().and_then(|e| {

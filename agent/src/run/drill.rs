@@ -26,7 +26,9 @@
 //!   one host for every node) dropping by address would cut every node and the monitors from each
 //!   other, so for loopback peers the cut is by port instead: every packet to or from this node's
 //!   PostgreSQL port (replication, monitor probes and clients alike), while the agent stops
-//!   sending its own reports for the duration when a monitor is on loopback.
+//!   sending its own reports for the duration when a monitor is on loopback. A detached helper
+//!   deletes the emptied table one second after the end; a second partition of the same node
+//!   started before that would be lifted early by it (drills run one at a time).
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, ToSocketAddrs};
@@ -502,7 +504,7 @@ pub fn freeze_tree(pid: i32, duration: Duration) -> Result<Vec<i32>, DrillError>
 
 /// Freezes PostgreSQL and then this agent; returns once SIGCONT woke the agent up.
 fn freeze(postmaster: i32, duration: Duration) -> Result<Duration, DrillError> {
-    let me = i32::try_from(std::process::id()).map_err(|_| DrillError::Address("pid".into()))?;
+    let me = Pid::this().as_raw();
     let undo_at = std::time::Instant::now() + duration;
     arm_undo(duration, &format!("kill -CONT {me}"))?;
     let children = freeze_tree(postmaster, duration)?;
@@ -536,7 +538,7 @@ fn crash(postmaster: Option<i32>) -> DrillError {
         // and if it were, aborting is the same abrupt end.
         Ok(()) => std::process::abort(),
         Err(source) => DrillError::Signal {
-            pid: i32::try_from(std::process::id()).unwrap_or(0),
+            pid: Pid::this().as_raw(),
             source,
         },
     }
