@@ -161,8 +161,7 @@ async fn connect(t: &Target, o: &Options) -> Result<tokio_postgres::Client, Stri
     Ok(client)
 }
 
-/// Commits one row per attempt to whatever primary `targets` names, until it names none and
-/// `stop` is set.
+/// Commits one row per attempt to whatever primary `targets` names, until `stop` is set.
 async fn writer(
     run: String,
     options: Options,
@@ -225,6 +224,49 @@ async fn writer(
     out
 }
 
+/// The running writer: where it writes, what it acknowledged so far, how to stop it.
+struct Writer {
+    target: watch::Sender<Option<Target>>,
+    progress: watch::Receiver<Progress>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Written>,
+}
+
+impl Writer {
+    fn start(run: &str, o: &Options, first: Target) -> Self {
+        let (target, targets) = watch::channel(Some(first));
+        let (progress_tx, progress) = watch::channel(Progress::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(writer(
+            run.to_owned(),
+            o.clone(),
+            targets,
+            progress_tx,
+            stop_rx,
+        ));
+        Self {
+            target,
+            progress,
+            stop,
+            task,
+        }
+    }
+
+    /// Whether a write was acknowledged by `target` after `after`.
+    fn acked_by_since(&self, target: Option<&Target>, after: Instant) -> bool {
+        self.progress
+            .borrow()
+            .last_ack
+            .as_ref()
+            .is_some_and(|(at, t)| *at > after && Some(t) == target)
+    }
+
+    async fn stop(self) -> Written {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or_default()
+    }
+}
+
 /// Runs one drill; returns its figures, or the failure to exit with. The figures are printed
 /// by the caller in both cases: a drill that lost writes or did not converge still says how
 /// far it got.
@@ -250,7 +292,6 @@ pub async fn run(
             "no endpoint known for {old_primary}"
         )))
     })?;
-    let old_leader = leader_of(&before);
 
     let setup = async {
         let c = connect(&old_target, o).await?;
@@ -267,31 +308,17 @@ pub async fn run(
         )))
     })?;
 
-    let (target_tx, target_rx) = watch::channel(Some(old_target.clone()));
-    let (progress_tx, mut progress_rx) = watch::channel(Progress::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let writer = tokio::spawn(writer(
-        request_id.clone(),
-        o.clone(),
-        target_rx,
-        progress_tx,
-        stop_rx,
-    ));
-    let stop_writer = |stop_tx: watch::Sender<bool>, writer: tokio::task::JoinHandle<Written>| async move {
-        let _ = stop_tx.send(true);
-        writer.await.unwrap_or_default()
-    };
-
+    let mut writer = Writer::start(&request_id, o, old_target.clone());
     let baseline_ok = matches!(
         tokio::time::timeout(
             Duration::from_secs(10),
-            progress_rx.wait_for(|p| p.acked >= BASELINE_WRITES),
+            writer.progress.wait_for(|p| p.acked >= BASELINE_WRITES),
         )
         .await,
         Ok(Ok(_))
     );
     if !baseline_ok {
-        stop_writer(stop_tx, writer).await;
+        writer.stop().await;
         return Err(bare(Failure::NotConverged(format!(
             "the writer could not commit {BASELINE_WRITES} rows on {old_primary} within 10s"
         ))));
@@ -301,78 +328,26 @@ pub async fn run(
     let fault_unix_ms = now_unix_ms();
     let deadline = fault_at + o.wait;
     tracing::info!(scenario = %scenario.name(), %old_primary, "injecting the fault");
-    let injected = inject(m, scenario, o, &group, &old_primary, &request_id).await;
-    if let Err(f) = injected {
-        stop_writer(stop_tx, writer).await;
+    if let Err(f) = inject(m, scenario, o, &group, &old_primary, &request_id).await {
+        writer.stop().await;
         return Err(bare(f));
     }
-
-    // The cluster is back when the scenario's condition holds and a write was acknowledged
-    // by the primary of that moment after it held.
-    // A timed fault starts when the order reaches the agent, with its next report.
-    let resumed_after = match scenario {
-        Scenario::FreezePrimary | Scenario::PartitionPrimary => {
-            fault_at + o.duration + ORDER_DELIVERY
-        }
-        Scenario::Switchover | Scenario::CrashPrimary | Scenario::KillMonitorLeader => fault_at,
+    let fault = Injected {
+        scenario,
+        group: &group.name,
+        old_primary: &old_primary,
+        old_leader: leader_of(&before),
+        request_id: &request_id,
+        at: fault_at,
+        duration: o.duration,
     };
-    let mut recovered: Option<v1::StatusResponse> = None;
-    let mut last_wait = String::new();
-    while Instant::now() < deadline {
-        let s = match status(m, deadline).await {
-            Ok(s) => s,
-            Err(f) => {
-                last_wait = f.to_string();
-                break;
-            }
-        };
-        let Ok(g) = group_of(&s, &group.name) else {
-            last_wait = format!("group {} is missing from the status", group.name);
-            tokio::time::sleep(POLL).await;
-            continue;
-        };
-        let primary_target = target_of(&s, &g.primary);
-        target_tx.send_replace(primary_target.clone());
-        if let Some(refusal) = refused(&s, &old_primary, &request_id) {
-            stop_writer(stop_tx, writer).await;
-            return Err(bare(Failure::Refused(refusal)));
-        }
-        let condition = match scenario {
-            Scenario::Switchover | Scenario::CrashPrimary => {
-                (g.primary != old_primary && !g.primary.is_empty() && g.pending.is_empty())
-                    .then_some(())
-                    .ok_or_else(|| format!("waiting for a new primary: {}", g.pending))
-            }
-            Scenario::FreezePrimary | Scenario::PartitionPrimary => {
-                if Instant::now() < resumed_after {
-                    Err("fault in progress".to_owned())
-                } else if !g.pending.is_empty() || g.primary.is_empty() {
-                    Err(format!("waiting for the group to settle: {}", g.pending))
-                } else {
-                    Ok(())
-                }
-            }
-            Scenario::KillMonitorLeader => match leader_of(&s) {
-                Some(l) if Some(l) != old_leader => Ok(()),
-                _ => Err("waiting for a new monitor leader".to_owned()),
-            },
-        };
-        let acked_there = progress_rx
-            .borrow()
-            .last_ack
-            .as_ref()
-            .is_some_and(|(at, t)| *at > resumed_after && Some(t) == primary_target.as_ref());
-        match condition {
-            Ok(()) if acked_there => {
-                recovered = Some(s);
-                break;
-            }
-            Ok(()) => last_wait = format!("waiting for a write acknowledged by {}", g.primary),
-            Err(w) => last_wait = w,
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    let written = stop_writer(stop_tx, writer).await;
+    let waited = await_recovery(m, &fault, &writer, deadline).await;
+    let written = writer.stop().await;
+    let (recovered, mut last_wait) = match waited {
+        Ok(Ok(s)) => (Some(s), String::new()),
+        Ok(Err(why)) => (None, why),
+        Err(refusal) => return Err(bare(refusal)),
+    };
 
     let end = match &recovered {
         Some(s) => s.clone(),
@@ -446,6 +421,83 @@ pub async fn run(
             Failure::NotConverged(format!("cannot verify the rows: {e}")),
         )),
     }
+}
+
+/// The fault just injected, as `await_recovery` needs it.
+struct Injected<'a> {
+    scenario: Scenario,
+    group: &'a str,
+    old_primary: &'a str,
+    old_leader: Option<u64>,
+    request_id: &'a str,
+    at: Instant,
+    duration: Duration,
+}
+
+/// Polls the status, keeps the writer on the primary of the moment, and returns the status in
+/// which the cluster is back: the scenario's condition holds and the primary of that moment
+/// acknowledged a write after the fault. `Ok(Err(why))` when `deadline` passed first (with what
+/// it was waiting for); `Err` when the target's agent refused the order.
+async fn await_recovery(
+    m: &mut Monitors,
+    fault: &Injected<'_>,
+    writer: &Writer,
+    deadline: Instant,
+) -> Result<Result<v1::StatusResponse, String>, Failure> {
+    // A timed fault starts when the order reaches the agent, with its next report.
+    let resumed_after = match fault.scenario {
+        Scenario::FreezePrimary | Scenario::PartitionPrimary => {
+            fault.at + fault.duration + ORDER_DELIVERY
+        }
+        Scenario::Switchover | Scenario::CrashPrimary | Scenario::KillMonitorLeader => fault.at,
+    };
+    let mut waiting = String::from("no status yet");
+    while Instant::now() < deadline {
+        let s = match status(m, deadline).await {
+            Ok(s) => s,
+            Err(f) => return Ok(Err(f.to_string())),
+        };
+        if let Some(refusal) = refused(&s, fault.old_primary, fault.request_id) {
+            return Err(Failure::Refused(refusal));
+        }
+        let Ok(g) = group_of(&s, fault.group) else {
+            waiting = format!("group {} is missing from the status", fault.group);
+            tokio::time::sleep(POLL).await;
+            continue;
+        };
+        let primary = target_of(&s, &g.primary);
+        writer.target.send_replace(primary.clone());
+        let settled = g.pending.is_empty() && !g.primary.is_empty();
+        let condition = match fault.scenario {
+            Scenario::Switchover | Scenario::CrashPrimary => {
+                if settled && g.primary != fault.old_primary {
+                    Ok(())
+                } else {
+                    Err(format!("waiting for a new primary: {}", g.pending))
+                }
+            }
+            Scenario::FreezePrimary | Scenario::PartitionPrimary => {
+                if Instant::now() < resumed_after {
+                    Err("fault in progress".to_owned())
+                } else if settled {
+                    Ok(())
+                } else {
+                    Err(format!("waiting for the group to settle: {}", g.pending))
+                }
+            }
+            Scenario::KillMonitorLeader => match leader_of(&s) {
+                Some(l) if Some(l) != fault.old_leader => Ok(()),
+                _ => Err("waiting for a new monitor leader".to_owned()),
+            },
+        };
+        match condition {
+            Ok(()) if writer.acked_by_since(primary.as_ref(), resumed_after) => return Ok(Ok(s)),
+            Ok(()) => waiting = format!("waiting for a write acknowledged by {}", g.primary),
+            Err(w) => waiting = w,
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(Err(waiting))
 }
 
 /// The status, retried while no leader answers (a leader change in progress).
