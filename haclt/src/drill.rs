@@ -568,6 +568,25 @@ fn ejabberd_nodes<'a>(
     })
 }
 
+/// When each ejabberd node of `group` verified the primary and epoch of `g` (relative to the
+/// fault; 0 when before it), or `None` while it has not.
+fn ejabberd_figures(
+    s: &v1::StatusResponse,
+    group: &str,
+    g: &v1::GroupStatus,
+    fault_unix_ms: u64,
+) -> Vec<EjabberdRecovery> {
+    ejabberd_nodes(s, group)
+        .map(|n| EjabberdRecovery {
+            node: n.name.clone(),
+            recovered_ms: n.ejabberd.as_ref().and_then(|e| {
+                (e.applied_node == g.primary && e.applied_epoch >= g.epoch)
+                    .then(|| e.applied_at_unix_ms.saturating_sub(fault_unix_ms))
+            }),
+        })
+        .collect()
+}
+
 /// Waits (until `deadline`) for every ejabberd node to serve the final primary.
 async fn ejabberd_recovery(
     m: &mut Monitors,
@@ -581,15 +600,7 @@ async fn ejabberd_recovery(
         let Ok(s) = status(m, deadline).await else {
             return out;
         };
-        out = ejabberd_nodes(&s, group)
-            .map(|n| EjabberdRecovery {
-                node: n.name.clone(),
-                recovered_ms: n.ejabberd.as_ref().and_then(|e| {
-                    (e.applied_node == g.primary && e.applied_epoch >= g.epoch)
-                        .then(|| e.applied_at_unix_ms.saturating_sub(fault_unix_ms))
-                }),
-            })
-            .collect();
+        out = ejabberd_figures(&s, group, g, fault_unix_ms);
         if out.iter().all(|e| e.recovered_ms.is_some()) || Instant::now() >= deadline {
             return out;
         }
@@ -660,7 +671,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn node(name: &str, kind: v1::NodeKind, last_error: &str) -> v1::NodeStatus {
+    fn node_status(name: &str, kind: v1::NodeKind, last_error: &str) -> v1::NodeStatus {
         v1::NodeStatus {
             name: name.into(),
             kind: kind.into(),
@@ -678,12 +689,12 @@ mod tests {
     fn a_refusal_is_found_in_the_targets_last_error() {
         let s = v1::StatusResponse {
             nodes: vec![
-                node(
+                node_status(
                     "psql1",
                     v1::NodeKind::Postgres,
                     "drill r1 refused: allow_drills is false; lease expired",
                 ),
-                node(
+                node_status(
                     "psql2",
                     v1::NodeKind::Postgres,
                     "drill r2 refused: allow_drills is false",
@@ -703,6 +714,49 @@ mod tests {
                 host: "127.0.0.1".into(),
                 port: 5432
             })
+        );
+    }
+
+    #[test]
+    fn ejabberd_recovery_counts_from_the_fault_to_the_verified_new_primary() {
+        let follower = |name: &str, node: &str, epoch: u64, at: u64| {
+            let mut n = node_status(name, v1::NodeKind::Ejabberd, "");
+            n.ejabberd = Some(v1::EjabberdObservation {
+                applied_node: node.into(),
+                applied_epoch: epoch,
+                applied_at_unix_ms: at,
+                ..Default::default()
+            });
+            n
+        };
+        let s = v1::StatusResponse {
+            nodes: vec![
+                node_status("psql2", v1::NodeKind::Postgres, ""),
+                follower("e1", "psql2", 4, 10_700),
+                follower("e2", "psql1", 3, 9_000),
+                follower("e3", "psql2", 4, 9_500),
+                node_status("e4", v1::NodeKind::Ejabberd, ""),
+            ],
+            ..Default::default()
+        };
+        let g = v1::GroupStatus {
+            name: "main".into(),
+            primary: "psql2".into(),
+            epoch: 4,
+            ..Default::default()
+        };
+        let figures: Vec<(String, Option<u64>)> = ejabberd_figures(&s, "main", &g, 10_000)
+            .into_iter()
+            .map(|e| (e.node, e.recovered_ms))
+            .collect();
+        assert_eq!(
+            figures,
+            [
+                ("e1".to_owned(), Some(700)),
+                ("e2".to_owned(), None),
+                ("e3".to_owned(), Some(0)),
+                ("e4".to_owned(), None),
+            ]
         );
     }
 

@@ -111,7 +111,8 @@ pub struct Drills {
     monitors: Vec<String>,
     /// Addresses (CIDR) of the replication peers from the config.
     peers: Vec<String>,
-    pg_port: u16,
+    /// The local PostgreSQL port (postgres nodes).
+    pg_port: Option<u16>,
     seen: VecDeque<String>,
     status: Option<v1::DrillStatus>,
     notice: Option<Notice>,
@@ -134,7 +135,7 @@ impl Drills {
                     .filter(|r| r.database == "replication")
                     .filter_map(|r| r.address.clone())
                     .collect(),
-                role.pg.port,
+                Some(role.pg.port),
             ),
         };
         Self {
@@ -349,7 +350,7 @@ fn cidr(text: &str) -> Result<(IpAddr, u8), DrillError> {
 
 /// What a partition drops. Loopback addresses are never cut by address (that would cut every
 /// process on the host); their presence makes the cut go by this node's PostgreSQL port.
-pub fn plan_cut(monitors: &[IpAddr], peers: &[(IpAddr, u8)], pg_port: u16) -> Cut {
+pub fn plan_cut(monitors: &[IpAddr], peers: &[(IpAddr, u8)], pg_port: Option<u16>) -> Cut {
     let mut cut = Cut::default();
     let all = monitors
         .iter()
@@ -372,7 +373,7 @@ pub fn plan_cut(monitors: &[IpAddr], peers: &[(IpAddr, u8)], pg_port: u16) -> Cu
         }
     }
     if loopback {
-        cut.ports.push(pg_port);
+        cut.ports.extend(pg_port);
     }
     cut.silence_reports = monitors.iter().any(IpAddr::is_loopback);
     cut
@@ -557,7 +558,7 @@ mod tests {
             allowed,
             monitors: vec!["127.0.0.1:7400".into()],
             peers: vec![],
-            pg_port: 5432,
+            pg_port: Some(5432),
             seen: VecDeque::new(),
             status: None,
             notice: None,
@@ -638,7 +639,7 @@ mod tests {
             cidr("fd00::/64").unwrap(),
             cidr("10.0.0.21").unwrap(),
         ];
-        let cut = plan_cut(&m, &peers, 5432);
+        let cut = plan_cut(&m, &peers, Some(5432));
         assert_eq!(cut.hosts4, ["10.0.0.21/32", "10.0.0.22/32", "10.0.0.11/32"]);
         assert_eq!(cut.hosts6, ["fd00::/64"]);
         assert!(cut.ports.is_empty() && !cut.silence_reports);
@@ -646,7 +647,7 @@ mod tests {
         let lo = plan_cut(
             &[IpAddr::from(Ipv4Addr::LOCALHOST)],
             &[cidr("127.0.0.1/32").unwrap()],
-            6543,
+            Some(6543),
         );
         assert_eq!(lo.ports, [6543]);
         assert!(lo.hosts4.is_empty() && lo.silence_reports);
@@ -705,7 +706,7 @@ mod tests {
         let node = format!("drilltest{}{}", std::process::id(), port);
         let mut d = drills(true);
         d.node = NodeId::new(node.clone()).unwrap();
-        d.pg_port = port;
+        d.pg_port = Some(port);
         let _guard = TableGuard(table_name(&d.node));
         assert!(connects(port));
         let started = std::time::Instant::now();
