@@ -108,11 +108,13 @@ pub enum Cmd {
     /// (write unavailability, acknowledged and lost writes, ejabberd recovery).
     Drill {
         scenario: crate::drill::Scenario,
+        /// Print the figures as one JSON object (see the README for its fields).
         #[arg(long)]
         json: bool,
         /// How long a freeze or partition lasts (the agent undoes it by itself).
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// The group whose primary is the target (default: the first group).
         #[arg(long, default_value = "")]
         group: String,
         /// Bound on the drill from the fault to a recovered cluster; exit 75 when exceeded.

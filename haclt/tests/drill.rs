@@ -342,7 +342,7 @@ fn assert_no_loss(report: &Value, scenario: &str, old: &str, new: &str) {
 }
 
 #[test]
-fn drills_switchover_refusal_and_primary_crash() {
+fn switchover_refusal_crash_freeze_and_partition_drills() {
     let mut cluster = Cluster::start(1);
     cluster.wait_for("the monitor leads", Duration::from_secs(20), |_| true);
     cluster.add_node("psql1", true);
