@@ -9,7 +9,7 @@
 //! 4. psql1's agent restarted (as a supervisor would), back to psql1 by switchover, then
 //!    `drill freeze-primary` for less than the lease (no failover, nothing lost) and
 //!    `drill partition-primary` for more (psql2 promoted, psql1 returns as a standby). On
-//!    loopback the partition cuts psql1's PostgreSQL port and holds its agent's reports back.
+//!    loopback the partition cuts psql1's PostgreSQL port and its agent's monitor traffic.
 //!
 //! Every process is started here and ended by PID from a guard, even on failure; on failure the
 //! guard prints the tail of every log. (This cluster is meant to move onto the shared harness
@@ -420,7 +420,7 @@ fn switchover_refusal_crash_freeze_and_partition_drills() {
     assert!(cluster.agent("psql1").try_wait().unwrap().is_none());
 
     // A partition longer than the lease (on loopback: psql1's PostgreSQL port, and its agent's
-    // reports): psql2 is promoted, psql1 fences itself and comes back as a standby after it.
+    // monitor traffic): psql2 is promoted, psql1 fences itself and returns as a standby after it.
     let out = cluster.haclt(&["drill", "partition-primary", "--json", "--duration", "6s"]);
     assert_eq!(out.status.code(), Some(0), "partition drill failed");
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -25,8 +25,9 @@
 //!   upstream of a standby) in a table the agent owns, `inet ha_drill_<node>`. On loopback (tests,
 //!   one host for every node) dropping by address would cut every node and the monitors from each
 //!   other, so for loopback peers the cut is by port instead: every packet to or from this node's
-//!   PostgreSQL port (replication, monitor probes and clients alike), while the agent stops
-//!   sending its own reports for the duration when a monitor is on loopback. A detached helper
+//!   PostgreSQL port (replication, monitor probes and clients alike), while the agent, when a
+//!   monitor is on loopback, cuts itself off from the monitors for the duration (no report sent,
+//!   no pushed goal taken). A detached helper
 //!   deletes the emptied table one second after the end; a second partition of the same node
 //!   started before that would be lifted early by it (drills run one at a time).
 
@@ -91,8 +92,9 @@ pub struct Cut {
     pub hosts4: Vec<String>,
     pub hosts6: Vec<String>,
     pub ports: Vec<u16>,
-    /// The agent must also stop reporting: a monitor shares the loopback with this node.
-    pub silence_reports: bool,
+    /// The agent must cut itself off from the monitors (no report sent, no pushed goal taken):
+    /// a monitor shares the loopback with this node, where no rule can single its traffic out.
+    pub cut_monitors_in_agent: bool,
 }
 
 /// A message shown in `last_error` until `until_unix_ms`.
@@ -116,7 +118,7 @@ pub struct Drills {
     seen: VecDeque<String>,
     status: Option<v1::DrillStatus>,
     notice: Option<Notice>,
-    silent_until: Option<Instant>,
+    cut_off_until: Option<Instant>,
 }
 
 pub fn unix_ms() -> u64 {
@@ -147,7 +149,7 @@ impl Drills {
             seen: VecDeque::new(),
             status: None,
             notice: None,
-            silent_until: None,
+            cut_off_until: None,
         }
     }
 
@@ -267,9 +269,10 @@ impl Drills {
             .map(|n| n.text.as_str())
     }
 
-    /// Whether a loopback partition holds the agent's own reports back now.
-    pub fn reports_silenced(&self, now: Instant) -> bool {
-        self.silent_until.is_some_and(|t| now < t)
+    /// Whether a loopback partition cuts the agent off from the monitors now: it sends no
+    /// report and ignores pushed goals, as if their packets were dropped.
+    pub fn monitors_cut_off(&self, now: Instant) -> bool {
+        self.cut_off_until.is_some_and(|t| now < t)
     }
 
     fn table(&self) -> String {
@@ -296,11 +299,11 @@ impl Drills {
         // The kernel already removes the elements; the helper only tidies the empty table.
         let slack = Duration::from_secs(1);
         arm_undo(duration + slack, &format!("nft delete table inet {table}"))?;
-        if cut.silence_reports {
-            self.silent_until = Some(Instant::now() + duration);
+        if cut.cut_monitors_in_agent {
+            self.cut_off_until = Some(Instant::now() + duration);
         }
         info!(node = %self.node, %table, hosts4 = ?cut.hosts4, hosts6 = ?cut.hosts6, ports = ?cut.ports,
-              silence_reports = cut.silence_reports, "drill: partition rules installed");
+              cut_monitors_in_agent = cut.cut_monitors_in_agent, "drill: partition rules installed");
         Ok(duration)
     }
 }
@@ -375,7 +378,7 @@ pub fn plan_cut(monitors: &[IpAddr], peers: &[(IpAddr, u8)], pg_port: Option<u16
     if loopback {
         cut.ports.extend(pg_port);
     }
-    cut.silence_reports = monitors.iter().any(IpAddr::is_loopback);
+    cut.cut_monitors_in_agent = monitors.iter().any(IpAddr::is_loopback);
     cut
 }
 
@@ -562,7 +565,7 @@ mod tests {
             seen: VecDeque::new(),
             status: None,
             notice: None,
-            silent_until: None,
+            cut_off_until: None,
         }
     }
 
@@ -642,7 +645,7 @@ mod tests {
         let cut = plan_cut(&m, &peers, Some(5432));
         assert_eq!(cut.hosts4, ["10.0.0.21/32", "10.0.0.22/32", "10.0.0.11/32"]);
         assert_eq!(cut.hosts6, ["fd00::/64"]);
-        assert!(cut.ports.is_empty() && !cut.silence_reports);
+        assert!(cut.ports.is_empty() && !cut.cut_monitors_in_agent);
 
         let lo = plan_cut(
             &[IpAddr::from(Ipv4Addr::LOCALHOST)],
@@ -650,7 +653,7 @@ mod tests {
             Some(6543),
         );
         assert_eq!(lo.ports, [6543]);
-        assert!(lo.hosts4.is_empty() && lo.silence_reports);
+        assert!(lo.hosts4.is_empty() && lo.cut_monitors_in_agent);
         assert!(cidr("10.0.0.1/33").is_err() && cidr("a; flush ruleset").is_err());
 
         let script = nft_script("ha_drill_psql1", &cut, Duration::from_millis(2500));
@@ -712,8 +715,8 @@ mod tests {
         let started = std::time::Instant::now();
         d.partition(None, Duration::from_millis(1500)).unwrap();
         assert!(
-            d.reports_silenced(Instant::now()),
-            "a loopback monitor: reports are held back"
+            d.monitors_cut_off(Instant::now()),
+            "a loopback monitor: the agent cuts itself off"
         );
         assert!(!connects(port), "the port is cut");
         assert!(
@@ -725,7 +728,7 @@ mod tests {
             "lifted too early: {:?}",
             started.elapsed()
         );
-        assert!(!d.reports_silenced(Instant::now() + Duration::from_millis(1500)));
+        assert!(!d.monitors_cut_off(Instant::now() + Duration::from_millis(1500)));
     }
 
     fn state(pid: u32) -> char {

@@ -527,7 +527,9 @@ pub async fn reconcile<L: MonitorLink>(
             // Before anything else: an expired lease is acted upon at once.
             () = sleep_until_some(deadline) => core.on_lease_expired(Instant::now()),
             Some(r) = reports.recv() => core.on_report(r),
-            Some(g) = goals.recv() => core.on_goal(g, "watch"),
+            Some(g) = goals.recv() => if !core.drill.monitors_cut_off(Instant::now()) {
+                core.on_goal(g, "watch");
+            },
             event = events.recv() => match event {
                 Some(e) => core.on_event(e),
                 None => return Err(RunError::WorkerGone),
@@ -535,7 +537,7 @@ pub async fn reconcile<L: MonitorLink>(
             () = tokio::time::sleep_until(next_report) => {
                 next_report = Instant::now() + core.report_interval;
                 core.want_job = true;
-                if !core.report_in_flight && !core.drill.reports_silenced(Instant::now()) {
+                if !core.report_in_flight && !core.drill.monitors_cut_off(Instant::now()) {
                     core.report_in_flight = true;
                     let link = core.link.clone();
                     let observed = core.observed_state();
