@@ -104,6 +104,29 @@ pub enum Cmd {
         #[command(subcommand)]
         command: crate::pki::PkiCmd,
     },
+    /// Run a fault against the live cluster under a write load and measure what clients saw
+    /// (write unavailability, acknowledged and lost writes, ejabberd recovery).
+    Drill {
+        scenario: crate::drill::Scenario,
+        /// Print the figures as one JSON object (see the README for its fields).
+        #[arg(long)]
+        json: bool,
+        /// How long a freeze or partition lasts (the agent undoes it by itself).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// The group whose primary is the target (default: the first group).
+        #[arg(long, default_value = "")]
+        group: String,
+        /// Bound on the drill from the fault to a recovered cluster; exit 75 when exceeded.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+        /// PostgreSQL role the writer connects as (TCP to the primary's endpoint).
+        #[arg(long, default_value = "postgres")]
+        db_user: String,
+        /// Database holding the `ha_drill` table the writer fills.
+        #[arg(long, default_value = "postgres")]
+        database: String,
+    },
     /// Print a systemd unit file.
     Systemd {
         unit: crate::systemd::Unit,
@@ -576,6 +599,41 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}\t{}", member.id, member.address);
             }
             Ok(())
+        }
+        Cmd::Drill {
+            scenario,
+            json,
+            duration,
+            group,
+            wait,
+            db_user,
+            database,
+        } => {
+            let options = crate::drill::Options {
+                group,
+                duration,
+                wait,
+                db_user,
+                database,
+            };
+            let outcome =
+                crate::drill::run(&mut m, scenario, &options, request_id("drill"), unix_ms).await;
+            let (report, result) = match outcome {
+                Ok(r) => (Some(r), Ok(())),
+                Err((r, f)) => (r, Err(f)),
+            };
+            if let Some(r) = report {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&r)
+                            .map_err(|e| Failure::Other(e.to_string()))?
+                    );
+                } else {
+                    print!("{}", crate::drill::table(&r));
+                }
+            }
+            result
         }
         Cmd::Token { command } => match command {
             TokenCmd::Create {

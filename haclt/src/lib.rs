@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod drill;
 pub mod output;
 pub mod pki;
 pub mod systemd;

@@ -284,7 +284,8 @@ impl agent_service_server::AgentService for AgentApi {
         let drill = m.soft(|s| {
             s.obs.record_report(report, now);
             s.raw.insert(name.clone(), observed);
-            s.drills.get(&name).cloned()
+            // Handed out once: an agent restarted by a crash drill must not see it again.
+            s.drills.remove(&name)
         });
         let goal = catalog.goal(&name).map(|g| {
             let mut wire = v1::Goal::from(g);

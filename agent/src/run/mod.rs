@@ -12,6 +12,7 @@
 //! - every transition (goal, reached goal, step, error, lease, monitor reachability) is logged
 //!   once at info or warn, with its reason.
 
+pub mod drill;
 pub mod lease;
 pub mod monitors;
 pub mod state;
@@ -201,7 +202,7 @@ pub struct ReportResult {
 pub struct Reconciler<L> {
     node: NodeId,
     kind: NodeKind,
-    allow_drills: bool,
+    drill: drill::Drills,
     link: L,
     state: AgentState,
     state_file: StateFile,
@@ -218,7 +219,6 @@ pub struct Reconciler<L> {
     monitor_ok: Option<bool>,
     worker_busy: bool,
     want_job: bool,
-    last_drill: String,
 }
 
 impl<L: MonitorLink> Reconciler<L> {
@@ -226,7 +226,7 @@ impl<L: MonitorLink> Reconciler<L> {
         Self {
             node: cfg.node.clone(),
             kind: cfg.role.kind(),
-            allow_drills: cfg.allow_drills,
+            drill: drill::Drills::from_config(cfg),
             link,
             state,
             state_file,
@@ -243,7 +243,6 @@ impl<L: MonitorLink> Reconciler<L> {
             monitor_ok: None,
             worker_busy: false,
             want_job: true,
-            last_drill: String::new(),
         }
     }
 
@@ -276,18 +275,25 @@ impl<L: MonitorLink> Reconciler<L> {
 
     /// The report to send now.
     pub fn observed_state(&self) -> v1::ObservedState {
+        let now_ms = drill::unix_ms();
+        // A refused or failed drill must reach the operator whatever else the agent reports.
+        let last_error = match self.drill.notice(now_ms) {
+            Some(n) if self.last_error.is_empty() => n.to_owned(),
+            Some(n) => format!("{n}; {}", self.last_error),
+            None => self.last_error.clone(),
+        };
         v1::ObservedState {
             node: self.node.to_string(),
             kind: v1::NodeKind::from(self.kind).into(),
             epoch: self.state.highest_epoch.get(),
             reached: self.reached.map_or(0, |s| v1::GoalState::from(s).into()),
             step: self.step.clone(),
-            last_error: self.last_error.clone(),
+            last_error,
             detail: self
                 .observed
                 .clone()
                 .map(v1::observed_state::Detail::Postgres),
-            drill: None,
+            drill: self.drill.status(now_ms),
         }
     }
 
@@ -368,13 +374,11 @@ impl<L: MonitorLink> Reconciler<L> {
     }
 
     pub fn on_goal(&mut self, wire: v1::Goal, source: &'static str) {
-        if let Some(drill) = &wire.drill
-            && drill.id != self.last_drill
+        if let Some(order) = &wire.drill
+            && wire.node == self.node.as_str()
         {
-            // Fault injection is not part of this agent yet; the order is never executed.
-            warn!(node = %self.node, drill = %drill.id, allowed = self.allow_drills,
-                  "drill order not executed: this agent does not inject faults");
-            self.last_drill = drill.id.clone();
+            let upstream = wire.upstream.as_ref().map(|e| e.host.as_str());
+            self.drill.on_order(order, self.postmaster_pid, upstream);
         }
         let goal = match Goal::try_from(wire) {
             Ok(g) => g,
@@ -523,7 +527,9 @@ pub async fn reconcile<L: MonitorLink>(
             // Before anything else: an expired lease is acted upon at once.
             () = sleep_until_some(deadline) => core.on_lease_expired(Instant::now()),
             Some(r) = reports.recv() => core.on_report(r),
-            Some(g) = goals.recv() => core.on_goal(g, "watch"),
+            Some(g) = goals.recv() => if !core.drill.monitors_cut_off(Instant::now()) {
+                core.on_goal(g, "watch");
+            },
             event = events.recv() => match event {
                 Some(e) => core.on_event(e),
                 None => return Err(RunError::WorkerGone),
@@ -531,7 +537,7 @@ pub async fn reconcile<L: MonitorLink>(
             () = tokio::time::sleep_until(next_report) => {
                 next_report = Instant::now() + core.report_interval;
                 core.want_job = true;
-                if !core.report_in_flight {
+                if !core.report_in_flight && !core.drill.monitors_cut_off(Instant::now()) {
                     core.report_in_flight = true;
                     let link = core.link.clone();
                     let observed = core.observed_state();
@@ -712,6 +718,34 @@ socket_dir = "/tmp/ha-agent-unit"
         // An older epoch after that is refused again, and the goal stays.
         c.on_goal(goal_wire(GoalState::Primary, 6), "watch");
         assert_eq!(c.goal.as_ref().map(|g| g.state), Some(GoalState::Fenced));
+    }
+
+    #[tokio::test]
+    async fn a_drill_order_is_refused_without_allow_drills_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = ScriptedMonitor {
+            silent_after: Instant::now(),
+            epoch: 0,
+        };
+        let mut c = core(dir.path(), link, 1);
+        let mut wire = goal_wire(GoalState::Primary, 1);
+        wire.drill = Some(v1::DrillOrder {
+            id: "d1".into(),
+            fault: v1::Fault::Crash.into(),
+            duration_ms: 1,
+            not_after_unix_ms: drill::unix_ms() + 5_000,
+        });
+        // A crash order executed here would kill the test process.
+        c.on_goal(wire, "report");
+        assert_eq!(c.goal.as_ref().map(|g| g.state), Some(GoalState::Primary));
+        let report = c.observed_state();
+        assert!(
+            report.last_error.contains("drill d1 refused"),
+            "{}",
+            report.last_error
+        );
+        let status = report.drill.unwrap();
+        assert_eq!((status.id.as_str(), status.active), ("d1", false));
     }
 
     #[tokio::test]
