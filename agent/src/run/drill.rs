@@ -111,7 +111,8 @@ pub struct Drills {
     allowed: bool,
     /// `host:port` of every monitor.
     monitors: Vec<String>,
-    /// Addresses (CIDR) of the replication peers from the config.
+    /// Addresses (CIDR) of the replication peers from the config: the `replication` hba rules and,
+    /// with TLS (where no such rule is written by hand), the `postgres.peers` list.
     peers: Vec<String>,
     /// The local PostgreSQL port (postgres nodes).
     pg_port: Option<u16>,
@@ -136,6 +137,7 @@ impl Drills {
                     .iter()
                     .filter(|r| r.database == "replication")
                     .filter_map(|r| r.address.clone())
+                    .chain(role.pg.peers.iter().map(|p| p.address.to_string()))
                     .collect(),
                 Some(role.pg.port),
             ),
