@@ -518,6 +518,37 @@ fn full_stand_fails_over_and_cleans_up() {
     let ready_time = started.elapsed();
     println!("primary {primary} + synchronous standby {standby}: {ready_time:.2?} after up began");
 
+    // A second `up` changes nothing: the same supervisors keep running.
+    let supervisors = || -> Vec<String> {
+        stand
+            .inner
+            .topology
+            .nodes
+            .iter()
+            .map(|n| {
+                std::fs::read_to_string(stand.material().node_dir(&n.name).join("supervisor.pid"))
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    let before = supervisors();
+    let again = Instant::now();
+    let out = stand
+        .cli()
+        .arg("up")
+        .arg(&example)
+        .arg("--prefix")
+        .arg(&stand.inner.prefix)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "second up failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(supervisors(), before);
+    println!("second up (nothing to do): {:.2?}", again.elapsed());
+
     // The firewall with the real servers: a frontend reaches the primary's PostgreSQL through
     // the gateway; the management network cannot.
     let e1 = stand.inner.ns("e1server");
