@@ -181,6 +181,8 @@ pub struct NodeReport {
     pub running: bool,
     /// Addresses by network.
     pub addresses: BTreeMap<String, Ipv4Addr>,
+    /// netns: PID of the node's running supervisor (none for gateways or when stopped).
+    pub supervisor_pid: Option<i32>,
 }
 
 /// Why a topology file could not be used: the caller exits with [`EXIT_INVALID_TOPOLOGY`].
@@ -390,7 +392,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                         .map(|(k, v)| format!("{k}={v}"))
                         .collect();
                     println!(
-                        "{:<16} {:<9} {:<28} {:<8} {}",
+                        "{:<16} {:<9} {:<28} {:<8} {:<16} {}",
                         n.name,
                         n.role,
                         n.target,
@@ -401,6 +403,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                         } else {
                             "missing"
                         },
+                        n.supervisor_pid
+                            .map_or_else(String::new, |p| format!("supervisor {p}")),
                         addrs.join(" ")
                     );
                 }
@@ -484,6 +488,9 @@ pub fn status(state: &StateFile) -> anyhow::Result<StatusReport> {
                 .node(&name)
                 .expect("status lists exactly the topology's nodes");
             NodeReport {
+                supervisor_pid: (s.backend == BackendKind::Netns)
+                    .then(|| lab::supervisor_pid(&topology, state.dir(), &name))
+                    .flatten(),
                 role: node.role.to_string(),
                 addresses: node.addresses.clone(),
                 name,

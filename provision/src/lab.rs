@@ -217,6 +217,11 @@ fn pid_file(material: &Material<'_>, node: &str) -> PathBuf {
     material.node_dir(node).join("supervisor.pid")
 }
 
+/// The PID of `node`'s running supervisor in the stand whose state directory is `dir`.
+pub fn supervisor_pid(topology: &Topology, dir: &Path, node: &str) -> Option<i32> {
+    running_supervisor(&Material::new(topology, dir), node)
+}
+
 /// The PID of `node`'s running supervisor, if its PID file names one.
 fn running_supervisor(material: &Material<'_>, node: &str) -> Option<i32> {
     let pid: i32 = fs::read_to_string(pid_file(material, node))

@@ -497,6 +497,13 @@ fn full_stand_fails_over_and_cleans_up() {
     let haclt_config = stand.material().haclt_config();
     assert_eq!(status["haclt_config"], haclt_config.to_str().unwrap());
     assert!(haclt_config.is_file());
+    let supervised = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["supervisor_pid"].as_i64().is_some())
+        .count();
+    assert_eq!(supervised, 7, "every node but the gateway: {status}");
 
     let haclt = stand.haclt(&bin_dir);
     let pg_nodes = ["psql1server", "psql2server"];
