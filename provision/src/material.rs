@@ -193,7 +193,13 @@ impl<'a> Material<'a> {
         fs::create_dir_all(&pki).map_err(io(&pki))?;
         fs::set_permissions(&pki, fs::Permissions::from_mode(0o700)).map_err(io(&pki))?;
         let ca = self.ca()?;
-        self.certificate(&ca, &pki.join("operator"), "operator", CertRole::Operator)?;
+        self.certificate(
+            &ca,
+            &pki.join("operator"),
+            "operator",
+            CertRole::Operator,
+            None,
+        )?;
         write(
             &self.haclt_config(),
             &haclt_toml(&self.monitor_management_addresses(), &pki),
@@ -218,7 +224,7 @@ impl<'a> Material<'a> {
                 Role::Postgres => CertRole::Postgres,
                 _ => CertRole::Ejabberd,
             };
-            self.certificate(&ca, &dir.join("node"), &cert_name, role)?;
+            self.certificate(&ca, &dir.join("node"), &cert_name, role, Some(node))?;
             match node.role {
                 Role::Monitor => write(
                     &self.monitor_config(&node.name),
@@ -262,21 +268,30 @@ impl<'a> Material<'a> {
     }
 
     /// `<base>.pem` and `<base>.key` for `name` in `role`, unless both exist.
+    /// `node`'s certificate carries its host names and every address as SANs: peers connect
+    /// to a monitor or PostgreSQL by address.
     fn certificate(
         &self,
         ca: &Ca,
         base: &Path,
         name: &str,
         role: CertRole,
+        node: Option<&Node>,
     ) -> Result<(), MaterialError> {
         let cert = base.with_extension("pem");
         let key = base.with_extension("key");
         if cert.exists() && key.exists() {
             return Ok(());
         }
-        let node = self.topology.node(name);
         let sans: Vec<String> = node
-            .map(|n| n.addresses.values().map(ToString::to_string).collect())
+            .map(|n| {
+                let mut sans = vec![
+                    n.name.clone(),
+                    format!("{}.{}", n.name, self.topology.domain),
+                ];
+                sans.extend(n.addresses.values().map(ToString::to_string));
+                sans
+            })
             .unwrap_or_default();
         let issued = ca.issue(name, role, &sans, Validity::starting_now(LIFETIME)?)?;
         ha_pki::write_key_file(&key, issued.key_pem.as_bytes())?;
@@ -419,6 +434,7 @@ impl<'a> Material<'a> {
              SPOOL_DIR={spool}\n\
              LOGS_DIR={logs}\n\
              FIREWALL_WINDOW={first}-{last}\n\
+             export ERL_EPMD_PORT={epmd}\n\
              INET_DIST_INTERFACE={me}\n\
              ERL_OPTIONS=\"-setcookie {cookie} -env ERL_CRASH_DUMP_BYTES 0\"\n",
             erl = Self::erlang_node(&node.name),
@@ -426,6 +442,7 @@ impl<'a> Material<'a> {
             logs = root.join("logs").display(),
             first = d.first,
             last = d.last,
+            epmd = self.topology.ports.epmd,
         );
         let ctl_path = conf.join("ejabberdctl.cfg");
         write(&ctl_path, &ctl, 0o640)?;
@@ -574,5 +591,48 @@ mod tests {
         assert_eq!(haclt["monitors"][0].as_str(), Some("192.168.121.21:7400"));
         let yml = m.ejabberd_yml();
         assert!(yml.contains("sql_server: 192.168.1.10"), "{yml}");
+    }
+
+    #[test]
+    fn identities_are_named_per_role_private_and_kept_across_runs() {
+        let t = example();
+        let tmp = tempfile::tempdir().unwrap();
+        let m = Material::new(&t, tmp.path());
+        m.generate().unwrap();
+        let identity = |path: PathBuf| {
+            let pem = fs::read_to_string(path).unwrap();
+            let id = ha_pki::CertInfo::from_pem(&pem).unwrap().identity.unwrap();
+            (id.role(), id.name().to_owned())
+        };
+        assert_eq!(
+            identity(m.node_dir("mon3server").join("node.pem")),
+            (CertRole::Monitor, "monitor-3".into())
+        );
+        assert_eq!(
+            identity(m.node_dir("psql1server").join("node.pem")),
+            (CertRole::Postgres, "psql1server".into())
+        );
+        assert_eq!(
+            identity(m.node_dir("e2server").join("node.pem")),
+            (CertRole::Ejabberd, "e2server".into())
+        );
+        assert_eq!(
+            identity(m.pki_dir().join("operator.pem")),
+            (CertRole::Operator, "operator".into())
+        );
+        assert!(!m.node_dir("gw1server").join("node.pem").exists());
+        for key in [
+            m.pki_dir().join("ca.key"),
+            m.pki_dir().join("operator.key"),
+            m.node_dir("psql2server").join("node.key"),
+            m.join_token("psql2server").with_file_name("agent.toml"),
+        ] {
+            let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        let before = fs::read(m.node_dir("mon1server").join("node.pem")).unwrap();
+        m.generate().unwrap();
+        let after = fs::read(m.node_dir("mon1server").join("node.pem")).unwrap();
+        assert_eq!(before, after, "a second run keeps every identity");
     }
 }
