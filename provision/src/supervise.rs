@@ -5,8 +5,8 @@
 //! `S/nodes/<node>/<program>.log`:
 //! - monitor: `ha-monitor --config monitor.toml --dev`;
 //! - postgres: `ha-agent --config agent.toml --dev` (the agent runs PostgreSQL as `postgres`);
-//! - ejabberd: `epmd`, then `ejabberdctl foreground` as the `ejabberd` user with the node's own
-//!   config dir; every ejabberd node but the first joins the first one's Erlang cluster
+//! - ejabberd: `epmd`, then, once it answers, `ejabberdctl foreground` as the `ejabberd` user
+//!   with the node's own config dir; every ejabberd node but the first joins the first one's Erlang cluster
 //!   (`join_cluster`, retried until `list_cluster` shows both).
 //!
 //! Invariants: a program that exits is restarted after a backoff (1 s doubling to 30 s, reset
@@ -63,6 +63,9 @@ struct Program {
     argv: Vec<OsString>,
     /// Run as this user (uid, gid, home) instead of root.
     user: Option<(u32, u32, PathBuf)>,
+    /// Start only once this loopback TCP port answers (ejabberd waits for our epmd, else
+    /// `erl` would start an unsupervised `epmd -daemon` of its own).
+    after_port: Option<u16>,
 }
 
 /// The programs of `node`, in start order.
@@ -84,6 +87,7 @@ fn programs(
             "--dev".into(),
         ],
         user: None,
+        after_port: None,
     };
     Ok(match n.role {
         Role::Monitor => vec![daemon(
@@ -108,11 +112,13 @@ fn programs(
                         topology.ports.epmd.to_string().into(),
                     ],
                     user: as_ejabberd.clone(),
+                    after_port: None,
                 },
                 Program {
                     name: "ejabberd",
                     argv: ejabberdctl_argv(material, node, &["foreground"]),
                     user: as_ejabberd,
+                    after_port: Some(topology.ports.epmd),
                 },
             ]
         }
@@ -219,7 +225,14 @@ fn tend(slot: &mut Slot, log_dir: &Path, node: &str) {
             }
         }
     }
-    if slot.restart_at.is_some_and(|at| Instant::now() >= at) {
+    let ready = slot.program.after_port.is_none_or(|port| {
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(100),
+        )
+        .is_ok()
+    });
+    if ready && slot.restart_at.is_some_and(|at| Instant::now() >= at) {
         match spawn(&slot.program, log_dir) {
             Ok(child) => {
                 info!(node, program = name, pid = child.id(), "program started");
