@@ -1,4 +1,5 @@
-//! Command line of `ha-provision`: `plan`, `up`, `down`, `status`, `exec` and `image build`.
+//! Command line of `ha-provision`: `plan`, `up`, `down`, `status`, `exec`, `supervise` and
+//! `image build`.
 //!
 //! Invariants: the topology file is parsed and validated before anything is created; `up`
 //! records the file's text in the state directory, so `down`, `status` and `exec` work from
@@ -8,7 +9,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -18,9 +19,11 @@ use tracing::info;
 use crate::bootstrap::{self, Guests};
 use crate::firewall::node_firewall;
 use crate::image::{BaseImage, ImageRecipe};
+use crate::lab;
 use crate::libvirt::{self, LibvirtBackend};
 use crate::netns::{self, Layout};
 use crate::state::{BackendKind, StateFile};
+use crate::supervise;
 use crate::topology::{Topology, valid_name};
 
 /// Root of the default state directories (`/run/ha-provision/<stand>`).
@@ -78,6 +81,10 @@ pub enum Command {
         /// libvirt: how long to wait for every guest's SSH, in seconds.
         #[arg(long, default_value_t = 600)]
         ssh_timeout: u64,
+        /// netns: directory of `ha-monitor`, `ha-agent` and `haclt` (default: the directory
+        /// of this `ha-provision`).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
     },
     /// Remove everything `up` created.
     Down {
@@ -99,6 +106,15 @@ pub enum Command {
         /// What to do with it.
         #[command(subcommand)]
         action: ImageAction,
+    },
+    /// Run a node's processes inside its namespace and restart them when they die (started
+    /// by `up` with `ip netns exec`; netns backend).
+    Supervise {
+        /// Directory of `ha-monitor` and `ha-agent`.
+        #[arg(long)]
+        bin_dir: PathBuf,
+        /// Node name.
+        node: String,
     },
     /// Run a command inside a node (netns backend).
     Exec {
@@ -165,6 +181,8 @@ pub struct NodeReport {
     pub running: bool,
     /// Addresses by network.
     pub addresses: BTreeMap<String, Ipv4Addr>,
+    /// netns: PID of the node's running supervisor (none for gateways or when stopped).
+    pub supervisor_pid: Option<i32>,
 }
 
 /// Why a topology file could not be used: the caller exits with [`EXIT_INVALID_TOPOLOGY`].
@@ -267,6 +285,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             image,
             files,
             ssh_timeout,
+            bin_dir,
         } => {
             let (text, topology) = load_topology(&file)?;
             let prefix = prefix_for(&topology, prefix)?;
@@ -282,9 +301,20 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                             "--image and --files are for the libvirt backend (--backend libvirt)"
                         );
                     }
+                    let bins = lab::Binaries::locate(bin_dir)?;
                     let mut state =
                         StateFile::open_for_up(&dir, &text, &topology, backend, &prefix, None)?;
+                    let started = Instant::now();
                     netns::up(&topology, &mut state)?;
+                    let mut steps = vec![lab::Step {
+                        what: "networks (namespaces, bridges, firewall)".into(),
+                        took: started.elapsed(),
+                    }];
+                    steps.extend(lab::up(&topology, &mut state, &bins)?);
+                    for step in &steps {
+                        println!("{:<44} {:>7.2} s", step.what, step.took.as_secs_f64());
+                    }
+                    println!("{:<44} {:>7.2} s", "total", started.elapsed().as_secs_f64());
                 }
                 BackendKind::Libvirt => {
                     let uri = libvirt_uri.unwrap_or_else(|| topology.libvirt.uri.clone());
@@ -362,7 +392,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                         .map(|(k, v)| format!("{k}={v}"))
                         .collect();
                     println!(
-                        "{:<16} {:<9} {:<28} {:<8} {}",
+                        "{:<16} {:<9} {:<28} {:<8} {:<16} {}",
                         n.name,
                         n.role,
                         n.target,
@@ -373,6 +403,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                         } else {
                             "missing"
                         },
+                        n.supervisor_pid
+                            .map_or_else(String::new, |p| format!("supervisor {p}")),
                         addrs.join(" ")
                     );
                 }
@@ -395,6 +427,15 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             };
             let image = recipe.build(&out)?;
             println!("base image {}", image.disk().display());
+            Ok(0)
+        }
+        Command::Supervise { bin_dir, node } => {
+            let dir = existing_state_dir(cli.state_dir, None)?;
+            let state = load_state(&dir, Some(BackendKind::Netns))?;
+            let topology = state.topology()?;
+            tokio::runtime::Runtime::new()
+                .context("while starting the async runtime")?
+                .block_on(supervise::run(&topology, &dir, &bin_dir, &node))?;
             Ok(0)
         }
         Command::Exec {
@@ -447,6 +488,9 @@ pub fn status(state: &StateFile) -> anyhow::Result<StatusReport> {
                 .node(&name)
                 .expect("status lists exactly the topology's nodes");
             NodeReport {
+                supervisor_pid: (s.backend == BackendKind::Netns)
+                    .then(|| lab::supervisor_pid(&topology, state.dir(), &name))
+                    .flatten(),
                 role: node.role.to_string(),
                 addresses: node.addresses.clone(),
                 name,

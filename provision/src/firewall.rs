@@ -160,17 +160,17 @@ pub fn node_firewall(topology: &Topology, node: &Node) -> NodeFirewall {
     let monitors = peers(topology, &[Role::Monitor], node);
     match node.role {
         Role::Monitor => {
-            let mut api_sources = peers(topology, &[Role::Ejabberd, Role::Postgres], node);
+            // One gRPC port serves agents, operators and the other monitors (Raft).
+            let mut api_sources = peers(
+                topology,
+                &[Role::Ejabberd, Role::Postgres, Role::Monitor],
+                node,
+            );
             api_sources.extend(management.iter().copied());
             push(
                 api_sources,
                 single(ports.monitor_api),
-                "monitor API for agents and operators",
-            );
-            push(
-                monitors,
-                single(ports.monitor_raft),
-                "Raft between monitor peers",
+                "monitor API for agents, operators and monitor peers",
             );
         }
         Role::Postgres => {
@@ -335,11 +335,10 @@ mod tests {
             "the gateway runs no agent"
         );
         // Raft: the other monitors only.
-        assert!(f.allows_tcp(ip("192.168.1.19"), 7401));
-        assert!(f.allows_tcp(ip("192.168.1.20"), 7401));
-        assert!(!f.allows_tcp(ip("192.168.1.18"), 7401), "not itself");
-        assert!(!f.allows_tcp(ip("192.168.1.2"), 7401));
-        assert!(!f.allows_tcp(ip("192.168.121.1"), 7401));
+        assert!(f.allows_tcp(ip("192.168.1.19"), 7400), "monitor peer");
+        assert!(f.allows_tcp(ip("192.168.1.20"), 7400), "monitor peer");
+        assert!(!f.allows_tcp(ip("192.168.1.18"), 7400), "not itself");
+        assert!(!f.allows_tcp(ip("192.168.1.19"), 7401), "no second port");
         // Agents accept the monitors only.
         let (_, e1) = fw("e1server");
         assert!(e1.allows_tcp(ip("192.168.1.18"), 7410));

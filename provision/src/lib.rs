@@ -6,6 +6,9 @@
 //! state file ([`state`]) lists every created resource so `down` removes exactly those.
 //! Real libvirt guests boot from one shared base image ([`image`]) with a per-guest seed disk
 //! and are reached over SSH with pinned host keys ([`ssh`], [`bootstrap`]).
+//! On the netns backend, [`lab`] then starts the stand's processes: [`material`] writes the
+//! CA, certificates and daemon configs, and one [`supervise`] process per node runs and
+//! restarts the node's daemons inside its namespace.
 //! [`cli`] is the command line; the binary only parses arguments and starts tracing.
 
 pub mod bootstrap;
@@ -13,10 +16,13 @@ pub mod cidr;
 pub mod cli;
 pub mod firewall;
 pub mod image;
+pub mod lab;
 pub mod libvirt;
+pub mod material;
 pub mod netns;
 pub mod ssh;
 pub mod state;
+pub mod supervise;
 pub mod topology;
 
 pub use cidr::Ipv4Cidr;

@@ -17,7 +17,7 @@
 //! repeated and resumes after a partial failure. Namespaces and `/etc/netns` directories are
 //! recorded in the state file before they are created; `down` ends the processes left in them
 //! (by PID, found with `ip netns pids`), then deletes them, and with them every veth and
-//! bridge.
+//! bridge. The stand's processes ([`crate::lab`]) are stopped through their supervisors first.
 
 use std::ffi::OsStr;
 use std::fs;
@@ -282,11 +282,32 @@ fn up_node(
     Ok(())
 }
 
-/// Removes everything the state lists, newest first, then the state file.
+/// Stops the node supervisors ([`crate::lab`]), then removes everything the state lists,
+/// newest first, generated files last (a process that outlived its supervisor may still use
+/// them until its namespace is emptied), then the state file.
 pub fn down(mut state: StateFile) -> Result<(), NetnsError> {
-    let created: Vec<Resource> = state.state().created.iter().rev().cloned().collect();
+    crate::lab::stop_supervisors(&state.topology()?, state.dir());
+    let mut created: Vec<Resource> = state.state().created.iter().rev().cloned().collect();
+    created.sort_by_key(|r| matches!(r, Resource::Files { .. }));
     for resource in created {
         match &resource {
+            Resource::Files { path } => {
+                let removed = if path.is_dir() {
+                    fs::remove_dir_all(path)
+                } else {
+                    fs::remove_file(path)
+                };
+                match removed {
+                    Ok(()) => info!(path = %path.display(), "removed"),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(NetnsError::Io {
+                            path: path.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
             Resource::Namespace { name } => {
                 if namespace_exists(name) {
                     end_processes(name)?;

@@ -102,6 +102,11 @@ pub enum Resource {
         /// The directory.
         path: PathBuf,
     },
+    /// A file or directory tree generated in the state directory (netns processes' material).
+    Files {
+        /// The file or directory.
+        path: PathBuf,
+    },
     /// A libvirt network.
     LibvirtNetwork {
         /// Its name.

@@ -15,8 +15,7 @@
 //! domain = "domain.local"    # DNS domain written to the hosts files
 //!
 //! [ports]                    # optional, these are the defaults
-//! monitor_api = 7400         # agents and operators -> monitor
-//! monitor_raft = 7401        # monitor <-> monitor
+//! monitor_api = 7400         # the monitor's one gRPC port: agents, operators, peers (Raft)
 //! agent = 7410               # monitor -> agent
 //! postgres = 5432
 //! xmpp = [5222, 5223, 5269, 5443, 5280]
@@ -243,10 +242,8 @@ impl fmt::Display for PortRange {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Ports {
-    /// Monitor gRPC for agents and operators.
+    /// The monitor's single gRPC port: agents, operators and the other monitors (Raft).
     pub monitor_api: u16,
-    /// Monitor-to-monitor Raft gRPC.
-    pub monitor_raft: u16,
     /// Agent gRPC (called by the monitors).
     pub agent: u16,
     /// PostgreSQL.
@@ -267,7 +264,6 @@ impl Default for Ports {
     fn default() -> Self {
         Self {
             monitor_api: 7400,
-            monitor_raft: 7401,
             agent: 7410,
             postgres: 5432,
             xmpp: vec![5222, 5223, 5269, 5443, 5280],
@@ -293,7 +289,6 @@ impl Ports {
         match role {
             Role::Monitor => {
                 ports.push(("monitor_api", PortRange::single(self.monitor_api)));
-                ports.push(("monitor_raft", PortRange::single(self.monitor_raft)));
             }
             Role::Postgres => {
                 ports.push(("postgres", PortRange::single(self.postgres)));

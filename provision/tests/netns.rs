@@ -1,20 +1,34 @@
-//! End-to-end test of the netns backend on the reference stand (`examples/xmpp-lab.toml`):
-//! builds its networks as namespaces under a unique prefix, proves routing and the generated
-//! firewall with real TCP connections between namespaces, proves `up` is idempotent and
-//! resumes after a namespace is deleted by hand, and that `down` leaves no namespace,
-//! `/etc/netns` entry, link or process behind.
+//! End-to-end tests of the netns backend on the reference stand (`examples/xmpp-lab.toml`).
 //!
-//! Needs root, iproute2, nftables and python3 (listeners and clients run as `python3 -c`
-//! inside `ip netns exec`). Every address used exists only inside the namespaces this test
-//! creates. The stand is torn down by a drop guard even when an assertion fails.
+//! `example_stand_routes_filters_resumes_and_cleans_up` builds its networks only (library
+//! `netns::up`) under a unique prefix, proves routing and the generated firewall with real TCP
+//! connections between namespaces, proves `up` is idempotent and resumes after a namespace is
+//! deleted by hand, and that `down` leaves no namespace, `/etc/netns` entry, link or process
+//! behind.
+//!
+//! `full_stand_fails_over_and_cleans_up` runs the `ha-provision` binary: `up` starts every
+//! process (3 monitors, 2 PostgreSQL agents, 2 clustered ejabberd nodes, one supervisor per
+//! node); the test waits for a monitor leader and a synchronous primary/standby pair, checks
+//! PostgreSQL's reachability through the gateway, the ejabberd cluster, then crashes the
+//! primary: its supervisor frozen (SIGSTOP), its postmaster and agent killed with SIGKILL
+//! inside its namespace. The standby must be promoted; once the supervisor continues it
+//! restarts the agent, and the killed node must come back as a standby. `down` must leave no namespace and none of the processes seen. Up and failover
+//! times are printed.
+//!
+//! Needs root, iproute2, nftables, python3 (listeners and clients run as `python3 -c` inside
+//! `ip netns exec`), PostgreSQL 15 and ejabberd. Every address used exists only inside the
+//! namespaces these tests create. Stands are torn down by drop guards even when an assertion
+//! fails.
 
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ha_provision::lab::Haclt;
+use ha_provision::material::Material;
 use ha_provision::netns::{self, Layout};
 use ha_provision::state::{BackendKind, StateFile};
 use ha_provision::topology::Topology;
@@ -285,4 +299,374 @@ fn example_stand_routes_filters_resumes_and_cleans_up() {
         .filter(|l| !links_before.contains(l) && ours(l))
         .collect();
     assert!(new.is_empty(), "links left in the root namespace: {new:?}");
+}
+
+/// The workspace binaries `up` starts, built on demand next to `ha-provision`.
+fn build_daemons() -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-p", "ha-monitor", "-p", "ha-agent", "-p", "haclt"])
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the daemons failed");
+    let dir = Path::new(env!("CARGO_BIN_EXE_ha-provision"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    for bin in ["ha-monitor", "ha-agent", "haclt"] {
+        assert!(
+            dir.join(bin).is_file(),
+            "{bin} missing in {}",
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// A full stand run through the `ha-provision` binary; `down` runs on drop, and on failure
+/// the tail of every process log is printed.
+struct FullStand {
+    inner: Stand,
+}
+
+impl FullStand {
+    fn cli(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ha-provision"));
+        cmd.arg("--state-dir").arg(&self.inner.state_dir);
+        cmd
+    }
+
+    fn material(&self) -> Material<'_> {
+        Material::new(&self.inner.topology, &self.inner.state_dir)
+    }
+
+    fn haclt(&self, bin_dir: &Path) -> Haclt {
+        Haclt {
+            binary: bin_dir.join("haclt"),
+            fabric: self.inner.host(),
+            config: self.material().haclt_config(),
+        }
+    }
+
+    fn down(&self) {
+        let out = self.cli().arg("down").output().unwrap();
+        assert!(
+            out.status.success(),
+            "down failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for FullStand {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for node in &self.inner.topology.nodes {
+                let dir = self.material().node_dir(&node.name);
+                for log in [
+                    "supervisor.log",
+                    "ha-monitor.log",
+                    "ha-agent.log",
+                    "ejabberd.log",
+                ] {
+                    let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    if !lines.is_empty() {
+                        let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+                        eprintln!("===== {} {log} =====\n{tail}", node.name);
+                    }
+                }
+            }
+        }
+        if StateFile::load(&self.inner.state_dir)
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            let _ = self.cli().arg("down").status();
+        }
+    }
+}
+
+fn node_state<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    s["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == name)
+        .map(|n| &n["state"])
+}
+
+/// Primary + synchronous standby among `nodes`: returns (primary, standby).
+fn pair(s: &serde_json::Value, nodes: &[&str]) -> Option<(String, String)> {
+    let with = |state: &str| {
+        nodes
+            .iter()
+            .find(|n| node_state(s, n).is_some_and(|v| v == state))
+            .map(|n| (*n).to_owned())
+    };
+    let synchronous = s["groups"]
+        .as_array()?
+        .iter()
+        .any(|g| g["synchronous"] == true);
+    Some((with("primary")?, with("standby")?)).filter(|_| synchronous)
+}
+
+/// PIDs in `ns` whose command name is `comm` (a live process, not a zombie).
+fn pids_named(ns: &str, comm: &str) -> Vec<i32> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p| {
+            alive(*p)
+                && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .unwrap_or_default()
+                    .trim()
+                    == comm
+        })
+        .collect()
+}
+
+/// A process stopped with SIGSTOP; continued (SIGCONT) on drop, also when a test fails.
+struct Frozen(i32);
+
+impl Frozen {
+    fn new(pid: i32) -> Self {
+        signal(pid, nix::sys::signal::Signal::SIGSTOP);
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+fn signal(pid: i32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn full_stand_fails_over_and_cleans_up() {
+    let bin_dir = build_daemons();
+    let stand = FullStand {
+        inner: Stand::new(),
+    };
+    // The daemons run as postgres and ejabberd: they must traverse to the state directory.
+    std::fs::set_permissions(
+        stand.inner._tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/xmpp-lab.toml");
+
+    let started = Instant::now();
+    let out = stand
+        .cli()
+        .arg("up")
+        .arg(&example)
+        .arg("--prefix")
+        .arg(&stand.inner.prefix)
+        .output()
+        .unwrap();
+    let up_time = started.elapsed();
+    assert!(
+        out.status.success(),
+        "up failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    println!("up (every process started, psql1server primary): {up_time:.2?}");
+
+    let status = stand.cli().args(["status", "--json"]).output().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let haclt_config = stand.material().haclt_config();
+    assert_eq!(status["haclt_config"], haclt_config.to_str().unwrap());
+    assert!(haclt_config.is_file());
+    let supervised = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["supervisor_pid"].as_i64().is_some())
+        .count();
+    assert_eq!(supervised, 7, "every node but the gateway: {status}");
+
+    let haclt = stand.haclt(&bin_dir);
+    let pg_nodes = ["psql1server", "psql2server"];
+    let s = haclt
+        .wait_for(
+            "3 monitors, a leader, primary + sync standby",
+            Duration::from_secs(120),
+            |s| {
+                let monitors = s["monitors"].as_array().map_or(0, Vec::len);
+                let leader = s["monitors"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|m| m["leader"] == true));
+                monitors == 3 && leader && pair(s, &pg_nodes).is_some()
+            },
+        )
+        .unwrap();
+    let (primary, standby) = pair(&s, &pg_nodes).unwrap();
+    assert_eq!(primary, "psql1server", "the first postgres node bootstraps");
+    let ready_time = started.elapsed();
+    println!("primary {primary} + synchronous standby {standby}: {ready_time:.2?} after up began");
+
+    // A second `up` changes nothing: the same supervisors keep running.
+    let supervisors = || -> Vec<String> {
+        stand
+            .inner
+            .topology
+            .nodes
+            .iter()
+            .map(|n| {
+                std::fs::read_to_string(stand.material().node_dir(&n.name).join("supervisor.pid"))
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    let before = supervisors();
+    let again = Instant::now();
+    let out = stand
+        .cli()
+        .arg("up")
+        .arg(&example)
+        .arg("--prefix")
+        .arg(&stand.inner.prefix)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "second up failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(supervisors(), before);
+    println!("second up (nothing to do): {:.2?}", again.elapsed());
+
+    // The firewall with the real servers: a frontend reaches the primary's PostgreSQL through
+    // the gateway; the management network cannot.
+    let e1 = stand.inner.ns("e1server");
+    assert_eq!(connect(&e1, "192.168.1.10", 5432), "connected");
+    assert_eq!(
+        connect(&stand.inner.host(), "192.168.121.14", 5432),
+        "timeout"
+    );
+    assert_eq!(connect(&e1, "192.168.121.14", 5432), "timeout");
+
+    // Both ejabberd nodes in one Erlang cluster.
+    let conf = stand.material().ejabberd_conf("e1server");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let out = stand
+            .cli()
+            .args([
+                "exec",
+                "e1server",
+                "--",
+                "/usr/sbin/ejabberdctl",
+                "--config-dir",
+            ])
+            .arg(&conf)
+            .arg("list_cluster")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains("ejabberd@e1server") && text.contains("ejabberd@e2server") {
+            println!("ejabberd cluster: {}", text.trim().replace('\n', ", "));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ejabberd cluster not formed: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    // Crash the primary as a machine crash would: its supervisor is frozen first (a crashed
+    // machine restarts nothing; left running, it restarts the agent within a second, which
+    // restarts PostgreSQL before the monitors even see the node unhealthy), then its agent
+    // and postmaster are killed with SIGKILL inside its namespace. The supervisor resumes
+    // after the promotion, like the machine booting again.
+    let primary_ns = stand.inner.ns(&primary);
+    let supervisor: i32 =
+        std::fs::read_to_string(stand.material().node_dir(&primary).join("supervisor.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    let frozen = Frozen::new(supervisor);
+    let agents = pids_named(&primary_ns, "ha-agent");
+    assert_eq!(agents.len(), 1, "one agent in {primary_ns}: {agents:?}");
+    let postmaster = ha_tests::postmaster_pid(&stand.material().pg_data(&primary))
+        .expect("the primary's postmaster runs");
+    let mut seen = vec![agents[0], postmaster];
+    let killed = Instant::now();
+    for pid in [agents[0], postmaster] {
+        signal(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    haclt
+        .wait_for(
+            &format!("{standby} promoted"),
+            Duration::from_secs(60),
+            |s| node_state(s, &standby).is_some_and(|v| v == "primary"),
+        )
+        .unwrap();
+    let failover = killed.elapsed();
+    println!("failover: {standby} primary {failover:.2?} after SIGKILL of {primary}");
+    drop(frozen);
+    haclt
+        .wait_for(
+            &format!("{primary} back as a synchronous standby"),
+            Duration::from_secs(180),
+            |s| pair(s, &pg_nodes) == Some((standby.clone(), primary.clone())),
+        )
+        .unwrap();
+    println!(
+        "{primary} rejoined as standby {:.2?} after the kill",
+        killed.elapsed()
+    );
+    let restarted = pids_named(&primary_ns, "ha-agent");
+    assert_eq!(restarted.len(), 1, "the supervisor restarted the agent");
+    assert_ne!(restarted[0], agents[0]);
+    seen.extend(restarted);
+    for node in &stand.inner.topology.nodes {
+        let pid: Option<i32> =
+            std::fs::read_to_string(stand.material().node_dir(&node.name).join("supervisor.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse().ok());
+        seen.extend(pid);
+    }
+    seen.extend(pids_named(&stand.inner.ns("e1server"), "beam.smp"));
+    seen.extend(pids_named(&stand.inner.ns("mon1server"), "ha-monitor"));
+
+    let t = Instant::now();
+    stand.down();
+    println!("down: {:.2?}", t.elapsed());
+    assert!(
+        stand.inner.our_namespaces().is_empty(),
+        "{:?}",
+        stand.inner.our_namespaces()
+    );
+    let survivors: Vec<i32> = seen.iter().copied().filter(|p| alive(*p)).collect();
+    assert!(
+        survivors.is_empty(),
+        "processes survived down: {survivors:?}"
+    );
+    assert!(!stand.material().nodes_dir().exists());
+    assert!(!haclt_config.exists());
+    assert!(StateFile::load(&stand.inner.state_dir).unwrap().is_none());
 }

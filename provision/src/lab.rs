@@ -1,0 +1,396 @@
+//! The processes of a netns stand: after the networks exist, `up` writes the material
+//! ([`crate::material`]), starts one supervisor per node ([`crate::supervise`]) in dependency
+//! order and issues the agents' join tokens; `down` stops the supervisors first.
+//!
+//! Order of `up` (each step timed and printed):
+//! 1. material (CA, certificates, configs), recorded in the state before it is written;
+//! 2. monitor supervisors, then wait until `haclt status` shows every monitor and a leader;
+//! 3. a join token per postgres node that has none, created with `haclt token create` in the
+//!    fabric namespace (the operator host) with the stand's operator config;
+//! 4. the first postgres node, waiting until it is primary (the reference stand's psql1server),
+//!    then the other postgres nodes and the ejabberd nodes.
+//!
+//! Invariants: a supervisor already running for a node (its PID file names a live
+//! `ha-provision ... supervise` process) is left alone, so `up` is idempotent and resumes;
+//! processes are only ever signalled by the PIDs this module recorded.
+//! Binaries (`ha-monitor`, `ha-agent`, `haclt`) are looked up in one directory: by default the
+//! one holding the running `ha-provision` (`--bin-dir` overrides).
+
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tracing::{info, warn};
+
+use crate::material::{GROUP, Material, MaterialError};
+use crate::netns::Layout;
+use crate::state::{Resource, StateError, StateFile};
+use crate::topology::{Role, Topology};
+
+/// How long `up` waits for the monitors to elect a leader.
+const MONITORS_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `up` waits for the first PostgreSQL node to become primary (initdb included).
+const PRIMARY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `down` waits for a supervisor after SIGTERM (it gives its programs
+/// [`crate::supervise::STOP_GRACE`]).
+const SUPERVISOR_GRACE: Duration = Duration::from_secs(40);
+
+/// Errors of the process layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// Generating the material failed.
+    #[error(transparent)]
+    Material(#[from] MaterialError),
+    /// The state file could not be written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A file or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A binary is missing from the bin dir.
+    #[error("{0} not found: build the workspace binaries or pass --bin-dir")]
+    MissingBinary(PathBuf),
+    /// `haclt` failed.
+    #[error("haclt {args}: {detail}")]
+    Haclt {
+        /// Its arguments.
+        args: String,
+        /// Exit status and stderr.
+        detail: String,
+    },
+    /// A condition was not reached in time.
+    #[error("{what} not reached within {timeout:?}; last status: {last}")]
+    Timeout {
+        /// The condition.
+        what: String,
+        /// How long `up` waited.
+        timeout: Duration,
+        /// The last answer seen.
+        last: String,
+    },
+}
+
+/// Where the processes' binaries are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// Directory of `ha-monitor`, `ha-agent` and `haclt`.
+    pub bin_dir: PathBuf,
+    /// The `ha-provision` executable the supervisors run (`supervise`).
+    pub provision: PathBuf,
+}
+
+impl Binaries {
+    /// The running `ha-provision` and, unless `bin_dir` is given, its directory.
+    pub fn locate(bin_dir: Option<PathBuf>) -> Result<Self, LabError> {
+        let provision = std::env::current_exe().map_err(|source| LabError::Io {
+            what: "locating the ha-provision executable".into(),
+            source,
+        })?;
+        let bin_dir = match bin_dir {
+            Some(d) => d,
+            None => provision
+                .parent()
+                .expect("an executable's path has a parent directory")
+                .to_owned(),
+        };
+        let found = Self { bin_dir, provision };
+        for name in ["ha-monitor", "ha-agent", "haclt"] {
+            let path = found.bin_dir.join(name);
+            if !path.is_file() {
+                return Err(LabError::MissingBinary(path));
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// One timed step of `up`, for the printed summary.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// What was done.
+    pub what: String,
+    /// How long it took.
+    pub took: Duration,
+}
+
+/// Starts the stand's processes (see the module docs); the networks must exist.
+pub fn up(
+    topology: &Topology,
+    state: &mut StateFile,
+    bins: &Binaries,
+) -> Result<Vec<Step>, LabError> {
+    let dir = state.dir().to_owned();
+    let prefix = state.state().prefix.clone();
+    let material = Material::new(topology, &dir);
+    let mut steps = Vec::new();
+    let mut timed = |what: &str, started: Instant| {
+        let step = Step {
+            what: what.to_owned(),
+            took: started.elapsed(),
+        };
+        info!(step = %step.what, ms = step.took.as_millis(), "up step done");
+        steps.push(step);
+    };
+
+    let t = Instant::now();
+    for path in [
+        material.pki_dir(),
+        material.nodes_dir(),
+        material.haclt_config(),
+    ] {
+        state.record(Resource::Files { path })?;
+    }
+    material.generate()?;
+    timed("material (CA, certificates, configs)", t);
+
+    let t = Instant::now();
+    let haclt = Haclt {
+        binary: bins.bin_dir.join("haclt"),
+        fabric: Layout::new(topology, &prefix).fabric(),
+        config: material.haclt_config(),
+    };
+    let monitors: Vec<&str> = topology
+        .nodes_with_role(Role::Monitor)
+        .map(|n| n.name.as_str())
+        .collect();
+    for node in &monitors {
+        start_supervisor(topology, &prefix, &material, bins, node)?;
+    }
+    let want = monitors.len();
+    haclt.wait_for("monitors elect a leader", MONITORS_TIMEOUT, |s| {
+        let ms = s["monitors"].as_array().map_or(&[][..], Vec::as_slice);
+        ms.len() == want && ms.iter().any(|m| m["leader"] == true)
+    })?;
+    timed("monitors up, leader elected", t);
+
+    let t = Instant::now();
+    let postgres: Vec<&str> = topology
+        .nodes_with_role(Role::Postgres)
+        .map(|n| n.name.as_str())
+        .collect();
+    for node in &postgres {
+        let path = material.join_token(node);
+        if !path.exists() {
+            let token = haclt.run(&["token", "create", "--role", "postgres", "--group", GROUP])?;
+            ha_pki::write_key_file(&path, token.trim().as_bytes()).map_err(MaterialError::from)?;
+            info!(node, path = %path.display(), "join token written");
+        }
+    }
+    timed("join tokens", t);
+
+    if let Some((first, rest)) = postgres.split_first() {
+        let t = Instant::now();
+        start_supervisor(topology, &prefix, &material, bins, first)?;
+        haclt.wait_for(&format!("{first} becomes primary"), PRIMARY_TIMEOUT, |s| {
+            s["nodes"].as_array().is_some_and(|nodes| {
+                nodes.iter().any(|n| {
+                    n["name"] == *first && (n["state"] == "primary" || n["state"] == "single")
+                })
+            })
+        })?;
+        timed(&format!("{first} primary"), t);
+        let t = Instant::now();
+        for node in rest {
+            start_supervisor(topology, &prefix, &material, bins, node)?;
+        }
+        timed("other postgres nodes started", t);
+    }
+    let t = Instant::now();
+    for node in topology.nodes_with_role(Role::Ejabberd) {
+        start_supervisor(topology, &prefix, &material, bins, &node.name)?;
+    }
+    timed("ejabberd nodes started", t);
+    Ok(steps)
+}
+
+fn pid_file(material: &Material<'_>, node: &str) -> PathBuf {
+    material.node_dir(node).join("supervisor.pid")
+}
+
+/// The PID of `node`'s running supervisor in the stand whose state directory is `dir`.
+pub fn supervisor_pid(topology: &Topology, dir: &Path, node: &str) -> Option<i32> {
+    running_supervisor(&Material::new(topology, dir), node)
+}
+
+/// The PID of `node`'s running supervisor, if its PID file names one.
+fn running_supervisor(material: &Material<'_>, node: &str) -> Option<i32> {
+    let pid: i32 = fs::read_to_string(pid_file(material, node))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    is_supervisor(pid, node).then_some(pid)
+}
+
+/// Whether `pid` is a live `ha-provision ... supervise ... <node>` (never a reused PID).
+fn is_supervisor(pid: i32, node: &str) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    !zombie && args.contains(&&b"supervise"[..]) && args.contains(&node.as_bytes())
+}
+
+fn start_supervisor(
+    topology: &Topology,
+    prefix: &str,
+    material: &Material<'_>,
+    bins: &Binaries,
+    node: &str,
+) -> Result<(), LabError> {
+    if let Some(pid) = running_supervisor(material, node) {
+        info!(node, pid, "supervisor already running");
+        return Ok(());
+    }
+    let log_path = material.node_dir(node).join("supervisor.log");
+    let io = |what: String| move |source| LabError::Io { what, source };
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(format!("opening {}", log_path.display())))?;
+    let log_err = log.try_clone().map_err(io("duplicating the log".into()))?;
+    let ns = Layout::new(topology, prefix).namespace(node);
+    let mut cmd = Command::new("ip");
+    // `ip netns exec` execs the supervisor in place: the child's PID is the supervisor's.
+    cmd.args(["netns", "exec", &ns])
+        .arg(&bins.provision)
+        .arg("--state-dir")
+        .arg(material.dir())
+        .args(["supervise", "--bin-dir"])
+        .arg(&bins.bin_dir)
+        .arg(node)
+        // Its own process group: a Ctrl-C aimed at `up` must not reach the stand.
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    let child = cmd
+        .spawn()
+        .map_err(io(format!("starting the supervisor of {node}")))?;
+    let pid = child.id();
+    fs::write(pid_file(material, node), format!("{pid}\n"))
+        .map_err(io(format!("writing the PID file of {node}")))?;
+    info!(node, pid, namespace = %ns, "supervisor started");
+    Ok(())
+}
+
+/// Stops every node's supervisor by its recorded PID (SIGTERM, then SIGKILL after
+/// [`SUPERVISOR_GRACE`]) and removes the PID files. Nodes without one are skipped.
+pub fn stop_supervisors(topology: &Topology, dir: &Path) {
+    let material = Material::new(topology, dir);
+    let running: Vec<(String, i32)> = topology
+        .nodes
+        .iter()
+        .filter_map(|n| running_supervisor(&material, &n.name).map(|p| (n.name.clone(), p)))
+        .collect();
+    for (node, pid) in &running {
+        info!(node, pid, "stopping supervisor");
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + SUPERVISOR_GRACE;
+    for (node, pid) in &running {
+        while is_supervisor(*pid, node) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if is_supervisor(*pid, node) {
+            warn!(node, pid, "supervisor ignored SIGTERM; SIGKILL");
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+    }
+    for node in &topology.nodes {
+        let _ = fs::remove_file(pid_file(&material, &node.name));
+    }
+}
+
+/// `haclt` run in the fabric namespace with the stand's operator config.
+#[derive(Debug, Clone)]
+pub struct Haclt {
+    /// The binary.
+    pub binary: PathBuf,
+    /// The fabric namespace (the operator host).
+    pub fabric: String,
+    /// `S/haclt.toml`.
+    pub config: PathBuf,
+}
+
+impl Haclt {
+    /// Runs `haclt --config C ARGS` and returns its stdout.
+    pub fn run(&self, args: &[&str]) -> Result<String, LabError> {
+        let mut argv: Vec<OsString> = vec![
+            "netns".into(),
+            "exec".into(),
+            self.fabric.clone().into(),
+            self.binary.clone().into(),
+            "--config".into(),
+            self.config.clone().into(),
+        ];
+        argv.extend(args.iter().map(OsString::from));
+        let out = Command::new("ip")
+            .args(&argv)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| LabError::Io {
+                what: "running haclt".into(),
+                source,
+            })?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(LabError::Haclt {
+                args: args.join(" "),
+                detail: format!(
+                    "{}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            })
+        }
+    }
+
+    /// `haclt status --json`, parsed.
+    pub fn status(&self) -> Result<serde_json::Value, LabError> {
+        let text = self.run(&["status", "--json"])?;
+        serde_json::from_str(&text).map_err(|e| LabError::Haclt {
+            args: "status --json".into(),
+            detail: format!("unreadable output: {e}"),
+        })
+    }
+
+    /// Polls the status until `ok` holds, or fails after `timeout` with the last answer.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value, LabError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.status() {
+                Ok(s) if ok(&s) => return Ok(s),
+                Ok(s) => s.to_string(),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(LabError::Timeout {
+                    what: what.to_owned(),
+                    timeout,
+                    last,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}

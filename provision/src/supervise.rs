@@ -1,0 +1,423 @@
+//! The per-node supervisor of a netns stand: `ha-provision supervise NODE`, started detached by
+//! `up` inside the node's namespace (`ip netns exec`), its PID in `S/nodes/<node>/supervisor.pid`.
+//!
+//! It runs the node's programs, each in its own process group with its output appended to
+//! `S/nodes/<node>/<program>.log`:
+//! - monitor: `ha-monitor --config monitor.toml --dev`;
+//! - postgres: `ha-agent --config agent.toml --dev` (the agent runs PostgreSQL as `postgres`);
+//! - ejabberd: `epmd`, then, once it answers, `ejabberdctl foreground` as the `ejabberd` user
+//!   with the node's own config dir; every ejabberd node but the first joins the first one's Erlang cluster
+//!   (`join_cluster`, retried until `list_cluster` shows both).
+//!
+//! Invariants: a program that exits is restarted after a backoff (1 s doubling to 30 s, reset
+//! once it ran for a minute), every exit and restart is logged; SIGTERM or SIGINT is forwarded
+//! to every program's process group, the supervisor waits for them (SIGKILL after
+//! [`STOP_GRACE`]) and exits. It never signals anything it did not start.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::{Pid, User};
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::material::{EJABBERDCTL, Material};
+use crate::topology::{Role, Topology};
+
+/// How long programs get to exit after SIGTERM before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A program that ran this long is considered healthy again: its backoff resets.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+const EPMD: &str = "/usr/bin/epmd";
+
+/// Errors of the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    /// The node does not exist or runs nothing.
+    #[error("node `{0}` is not a monitor, postgres or ejabberd node of the stand")]
+    NothingToRun(String),
+    /// A program's log could not be opened, or signal handlers could not be installed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The `ejabberd` user is missing.
+    #[error("system user `ejabberd` does not exist")]
+    NoUser,
+}
+
+/// One supervised program.
+#[derive(Debug, Clone)]
+struct Program {
+    name: &'static str,
+    argv: Vec<OsString>,
+    /// Run as this user (uid, gid, home) instead of root.
+    user: Option<(u32, u32, PathBuf)>,
+    /// Start only once this loopback TCP port answers (ejabberd waits for our epmd, else
+    /// `erl` would start an unsupervised `epmd -daemon` of its own).
+    after_port: Option<u16>,
+}
+
+/// The programs of `node`, in start order.
+fn programs(
+    topology: &Topology,
+    material: &Material<'_>,
+    bin_dir: &Path,
+    node: &str,
+) -> Result<Vec<Program>, SuperviseError> {
+    let n = topology
+        .node(node)
+        .ok_or_else(|| SuperviseError::NothingToRun(node.to_owned()))?;
+    let daemon = |name: &'static str, binary: &str, config: PathBuf| Program {
+        name,
+        argv: vec![
+            bin_dir.join(binary).into(),
+            "--config".into(),
+            config.into(),
+            "--dev".into(),
+        ],
+        user: None,
+        after_port: None,
+    };
+    Ok(match n.role {
+        Role::Monitor => vec![daemon(
+            "ha-monitor",
+            "ha-monitor",
+            material.monitor_config(node),
+        )],
+        Role::Postgres => vec![daemon("ha-agent", "ha-agent", material.agent_config(node))],
+        Role::Ejabberd => {
+            let user = User::from_name("ejabberd")
+                .ok()
+                .flatten()
+                .ok_or(SuperviseError::NoUser)?;
+            let home = material.node_dir(node).join("ejabberd/home");
+            let as_ejabberd = Some((user.uid.as_raw(), user.gid.as_raw(), home));
+            vec![
+                Program {
+                    name: "epmd",
+                    argv: vec![
+                        EPMD.into(),
+                        "-port".into(),
+                        topology.ports.epmd.to_string().into(),
+                    ],
+                    user: as_ejabberd.clone(),
+                    after_port: None,
+                },
+                Program {
+                    name: "ejabberd",
+                    argv: ejabberdctl_argv(material, node, &["foreground"]),
+                    user: as_ejabberd,
+                    after_port: Some(topology.ports.epmd),
+                },
+            ]
+        }
+        Role::Gateway => return Err(SuperviseError::NothingToRun(node.to_owned())),
+    })
+}
+
+/// `ejabberdctl` for `node`'s own config dir followed by `args`. As root it switches to the
+/// `ejabberd` user itself; the cookie is in the node's `ejabberdctl.cfg`.
+pub fn ejabberdctl_argv(material: &Material<'_>, node: &str, args: &[&str]) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = vec![
+        EJABBERDCTL.into(),
+        "--config-dir".into(),
+        material.ejabberd_conf(node).into(),
+    ];
+    argv.extend(args.iter().map(OsString::from));
+    argv
+}
+
+/// A running program and its restart bookkeeping.
+struct Slot {
+    program: Program,
+    child: Option<Child>,
+    started: Instant,
+    backoff: Duration,
+    restart_at: Option<Instant>,
+}
+
+/// Runs the supervisor of `node` until SIGTERM or SIGINT.
+pub async fn run(
+    topology: &Topology,
+    state_dir: &Path,
+    bin_dir: &Path,
+    node: &str,
+) -> Result<(), SuperviseError> {
+    let material = Material::new(topology, state_dir);
+    let log_dir = material.node_dir(node);
+    let mut slots: Vec<Slot> = programs(topology, &material, bin_dir, node)?
+        .into_iter()
+        .map(|program| Slot {
+            program,
+            child: None,
+            started: Instant::now(),
+            backoff: BACKOFF_MIN,
+            restart_at: Some(Instant::now()),
+        })
+        .collect();
+    let sig = |kind: SignalKind, what: &str| {
+        signal(kind).map_err(|source| SuperviseError::Io {
+            what: format!("installing the {what} handler"),
+            source,
+        })
+    };
+    let mut term = sig(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = sig(SignalKind::interrupt(), "SIGINT")?;
+    // Each ejabberdctl call takes seconds: the join runs beside the restart loop.
+    let joiner = cluster_join(&material, topology, node).map(|(first, ctl)| {
+        let node = node.to_owned();
+        tokio::spawn(async move {
+            while !try_join(&ctl, &first, &node).await {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+    });
+    info!(node, programs = slots.len(), "supervisor started");
+    loop {
+        for slot in &mut slots {
+            tend(slot, &log_dir, node);
+        }
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    if let Some(join) = joiner {
+        join.abort();
+    }
+    info!(node, "supervisor stopping its programs");
+    stop_all(&mut slots, node).await;
+    info!(node, "supervisor stopped");
+    Ok(())
+}
+
+/// Reaps an exited program, schedules its restart with backoff, starts it when due.
+fn tend(slot: &mut Slot, log_dir: &Path, node: &str) {
+    let name = slot.program.name;
+    if let Some(child) = slot.child.as_mut() {
+        match child.try_wait() {
+            Ok(None) => return,
+            Ok(Some(status)) => {
+                let ran = slot.started.elapsed();
+                if ran >= STABLE_AFTER {
+                    slot.backoff = BACKOFF_MIN;
+                }
+                warn!(node, program = name, %status, ran_ms = ran.as_millis(), restart_in_ms = slot.backoff.as_millis(), "program exited; restarting after backoff");
+                slot.child = None;
+                slot.restart_at = Some(Instant::now() + slot.backoff);
+                slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(e) => {
+                warn!(node, program = name, error = %e, "cannot poll program");
+                return;
+            }
+        }
+    }
+    let ready = slot.program.after_port.is_none_or(|port| {
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(100),
+        )
+        .is_ok()
+    });
+    if ready && slot.restart_at.is_some_and(|at| Instant::now() >= at) {
+        match spawn(&slot.program, log_dir) {
+            Ok(child) => {
+                info!(node, program = name, pid = child.id(), "program started");
+                slot.child = Some(child);
+                slot.started = Instant::now();
+                slot.restart_at = None;
+            }
+            Err(e) => {
+                warn!(node, program = name, error = %e, retry_in_ms = slot.backoff.as_millis(), "cannot start program");
+                slot.restart_at = Some(Instant::now() + slot.backoff);
+                slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+fn spawn(program: &Program, log_dir: &Path) -> Result<Child, SuperviseError> {
+    let log_path = log_dir.join(format!("{}.log", program.name));
+    let io = |what: String| move |source| SuperviseError::Io { what, source };
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(format!("opening {}", log_path.display())))?;
+    let log_err = log
+        .try_clone()
+        .map_err(io(format!("duplicating {}", log_path.display())))?;
+    let mut cmd = Command::new(&program.argv[0]);
+    cmd.args(&program.argv[1..])
+        .env("RUST_LOG", "info")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    if let Some((uid, gid, home)) = &program.user {
+        cmd.uid(*uid).gid(*gid).env("HOME", home).current_dir(home);
+    }
+    cmd.spawn().map_err(io(format!(
+        "starting {}",
+        program.argv[0].to_string_lossy()
+    )))
+}
+
+/// For an ejabberd node other than the first: the first node's Erlang name and `ejabberdctl`.
+fn cluster_join(
+    material: &Material<'_>,
+    topology: &Topology,
+    node: &str,
+) -> Option<(String, Vec<OsString>)> {
+    let n = topology.node(node)?;
+    let first = material.first_ejabberd()?;
+    (n.role == Role::Ejabberd && first.name != node).then(|| {
+        (
+            Material::erlang_node(&first.name),
+            ejabberdctl_argv(material, node, &[]),
+        )
+    })
+}
+
+/// One attempt to join `first`'s cluster; true once `list_cluster` shows it.
+async fn try_join(ctl: &[OsString], first: &str, node: &str) -> bool {
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(&ctl[0]);
+        cmd.args(&ctl[1..])
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        async move { cmd.output().await }
+    };
+    match run(&["list_cluster"]).await {
+        Ok(out) if out.status.success() => {
+            if String::from_utf8_lossy(&out.stdout).contains(first) {
+                info!(node, first, "in the ejabberd cluster");
+                return true;
+            }
+        }
+        // ejabberd is not running yet: try again later.
+        _ => return false,
+    }
+    match run(&["join_cluster", first]).await {
+        Ok(out) if out.status.success() => {
+            info!(node, first, "joined the ejabberd cluster");
+            false
+        }
+        Ok(out) => {
+            warn!(node, first, output = %String::from_utf8_lossy(&out.stdout).trim(), "join_cluster failed; retrying");
+            false
+        }
+        Err(e) => {
+            warn!(node, first, error = %e, "cannot run ejabberdctl join_cluster");
+            false
+        }
+    }
+}
+
+/// SIGTERM to every program's group (last started first), then SIGKILL after the grace.
+async fn stop_all(slots: &mut [Slot], node: &str) {
+    for slot in slots.iter().rev() {
+        if let Some(pid) = slot.child.as_ref().and_then(Child::id) {
+            info!(node, program = slot.program.name, pid, "sending SIGTERM");
+            signal_group(pid, Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    for slot in slots.iter_mut().rev() {
+        let Some(child) = slot.child.as_mut() else {
+            continue;
+        };
+        let Some(pid) = child.id() else {
+            continue;
+        };
+        // The group leader (e.g. ejabberdctl's shell) may exit before its children (beam):
+        // wait for the whole group.
+        let exited = async {
+            let _ = child.wait().await;
+            while group_alive(pid) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        if tokio::time::timeout_at(deadline, exited).await.is_err() {
+            warn!(
+                node,
+                program = slot.program.name,
+                pid,
+                "no exit after SIGTERM; SIGKILL"
+            );
+            signal_group(pid, Signal::SIGKILL);
+            let _ = child.wait().await;
+        }
+        slot.child = None;
+    }
+}
+
+/// Whether a live (not zombie) process is in process group `pgid`.
+fn group_alive(pgid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // After the `(comm)` field: state, ppid, pgrp.
+        let mut fields = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+        pgrp == Some(pgid) && state.is_some_and(|s| s != "Z")
+    })
+}
+
+fn signal_group(pid: u32, signal: Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // ESRCH: the group is already gone.
+        let _ = killpg(Pid::from_raw(pid), signal);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::topology::tests::example;
+
+    #[test]
+    fn each_role_runs_its_programs() {
+        let t = example();
+        let dir = Path::new("/run/ha-provision/xmpp-lab");
+        let m = Material::new(&t, dir);
+        let bin = Path::new("/opt/ha/bin");
+        let names = |node: &str| -> Vec<&'static str> {
+            programs(&t, &m, bin, node)
+                .unwrap()
+                .iter()
+                .map(|p| p.name)
+                .collect()
+        };
+        assert_eq!(names("mon1server"), ["ha-monitor"]);
+        assert_eq!(names("psql1server"), ["ha-agent"]);
+        assert_eq!(names("e2server"), ["epmd", "ejabberd"]);
+        let agent = &programs(&t, &m, bin, "psql1server").unwrap()[0];
+        assert_eq!(agent.argv[0], OsString::from("/opt/ha/bin/ha-agent"));
+        assert!(programs(&t, &m, bin, "gw1server").is_err());
+        assert!(cluster_join(&m, &t, "e1server").is_none(), "first node");
+        let (first, _) = cluster_join(&m, &t, "e2server").unwrap();
+        assert_eq!(first, "ejabberd@e1server");
+    }
+}
