@@ -9,7 +9,7 @@
 //!   with the node's own config dir; every ejabberd node but the first joins the first one's Erlang cluster
 //!   (`join_cluster`, retried until `list_cluster` shows both).
 //!
-//! Invariants: a program that exits is restarted after a backoff (1 s doubling to 30 s, reset
+//! Invariants: a program that exits is restarted after a backoff (5 s doubling to 30 s, reset
 //! once it ran for a minute), every exit and restart is logged; SIGTERM or SIGINT is forwarded
 //! to every program's process group, the supervisor waits for them (SIGKILL after
 //! [`STOP_GRACE`]) and exits. It never signals anything it did not start.
@@ -31,7 +31,12 @@ use crate::topology::{Role, Topology};
 
 /// How long programs get to exit after SIGTERM before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
-const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// First restart delay, like a host coming back: above failure detection (about 1 s on a
+/// crash with positive evidence, `unhealthy_after` = 1.5 s otherwise), so that a crash drill
+/// shows the failover a dead machine causes. Restarting sooner would be safe too (an agent
+/// acts on a writable goal only under a lease granted in its current run), but the node would
+/// simply come back as primary before anyone noticed.
+const BACKOFF_MIN: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A program that ran this long is considered healthy again: its backoff resets.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
