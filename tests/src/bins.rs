@@ -1,8 +1,9 @@
 //! The workspace's daemon and CLI binaries (`ha-monitor`, `ha-agent`, `haclt`) for tests that
 //! run them as real processes.
 //!
-//! They live in the target directory of the running test executable
-//! (`target/<profile>/deps/test-HASH` -> `target/<profile>/NAME`). When one is missing or older
+//! They live in the target directory of the running test or example executable
+//! (`target/<profile>/deps/test-HASH` or `target/<profile>/examples/NAME` ->
+//! `target/<profile>/NAME`). When one is missing or older
 //! than the sources of the crates it is built from, they are built once with `cargo build
 //! --bins`, under an exclusive lock file in the target directory so that concurrent test
 //! binaries neither build twice nor run a half-written executable. `cargo test -p ha-tests`
@@ -33,11 +34,11 @@ pub fn binaries() -> &'static Binaries {
     static BINARIES: OnceLock<Binaries> = OnceLock::new();
     BINARIES.get_or_init(|| {
         let exe = std::env::current_exe().expect("the test executable has a path");
-        // target/<profile>/deps/name-HASH
+        // target/<profile>/deps/name-HASH or target/<profile>/examples/name
         let profile_dir = exe
             .parent()
             .and_then(Path::parent)
-            .expect("test executables live in target/<profile>/deps")
+            .expect("test executables live in target/<profile>/deps or examples")
             .to_path_buf();
         let bins = Binaries {
             monitor: profile_dir.join("ha-monitor"),

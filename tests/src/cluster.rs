@@ -668,30 +668,71 @@ hba = [
 
     /// Waits until `primary` is the group's primary and reached it, every other node (not in
     /// maintenance) streams from it as a standby, and, when there are standbys, the group is
-    /// synchronous.
+    /// synchronous with the set confirmed applied by the primary (the last `sync` event says
+    /// so: only then may a failover promote without `--allow-data-loss`).
     pub async fn wait_converged(&self, primary: &str, timeout: Duration) -> v1::StatusResponse {
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
-        let what = format!("{primary} is primary with every other node streaming");
-        self.wait_for(&what, timeout, |s| {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status().await;
             let standbys: Vec<&String> = names
                 .iter()
-                .filter(|n| *n != primary && !node(s, n).is_some_and(|r| r.maintenance))
+                .filter(|n| *n != primary && !node(&s, n).is_some_and(|r| r.maintenance))
                 .collect();
             // A lone node stays SINGLE: there is nobody to replicate to.
-            let primary_reached = reached(s, primary, v1::GoalState::Primary)
-                || (standbys.is_empty() && reached(s, primary, v1::GoalState::Single));
-            primary_of(s) == Some(primary)
-                && primary_reached
-                && standbys.iter().all(|n| {
-                    reached(s, n, v1::GoalState::Standby)
-                        && streaming(s, n)
-                        && node(s, n)
-                            .and_then(|r| r.postgres.as_ref())
-                            .is_some_and(|p| p.upstream_node == primary)
-                })
-                && (standbys.is_empty() || group(s).is_some_and(|g| g.synchronous))
-        })
-        .await
+            let primary_reached = reached(&s, primary, v1::GoalState::Primary)
+                || (standbys.is_empty() && reached(&s, primary, v1::GoalState::Single));
+            let streams = standbys.iter().all(|n| {
+                reached(&s, n, v1::GoalState::Standby)
+                    && streaming(&s, n)
+                    && node(&s, n)
+                        .and_then(|r| r.postgres.as_ref())
+                        .is_some_and(|p| p.upstream_node == primary)
+            });
+            let converged = primary_of(&s) == Some(primary) && primary_reached && streams;
+            if converged && (standbys.is_empty() || self.sync_confirmed(&s).await) {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                let events = self.events_text().await;
+                panic!(
+                    "{primary} is not primary with every other node streaming and the synchronous set confirmed after {timeout:?}\nstatus: {s:#?}\nevents:\n{events}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the group is synchronous with its set confirmed applied by the primary: the
+    /// last `sync` event says so (every change of the set is a `sync` event).
+    async fn sync_confirmed(&self, s: &v1::StatusResponse) -> bool {
+        group(s).is_some_and(|g| g.synchronous)
+            && self
+                .events()
+                .await
+                .iter()
+                .rev()
+                .find(|e| e.kind == "sync")
+                .is_some_and(|e| e.message.contains("applied the synchronous set"))
+    }
+
+    /// Waits until `primary` is the group's primary with a confirmed synchronous set: a
+    /// failover without data loss is possible from then on.
+    pub async fn wait_synchronous(&self, primary: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status().await;
+            if primary_of(&s) == Some(primary) && self.sync_confirmed(&s).await {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let events = self.events_text().await;
+                panic!(
+                    "{primary} has no confirmed synchronous standby after {timeout:?}\nstatus: {s:#?}\nevents:\n{events}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn create_token(&self, name: &str) -> PathBuf {

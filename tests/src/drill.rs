@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::cluster::{Cluster, LEASE, group, primary_of};
+use crate::cluster::{Cluster, LEASE, group, node, primary_of};
 use crate::writer::{Writer, WriterLog, missing_acknowledged};
 
 /// How long a failover may take before a drill fails.
@@ -92,15 +92,43 @@ pub async fn switchover(c: &mut Cluster, w: &Writer) -> Outcome {
     measure(c, w, &old, epoch, t0).await
 }
 
-/// After a drill: the old primary's agent runs again (restarted if the drill killed it), it
-/// streams from the new primary with every other node, and every write acknowledged so far is
-/// on the new primary.
-pub async fn recover(c: &mut Cluster, w: &Writer, o: &Outcome) {
-    if !c.agent_running(&o.old_primary) {
-        c.start_agent(&o.old_primary);
+/// Maintenance on the primary: the monitor first switches over to the best standby. Measured
+/// from the request; the old primary stays in maintenance until [`end_maintenance`].
+pub async fn maintenance_on_primary(c: &mut Cluster, w: &Writer) -> Outcome {
+    let (old, epoch) = current_primary(c).await;
+    let t0 = Instant::now();
+    c.set_maintenance(&old, true)
+        .await
+        .unwrap_or_else(|e| panic!("maintenance refused: {e}"));
+    let outcome = measure(c, w, &old, epoch, t0).await;
+    c.wait_for("the old primary is in maintenance", REJOIN_DEADLINE, |s| {
+        node(s, &old).is_some_and(|n| n.maintenance)
+    })
+    .await;
+    outcome
+}
+
+/// Ends the maintenance of `name`: it must rejoin as a streaming standby.
+pub async fn end_maintenance(c: &mut Cluster, name: &str) {
+    c.set_maintenance(name, false)
+        .await
+        .unwrap_or_else(|e| panic!("ending maintenance refused: {e}"));
+}
+
+/// After a drill: every agent the drill killed runs again, every node streams from
+/// `primary`, the group is synchronous, and every write acknowledged so far is on `primary`.
+pub async fn recover(c: &mut Cluster, w: &Writer, primary: &str) {
+    let stopped: Vec<String> = c
+        .nodes()
+        .iter()
+        .filter(|n| !c.agent_running(&n.name))
+        .map(|n| n.name.clone())
+        .collect();
+    for name in stopped {
+        c.start_agent(&name);
     }
-    c.wait_converged(&o.new_primary, REJOIN_DEADLINE).await;
-    assert_nothing_lost(c, &w.snapshot(), &o.new_primary).await;
+    c.wait_converged(primary, REJOIN_DEADLINE).await;
+    assert_nothing_lost(c, &w.snapshot(), primary).await;
 }
 
 /// Every write acknowledged in `log` is on `primary`.

@@ -3,28 +3,20 @@
 //! through whichever node is primary and a watch probing every node for writability during the
 //! whole test. After every drill the old primary must be back as a streaming standby and every
 //! acknowledged write must be on the new primary; at the end no round of the watch may have
-//! seen two writable nodes.
+//! seen two writable nodes. Times are printed (see `drill_bench` for figures over many runs).
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
 use ha_tests::cluster::Cluster;
 use ha_tests::drill::{self, Outcome};
-use ha_tests::writer::{Watch, WatchReport, Writer};
+use ha_tests::writer::{Watch, Writer};
+use tokio::time::Instant;
 
 fn report(what: &str, o: &Outcome) {
     println!(
         "{what}: {} -> {}, fault to first acknowledged write {:?}",
         o.old_primary, o.new_primary, o.fault_to_write
-    );
-}
-
-fn assert_one_writable(watch: &WatchReport) {
-    assert!(watch.rounds > 0, "the watch never ran");
-    assert!(
-        watch.split_brains.is_empty(),
-        "two writable primaries: {:?}",
-        watch.split_brains
     );
 }
 
@@ -34,25 +26,115 @@ async fn start() -> (Cluster, Writer, Watch) {
     let writer = Writer::start(cluster.addrs());
     let watch = Watch::start(cluster.addrs());
     writer
-        .wait_ack_after(tokio::time::Instant::now(), None, Duration::from_secs(10))
+        .wait_ack_after(Instant::now(), None, Duration::from_secs(10))
         .await;
     (cluster, writer, watch)
 }
 
+/// Stops the workload: nothing acknowledged is missing on the final primary, and the watch
+/// never saw two writable nodes in one round.
+async fn finish(cluster: &Cluster, writer: Writer, watch: Watch) {
+    let log = writer.stop().await;
+    let seen = watch.stop().await;
+    assert!(
+        seen.rounds > 10,
+        "the watch hardly ran: {} rounds",
+        seen.rounds
+    );
+    assert!(
+        seen.split_brains.is_empty(),
+        "two writable primaries: {:?}",
+        seen.split_brains
+    );
+    let p = cluster.primary().await.unwrap();
+    drill::assert_nothing_lost(cluster, &log, &p).await;
+    println!(
+        "{} writes acknowledged, {} uncertain, {} watch rounds",
+        log.acks.len(),
+        log.uncertain.len(),
+        seen.rounds
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unplanned_failures() {
+async fn crash_freeze_and_two_failovers_in_a_row() {
     let (mut cluster, writer, watch) = start().await;
 
     let o = drill::crash_primary(&mut cluster, &writer).await;
-    report("crash (kill -9 of postmaster, backends and agent)", &o);
-    drill::recover(&mut cluster, &writer, &o).await;
+    report("crash (kill -9 of PostgreSQL and agent)", &o);
+    drill::recover(&mut cluster, &writer, &o.new_primary).await;
 
     let o = drill::freeze_primary(&mut cluster, &writer).await;
-    report("freeze (SIGSTOP of PostgreSQL and agent)", &o);
-    drill::recover(&mut cluster, &writer, &o).await;
+    report(
+        "freeze (SIGSTOP of PostgreSQL and agent, beyond the lease)",
+        &o,
+    );
+    drill::recover(&mut cluster, &writer, &o.new_primary).await;
 
-    let last = writer.stop().await;
-    assert_one_writable(&watch.stop().await);
-    let p = cluster.primary().await.unwrap();
-    drill::assert_nothing_lost(&cluster, &last, &p).await;
+    // Two failovers in a row: the second primary crashes as soon as it has a synchronous
+    // standby again, before the first one rejoined.
+    let first = drill::crash_primary(&mut cluster, &writer).await;
+    report("first of two crashes", &first);
+    cluster
+        .wait_synchronous(&first.new_primary, Duration::from_secs(30))
+        .await;
+    let second = drill::crash_primary(&mut cluster, &writer).await;
+    report("second of two crashes", &second);
+    assert_ne!(
+        second.new_primary, first.old_primary,
+        "the first crashed node is down"
+    );
+    drill::recover(&mut cluster, &writer, &second.new_primary).await;
+
+    finish(&cluster, writer, watch).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_standbys_switchover_and_maintenance() {
+    let (mut cluster, writer, watch) = start().await;
+    let primary = cluster.primary().await.unwrap();
+    let standbys: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| n.name.clone())
+        .filter(|n| *n != primary)
+        .collect();
+
+    // One standby lost: ANY 1 of the two still holds, the primary keeps acknowledging.
+    cluster.crash(&standbys[0]);
+    let t = Instant::now();
+    let ack = writer.wait_ack_after(t, None, Duration::from_secs(5)).await;
+    assert_eq!(ack.node, primary);
+    println!(
+        "one standby lost: next acknowledged write after {:?}",
+        ack.at - t
+    );
+
+    // Both lost: commits wait until the monitor drops the primary to asynchronous.
+    cluster.crash(&standbys[1]);
+    let t = Instant::now();
+    let ack = writer
+        .wait_ack_after(t, None, Duration::from_secs(15))
+        .await;
+    assert_eq!(ack.node, primary, "no failover for lost standbys");
+    println!("both standbys lost: writes resumed after {:?}", ack.at - t);
+    let events = cluster.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "sync" && e.message.contains("dropped to asynchronous")),
+        "an event records the drop to asynchronous: {events:#?}"
+    );
+    drill::recover(&mut cluster, &writer, &primary).await;
+
+    let o = drill::switchover(&mut cluster, &writer).await;
+    report("planned switchover", &o);
+    drill::recover(&mut cluster, &writer, &o.new_primary).await;
+
+    let o = drill::maintenance_on_primary(&mut cluster, &writer).await;
+    report("maintenance on the primary", &o);
+    drill::end_maintenance(&mut cluster, &o.old_primary).await;
+    drill::recover(&mut cluster, &writer, &o.new_primary).await;
+
+    finish(&cluster, writer, watch).await;
 }
