@@ -26,6 +26,9 @@ pub struct Outcome {
     /// From the fault (or the operator's request) to the first write the new primary
     /// acknowledged.
     pub fault_to_write: Duration,
+    /// The longest time without any acknowledged write in that interval: the write
+    /// unavailability (for a switchover the old primary keeps acknowledging until it drains).
+    pub unavailable: Duration,
 }
 
 async fn current_primary(c: &Cluster) -> (String, u64) {
@@ -55,6 +58,7 @@ async fn measure(c: &Cluster, w: &Writer, old: &str, epoch: u64, t0: Instant) ->
         old_primary: old.to_owned(),
         new_primary: ack.node,
         fault_to_write,
+        unavailable: w.snapshot().longest_gap(t0, ack.at),
     }
 }
 

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 
 fn report(what: &str, o: &Outcome) {
     println!(
-        "{what}: {} -> {}, fault to first acknowledged write {:?}",
-        o.old_primary, o.new_primary, o.fault_to_write
+        "{what}: {} -> {}, fault to first acknowledged write {:?}, writes unavailable {:?}",
+        o.old_primary, o.new_primary, o.fault_to_write, o.unavailable
     );
 }
 
