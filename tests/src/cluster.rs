@@ -272,10 +272,6 @@ impl Cluster {
         ClusterBuilder::default()
     }
 
-    pub fn root(&self) -> &Path {
-        self.root.path()
-    }
-
     pub fn nodes(&self) -> &[PgNode] {
         &self.nodes
     }
@@ -299,7 +295,7 @@ impl Cluster {
         self.nodes.iter().map(PgNode::addr).collect()
     }
 
-    /// Monitor addresses, in id order.
+    /// Monitor addresses, in id order (for an operator's `haclt` config).
     pub fn monitor_addrs(&self) -> Vec<String> {
         self.monitors.iter().map(|m| m.addr.clone()).collect()
     }
@@ -667,9 +663,9 @@ hba = [
     }
 
     /// Waits until `primary` is the group's primary and reached it, every other node (not in
-    /// maintenance) streams from it as a standby, and, when there are standbys, the group is
-    /// synchronous with the set confirmed applied by the primary (the last `sync` event says
-    /// so: only then may a failover promote without `--allow-data-loss`).
+    /// maintenance) streams from it as a standby and is in the synchronous set the primary
+    /// applied, and the set is confirmed (the last `sync` event says so: only then may a
+    /// failover promote without `--allow-data-loss`).
     pub async fn wait_converged(&self, primary: &str, timeout: Duration) -> v1::StatusResponse {
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
         let deadline = Instant::now() + timeout;
@@ -689,7 +685,17 @@ hba = [
                         .and_then(|r| r.postgres.as_ref())
                         .is_some_and(|p| p.upstream_node == primary)
             });
-            let converged = primary_of(&s) == Some(primary) && primary_reached && streams;
+            // Every standby in the synchronous set the primary applied: a failover right after
+            // must not race a change of the set (it is refused until the change is confirmed).
+            let in_sync_set = node(&s, primary)
+                .and_then(|p| p.postgres.as_ref())
+                .is_some_and(|p| {
+                    standbys
+                        .iter()
+                        .all(|n| p.synchronous_standby_names.contains(&format!("\"{n}\"")))
+                });
+            let converged =
+                primary_of(&s) == Some(primary) && primary_reached && streams && in_sync_set;
             if converged && (standbys.is_empty() || self.sync_confirmed(&s).await) {
                 return s;
             }

@@ -135,6 +135,30 @@ pub async fn recover(c: &mut Cluster, w: &Writer, primary: &str) {
     assert_nothing_lost(c, &w.snapshot(), primary).await;
 }
 
+/// Polls the status for `window`: `primary` must stay the group's primary at `epoch` (no
+/// failover), and the writer must keep getting acknowledgements from it.
+pub async fn assert_no_failover(
+    c: &Cluster,
+    w: &Writer,
+    primary: &str,
+    epoch: u64,
+    window: Duration,
+) {
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        let s = c.status().await;
+        let g = group(&s).expect("the group exists");
+        assert_eq!(
+            (g.primary.as_str(), g.epoch),
+            (primary, epoch),
+            "the primary changed: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ack = w.wait_ack_after(end, None, Duration::from_secs(5)).await;
+    assert_eq!(ack.node, primary, "writes go to the same primary");
+}
+
 /// Every write acknowledged in `log` is on `primary`.
 pub async fn assert_nothing_lost(c: &Cluster, log: &WriterLog, primary: &str) {
     let missing = missing_acknowledged(&c.node(primary).addr(), log)

@@ -3,12 +3,14 @@
 //! through whichever node is primary and a watch probing every node for writability during the
 //! whole test. After every drill the old primary must be back as a streaming standby and every
 //! acknowledged write must be on the new primary; at the end no round of the watch may have
-//! seen two writable nodes. Times are printed (see `drill_bench` for figures over many runs).
+//! seen two writable nodes. A monitor leader change and a dead agent beside a live database
+//! must cause no failover. Times are printed (see the `drill_bench` example for figures over
+//! many runs).
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use ha_tests::cluster::Cluster;
+use ha_tests::cluster::{Cluster, LEASE, group, primary_of};
 use ha_tests::drill::{self, Outcome};
 use ha_tests::writer::{Watch, Writer};
 use tokio::time::Instant;
@@ -85,6 +87,30 @@ async fn crash_freeze_and_two_failovers_in_a_row() {
         "the first crashed node is down"
     );
     drill::recover(&mut cluster, &writer, &second.new_primary).await;
+
+    finish(&cluster, writer, watch).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_failover_for_a_monitor_leader_change_or_a_dead_agent() {
+    let (mut cluster, writer, watch) = start().await;
+    let s = cluster.status().await;
+    let primary = primary_of(&s).unwrap().to_owned();
+    let epoch = group(&s).unwrap().epoch;
+
+    // The monitor leader hangs longer than an election: another monitor takes over and must
+    // not judge any node before a full detection window.
+    let leader = cluster.leader_id().await;
+    cluster.freeze(&[cluster.monitor_pid(leader)]);
+    drill::assert_no_failover(&cluster, &writer, &primary, epoch, 2 * LEASE).await;
+    let new_leader = cluster.leader_id().await;
+    assert_ne!(new_leader, leader, "a new monitor leads");
+    cluster.thaw();
+
+    // The primary's agent dies; PostgreSQL lives on and answers the leader's probe.
+    cluster.kill_agent(&primary);
+    drill::assert_no_failover(&cluster, &writer, &primary, epoch, 2 * LEASE).await;
+    drill::recover(&mut cluster, &writer, &primary).await;
 
     finish(&cluster, writer, watch).await;
 }
