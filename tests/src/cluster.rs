@@ -71,8 +71,8 @@ impl ClusterBuilder {
     }
 
     /// Starts the monitors, waits for a leader, starts `psql1` and waits for it to be primary
-    /// (creating the drill tables), then starts the others and waits until every standby
-    /// streams (and, with standbys, until the group is synchronous).
+    /// (creating the drill tables), then starts the others and waits until the cluster is
+    /// converged ([`Cluster::wait_converged`]).
     pub async fn start(self) -> Cluster {
         let root = tempfile::Builder::new()
             .prefix("ha-cluster-")
@@ -80,32 +80,26 @@ impl ClusterBuilder {
             .expect("a temporary directory");
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod the cluster directory");
-        let monitors = (1..=self.monitors as u64)
+        let monitors: Vec<MonitorProc> = (1..=self.monitors as u64)
             .map(|id| MonitorProc {
                 id,
                 addr: format!("127.0.0.1:{}", free_port()),
                 child: None,
             })
             .collect();
+        let channels = monitors.iter().map(|m| operator_channel(&m.addr)).collect();
         let nodes = (1..=self.postgres)
             .map(|i| PgNode::new(root.path(), &format!("psql{i}")))
             .collect();
         let mut cluster = Cluster {
             monitors,
             nodes,
-            channels: Mutex::new(Vec::new()),
+            channels,
             leader_hint: Mutex::new(0),
             frozen: Mutex::new(Vec::new()),
             postmasters_seen: Mutex::new(Vec::new()),
             root,
         };
-        cluster.channels = Mutex::new(
-            cluster
-                .monitors
-                .iter()
-                .map(|m| operator_channel(&m.addr))
-                .collect(),
-        );
         for id in 1..=self.monitors as u64 {
             cluster.start_monitor(id);
         }
@@ -217,7 +211,7 @@ pub struct Cluster {
     monitors: Vec<MonitorProc>,
     nodes: Vec<PgNode>,
     /// Operator channels, one per monitor (same order), reconnecting on their own.
-    channels: Mutex<Vec<Channel>>,
+    channels: Vec<Channel>,
     /// Index of the monitor that answered last as leader: asked first.
     leader_hint: Mutex<usize>,
     /// PIDs stopped with SIGSTOP and not continued yet.
@@ -568,17 +562,12 @@ hba = [
                 .leader_hint
                 .lock()
                 .expect("no panic while holding this lock");
-            let channels = self
-                .channels
-                .lock()
-                .expect("no panic while holding this lock")
-                .clone();
-            let order = (0..channels.len()).map(|i| (hint + i) % channels.len());
-            for i in order {
+            let n = self.channels.len();
+            for i in (0..n).map(|k| (hint + k) % n) {
                 if self.monitors[i].child.is_none() {
                     continue;
                 }
-                let mut client = OperatorServiceClient::new(channels[i].clone());
+                let mut client = OperatorServiceClient::new(self.channels[i].clone());
                 match client.status(StatusRequest { linearizable: true }).await {
                     Ok(s) => {
                         *self
