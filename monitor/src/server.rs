@@ -42,6 +42,8 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the leader runs `decide` (it is cheap and pure; faster than reports on purpose,
 /// so a failure is acted upon as soon as the evidence is complete).
 const DECIDE_EVERY: Duration = Duration::from_millis(100);
+/// How often the leader probes the PostgreSQL ports of nodes whose agents are silent.
+const PROBE_EVERY: Duration = Duration::from_millis(100);
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -856,19 +858,23 @@ async fn decide_loop(m: Arc<Monitor>) {
     }
 }
 
-/// Probes the port of every PostgreSQL node whose agent is silent, while leading (a TCP
-/// connect: refused means nothing listens there; no answer says nothing about PostgreSQL).
+/// Probes the port of every PostgreSQL node whose agent is silent, while leading, every
+/// [`PROBE_EVERY`]: often, because a refused probe after two missed reports is what lets
+/// `decide` act on a crash without waiting for `unhealthy_after`, and cheap, because only
+/// silent nodes are probed.
 async fn probe_loop(m: Arc<Monitor>) {
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let interval = m.catalog().timings().report_interval;
         tokio::select! {
-            () = tokio::time::sleep(interval) => {}
+            _ = tick.tick() => {}
             () = m.shutdown.cancelled() => return,
         }
         if m.require_leader().is_err() {
             continue;
         }
         let catalog = m.catalog();
+        let interval = catalog.timings().report_interval;
         let now = m.now();
         // Only a node whose agent went quiet needs the leader's own look: the probe tells a
         // dead agent beside a live database from a dead database, and reporting nodes would
@@ -887,16 +893,8 @@ async fn probe_loop(m: Arc<Monitor>) {
             .map(|n| (n.name.clone(), n.endpoint.to_string()))
             .collect();
         let probes = targets.into_iter().map(|(node, addr)| async move {
-            let result =
-                match tokio::time::timeout(interval, tokio::net::TcpStream::connect(addr.as_str()))
-                    .await
-                {
-                    Ok(Ok(_)) => ProbeResult::Ok,
-                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                        ProbeResult::Refused
-                    }
-                    Ok(Err(_)) | Err(_) => ProbeResult::Timeout,
-                };
+            let result = probe_postgres(&addr, interval).await;
+            debug!(%node, %addr, ?result, "probed a silent node's PostgreSQL port");
             (node, result)
         });
         let results = futures::future::join_all(probes).await;
@@ -906,6 +904,29 @@ async fn probe_loop(m: Arc<Monitor>) {
                 s.obs.record_probe(node, result, now);
             }
         });
+    }
+}
+
+/// PostgreSQL's SSLRequest: length 8, code 80877103. Any server answers it with one byte
+/// (`S` or `N`) before authentication, so no credentials are needed.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+/// One probe of a PostgreSQL port: Ok when the server answers an SSLRequest, Refused when
+/// nothing listens, Timeout otherwise. A bare TCP connect is not enough: the kernel completes
+/// the handshake for a frozen (SIGSTOPped) postmaster, which must not look alive.
+async fn probe_postgres(addr: &str, timeout: Duration) -> ProbeResult {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(&SSL_REQUEST).await?;
+        let mut answer = [0u8; 1];
+        stream.read_exact(&mut answer).await?;
+        Ok::<(), std::io::Error>(())
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(())) => ProbeResult::Ok,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => ProbeResult::Refused,
+        Ok(Err(_)) | Err(_) => ProbeResult::Timeout,
     }
 }
 

@@ -1,10 +1,16 @@
-//! `ha-tests`: support shared by the integration tests of every crate (and, later, the
-//! multi-process drills and chaos tests that live here): loopback ports and child processes
-//! that are always reaped.
+//! `ha-tests`: support shared by the integration tests of every crate, and the multi-process
+//! drills: loopback ports and child processes that are always reaped (this file), the
+//! workspace binaries ([`bins`]), a whole cluster of real processes ([`cluster`]), the drill
+//! workload with its safety checks ([`writer`]) and the named drills ([`drill`]).
 //!
 //! Tests run in parallel with other tests on the same machine, so every server a test starts
 //! listens on a port chosen at run time, and every process it starts is killed by PID when the
 //! guard drops, even when an assertion fails.
+
+pub mod bins;
+pub mod cluster;
+pub mod drill;
+pub mod writer;
 
 use std::net::TcpListener;
 use std::path::Path;

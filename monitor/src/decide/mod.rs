@@ -12,6 +12,10 @@
 //!   reported FENCED (or DRAINING, for a switchover), or its agent is silent and its port
 //!   refuses connections, or its lease ran out (`last report + lease + lease_margin`) while its
 //!   port does not answer (an answering port with a silent agent is a live, unfenced database).
+//! - A node is failed after `unhealthy_after` of silence with a probe that does not answer, or
+//!   sooner on positive evidence of a crash: two missed reports and a probe, taken since the
+//!   last report, that was refused. A probe that times out (frozen, partitioned) never
+//!   shortens anything: such a primary is replaced only once its lease ran out.
 //! - Promotion without `allow_data_loss` needs the committed synchronous set confirmed applied
 //!   by the old primary (`SyncSet::confirmed`, replicated), at least `n - k + 1` of its `n` members stopped with final
 //!   LSNs, and a candidate holding the most advanced of those LSNs (it catches up from the most
@@ -210,9 +214,28 @@ impl<'a> Judge<'a> {
             .then_some(p.result)
     }
 
-    /// No report for `unhealthy_after` and the probe does not answer Ok.
+    /// Down on positive evidence, without waiting for `unhealthy_after`: the agent missed two
+    /// reports and a probe taken since its last report was refused (nothing listens on the
+    /// PostgreSQL port). A probe that times out proves nothing (a frozen or partitioned host
+    /// looks the same), so it never counts here. A new leader still waits `unhealthy_after`
+    /// after taking office: agents may not have found it yet.
+    fn crashed(&self, n: &NodeId) -> bool {
+        let Some(o) = self.obs.node(n) else {
+            return false;
+        };
+        let probed_since_report = o
+            .probe
+            .is_some_and(|p| o.report_at.is_none_or(|r| p.at > r));
+        self.now.saturating_sub(self.obs.leader_since) >= self.timings.unhealthy_after
+            && self.silence(n) >= self.timings.report_interval * 2
+            && probed_since_report
+            && self.recent_probe(n) == Some(ProbeResult::Refused)
+    }
+
+    /// Crashed (positive evidence), or no report for `unhealthy_after` and the probe does not
+    /// answer Ok.
     fn failed(&self, n: &NodeId) -> bool {
-        !self.reporting(n) && self.recent_probe(n) != Some(ProbeResult::Ok)
+        self.crashed(n) || (!self.reporting(n) && self.recent_probe(n) != Some(ProbeResult::Ok))
     }
 
     fn report(&self, n: &NodeId) -> Option<&'a Report> {
@@ -250,7 +273,9 @@ impl<'a> Judge<'a> {
         {
             return Some(format!("{n} reported it stopped"));
         }
-        if !self.reporting(n) && self.recent_probe(n) == Some(ProbeResult::Refused) {
+        if self.crashed(n)
+            || (!self.reporting(n) && self.recent_probe(n) == Some(ProbeResult::Refused))
+        {
             return Some(format!(
                 "{n}'s agent is silent and its port refuses connections"
             ));

@@ -59,7 +59,7 @@ pub struct Probe {
     pub at: Duration,
 }
 
-/// The leader's own check of a PostgreSQL port (connect + `SELECT 1`).
+/// The leader's own check of a PostgreSQL port (connect, then an SSLRequest answered).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeResult {
     Ok,

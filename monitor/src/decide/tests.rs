@@ -96,13 +96,19 @@ fn crashed_primary_fails_over_on_positive_evidence_before_the_lease() {
     );
     let took = w.now - crash_at;
     let t = w.cat.timings().clone();
+    let fenced_at = w
+        .log
+        .iter()
+        .position(|l| l.contains("p1 failed"))
+        .expect("the failure is logged");
     assert!(
-        took >= t.unhealthy_after,
-        "judged before unhealthy_after: {took:?}"
+        took >= t.report_interval * 2,
+        "judged before two reports were missed: {took:?}"
     );
     assert!(
-        took < t.lease,
-        "a refused probe and a silent agent are proof enough: {took:?}"
+        took < t.unhealthy_after,
+        "two missed reports and a refused probe are proof enough: {took:?}\n{}",
+        w.log[fenced_at..].join("\n")
     );
     assert_eq!(w.group().epoch, Epoch(2));
     assert_eq!(
@@ -457,4 +463,120 @@ fn observations_of_unknown_nodes_are_ignored() {
     let stranger = NodeId::new("stranger").unwrap();
     w.obs.record_probe(stranger, ProbeResult::Refused, w.now);
     assert!(decide(&w.cat, &w.obs, w.now).is_empty());
+}
+
+#[test]
+fn a_crash_is_not_judged_on_one_missed_report() {
+    let mut w = converged(&["p1", "p2"]);
+    let crash_at = w.now;
+    w.crash("p1");
+    let t = w.cat.timings().clone();
+    while w.now + Duration::from_millis(STEP) < crash_at + t.report_interval * 2 {
+        w.advance(STEP);
+        w.step();
+        assert_eq!(
+            w.goal_state("p1"),
+            Some(GoalState::Primary),
+            "judged after {:?} of silence",
+            w.now - crash_at
+        );
+    }
+}
+
+#[test]
+fn a_refused_probe_older_than_the_last_report_proves_nothing() {
+    let mut w = converged(&["p1", "p2"]);
+    // Past the leader's first detection window.
+    for _ in 0..20 {
+        w.advance(STEP);
+        w.step();
+    }
+    let t = w.cat.timings().clone();
+    let p1 = id("p1");
+    let reported = w.obs.node(&p1).unwrap().report_at.unwrap();
+    let mut obs = w.obs.clone();
+    // Refused just before the agent's last report (a restart), then silence: two missed
+    // reports, but nothing says PostgreSQL is down now.
+    obs.record_probe(
+        p1.clone(),
+        ProbeResult::Refused,
+        reported - Duration::from_millis(10),
+    );
+    let now = reported + t.report_interval * 2 + Duration::from_millis(100);
+    assert!(now < reported + t.unhealthy_after);
+    let fences = |d: &[Decision]| {
+        d.iter()
+            .flat_map(|d| &d.goals)
+            .any(|(n, g)| *n == p1 && g.state == GoalState::Fenced)
+    };
+    assert!(!fences(&decide(&w.cat, &obs, now)));
+    // A refused probe taken during the silence is the evidence.
+    obs.record_probe(
+        p1.clone(),
+        ProbeResult::Refused,
+        now - Duration::from_millis(50),
+    );
+    let d = decide(&w.cat, &obs, now);
+    assert!(fences(&d), "{d:#?}");
+}
+
+mod judge {
+    //! Properties of the failure judgement alone, over random report and probe times.
+    use super::*;
+    use crate::catalog::Timings;
+    use crate::decide::observe::{NodeObservation, Probe};
+    use proptest::prelude::*;
+
+    fn result() -> impl Strategy<Value = ProbeResult> {
+        prop_oneof![
+            Just(ProbeResult::Ok),
+            Just(ProbeResult::Refused),
+            Just(ProbeResult::Timeout)
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn failure_needs_silence_and_a_failed_probe(
+            leader_since in 0u64..3000,
+            report_at in proptest::option::of(0u64..6000),
+            probe in proptest::option::of((result(), 0u64..6000)),
+            now in 0u64..8000,
+        ) {
+            let ms = Duration::from_millis;
+            let t = Timings::default();
+            let node = id("p1");
+            let mut obs = Observations::new(ms(leader_since));
+            obs.nodes.insert(node.clone(), NodeObservation {
+                report: None,
+                report_at: report_at.map(ms),
+                probe: probe.map(|(result, at)| Probe { result, at: ms(at) }),
+            });
+            let now = ms(now);
+            let judge = Judge::new(&t, &obs, now);
+            let silence = judge.silence(&node);
+            let recent = judge.recent_probe(&node);
+            let failed = judge.failed(&node);
+            // An answering port is a live database, whatever the agent does.
+            if recent == Some(ProbeResult::Ok) {
+                prop_assert!(!failed);
+            }
+            // Never on one missed report.
+            if silence < t.report_interval * 2 {
+                prop_assert!(!failed);
+            }
+            // Before unhealthy_after only a refused probe taken during the silence counts,
+            // and never in a new leader's first detection window.
+            if failed && silence < t.unhealthy_after {
+                prop_assert_eq!(recent, Some(ProbeResult::Refused));
+                let (_, at) = probe.unwrap();
+                prop_assert!(report_at.is_none_or(|r| at > r));
+                prop_assert!(now - ms(leader_since) >= t.unhealthy_after);
+            }
+            // A probe that times out (frozen, partitioned) shortens nothing.
+            if recent == Some(ProbeResult::Timeout) {
+                prop_assert_eq!(failed, silence >= t.unhealthy_after);
+            }
+        }
+    }
 }

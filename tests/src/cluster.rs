@@ -1,0 +1,871 @@
+//! A whole cluster of real processes on loopback: N `ha-monitor`s, M PostgreSQL nodes (each an
+//! `ha-agent` driving its own PostgreSQL 15 in a temporary directory), with the operator API,
+//! status polling and fault injection (SIGKILL, SIGSTOP/SIGCONT) that drills need.
+//!
+//! Invariants: every port is chosen at run time; every process is started here and ended by PID
+//! when the [`Cluster`] drops (frozen ones are continued first), even when a test panics, and
+//! then the tail of every log is printed. Configuration files are generated in one place
+//! ([`Cluster::monitor_config`], [`Cluster::agent_config`], [`SECURITY_TOML`], [`SECURITY_ARGS`]),
+//! so switching the harness to mutual TLS touches only those.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ha_proto::v1::operator_service_client::OperatorServiceClient;
+use ha_proto::v1::{self, CreateJoinTokenRequest, EventsRequest, StatusRequest};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, User};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::bins::binaries;
+use crate::{ChildGuard, free_port, postmaster_pid, stop_postmasters};
+
+/// Security lines of every daemon's config file: plaintext gRPC for now.
+pub const SECURITY_TOML: &str = "dev = true\n";
+/// Arguments every daemon gets besides `--config` (plaintext needs `--dev`).
+pub const SECURITY_ARGS: &[&str] = &["--dev"];
+/// The primary's lease under the default timings the monitors run with (DESIGN.md "Timings").
+pub const LEASE: Duration = Duration::from_secs(3);
+/// The one group of PostgreSQL nodes.
+pub const GROUP: &str = "main";
+
+/// Table the [`crate::writer::Writer`] commits to and the split-brain watch probes, created on
+/// the first primary before any standby is cloned.
+const SCHEMA: &str = "CREATE TABLE ha_drill (id bigint PRIMARY KEY, node text NOT NULL);
+CREATE TABLE ha_drill_probe (node text NOT NULL, at timestamptz NOT NULL DEFAULT now())";
+
+/// How a cluster is shaped.
+#[derive(Debug, Clone)]
+pub struct ClusterBuilder {
+    monitors: usize,
+    postgres: usize,
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        Self {
+            monitors: 3,
+            postgres: 3,
+        }
+    }
+}
+
+impl ClusterBuilder {
+    /// Number of monitors: 1, 3 or 5.
+    pub fn monitors(mut self, n: usize) -> Self {
+        assert!(matches!(n, 1 | 3 | 5), "1, 3 or 5 monitors, not {n}");
+        self.monitors = n;
+        self
+    }
+
+    /// Number of PostgreSQL nodes (at least 1): `psql1` bootstraps as primary, the others
+    /// join as standbys.
+    pub fn postgres(mut self, n: usize) -> Self {
+        assert!(n >= 1, "at least one PostgreSQL node");
+        self.postgres = n;
+        self
+    }
+
+    /// Starts the monitors, waits for a leader, starts `psql1` and waits for it to be primary
+    /// (creating the drill tables), then starts the others and waits until the cluster is
+    /// converged ([`Cluster::wait_converged`]).
+    pub async fn start(self) -> Cluster {
+        let root = tempfile::Builder::new()
+            .prefix("ha-cluster-")
+            .tempdir()
+            .expect("a temporary directory");
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the cluster directory");
+        let monitors: Vec<MonitorProc> = (1..=self.monitors as u64)
+            .map(|id| MonitorProc {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+                child: None,
+            })
+            .collect();
+        let channels = monitors.iter().map(|m| operator_channel(&m.addr)).collect();
+        let nodes = (1..=self.postgres)
+            .map(|i| PgNode::new(root.path(), &format!("psql{i}")))
+            .collect();
+        let mut cluster = Cluster {
+            monitors,
+            nodes,
+            channels,
+            leader_hint: Mutex::new(0),
+            frozen: Mutex::new(Vec::new()),
+            postmasters_seen: Mutex::new(Vec::new()),
+            root,
+        };
+        for id in 1..=self.monitors as u64 {
+            cluster.start_monitor(id);
+        }
+        cluster.status().await;
+
+        let first = cluster.nodes[0].name.clone();
+        cluster.join_node(&first).await;
+        cluster
+            .wait_for(
+                "psql1 bootstraps as primary",
+                Duration::from_secs(60),
+                |s| {
+                    reached(s, "psql1", v1::GoalState::Single)
+                        || reached(s, "psql1", v1::GoalState::Primary)
+                },
+            )
+            .await;
+        cluster
+            .session("psql1")
+            .await
+            .expect("psql1 accepts sessions once it reached its goal")
+            .batch_execute(SCHEMA)
+            .await
+            .expect("creating the drill tables");
+        let others: Vec<String> = cluster.nodes[1..].iter().map(|n| n.name.clone()).collect();
+        for name in &others {
+            cluster.join_node(name).await;
+        }
+        cluster
+            .wait_converged("psql1", Duration::from_secs(120))
+            .await;
+        cluster
+    }
+}
+
+/// One monitor process.
+#[derive(Debug)]
+struct MonitorProc {
+    id: u64,
+    addr: String,
+    child: Option<ChildGuard>,
+}
+
+/// One PostgreSQL node: its agent process and the paths and port of its server.
+#[derive(Debug)]
+pub struct PgNode {
+    pub name: String,
+    pub port: u16,
+    /// Directory of the server's Unix socket (sessions connect there as `postgres`).
+    pub socket_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub state_dir: PathBuf,
+    agent: Option<ChildGuard>,
+}
+
+impl PgNode {
+    fn new(root: &Path, name: &str) -> Self {
+        let dir = root.join(name);
+        Self {
+            name: name.to_owned(),
+            port: free_port(),
+            data_dir: dir.join("data"),
+            socket_dir: dir,
+            state_dir: root.join(format!("{name}-state")),
+            agent: None,
+        }
+    }
+
+    /// Where the writer and the watch connect.
+    pub fn addr(&self) -> PgAddr {
+        PgAddr {
+            name: self.name.clone(),
+            socket_dir: self.socket_dir.clone(),
+            port: self.port,
+        }
+    }
+}
+
+/// How to open a session on one node's PostgreSQL (Unix socket, user `postgres`).
+#[derive(Debug, Clone)]
+pub struct PgAddr {
+    pub name: String,
+    pub socket_dir: PathBuf,
+    pub port: u16,
+}
+
+impl PgAddr {
+    /// A session, connected within `timeout`.
+    pub async fn connect(&self, timeout: Duration) -> Result<tokio_postgres::Client, String> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(&self.socket_dir)
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres")
+            .connect_timeout(timeout);
+        let (client, conn) = tokio::time::timeout(timeout, config.connect(tokio_postgres::NoTls))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+}
+
+/// Owns every process and file of one cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    monitors: Vec<MonitorProc>,
+    nodes: Vec<PgNode>,
+    /// Operator channels, one per monitor (same order), reconnecting on their own.
+    channels: Vec<Channel>,
+    /// Index of the monitor that answered last as leader: asked first.
+    leader_hint: Mutex<usize>,
+    /// PIDs stopped with SIGSTOP and not continued yet.
+    frozen: Mutex<Vec<i32>>,
+    /// Postmasters killed or replaced during the test (all are stopped on drop).
+    postmasters_seen: Mutex<Vec<i32>>,
+    /// Dropped last: the directory outlives every process using it.
+    root: tempfile::TempDir,
+}
+
+fn operator_channel(addr: &str) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("a loopback address is a valid URI")
+        .connect_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_secs(2))
+        .connect_lazy()
+}
+
+/// The node's status row.
+pub fn node<'a>(s: &'a v1::StatusResponse, name: &str) -> Option<&'a v1::NodeStatus> {
+    s.nodes.iter().find(|n| n.name == name)
+}
+
+/// Whether `name` reported reaching `state`.
+pub fn reached(s: &v1::StatusResponse, name: &str, state: v1::GoalState) -> bool {
+    node(s, name).is_some_and(|n| n.reached == i32::from(state))
+}
+
+/// Whether `name` reports itself a standby streaming from its upstream.
+pub fn streaming(s: &v1::StatusResponse, name: &str) -> bool {
+    node(s, name)
+        .and_then(|n| n.postgres.as_ref())
+        .is_some_and(|p| p.streaming && p.role == i32::from(v1::PgRole::Standby))
+}
+
+/// The group's primary in the catalog, if any.
+pub fn primary_of(s: &v1::StatusResponse) -> Option<&str> {
+    s.groups
+        .iter()
+        .find(|g| g.name == GROUP)
+        .map(|g| g.primary.as_str())
+        .filter(|p| !p.is_empty())
+}
+
+/// The group's status row.
+pub fn group(s: &v1::StatusResponse) -> Option<&v1::GroupStatus> {
+    s.groups.iter().find(|g| g.name == GROUP)
+}
+
+impl Cluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    pub fn nodes(&self) -> &[PgNode] {
+        &self.nodes
+    }
+
+    pub fn node(&self, name: &str) -> &PgNode {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    fn node_mut(&mut self, name: &str) -> &mut PgNode {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// Every node's session address (for the writer and the watch).
+    pub fn addrs(&self) -> Vec<PgAddr> {
+        self.nodes.iter().map(PgNode::addr).collect()
+    }
+
+    /// Monitor addresses, in id order (for an operator's `haclt` config).
+    pub fn monitor_addrs(&self) -> Vec<String> {
+        self.monitors.iter().map(|m| m.addr.clone()).collect()
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Configuration (the one place that knows the files' shape)
+    // --------------------------------------------------------------------------------------
+
+    fn monitor_config(&self, id: u64) -> String {
+        let me = &self.monitors[index_of(id)];
+        let members: Vec<String> = self
+            .monitors
+            .iter()
+            .map(|m| format!("{{ id = {}, address = \"{}\" }}", m.id, m.addr))
+            .collect();
+        format!(
+            "id = {id}\n{SECURITY_TOML}data_dir = \"{}\"\nlisten = \"{}\"\nmembers = [{}]\n",
+            self.root.path().join(format!("monitor{id}")).display(),
+            me.addr,
+            members.join(", ")
+        )
+    }
+
+    fn agent_config(&self, n: &PgNode, token: &Path) -> String {
+        let monitors: Vec<String> = self
+            .monitors
+            .iter()
+            .map(|m| format!("\"{}\"", m.addr))
+            .collect();
+        format!(
+            r#"role = "postgres"
+node = "{name}"
+group = "{GROUP}"
+monitors = [{monitors}]
+join_token_file = "{token}"
+state_dir = "{state}"
+{SECURITY_TOML}
+[postgres]
+data_dir = "{data}"
+port = {port}
+listen_addresses = ["127.0.0.1"]
+advertise_host = "127.0.0.1"
+socket_dir = "{socket}"
+start_timeout = "30s"
+stop_timeout = "20s"
+settings = {{ shared_buffers = "16MB", max_connections = "100" }}
+hba = [
+  {{ type = "host", database = "replication", user = "replicator", address = "127.0.0.1/32", method = "trust" }},
+  {{ type = "host", database = "postgres", user = "replicator", address = "127.0.0.1/32", method = "trust" }},
+]
+"#,
+            name = n.name,
+            monitors = monitors.join(", "),
+            token = token.display(),
+            state = n.state_dir.display(),
+            data = n.data_dir.display(),
+            port = n.port,
+            socket = n.socket_dir.display(),
+        )
+    }
+
+    fn log_path(&self, what: &str) -> PathBuf {
+        self.root.path().join(format!("{what}.log"))
+    }
+
+    fn spawn(&self, binary: &Path, config: &Path, log: &Path) -> ChildGuard {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("the log file can be created");
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(config)
+            .args(SECURITY_ARGS)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        ChildGuard::new(child)
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Processes
+    // --------------------------------------------------------------------------------------
+
+    /// Starts (or restarts, keeping its data) monitor `id`.
+    pub fn start_monitor(&mut self, id: u64) {
+        let config = self.root.path().join(format!("monitor{id}.toml"));
+        std::fs::write(&config, self.monitor_config(id)).expect("writing the monitor config");
+        let log = self.log_path(&format!("monitor{id}"));
+        let child = self.spawn(&binaries().monitor, &config, &log);
+        let m = &mut self.monitors[index_of(id)];
+        assert!(m.child.is_none(), "monitor {id} already runs");
+        m.child = Some(child);
+    }
+
+    /// SIGKILL of monitor `id` (its data stays for a restart).
+    pub fn kill_monitor(&mut self, id: u64) {
+        let m = &mut self.monitors[index_of(id)];
+        drop(m.child.take().expect("the monitor runs"));
+    }
+
+    /// PID of monitor `id`, for SIGSTOP/SIGCONT with [`Cluster::freeze`].
+    pub fn monitor_pid(&self, id: u64) -> i32 {
+        pid_of(
+            self.monitors[index_of(id)]
+                .child
+                .as_ref()
+                .expect("the monitor runs"),
+        )
+    }
+
+    /// Creates a join token, writes the config and starts the node's agent.
+    pub async fn join_node(&mut self, name: &str) {
+        let token = self.create_token(name).await;
+        let n = self.node(name);
+        std::fs::create_dir_all(&n.socket_dir).expect("creating the node directory");
+        let pg = User::from_name("postgres")
+            .expect("reading the user database")
+            .expect("the postgres user exists");
+        std::os::unix::fs::chown(&n.socket_dir, Some(pg.uid.as_raw()), Some(pg.gid.as_raw()))
+            .expect("chown the node directory to postgres");
+        let config = self.root.path().join(format!("{name}.toml"));
+        std::fs::write(&config, self.agent_config(n, &token)).expect("writing the agent config");
+        self.start_agent(name);
+    }
+
+    /// Starts (or restarts) the node's agent with its existing config.
+    pub fn start_agent(&mut self, name: &str) {
+        let config = self.root.path().join(format!("{name}.toml"));
+        let log = self.log_path(&format!("{name}-agent"));
+        let child = self.spawn(&binaries().agent, &config, &log);
+        let n = self.node_mut(name);
+        assert!(n.agent.is_none(), "{name}'s agent already runs");
+        n.agent = Some(child);
+    }
+
+    /// Whether the node's agent process runs (it was started and not killed by this cluster).
+    pub fn agent_running(&self, name: &str) -> bool {
+        self.node(name).agent.is_some()
+    }
+
+    /// SIGKILL of the node's agent (PostgreSQL keeps running).
+    pub fn kill_agent(&mut self, name: &str) {
+        drop(self.node_mut(name).agent.take().expect("the agent runs"));
+    }
+
+    /// SIGTERM to the node's agent; waits (polling) for it to exit and returns its status.
+    pub async fn terminate_agent(&mut self, name: &str) -> std::process::ExitStatus {
+        let mut guard = self.node_mut(name).agent.take().expect("the agent runs");
+        signal(pid_of(&guard), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = guard.child().try_wait().expect("waiting for the agent") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{name}'s agent ignored SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// PID of the node's agent.
+    pub fn agent_pid(&self, name: &str) -> i32 {
+        pid_of(self.node(name).agent.as_ref().expect("the agent runs"))
+    }
+
+    /// The node's postmaster PID, if it runs.
+    pub fn postmaster(&self, name: &str) -> Option<i32> {
+        postmaster_pid(&self.node(name).data_dir).filter(|&p| crate::is_postgres(p))
+    }
+
+    /// The postmaster and all its children (backends, WAL sender, checkpointer...).
+    fn postgres_processes(&self, name: &str) -> Vec<i32> {
+        let Some(pm) = self.postmaster(name) else {
+            return Vec::new();
+        };
+        self.postmasters_seen
+            .lock()
+            .expect("no panic while holding this lock")
+            .push(pm);
+        let mut pids = vec![pm];
+        pids.extend(children_of(pm));
+        pids
+    }
+
+    /// A machine crash of the node: SIGKILL of its agent, its postmaster and every PostgreSQL
+    /// process. Returns when they are gone.
+    pub fn crash(&mut self, name: &str) {
+        let pids = self.postgres_processes(name);
+        assert!(!pids.is_empty(), "{name}'s PostgreSQL does not run");
+        drop(self.node_mut(name).agent.take());
+        for &pid in &pids {
+            signal(pid, Signal::SIGKILL);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pids.iter().any(|&p| crate::is_postgres(p)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}'s PostgreSQL survived SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILL of the node's postmaster and its children only (the agent lives).
+    pub fn kill_postgres(&self, name: &str) {
+        for pid in self.postgres_processes(name) {
+            signal(pid, Signal::SIGKILL);
+        }
+    }
+
+    /// SIGSTOP of the node's agent and every PostgreSQL process: the node hangs, its ports
+    /// still accept TCP connections but nothing answers. Undo with [`Cluster::thaw`].
+    pub fn freeze_node(&self, name: &str) {
+        let mut pids = vec![self.agent_pid(name)];
+        pids.extend(self.postgres_processes(name));
+        self.freeze(&pids);
+        // A child forked between listing and stopping the postmaster escaped: stop it too.
+        let late: Vec<i32> = self
+            .postgres_processes(name)
+            .into_iter()
+            .filter(|p| !pids.contains(p))
+            .collect();
+        self.freeze(&late);
+    }
+
+    /// SIGSTOP of the given processes (started by this cluster).
+    pub fn freeze(&self, pids: &[i32]) {
+        let mut frozen = self
+            .frozen
+            .lock()
+            .expect("no panic while holding this lock");
+        for &pid in pids {
+            signal(pid, Signal::SIGSTOP);
+            frozen.push(pid);
+        }
+    }
+
+    /// SIGCONT of every process stopped with [`Cluster::freeze`] or [`Cluster::freeze_node`].
+    pub fn thaw(&self) {
+        let pids: Vec<i32> = std::mem::take(
+            &mut *self
+                .frozen
+                .lock()
+                .expect("no panic while holding this lock"),
+        );
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        }
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Operator API
+    // --------------------------------------------------------------------------------------
+
+    /// An operator client connected to the current leader (retries for 30 s).
+    pub async fn operator(&self) -> OperatorServiceClient<Channel> {
+        self.leader().await.1
+    }
+
+    /// The leader's index and a client to it, with a linearizable status it answered.
+    async fn leader(&self) -> (usize, OperatorServiceClient<Channel>, v1::StatusResponse) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = String::new();
+        loop {
+            let hint = *self
+                .leader_hint
+                .lock()
+                .expect("no panic while holding this lock");
+            let n = self.channels.len();
+            for i in (0..n).map(|k| (hint + k) % n) {
+                if self.monitors[i].child.is_none() {
+                    continue;
+                }
+                let mut client = OperatorServiceClient::new(self.channels[i].clone());
+                match client.status(StatusRequest { linearizable: true }).await {
+                    Ok(s) => {
+                        *self
+                            .leader_hint
+                            .lock()
+                            .expect("no panic while holding this lock") = i;
+                        return (i, client, s.into_inner());
+                    }
+                    Err(e) => last = format!("monitor {}: {}", i + 1, e.message()),
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no monitor leads after 30 s (last: {last})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A linearizable status from the leader.
+    pub async fn status(&self) -> v1::StatusResponse {
+        self.leader().await.2
+    }
+
+    /// Id of the leading monitor.
+    pub async fn leader_id(&self) -> u64 {
+        self.monitors[self.leader().await.0].id
+    }
+
+    /// The group's primary according to the leader.
+    pub async fn primary(&self) -> Option<String> {
+        primary_of(&self.status().await).map(str::to_owned)
+    }
+
+    /// The catalog's events, one per line, for failure messages and assertions.
+    pub async fn events(&self) -> Vec<v1::Event> {
+        self.operator()
+            .await
+            .events(EventsRequest {
+                after_seq: 0,
+                limit: 0,
+            })
+            .await
+            .map(|r| r.into_inner().events)
+            .unwrap_or_default()
+    }
+
+    async fn events_text(&self) -> String {
+        self.events()
+            .await
+            .iter()
+            .map(|e| {
+                format!(
+                    "#{} {} {} e{}: {}",
+                    e.seq, e.kind, e.node, e.epoch, e.message
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Polls the status until `ok` holds; panics with the last status and the events when it
+    /// does not within `timeout`.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&v1::StatusResponse) -> bool,
+    ) -> v1::StatusResponse {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status().await;
+            if ok(&s) {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                let events = self.events_text().await;
+                panic!("{what}: not reached within {timeout:?}\nstatus: {s:#?}\nevents:\n{events}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `primary` is the group's primary and reached it, every other node (not in
+    /// maintenance) streams from it as a standby and is in the synchronous set the primary
+    /// applied, and the set is confirmed (the last `sync` event says so: only then may a
+    /// failover promote without `--allow-data-loss`).
+    pub async fn wait_converged(&self, primary: &str, timeout: Duration) -> v1::StatusResponse {
+        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status().await;
+            let standbys: Vec<&String> = names
+                .iter()
+                .filter(|n| *n != primary && !node(&s, n).is_some_and(|r| r.maintenance))
+                .collect();
+            // A lone node stays SINGLE: there is nobody to replicate to.
+            let primary_reached = reached(&s, primary, v1::GoalState::Primary)
+                || (standbys.is_empty() && reached(&s, primary, v1::GoalState::Single));
+            let streams = standbys.iter().all(|n| {
+                reached(&s, n, v1::GoalState::Standby)
+                    && streaming(&s, n)
+                    && node(&s, n)
+                        .and_then(|r| r.postgres.as_ref())
+                        .is_some_and(|p| p.upstream_node == primary)
+            });
+            // Every standby in the synchronous set the primary applied: a failover right after
+            // must not race a change of the set (it is refused until the change is confirmed).
+            let in_sync_set = node(&s, primary)
+                .and_then(|p| p.postgres.as_ref())
+                .is_some_and(|p| {
+                    standbys
+                        .iter()
+                        .all(|n| p.synchronous_standby_names.contains(&format!("\"{n}\"")))
+                });
+            let converged =
+                primary_of(&s) == Some(primary) && primary_reached && streams && in_sync_set;
+            if converged && (standbys.is_empty() || self.sync_confirmed(&s).await) {
+                return s;
+            }
+            if Instant::now() >= deadline {
+                let events = self.events_text().await;
+                panic!(
+                    "{primary} is not primary with every other node streaming and the synchronous set confirmed after {timeout:?}\nstatus: {s:#?}\nevents:\n{events}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the group is synchronous with its set confirmed applied by the primary: the
+    /// last `sync` event says so (every change of the set is a `sync` event).
+    async fn sync_confirmed(&self, s: &v1::StatusResponse) -> bool {
+        group(s).is_some_and(|g| g.synchronous)
+            && self
+                .events()
+                .await
+                .iter()
+                .rev()
+                .find(|e| e.kind == "sync")
+                .is_some_and(|e| e.message.contains("applied the synchronous set"))
+    }
+
+    /// Waits until `primary` is the group's primary with a confirmed synchronous set: a
+    /// failover without data loss is possible from then on.
+    pub async fn wait_synchronous(&self, primary: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status().await;
+            if primary_of(&s) == Some(primary) && self.sync_confirmed(&s).await {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let events = self.events_text().await;
+                panic!(
+                    "{primary} has no confirmed synchronous standby after {timeout:?}\nstatus: {s:#?}\nevents:\n{events}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn create_token(&self, name: &str) -> PathBuf {
+        let token = self
+            .operator()
+            .await
+            .create_join_token(CreateJoinTokenRequest {
+                request_id: unique_request_id(&format!("token-{name}")),
+                kind: v1::NodeKind::Postgres.into(),
+                ttl_ms: 600_000,
+                group: GROUP.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("creating a join token for {name}: {e}"))
+            .into_inner()
+            .token;
+        let path = self.root.path().join(format!("{name}.token"));
+        std::fs::write(&path, token).expect("writing the token file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod the token file");
+        path
+    }
+
+    /// Asks for a planned switchover (to `to`, or the best standby).
+    pub async fn switchover(
+        &self,
+        to: Option<&str>,
+    ) -> Result<v1::OperationResponse, tonic::Status> {
+        self.operator()
+            .await
+            .switchover(v1::SwitchoverRequest {
+                request_id: unique_request_id("switchover"),
+                group: GROUP.into(),
+                to_node: to.unwrap_or_default().into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Puts `name` into maintenance (or takes it out).
+    pub async fn set_maintenance(
+        &self,
+        name: &str,
+        enabled: bool,
+    ) -> Result<v1::OperationResponse, tonic::Status> {
+        self.operator()
+            .await
+            .set_maintenance(v1::SetMaintenanceRequest {
+                request_id: unique_request_id("maintenance"),
+                node: name.into(),
+                enabled,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// A session on `name`'s PostgreSQL.
+    pub async fn session(&self, name: &str) -> Result<tokio_postgres::Client, String> {
+        self.node(name).addr().connect(Duration::from_secs(2)).await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.thaw();
+        for n in &mut self.nodes {
+            drop(n.agent.take());
+        }
+        for m in &mut self.monitors {
+            drop(m.child.take());
+        }
+        let mut pids = std::mem::take(
+            &mut *self
+                .postmasters_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        pids.extend(
+            self.nodes
+                .iter()
+                .filter_map(|n| postmaster_pid(&n.data_dir)),
+        );
+        stop_postmasters(&pids);
+        if std::thread::panicking() {
+            let mut logs: Vec<PathBuf> = std::fs::read_dir(self.root.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "log"))
+                .collect();
+            logs.extend(self.nodes.iter().map(|n| n.socket_dir.join("data.log")));
+            logs.sort();
+            for log in logs {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+                eprintln!("===== {} =====\n{tail}", log.display());
+            }
+        }
+    }
+}
+
+fn index_of(id: u64) -> usize {
+    usize::try_from(id - 1).expect("monitor ids are small")
+}
+
+fn pid_of(guard: &ChildGuard) -> i32 {
+    i32::try_from(guard.id()).expect("PIDs fit in i32")
+}
+
+/// Sends `sig` to a process this cluster started; it must exist.
+fn signal(pid: i32, sig: Signal) {
+    kill(Pid::from_raw(pid), sig).unwrap_or_else(|e| panic!("{sig} to {pid}: {e}"));
+}
+
+/// Direct children of `parent` (from `/proc/*/stat`).
+fn children_of(parent: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let (_, rest) = s.rsplit_once(')')?;
+                    rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// A request id no other request of this process reuses.
+fn unique_request_id(what: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{what}-{}-{n}", std::process::id())
+}
