@@ -123,7 +123,7 @@ pub enum Cmd {
         /// PostgreSQL role the writer connects as (TCP to the primary's endpoint).
         #[arg(long, default_value = "postgres")]
         db_user: String,
-        /// Database holding the `ha_drill` table the writer fills.
+        /// Database holding the `haclt_drill` table the writer fills.
         #[arg(long, default_value = "postgres")]
         database: String,
     },

@@ -196,7 +196,10 @@ async fn writer(
         };
         seq += 1;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&run, &seq];
-        let insert = client.execute("INSERT INTO ha_drill (run, seq) VALUES ($1, $2)", &params);
+        let insert = client.execute(
+            "INSERT INTO haclt_drill (run, seq) VALUES ($1, $2)",
+            &params,
+        );
         match tokio::time::timeout(WRITE_TIMEOUT, insert).await {
             Ok(Ok(_)) => {
                 let now = Instant::now();
@@ -296,7 +299,7 @@ pub async fn run(
     let setup = async {
         let c = connect(&old_target, o).await?;
         c.batch_execute(
-            "CREATE TABLE IF NOT EXISTS ha_drill (run text NOT NULL, seq bigint NOT NULL, \
+            "CREATE TABLE IF NOT EXISTS haclt_drill (run text NOT NULL, seq bigint NOT NULL, \
              at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (run, seq))",
         )
         .await
@@ -621,7 +624,7 @@ async fn count_lost(
         let attempt = async {
             let c = connect(t, o).await?;
             let rows = c
-                .query("SELECT seq FROM ha_drill WHERE run = $1", &[&run])
+                .query("SELECT seq FROM haclt_drill WHERE run = $1", &[&run])
                 .await
                 .map_err(|e| e.to_string())?;
             let present: BTreeSet<i64> = rows.iter().map(|r| r.get(0)).collect();

@@ -43,6 +43,9 @@ CREATE TABLE ha_drill_probe (node text NOT NULL, at timestamptz NOT NULL DEFAULT
 pub struct ClusterBuilder {
     monitors: usize,
     postgres: usize,
+    /// Nodes whose agents refuse drill orders (every other agent, and every monitor, accepts
+    /// them: a test cluster is where drills run).
+    drills_refused: Vec<String>,
 }
 
 impl Default for ClusterBuilder {
@@ -50,6 +53,7 @@ impl Default for ClusterBuilder {
         Self {
             monitors: 3,
             postgres: 3,
+            drills_refused: Vec::new(),
         }
     }
 }
@@ -67,6 +71,12 @@ impl ClusterBuilder {
     pub fn postgres(mut self, n: usize) -> Self {
         assert!(n >= 1, "at least one PostgreSQL node");
         self.postgres = n;
+        self
+    }
+
+    /// The agent of `node` runs with `allow_drills = false`.
+    pub fn drills_refused_by(mut self, node: &str) -> Self {
+        self.drills_refused.push(node.to_owned());
         self
     }
 
@@ -89,7 +99,11 @@ impl ClusterBuilder {
             .collect();
         let channels = monitors.iter().map(|m| operator_channel(&m.addr)).collect();
         let nodes = (1..=self.postgres)
-            .map(|i| PgNode::new(root.path(), &format!("psql{i}")))
+            .map(|i| {
+                let name = format!("psql{i}");
+                let allow_drills = !self.drills_refused.contains(&name);
+                PgNode::new(root.path(), &name, allow_drills)
+            })
             .collect();
         let mut cluster = Cluster {
             monitors,
@@ -152,11 +166,12 @@ pub struct PgNode {
     pub socket_dir: PathBuf,
     pub data_dir: PathBuf,
     pub state_dir: PathBuf,
+    allow_drills: bool,
     agent: Option<ChildGuard>,
 }
 
 impl PgNode {
-    fn new(root: &Path, name: &str) -> Self {
+    fn new(root: &Path, name: &str, allow_drills: bool) -> Self {
         let dir = root.join(name);
         Self {
             name: name.to_owned(),
@@ -164,6 +179,7 @@ impl PgNode {
             data_dir: dir.join("data"),
             socket_dir: dir,
             state_dir: root.join(format!("{name}-state")),
+            allow_drills,
             agent: None,
         }
     }
@@ -306,7 +322,7 @@ impl Cluster {
             .map(|m| format!("{{ id = {}, address = \"{}\" }}", m.id, m.addr))
             .collect();
         format!(
-            "id = {id}\n{SECURITY_TOML}data_dir = \"{}\"\nlisten = \"{}\"\nmembers = [{}]\n",
+            "id = {id}\n{SECURITY_TOML}allow_drills = true\ndata_dir = \"{}\"\nlisten = \"{}\"\nmembers = [{}]\n",
             self.root.path().join(format!("monitor{id}")).display(),
             me.addr,
             members.join(", ")
@@ -326,6 +342,7 @@ group = "{GROUP}"
 monitors = [{monitors}]
 join_token_file = "{token}"
 state_dir = "{state}"
+allow_drills = {allow_drills}
 {SECURITY_TOML}
 [postgres]
 data_dir = "{data}"
@@ -339,6 +356,7 @@ settings = {{ shared_buffers = "16MB", max_connections = "100" }}
 hba = [
   {{ type = "host", database = "replication", user = "replicator", address = "127.0.0.1/32", method = "trust" }},
   {{ type = "host", database = "postgres", user = "replicator", address = "127.0.0.1/32", method = "trust" }},
+  {{ type = "host", database = "postgres", user = "postgres", address = "127.0.0.1/32", method = "trust" }},
 ]
 "#,
             name = n.name,
@@ -348,6 +366,7 @@ hba = [
             data = n.data_dir.display(),
             port = n.port,
             socket = n.socket_dir.display(),
+            allow_drills = n.allow_drills,
         )
     }
 
@@ -442,16 +461,26 @@ hba = [
 
     /// SIGTERM to the node's agent; waits (polling) for it to exit and returns its status.
     pub async fn terminate_agent(&mut self, name: &str) -> std::process::ExitStatus {
-        let mut guard = self.node_mut(name).agent.take().expect("the agent runs");
+        let guard = self.node_mut(name).agent.take().expect("the agent runs");
         signal(pid_of(&guard), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = guard.child().try_wait().expect("waiting for the agent") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "{name}'s agent ignored SIGTERM");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_exit(guard, &format!("{name}'s agent after SIGTERM")).await
+    }
+
+    /// Waits for the node's agent to exit by itself (a crash drill) and returns its status.
+    pub async fn wait_agent_exit(&mut self, name: &str) -> std::process::ExitStatus {
+        let guard = self
+            .node_mut(name)
+            .agent
+            .take()
+            .expect("the agent was started");
+        wait_exit(guard, &format!("{name}'s agent")).await
+    }
+
+    /// Waits for monitor `id` to exit by itself (a drill) and returns its status.
+    pub async fn wait_monitor_exit(&mut self, id: u64) -> std::process::ExitStatus {
+        let m = &mut self.monitors[index_of(id)];
+        let guard = m.child.take().expect("the monitor was started");
+        wait_exit(guard, &format!("monitor {id}")).await
     }
 
     /// PID of the node's agent.
@@ -547,6 +576,19 @@ hba = [
     // --------------------------------------------------------------------------------------
     // Operator API
     // --------------------------------------------------------------------------------------
+
+    /// Runs the workspace's `haclt` against this cluster's monitors and returns its output.
+    pub async fn haclt(&self, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new(&binaries().haclt)
+            .args(SECURITY_ARGS)
+            .arg("--monitors")
+            .arg(self.monitor_addrs().join(","))
+            .args(args)
+            .env_remove("HACLT_CONFIG")
+            .output()
+            .await
+            .expect("haclt runs")
+    }
 
     /// An operator client connected to the current leader (retries for 30 s).
     pub async fn operator(&self) -> OperatorServiceClient<Channel> {
@@ -837,6 +879,18 @@ fn index_of(id: u64) -> usize {
 
 fn pid_of(guard: &ChildGuard) -> i32 {
     i32::try_from(guard.id()).expect("PIDs fit in i32")
+}
+
+/// Polls until the process exits (within 30 s) and returns its status; panics naming `what`.
+async fn wait_exit(mut guard: ChildGuard, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = guard.child().try_wait().expect("waiting for a child") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{what} did not exit within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Sends `sig` to a process this cluster started; it must exist.
