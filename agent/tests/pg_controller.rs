@@ -2,13 +2,11 @@
 //! loopback: bootstrap, standbys, quorum synchronous replication, failover with fencing, rewind
 //! and its base-backup fallback, crash detection and the restart limit.
 //!
-//! Every server lives under one temporary directory; a [`Harness`] guard stops every postmaster
+//! Every server lives under one temporary directory ([`PgScratch`]), which stops every postmaster
 //! it knows (by PID) before the directory is removed, even on panic.
 #![allow(clippy::unwrap_used)]
 
-use ha_tests::{free_port, postmaster_pid, stop_postmasters};
-use std::os::unix::fs::PermissionsExt as _;
-use std::path::PathBuf;
+use ha_tests::{PgScratch, free_port};
 use std::time::Duration;
 
 use ha_agent::pg::{
@@ -19,15 +17,12 @@ use ha_proto::NodeId;
 use ha_proto::convert::Goal;
 use ha_proto::types::{Endpoint, Epoch, GoalState};
 use nix::sys::signal::{Signal, kill};
-use nix::unistd::{Pid, User};
+use nix::unistd::Pid;
 use tokio::time::Instant;
 
-/// Owns the temporary directory and stops every postmaster under it on drop.
+/// The servers' directory (stopped on drop, see [`PgScratch`]) with the tests' logging.
 struct Harness {
-    root: tempfile::TempDir,
-    /// Postmaster PIDs seen during the test (a crashed one may have left children behind).
-    seen: Vec<i32>,
-    data_dirs: Vec<PathBuf>,
+    scratch: PgScratch,
 }
 
 impl Harness {
@@ -36,20 +31,13 @@ impl Harness {
             .with_test_writer()
             .with_env_filter("ha_agent=debug")
             .try_init();
-        let root = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         Self {
-            root,
-            seen: Vec::new(),
-            data_dirs: Vec::new(),
+            scratch: PgScratch::new(),
         }
     }
 
     fn node(&mut self, name: &str, tweak: impl FnOnce(&mut PgConfig)) -> Node {
-        let pg = User::from_name("postgres").unwrap().unwrap();
-        let dir = self.root.path().join(name);
-        std::fs::create_dir(&dir).unwrap();
-        std::os::unix::fs::chown(&dir, Some(pg.uid.as_raw()), Some(pg.gid.as_raw())).unwrap();
+        let dir = self.scratch.node_dir(name);
         let port = free_port();
         let id = NodeId::new(name).unwrap();
         let mut cfg = PgConfig::new(id.clone(), dir.join("data"), port, dir.clone());
@@ -65,7 +53,7 @@ impl Harness {
         cfg.start_timeout = Duration::from_secs(30);
         cfg.stop_timeout = Duration::from_secs(20);
         tweak(&mut cfg);
-        self.data_dirs.push(cfg.data_dir.clone());
+        self.scratch.track(cfg.data_dir.clone());
         Node {
             upstream: Upstream {
                 node: id,
@@ -76,14 +64,6 @@ impl Harness {
             },
             ctl: PgController::new(cfg).unwrap(),
         }
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let mut pids = self.seen.clone();
-        pids.extend(self.data_dirs.iter().filter_map(|d| postmaster_pid(d)));
-        stop_postmasters(&pids);
     }
 }
 
@@ -178,7 +158,7 @@ async fn quorum_commit_waits_for_one_of_two_standbys() {
     assert_eq!(plan(&obs.local(), &single), ha_agent::pg::Action::Nothing);
     // Bootstrapping again is harmless.
     a.ctl.bootstrap(&SyncConfig::default()).await.unwrap();
-    h.seen.push(a.ctl.postmaster_pid().unwrap());
+    h.scratch.saw_postmaster(a.ctl.postmaster_pid().unwrap());
     a.exec("CREATE TABLE t (x int)").await;
 
     b.ctl.join_standby(&a.upstream).await.unwrap();
@@ -346,7 +326,7 @@ async fn failover_fences_old_primary_and_rewinds_it() {
 
     // Even if someone starts the fenced server, it comes up read-only.
     a.ctl.start().await.unwrap();
-    h.seen.push(a.ctl.postmaster_pid().unwrap());
+    h.scratch.saw_postmaster(a.ctl.postmaster_pid().unwrap());
     let client = a.ctl.connect().await.unwrap();
     let err = client
         .batch_execute("INSERT INTO t VALUES (666)")
@@ -411,7 +391,7 @@ async fn rejoin_falls_back_to_base_backup_when_rewind_is_impossible() {
         a.ctl.rejoin(&b.upstream).await.unwrap(),
         RejoinPath::BaseBackup
     );
-    h.seen.push(a.ctl.postmaster_pid().unwrap());
+    h.scratch.saw_postmaster(a.ctl.postmaster_pid().unwrap());
     let up = b.name().clone();
     eventually!(
         "a streams from b",
@@ -443,7 +423,7 @@ async fn postmaster_crash_is_detected_and_restarts_are_limited() {
     a.ctl.bootstrap(&SyncConfig::default()).await.unwrap();
     for round in 0..3 {
         let pid = a.ctl.postmaster_pid().unwrap();
-        h.seen.push(pid);
+        h.scratch.saw_postmaster(pid);
         kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
         let state = a.ctl.wait_postmaster_exit(Duration::from_secs(10)).await;
         assert_eq!(
@@ -481,7 +461,7 @@ async fn postmaster_crash_is_detected_and_restarts_are_limited() {
     a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
     a.ctl.start().await.unwrap();
     let pid = a.ctl.postmaster_pid().unwrap();
-    h.seen.push(pid);
+    h.scratch.saw_postmaster(pid);
 
     // The agent itself restarts: a new controller adopts the running postmaster.
     let cfg = a.ctl.config().clone();

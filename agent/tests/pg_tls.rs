@@ -11,12 +11,11 @@
 //! - After a failover the old primary is rewound from the new one over TLS (`pg_rewind`'s
 //!   ordinary session needs its own `hostssl postgres` rule).
 //!
-//! A [`Harness`] stops every postmaster it started (by PID) before its directory is removed, and
+//! A [`PgScratch`] stops every postmaster it started (by PID) before its directory is removed, and
 //! a [`Proxy`] aborts its tasks when dropped, even when an assertion fails.
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,8 +27,7 @@ use ha_agent::pg::{
 use ha_pki::{Ca, Role, TlsFiles, Validity};
 use ha_proto::NodeId;
 use ha_proto::types::Endpoint;
-use ha_tests::{free_port, postmaster_pid, stop_postmasters};
-use nix::unistd::User;
+use ha_tests::{PgScratch, free_port};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -93,10 +91,11 @@ fn write_identity(files: &TlsFiles, cert_pem: &str, key_pem: &str) {
     ha_pki::write_key_file(&files.key, key_pem.as_bytes()).unwrap();
 }
 
-/// Owns the temporary directory and stops every postmaster under it on drop.
+/// The servers' directory (stopped on drop, see [`PgScratch`]) with the tests' logging.
 struct Harness {
-    root: tempfile::TempDir,
-    data_dirs: Vec<PathBuf>,
+    scratch: PgScratch,
+    /// Nodes made so far: numbers their directories.
+    nodes: usize,
 }
 
 impl Harness {
@@ -105,26 +104,22 @@ impl Harness {
             .with_test_writer()
             .with_env_filter("ha_agent=debug")
             .try_init();
-        let root = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         Self {
-            root,
-            data_dirs: Vec::new(),
+            scratch: PgScratch::new(),
+            nodes: 0,
         }
     }
 
     fn path(&self) -> &Path {
-        self.root.path()
+        self.scratch.path()
     }
 
     /// A node named `name`; with `tls`, replication to it is limited to `peers` by certificate,
     /// without it (the plaintext control) replication from loopback is trusted.
     fn node(&mut self, name: &str, tls: Option<TlsFiles>, peers: &[&str]) -> Node {
-        let pg = User::from_name("postgres").unwrap().unwrap();
         // Numbered: a test may run two nodes of the same name (a rogue and the real one).
-        let dir = self.path().join(format!("{name}-{}", self.data_dirs.len()));
-        std::fs::create_dir(&dir).unwrap();
-        std::os::unix::fs::chown(&dir, Some(pg.uid.as_raw()), Some(pg.gid.as_raw())).unwrap();
+        let dir = self.scratch.node_dir(&format!("{name}-{}", self.nodes));
+        self.nodes += 1;
         let port = free_port();
         let id = NodeId::new(name).unwrap();
         let mut cfg = PgConfig::new(id.clone(), dir.join("data"), port, dir.clone());
@@ -148,23 +143,12 @@ impl Harness {
         }
         cfg.start_timeout = Duration::from_secs(30);
         cfg.stop_timeout = Duration::from_secs(20);
-        self.data_dirs.push(cfg.data_dir.clone());
+        self.scratch.track(cfg.data_dir.clone());
         Node {
             port,
             ctl: PgController::new(cfg).unwrap(),
             id,
         }
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let pids: Vec<i32> = self
-            .data_dirs
-            .iter()
-            .filter_map(|d| postmaster_pid(d))
-            .collect();
-        stop_postmasters(&pids);
     }
 }
 

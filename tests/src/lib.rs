@@ -95,6 +95,74 @@ pub fn stop_postmasters(pids: &[i32]) {
     }
 }
 
+/// A temporary directory for PostgreSQL servers that a test runs as the `postgres` user through
+/// the agent's controller. On drop it stops every postmaster whose data directory it tracks,
+/// and every postmaster PID it was told about (a crashed one may have left children behind),
+/// before the directory is removed, even when the test panics.
+#[derive(Debug)]
+pub struct PgScratch {
+    data_dirs: Vec<std::path::PathBuf>,
+    seen: Vec<i32>,
+    /// Dropped last: the directory outlives the servers using it.
+    root: tempfile::TempDir,
+}
+
+impl PgScratch {
+    /// A fresh directory, traversable by the `postgres` user.
+    pub fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = tempfile::tempdir().expect("a temporary directory");
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the temporary directory");
+        Self {
+            data_dirs: Vec::new(),
+            seen: Vec::new(),
+            root,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Creates the directory `name` under the root, owned by `postgres` (a node's socket
+    /// directory and the parent of its data directory).
+    pub fn node_dir(&self, name: &str) -> std::path::PathBuf {
+        let pg = nix::unistd::User::from_name("postgres")
+            .expect("reading the user database")
+            .expect("the postgres user exists");
+        let dir = self.root.path().join(name);
+        std::fs::create_dir(&dir).expect("creating a node directory");
+        std::os::unix::fs::chown(&dir, Some(pg.uid.as_raw()), Some(pg.gid.as_raw()))
+            .expect("chown a node directory to postgres");
+        dir
+    }
+
+    /// Stops the postmaster of `data_dir` on drop, whichever PID it has by then.
+    pub fn track(&mut self, data_dir: std::path::PathBuf) {
+        self.data_dirs.push(data_dir);
+    }
+
+    /// Stops this postmaster on drop too (one that crashed or was replaced).
+    pub fn saw_postmaster(&mut self, pid: i32) {
+        self.seen.push(pid);
+    }
+}
+
+impl Default for PgScratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PgScratch {
+    fn drop(&mut self) {
+        let mut pids = self.seen.clone();
+        pids.extend(self.data_dirs.iter().filter_map(|d| postmaster_pid(d)));
+        stop_postmasters(&pids);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
