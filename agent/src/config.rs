@@ -48,6 +48,8 @@ use ha_proto::NodeId;
 use ha_proto::types::{Endpoint, NodeKind};
 use serde::Deserialize;
 
+use crate::ejabberd::controller::ControllerConfig;
+use crate::ejabberd::erl::ErlNode;
 use crate::pg::{HbaConnType, HbaRule, PgConfig, ReplicationPeer};
 
 /// Why a configuration (or a secret file it names) was refused.
@@ -75,6 +77,7 @@ fn invalid(msg: impl Into<String>) -> ConfigError {
 #[serde(rename_all = "lowercase")]
 enum RoleName {
     Postgres,
+    Ejabberd,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +108,7 @@ struct File {
     #[serde(default)]
     stop_postgres_on_shutdown: bool,
     postgres: Option<PostgresFile>,
+    ejabberd: Option<EjabberdFile>,
 }
 
 fn default_report_interval() -> Duration {
@@ -146,6 +150,60 @@ struct PostgresFile {
     /// The group's other PostgreSQL nodes, until the monitor hands them to the agent.
     #[serde(default)]
     peers: Vec<PeerFile>,
+}
+
+/// `[ejabberd]`: the ejabberd node this agent re-points at the current primary.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EjabberdFile {
+    /// The `ejabberd.yml` ejabberd loads (given to it with `--config-dir`); rewritten in place.
+    config_file: PathBuf,
+    /// Erlang node name, `ejabberd@e1server`.
+    erlang_node: String,
+    /// Directory holding the cluster's `.erlang.cookie` (mode 0400 or 0600).
+    cookie_home: PathBuf,
+    #[serde(default = "default_erl_call")]
+    erl_call: PathBuf,
+    /// epmd's port when it is not 4369.
+    epmd_port: Option<u16>,
+    /// Virtual hosts whose SQL pools are restarted and verified.
+    vhosts: Vec<String>,
+    /// Where XMPP clients reach this node (sent when joining; shown in status).
+    advertise_host: String,
+    #[serde(default = "default_xmpp_port")]
+    xmpp_port: u16,
+    /// Bound for one Erlang evaluation (`erl_call`).
+    #[serde(default = "default_erl_timeout", with = "humantime_serde")]
+    erl_timeout: Duration,
+    /// Bound for connecting to a database (the new primary, or the old one to check it).
+    #[serde(default = "default_db_connect_timeout", with = "humantime_serde")]
+    db_connect_timeout: Duration,
+    /// Bound from the pool restart to the first write seen on the new primary.
+    #[serde(default = "default_verify_timeout", with = "humantime_serde")]
+    verify_timeout: Duration,
+    /// Bound for ejabberd's connections to the old server to disappear.
+    #[serde(default = "default_verify_timeout", with = "humantime_serde")]
+    old_connections_timeout: Duration,
+}
+
+fn default_erl_call() -> PathBuf {
+    PathBuf::from("/usr/lib/erlang/bin/erl_call")
+}
+
+fn default_xmpp_port() -> u16 {
+    5222
+}
+
+fn default_erl_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_db_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_verify_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,16 +266,37 @@ pub struct AgentConfig {
 
 /// What the agent drives.
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "built once per process; boxing would only add indirection"
+)]
 pub enum RoleConfig {
     Postgres(PostgresRole),
+    Ejabberd(EjabberdRole),
 }
 
 impl RoleConfig {
     pub fn kind(&self) -> NodeKind {
         match self {
             RoleConfig::Postgres(_) => NodeKind::Postgres,
+            RoleConfig::Ejabberd(_) => NodeKind::Ejabberd,
         }
     }
+
+    /// Where peers (PostgreSQL) or clients (XMPP) reach this node: sent when joining.
+    pub fn advertise(&self) -> &Endpoint {
+        match self {
+            RoleConfig::Postgres(r) => &r.advertise,
+            RoleConfig::Ejabberd(r) => &r.advertise,
+        }
+    }
+}
+
+/// The ejabberd role: the controller's configuration and the XMPP endpoint.
+#[derive(Debug, Clone)]
+pub struct EjabberdRole {
+    pub controller: ControllerConfig,
+    pub advertise: Endpoint,
 }
 
 /// The PostgreSQL role: the controller's configuration and the endpoint peers use.
@@ -284,6 +363,12 @@ impl AgentConfig {
                     .postgres
                     .ok_or_else(|| invalid("role = \"postgres\" needs a [postgres] section"))?;
                 RoleConfig::Postgres(postgres_role(&node, pg)?)
+            }
+            RoleName::Ejabberd => {
+                let e = file
+                    .ejabberd
+                    .ok_or_else(|| invalid("role = \"ejabberd\" needs an [ejabberd] section"))?;
+                RoleConfig::Ejabberd(ejabberd_role(e)?)
             }
         };
         Ok(Self {
@@ -383,6 +468,70 @@ fn postgres_role(node: &NodeId, f: PostgresFile) -> Result<PostgresRole, ConfigE
         advertise: Endpoint {
             host: f.advertise_host,
             port: f.port,
+        },
+    })
+}
+
+fn ejabberd_role(f: EjabberdFile) -> Result<EjabberdRole, ConfigError> {
+    absolute("ejabberd.config_file", &f.config_file)?;
+    absolute("ejabberd.cookie_home", &f.cookie_home)?;
+    absolute("ejabberd.erl_call", &f.erl_call)?;
+    if !f.erl_call.is_file() {
+        return Err(invalid(format!(
+            "ejabberd.erl_call: {} does not exist (Debian: erlang-base)",
+            f.erl_call.display()
+        )));
+    }
+    // The cookie is the cluster's only credential over Erlang distribution: like the token,
+    // it must be readable by its owner only.
+    let cookie = f.cookie_home.join(".erlang.cookie");
+    if cookie.exists() {
+        check_secret_mode(&cookie)?;
+    }
+    if !f.erlang_node.contains('@') {
+        return Err(invalid(format!(
+            "ejabberd.erlang_node: {:?} is not name@host",
+            f.erlang_node
+        )));
+    }
+    if f.advertise_host.is_empty() || f.xmpp_port == 0 {
+        return Err(invalid(
+            "ejabberd.advertise_host must not be empty and ejabberd.xmpp_port not 0",
+        ));
+    }
+    for (key, d) in [
+        ("ejabberd.erl_timeout", f.erl_timeout),
+        ("ejabberd.db_connect_timeout", f.db_connect_timeout),
+        ("ejabberd.verify_timeout", f.verify_timeout),
+        (
+            "ejabberd.old_connections_timeout",
+            f.old_connections_timeout,
+        ),
+    ] {
+        check_duration(key, d, 100, 600_000)?;
+    }
+    let controller = ControllerConfig {
+        config_path: f.config_file,
+        node: ErlNode {
+            erl_call: f.erl_call,
+            node: f.erlang_node,
+            cookie_home: f.cookie_home,
+            epmd_port: f.epmd_port,
+            timeout: f.erl_timeout,
+        },
+        vhosts: f.vhosts,
+        db_connect_timeout: f.db_connect_timeout,
+        verify_timeout: f.verify_timeout,
+        old_connections_timeout: f.old_connections_timeout,
+    };
+    controller
+        .validate()
+        .map_err(|e| invalid(format!("ejabberd: {e}")))?;
+    Ok(EjabberdRole {
+        controller,
+        advertise: Endpoint {
+            host: f.advertise_host,
+            port: f.xmpp_port,
         },
     })
 }
@@ -505,7 +654,9 @@ method = "trust"
         assert_eq!(c.report_interval, Duration::from_millis(250));
         assert_eq!(c.rpc_timeout, Duration::from_secs(1));
         assert!(!c.allow_drills && !c.stop_postgres_on_shutdown);
-        let RoleConfig::Postgres(pg) = &c.role;
+        let RoleConfig::Postgres(pg) = &c.role else {
+            panic!("a postgres role");
+        };
         assert_eq!(c.role.kind(), NodeKind::Postgres);
         let p = pg.pg_config(None);
         assert_eq!(p.port, 5433);
@@ -598,7 +749,9 @@ method = "trust"
             .collect();
         let c = parse(&example).unwrap();
         assert_eq!(c.monitors.len(), 3);
-        let RoleConfig::Postgres(pg) = &c.role;
+        let RoleConfig::Postgres(pg) = &c.role else {
+            panic!("a postgres role");
+        };
         assert_eq!(pg.advertise.to_string(), "10.0.0.10:5432");
         assert_eq!(pg.pg.hba.len(), 2);
     }

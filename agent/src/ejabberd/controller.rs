@@ -151,7 +151,7 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
-    fn validate(&self) -> Result<(), ControllerError> {
+    pub fn validate(&self) -> Result<(), ControllerError> {
         if self.vhosts.is_empty() {
             return Err(ControllerError::Invalid("no vhost to manage".into()));
         }

@@ -141,6 +141,8 @@ impl Drills {
                     .collect(),
                 Some(role.pg.port),
             ),
+            // ejabberd nodes take no drill orders (`run::ejabberd` ignores them).
+            RoleConfig::Ejabberd(_) => (Vec::new(), None),
         };
         Self {
             node: cfg.node.clone(),

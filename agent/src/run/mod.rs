@@ -13,6 +13,7 @@
 //!   once at info or warn, with its reason.
 
 pub mod drill;
+pub mod ejabberd;
 pub mod lease;
 pub mod monitors;
 pub mod state;
@@ -58,25 +59,46 @@ pub enum RunError {
     JoinRefused(String),
     #[error("the PostgreSQL worker task ended unexpectedly")]
     WorkerGone,
+    #[error("ejabberd: {0}")]
+    Applied(String),
 }
 
-/// Runs the agent until `shutdown` is cancelled. PostgreSQL is left running at the end unless
-/// the config says `stop_postgres_on_shutdown`.
+/// Runs the agent until `shutdown` is cancelled: joins once, then drives its role. PostgreSQL
+/// is left running at the end unless the config says `stop_postgres_on_shutdown`; ejabberd
+/// always keeps running with its last target.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     let state_file = StateFile::new(&config.state_dir);
     let mut state = state_file.load()?;
     info!(node = %config.node, epoch = %state.highest_epoch, joined = state.joined, "agent starting");
-    let RoleConfig::Postgres(role) = &config.role;
-    let ctl = PgController::new(role.pg_config(None))?;
     let monitors = Monitors::new(config.monitors.clone(), config.rpc_timeout);
     if !state.joined {
         tokio::select! {
-            r = join(&config, role, &monitors) => r?,
+            r = join(&config, &monitors) => r?,
             () = shutdown.cancelled() => return Ok(()),
         }
         state.joined = true;
         state_file.store(&state)?;
     }
+    match &config.role {
+        RoleConfig::Postgres(role) => {
+            run_postgres(&config, role, state, state_file, monitors, shutdown).await
+        }
+        RoleConfig::Ejabberd(role) => {
+            ejabberd::run(&config, role, state, state_file, monitors, shutdown).await
+        }
+    }
+}
+
+/// The PostgreSQL role: the reconcile loop with its worker, until shutdown.
+async fn run_postgres(
+    config: &AgentConfig,
+    role: &PostgresRole,
+    state: AgentState,
+    state_file: StateFile,
+    monitors: Monitors,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let ctl = PgController::new(role.pg_config(None))?;
 
     let (job_tx, job_rx) = mpsc::channel(1);
     let (event_tx, event_rx) = mpsc::channel(16);
@@ -88,7 +110,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         goal_tx,
         shutdown.child_token(),
     ));
-    let core = Reconciler::new(&config, state, state_file, monitors);
+    let core = Reconciler::new(config, state, state_file, monitors);
     let result = reconcile(core, goal_rx, job_tx, event_rx, shutdown).await;
     watcher.abort();
     info!(node = %config.node, "reporting stopped");
@@ -106,7 +128,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 }
 
 /// Registers the node with its join token, retrying while no monitor leads.
-async fn join(cfg: &AgentConfig, role: &PostgresRole, monitors: &Monitors) -> Result<(), RunError> {
+async fn join(cfg: &AgentConfig, monitors: &Monitors) -> Result<(), RunError> {
     let path = cfg.join_token_file.as_ref().ok_or(RunError::NoToken)?;
     let mut last_error = String::new();
     loop {
@@ -114,7 +136,7 @@ async fn join(cfg: &AgentConfig, role: &PostgresRole, monitors: &Monitors) -> Re
             token: config::read_token(path)?,
             node: cfg.node.to_string(),
             kind: v1::NodeKind::from(cfg.role.kind()).into(),
-            endpoint: Some(role.advertise.clone().into()),
+            endpoint: Some(cfg.role.advertise().clone().into()),
             // Plaintext (--dev) clusters issue no certificates.
             csr_pem: String::new(),
             group: cfg.group.clone(),
