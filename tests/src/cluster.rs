@@ -46,6 +46,8 @@ pub struct ClusterBuilder {
     /// Nodes whose agents refuse drill orders (every other agent, and every monitor, accepts
     /// them: a test cluster is where drills run).
     drills_refused: Vec<String>,
+    /// Extra `pg_hba.conf` rules of every PostgreSQL node (TOML inline tables).
+    hba: Vec<String>,
 }
 
 impl Default for ClusterBuilder {
@@ -54,6 +56,7 @@ impl Default for ClusterBuilder {
             monitors: 3,
             postgres: 3,
             drills_refused: Vec::new(),
+            hba: Vec::new(),
         }
     }
 }
@@ -71,6 +74,13 @@ impl ClusterBuilder {
     pub fn postgres(mut self, n: usize) -> Self {
         assert!(n >= 1, "at least one PostgreSQL node");
         self.postgres = n;
+        self
+    }
+
+    /// An extra `pg_hba.conf` rule for every PostgreSQL node, as a TOML inline table
+    /// (`{ type = "host", database = "db", user = "u", address = "127.0.0.1/32", method = "scram-sha-256" }`).
+    pub fn hba(mut self, rule: &str) -> Self {
+        self.hba.push(rule.to_owned());
         self
     }
 
@@ -112,6 +122,7 @@ impl ClusterBuilder {
             leader_hint: Mutex::new(0),
             frozen: Mutex::new(Vec::new()),
             postmasters_seen: Mutex::new(Vec::new()),
+            hba: self.hba,
             root,
         };
         for id in 1..=self.monitors as u64 {
@@ -234,6 +245,8 @@ pub struct Cluster {
     frozen: Mutex<Vec<i32>>,
     /// Postmasters killed or replaced during the test (all are stopped on drop).
     postmasters_seen: Mutex<Vec<i32>>,
+    /// Extra `pg_hba.conf` rules ([`ClusterBuilder::hba`]).
+    hba: Vec<String>,
     /// Dropped last: the directory outlives every process using it.
     root: tempfile::TempDir,
 }
@@ -357,7 +370,7 @@ hba = [
   {{ type = "host", database = "replication", user = "replicator", address = "127.0.0.1/32", method = "trust" }},
   {{ type = "host", database = "postgres", user = "replicator", address = "127.0.0.1/32", method = "trust" }},
   {{ type = "host", database = "postgres", user = "postgres", address = "127.0.0.1/32", method = "trust" }},
-]
+{extra_hba}]
 "#,
             name = n.name,
             monitors = monitors.join(", "),
@@ -367,6 +380,11 @@ hba = [
             port = n.port,
             socket = n.socket_dir.display(),
             allow_drills = n.allow_drills,
+            extra_hba = self
+                .hba
+                .iter()
+                .map(|r| format!("  {r},\n"))
+                .collect::<String>(),
         )
     }
 
@@ -426,7 +444,7 @@ hba = [
 
     /// Creates a join token, writes the config and starts the node's agent.
     pub async fn join_node(&mut self, name: &str) {
-        let token = self.create_token(name).await;
+        let token = self.join_token(name, v1::NodeKind::Postgres).await;
         let n = self.node(name);
         std::fs::create_dir_all(&n.socket_dir).expect("creating the node directory");
         let pg = User::from_name("postgres")
@@ -772,13 +790,14 @@ hba = [
         }
     }
 
-    async fn create_token(&self, name: &str) -> PathBuf {
+    /// A join token for a node of `kind`, written to a 0600 file in the cluster's directory.
+    pub async fn join_token(&self, name: &str, kind: v1::NodeKind) -> PathBuf {
         let token = self
             .operator()
             .await
             .create_join_token(CreateJoinTokenRequest {
                 request_id: unique_request_id(&format!("token-{name}")),
-                kind: v1::NodeKind::Postgres.into(),
+                kind: kind.into(),
                 ttl_ms: 600_000,
                 group: GROUP.into(),
             })

@@ -1010,6 +1010,15 @@ impl<'a> Draft<'a> {
                     AssignedGoal::bare(GoalState::Maintenance, self.epoch)
                 }
                 (NodeKind::Ejabberd, false, false, Some(p)) => {
+                    // Re-point ejabberd only once the primary of this epoch accepts writes:
+                    // before that its verifying write fails (the server is still in recovery)
+                    // and the agent would only retry later.
+                    let writable = [GoalState::Primary, GoalState::Single]
+                        .into_iter()
+                        .any(|s| self.judge.reached(p, s, self.epoch));
+                    if !writable {
+                        continue;
+                    }
                     AssignedGoal::following(GoalState::Follow, self.epoch, p.clone())
                 }
                 (NodeKind::Ejabberd, false, false, None) => continue,

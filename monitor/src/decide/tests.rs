@@ -48,8 +48,13 @@ fn bootstrap_makes_the_first_node_single_then_primary_with_a_sync_standby() {
         (standby.state, standby.upstream),
         (GoalState::Standby, Some(id("p1")))
     );
-    assert_eq!(w.goal_state("e1"), Some(GoalState::Follow));
+    assert_eq!(
+        w.goal_state("e1"),
+        None,
+        "ejabberd is pointed only at a primary that accepts writes"
+    );
     assert!(w.run_until(STEP, 20, |w| w.group().synchronous()));
+    assert_eq!(w.goal_state("e1"), Some(GoalState::Follow));
     let p = w.goal("p1").unwrap();
     assert_eq!(p.state, GoalState::Primary);
     assert_eq!(
