@@ -13,14 +13,23 @@
 //!   [`Decision`] computed from an older revision is rejected as stale, so a decision is always
 //!   applied to exactly the state it was computed from.
 //! - Join tokens are kept only as SHA-256 hashes and are consumed at most once.
+//!
+//! The maps and histories are persistent (structurally shared) collections from `imbl`, so
+//! `clone()` costs O(1) and a write after a clone copies only the O(log n) path it touches: the
+//! state machine publishes a clone after every applied batch (read-your-writes for every
+//! proposer) without paying for the whole catalog each time. They serialize as the same JSON
+//! maps and arrays as the standard collections, so the snapshot format (version 1) is unchanged. Expired join tokens
+//! are swept through an expiry index (derived, not serialized, rebuilt on load) instead of a
+//! scan of every token.
 
 pub mod token;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use ha_proto::convert::Goal;
 use ha_proto::types::{Endpoint, Epoch, GoalState, Lsn, NodeId, NodeKind};
+use imbl::{OrdMap, OrdSet, Vector};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
@@ -555,13 +564,17 @@ pub enum LoadError {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
-    groups: BTreeMap<String, Group>,
-    nodes: BTreeMap<NodeId, Node>,
-    tokens: BTreeMap<String, JoinToken>,
+    groups: OrdMap<String, Group>,
+    nodes: OrdMap<NodeId, Node>,
+    tokens: OrdMap<String, JoinToken>,
+    /// `(expires_at_unix_ms, token id)` of every entry of `tokens`, so the expiry sweep visits
+    /// only expired tokens. Derived from `tokens`: not serialized, rebuilt by `from_bytes`.
+    #[serde(skip)]
+    token_expiry: OrdSet<(u64, String)>,
     timings: Timings,
-    events: VecDeque<Event>,
+    events: Vector<Event>,
     next_event_seq: u64,
-    recent_requests: VecDeque<(String, Outcome)>,
+    recent_requests: Vector<(String, Outcome)>,
     applied_index: u64,
 }
 
@@ -602,7 +615,13 @@ impl Catalog {
         if probe.version != FORMAT_VERSION {
             return Err(LoadError::Version(probe.version));
         }
-        Ok(serde_json::from_slice::<Versioned>(bytes)?.catalog)
+        let mut catalog = serde_json::from_slice::<Versioned>(bytes)?.catalog;
+        catalog.token_expiry = catalog
+            .tokens
+            .iter()
+            .map(|(id, t)| (t.expires_at_unix_ms, id.clone()))
+            .collect();
+        Ok(catalog)
     }
 
     // ----- queries -----
@@ -764,6 +783,22 @@ impl Catalog {
         }
     }
 
+    /// Drops every token that expired at `at` (expiry at or before it), oldest first:
+    /// O(expired · log tokens) rather than a scan of all tokens.
+    fn sweep_expired_tokens(&mut self, at: u64) {
+        while self
+            .token_expiry
+            .get_min()
+            .is_some_and(|(expires, _)| *expires <= at)
+        {
+            let (_, id) = self
+                .token_expiry
+                .remove_min()
+                .expect("the loop condition saw a minimum");
+            self.tokens.remove(&id);
+        }
+    }
+
     fn bump(&mut self, group: &str) {
         if let Some(g) = self.groups.get_mut(group) {
             g.revision += 1;
@@ -846,7 +881,9 @@ impl Catalog {
                     return Err(Rejected::Invalid("token would be expired already".into()));
                 }
                 // Expired tokens are useless; dropping them here bounds the map.
-                self.tokens.retain(|_, t| t.expires_at_unix_ms > at);
+                self.sweep_expired_tokens(at);
+                self.token_expiry
+                    .insert((*expires_at_unix_ms, token_id.clone()));
                 self.tokens.insert(
                     token_id.clone(),
                     JoinToken {
@@ -868,9 +905,11 @@ impl Catalog {
                 self.applied(index, None, format!("token {token_id} created"))
             }
             Op::RevokeToken { token_id } => {
-                if self.tokens.remove(token_id).is_none() {
+                let Some(t) = self.tokens.remove(token_id) else {
                     return Err(Rejected::token(token_id, TokenError::Unknown));
-                }
+                };
+                self.token_expiry
+                    .remove(&(t.expires_at_unix_ms, token_id.clone()));
                 self.push_event(
                     at,
                     "token_revoked",
