@@ -19,8 +19,8 @@
 //! state machine publishes a clone after every applied batch (read-your-writes for every
 //! proposer) without paying for the whole catalog each time. They serialize as the same JSON
 //! maps and arrays as the standard collections, so the snapshot format (version 1) is unchanged. Expired join tokens
-//! are swept through an expiry index (derived, not serialized, rebuilt on load) instead of a
-//! scan of every token.
+//! are swept through an expiry index, and per-group queries go through a group index, instead
+//! of scans of every token or node (both indexes are derived, not serialized, rebuilt on load).
 
 pub mod token;
 
@@ -571,6 +571,11 @@ pub struct Catalog {
     /// only expired tokens. Derived from `tokens`: not serialized, rebuilt by `from_bytes`.
     #[serde(skip)]
     token_expiry: OrdSet<(u64, String)>,
+    /// The names of every node of each group, removed ones included, so that per-group
+    /// queries (the decision function asks them for every group, every tick) cost the group's
+    /// size, not the catalog's. Derived from `nodes`: not serialized, rebuilt by `from_bytes`.
+    #[serde(skip)]
+    group_nodes: OrdMap<String, OrdSet<NodeId>>,
     timings: Timings,
     events: Vector<Event>,
     next_event_seq: u64,
@@ -616,12 +621,24 @@ impl Catalog {
             return Err(LoadError::Version(probe.version));
         }
         let mut catalog = serde_json::from_slice::<Versioned>(bytes)?.catalog;
-        catalog.token_expiry = catalog
+        catalog.rebuild_indexes();
+        Ok(catalog)
+    }
+
+    /// Derives the indexes that are not serialized from the collections that are.
+    fn rebuild_indexes(&mut self) {
+        self.token_expiry = self
             .tokens
             .iter()
             .map(|(id, t)| (t.expires_at_unix_ms, id.clone()))
             .collect();
-        Ok(catalog)
+        self.group_nodes = OrdMap::new();
+        for n in self.nodes.values() {
+            self.group_nodes
+                .entry(n.group.clone())
+                .or_default()
+                .insert(n.name.clone());
+        }
     }
 
     // ----- queries -----
@@ -651,11 +668,19 @@ impl Catalog {
         self.nodes.values()
     }
 
-    /// The nodes of one group that are not removed.
+    /// Every node of one group, removed ones included, in name order.
+    pub fn group_nodes<'a>(&'a self, group: &str) -> impl Iterator<Item = &'a Node> + use<'a> {
+        self.group_nodes
+            .get(group)
+            .into_iter()
+            .flatten()
+            // The index and the map change together (`register`), so every name resolves.
+            .filter_map(|name| self.nodes.get(name))
+    }
+
+    /// The nodes of one group that are not removed, in name order.
     pub fn members<'a>(&'a self, group: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
-        self.nodes
-            .values()
-            .filter(move |n| n.group == group && !n.removed)
+        self.group_nodes(group).filter(|n| !n.removed)
     }
 
     /// The goal of `node` in wire-ready domain form, if it has one.
@@ -1069,6 +1094,16 @@ impl Catalog {
         self.groups
             .entry(group.to_owned())
             .or_insert_with(|| Group::new(group.to_owned()));
+        // A removed node may come back in another group: it leaves the old group's index.
+        if let Some(old) = self.nodes.get(node).filter(|old| old.group != group)
+            && let Some(names) = self.group_nodes.get_mut(&old.group)
+        {
+            names.remove(node);
+        }
+        self.group_nodes
+            .entry(group.to_owned())
+            .or_default()
+            .insert(node.clone());
         self.nodes.insert(
             node.clone(),
             Node {

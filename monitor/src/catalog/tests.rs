@@ -557,3 +557,46 @@ fn expired_tokens_are_swept_on_creation_also_after_a_reload() {
     );
     assert_eq!(index.len(), 2);
 }
+
+#[test]
+fn group_queries_follow_registration_removal_and_reload() {
+    let mut f = Fixture::new();
+    for name in ["p1", "p2", "p3"] {
+        f.register(name, NodeKind::Postgres);
+    }
+    f.register("e1", NodeKind::Ejabberd);
+    f.run(Op::RemoveNode { node: id("p2") }).unwrap();
+    f.run(Op::RemoveNode { node: id("p3") }).unwrap();
+    // A removed node may register again, here in another group.
+    f.run(Op::RegisterNode {
+        node: id("p3"),
+        kind: NodeKind::Postgres,
+        group: "h".into(),
+        endpoint: Endpoint {
+            host: "p3.lan".into(),
+            port: 5432,
+        },
+        source: Registration::Config,
+    })
+    .unwrap();
+    let names = |nodes: Vec<&Node>| -> Vec<String> {
+        nodes.iter().map(|n| n.name.as_str().to_owned()).collect()
+    };
+    let check = |cat: &Catalog| {
+        assert_eq!(
+            names(cat.group_nodes("g").collect()),
+            ["e1", "p1", "p2"],
+            "removed nodes stay in their group"
+        );
+        assert_eq!(names(cat.members("g").collect()), ["e1", "p1"]);
+        assert_eq!(names(cat.members("h").collect()), ["p3"]);
+        assert_eq!(
+            names(cat.group_nodes("nope").collect()),
+            Vec::<String>::new()
+        );
+    };
+    check(&f.cat);
+    let loaded = Catalog::from_bytes(&f.cat.to_bytes()).unwrap();
+    check(&loaded);
+    assert_eq!(loaded, f.cat);
+}
