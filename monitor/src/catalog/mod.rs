@@ -13,14 +13,23 @@
 //!   [`Decision`] computed from an older revision is rejected as stale, so a decision is always
 //!   applied to exactly the state it was computed from.
 //! - Join tokens are kept only as SHA-256 hashes and are consumed at most once.
+//!
+//! The maps and histories are persistent (structurally shared) collections from `imbl`, so
+//! `clone()` costs O(1) and a write after a clone copies only the O(log n) path it touches: the
+//! state machine publishes a clone after every applied batch (read-your-writes for every
+//! proposer) without paying for the whole catalog each time. They serialize as the same JSON
+//! maps and arrays as the standard collections, so the snapshot format (version 1) is unchanged. Expired join tokens
+//! are swept through an expiry index, and per-group queries go through a group index, instead
+//! of scans of every token or node (both indexes are derived, not serialized, rebuilt on load).
 
 pub mod token;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use ha_proto::convert::Goal;
 use ha_proto::types::{Endpoint, Epoch, GoalState, Lsn, NodeId, NodeKind};
+use imbl::{OrdMap, OrdSet, Vector};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
@@ -555,13 +564,22 @@ pub enum LoadError {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
-    groups: BTreeMap<String, Group>,
-    nodes: BTreeMap<NodeId, Node>,
-    tokens: BTreeMap<String, JoinToken>,
+    groups: OrdMap<String, Group>,
+    nodes: OrdMap<NodeId, Node>,
+    tokens: OrdMap<String, JoinToken>,
+    /// `(expires_at_unix_ms, token id)` of every entry of `tokens`, so the expiry sweep visits
+    /// only expired tokens. Derived from `tokens`: not serialized, rebuilt by `from_bytes`.
+    #[serde(skip)]
+    token_expiry: OrdSet<(u64, String)>,
+    /// The names of every node of each group, removed ones included, so that per-group
+    /// queries (the decision function asks them for every group, every tick) cost the group's
+    /// size, not the catalog's. Derived from `nodes`: not serialized, rebuilt by `from_bytes`.
+    #[serde(skip)]
+    group_nodes: OrdMap<String, OrdSet<NodeId>>,
     timings: Timings,
-    events: VecDeque<Event>,
+    events: Vector<Event>,
     next_event_seq: u64,
-    recent_requests: VecDeque<(String, Outcome)>,
+    recent_requests: Vector<(String, Outcome)>,
     applied_index: u64,
 }
 
@@ -602,7 +620,25 @@ impl Catalog {
         if probe.version != FORMAT_VERSION {
             return Err(LoadError::Version(probe.version));
         }
-        Ok(serde_json::from_slice::<Versioned>(bytes)?.catalog)
+        let mut catalog = serde_json::from_slice::<Versioned>(bytes)?.catalog;
+        catalog.rebuild_indexes();
+        Ok(catalog)
+    }
+
+    /// Derives the indexes that are not serialized from the collections that are.
+    fn rebuild_indexes(&mut self) {
+        self.token_expiry = self
+            .tokens
+            .iter()
+            .map(|(id, t)| (t.expires_at_unix_ms, id.clone()))
+            .collect();
+        self.group_nodes = OrdMap::new();
+        for n in self.nodes.values() {
+            self.group_nodes
+                .entry(n.group.clone())
+                .or_default()
+                .insert(n.name.clone());
+        }
     }
 
     // ----- queries -----
@@ -632,11 +668,19 @@ impl Catalog {
         self.nodes.values()
     }
 
-    /// The nodes of one group that are not removed.
+    /// Every node of one group, removed ones included, in name order.
+    pub fn group_nodes<'a>(&'a self, group: &str) -> impl Iterator<Item = &'a Node> + use<'a> {
+        self.group_nodes
+            .get(group)
+            .into_iter()
+            .flatten()
+            // The index and the map change together (`register`), so every name resolves.
+            .filter_map(|name| self.nodes.get(name))
+    }
+
+    /// The nodes of one group that are not removed, in name order.
     pub fn members<'a>(&'a self, group: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
-        self.nodes
-            .values()
-            .filter(move |n| n.group == group && !n.removed)
+        self.group_nodes(group).filter(|n| !n.removed)
     }
 
     /// The goal of `node` in wire-ready domain form, if it has one.
@@ -764,6 +808,22 @@ impl Catalog {
         }
     }
 
+    /// Drops every token that expired at `at` (expiry at or before it), oldest first:
+    /// O(expired · log tokens) rather than a scan of all tokens.
+    fn sweep_expired_tokens(&mut self, at: u64) {
+        while self
+            .token_expiry
+            .get_min()
+            .is_some_and(|(expires, _)| *expires <= at)
+        {
+            let (_, id) = self
+                .token_expiry
+                .remove_min()
+                .expect("the loop condition saw a minimum");
+            self.tokens.remove(&id);
+        }
+    }
+
     fn bump(&mut self, group: &str) {
         if let Some(g) = self.groups.get_mut(group) {
             g.revision += 1;
@@ -846,7 +906,9 @@ impl Catalog {
                     return Err(Rejected::Invalid("token would be expired already".into()));
                 }
                 // Expired tokens are useless; dropping them here bounds the map.
-                self.tokens.retain(|_, t| t.expires_at_unix_ms > at);
+                self.sweep_expired_tokens(at);
+                self.token_expiry
+                    .insert((*expires_at_unix_ms, token_id.clone()));
                 self.tokens.insert(
                     token_id.clone(),
                     JoinToken {
@@ -868,9 +930,11 @@ impl Catalog {
                 self.applied(index, None, format!("token {token_id} created"))
             }
             Op::RevokeToken { token_id } => {
-                if self.tokens.remove(token_id).is_none() {
+                let Some(t) = self.tokens.remove(token_id) else {
                     return Err(Rejected::token(token_id, TokenError::Unknown));
-                }
+                };
+                self.token_expiry
+                    .remove(&(t.expires_at_unix_ms, token_id.clone()));
                 self.push_event(
                     at,
                     "token_revoked",
@@ -1030,6 +1094,16 @@ impl Catalog {
         self.groups
             .entry(group.to_owned())
             .or_insert_with(|| Group::new(group.to_owned()));
+        // A removed node may come back in another group: it leaves the old group's index.
+        if let Some(old) = self.nodes.get(node).filter(|old| old.group != group)
+            && let Some(names) = self.group_nodes.get_mut(&old.group)
+        {
+            names.remove(node);
+        }
+        self.group_nodes
+            .entry(group.to_owned())
+            .or_default()
+            .insert(node.clone());
         self.nodes.insert(
             node.clone(),
             Node {

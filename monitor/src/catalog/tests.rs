@@ -517,3 +517,86 @@ fn bytes_round_trip_and_unknown_versions_are_refused() {
     assert_eq!(a.apply(1, &cmd), b.apply(1, &cmd));
     assert_eq!(a.to_bytes(), b.to_bytes());
 }
+
+#[test]
+fn expired_tokens_are_swept_on_creation_also_after_a_reload() {
+    let mut f = Fixture::new();
+    let short = token::generate();
+    f.run(token_op(&short, T0 + 10)).unwrap();
+    let long = token::generate();
+    f.run(token_op(&long, T0 + 60_000)).unwrap();
+    let revoked = token::generate();
+    f.run(token_op(&revoked, T0 + 5)).unwrap();
+    f.run(Op::RevokeToken {
+        token_id: revoked.id.clone(),
+    })
+    .unwrap();
+    // The expiry index is not serialized: loading must rebuild it or nothing is ever swept.
+    f.cat = Catalog::from_bytes(&f.cat.to_bytes()).unwrap();
+
+    let next = token::generate();
+    let mut create = f.cmd(token_op(&next, T0 + 120_000));
+    create.at_unix_ms = T0 + 10; // exactly when `short` expires
+    f.apply(&create).unwrap();
+    assert_eq!(
+        f.cat.verify_token(&short.plaintext, T0),
+        Err(TokenError::Unknown),
+        "the expired token is gone"
+    );
+    assert!(f.cat.verify_token(&long.plaintext, T0 + 10).is_ok());
+    assert!(f.cat.verify_token(&next.plaintext, T0 + 10).is_ok());
+    let index: OrdSet<(u64, String)> = f
+        .cat
+        .tokens
+        .iter()
+        .map(|(id, t)| (t.expires_at_unix_ms, id.clone()))
+        .collect();
+    assert_eq!(
+        f.cat.token_expiry, index,
+        "the index holds exactly the tokens"
+    );
+    assert_eq!(index.len(), 2);
+}
+
+#[test]
+fn group_queries_follow_registration_removal_and_reload() {
+    let mut f = Fixture::new();
+    for name in ["p1", "p2", "p3"] {
+        f.register(name, NodeKind::Postgres);
+    }
+    f.register("e1", NodeKind::Ejabberd);
+    f.run(Op::RemoveNode { node: id("p2") }).unwrap();
+    f.run(Op::RemoveNode { node: id("p3") }).unwrap();
+    // A removed node may register again, here in another group.
+    f.run(Op::RegisterNode {
+        node: id("p3"),
+        kind: NodeKind::Postgres,
+        group: "h".into(),
+        endpoint: Endpoint {
+            host: "p3.lan".into(),
+            port: 5432,
+        },
+        source: Registration::Config,
+    })
+    .unwrap();
+    let names = |nodes: Vec<&Node>| -> Vec<String> {
+        nodes.iter().map(|n| n.name.as_str().to_owned()).collect()
+    };
+    let check = |cat: &Catalog| {
+        assert_eq!(
+            names(cat.group_nodes("g").collect()),
+            ["e1", "p1", "p2"],
+            "removed nodes stay in their group"
+        );
+        assert_eq!(names(cat.members("g").collect()), ["e1", "p1"]);
+        assert_eq!(names(cat.members("h").collect()), ["p3"]);
+        assert_eq!(
+            names(cat.group_nodes("nope").collect()),
+            Vec::<String>::new()
+        );
+    };
+    check(&f.cat);
+    let loaded = Catalog::from_bytes(&f.cat.to_bytes()).unwrap();
+    check(&loaded);
+    assert_eq!(loaded, f.cat);
+}

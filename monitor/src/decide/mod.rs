@@ -992,11 +992,7 @@ impl<'a> Draft<'a> {
 
     /// ejabberd nodes follow the primary; removed nodes are told so once nothing waits on them.
     fn followers(&mut self) {
-        let nodes: Vec<&'a Node> = self
-            .catalog
-            .nodes()
-            .filter(|n| n.group == self.group.name)
-            .collect();
+        let nodes: Vec<&'a Node> = self.catalog.group_nodes(&self.group.name).collect();
         for n in nodes {
             let goal = match (n.kind, n.removed, n.maintenance, &self.primary) {
                 (NodeKind::Postgres, true, _, _) if !self.maybe_synchronous(&n.name) => {
