@@ -878,13 +878,16 @@ async fn probe_loop(m: Arc<Monitor>) {
         let now = m.now();
         // Only a node whose agent went quiet needs the leader's own look: the probe tells a
         // dead agent beside a live database from a dead database, and reporting nodes would
-        // cost a connection each per interval for nothing.
+        // cost a connection each per interval for nothing. Quiet means one and a half
+        // intervals: a report merely late by jitter is not worth a probe, and `decide` needs
+        // the probe only once two reports are missing.
+        let quiet = interval * 3 / 2;
         let silent = |n: &NodeId| {
             m.soft(|s| {
                 s.obs
                     .node(n)
                     .and_then(|o| o.report_at)
-                    .is_none_or(|at| now.saturating_sub(at) >= interval)
+                    .is_none_or(|at| now.saturating_sub(at) >= quiet)
             })
         };
         let targets: Vec<(NodeId, String)> = catalog
