@@ -24,6 +24,28 @@ pub fn event(e: &Event) -> v1::Event {
     }
 }
 
+/// While ejabberd nodes have not applied the group's epoch, the failover is not complete for
+/// the XMPP service: say which. Only the leader holds reports (`stale` answers say nothing).
+fn ejabberd_pending(
+    catalog: &Catalog,
+    obs: &Observations,
+    group: &str,
+    epoch: ha_proto::Epoch,
+    stale: bool,
+) -> Option<String> {
+    if stale {
+        return None;
+    }
+    let behind = decide::ejabberd_behind(catalog, obs, group);
+    (!behind.is_empty()).then(|| {
+        let names: Vec<String> = behind.iter().map(ToString::to_string).collect();
+        format!(
+            "ejabberd not yet on the primary of {epoch}: {}",
+            names.join(", ")
+        )
+    })
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -55,6 +77,7 @@ pub fn build(
                 .as_ref()
                 .map(|op| op.describe())
                 .or_else(|| g.notice.clone())
+                .or_else(|| ejabberd_pending(catalog, obs, &g.name, g.epoch, stale))
                 .unwrap_or_default(),
         })
         .collect();

@@ -70,24 +70,32 @@ pub fn node_healthy(catalog: &Catalog, obs: &Observations, now: Duration, node: 
 /// serves from the group's current primary at its current epoch: the failover is then complete
 /// for the XMPP service.
 pub fn service_converged(catalog: &Catalog, obs: &Observations, group: &str) -> bool {
-    let Some(g) = catalog.group(group) else {
-        return false;
-    };
-    let Some(primary) = &g.primary else {
-        return false;
-    };
-    g.operation.is_none()
-        && catalog
-            .members(group)
-            .filter(|n| n.kind == NodeKind::Ejabberd && !n.maintenance)
-            .all(|n| {
-                obs.node(&n.name)
-                    .and_then(|o| o.report.as_ref())
-                    .and_then(Report::ejabberd)
-                    .is_some_and(|e| {
-                        e.applied_epoch == g.epoch && e.applied_node.as_ref() == Some(primary)
-                    })
-            })
+    catalog
+        .group(group)
+        .is_some_and(|g| g.primary.is_some() && g.operation.is_none())
+        && ejabberd_behind(catalog, obs, group).is_empty()
+}
+
+/// The ejabberd nodes of `group` (not removed, not in maintenance) that have not reported
+/// serving from the group's current primary at its current epoch (all of them while the group
+/// has no primary).
+pub fn ejabberd_behind(catalog: &Catalog, obs: &Observations, group: &str) -> Vec<NodeId> {
+    let current = catalog
+        .group(group)
+        .and_then(|g| Some((g.epoch, g.primary.as_ref()?)));
+    catalog
+        .members(group)
+        .filter(|n| n.kind == NodeKind::Ejabberd && !n.maintenance)
+        .filter(|n| {
+            let applied = obs
+                .node(&n.name)
+                .and_then(|o| o.report.as_ref())
+                .and_then(Report::ejabberd);
+            !matches!((current, applied), (Some((epoch, primary)), Some(e))
+                if e.applied_epoch == epoch && e.applied_node.as_ref() == Some(primary))
+        })
+        .map(|n| n.name.clone())
+        .collect()
 }
 
 /// Leader-side check of a switchover request; returns the target (the best standby when `to`

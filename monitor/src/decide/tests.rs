@@ -53,6 +53,7 @@ fn bootstrap_makes_the_first_node_single_then_primary_with_a_sync_standby() {
         None,
         "ejabberd is pointed only at a primary that accepts writes"
     );
+    assert_eq!(ejabberd_behind(&w.cat, &w.obs, GROUP), vec![id("e1")]);
     assert!(w.run_until(STEP, 20, |w| w.group().synchronous()));
     assert_eq!(w.goal_state("e1"), Some(GoalState::Follow));
     let p = w.goal("p1").unwrap();
@@ -122,6 +123,7 @@ fn crashed_primary_fails_over_on_positive_evidence_before_the_lease() {
     );
     assert!(w.run_until(STEP, 20, |w| service_converged(&w.cat, &w.obs, GROUP)));
     assert_eq!(w.node("e1").applied, Some((Epoch(2), id("p2"))));
+    assert!(ejabberd_behind(&w.cat, &w.obs, GROUP).is_empty());
 }
 
 #[test]
