@@ -5,7 +5,9 @@
 //! Invariants: a validated config names a valid node and group, at least one well-formed monitor
 //! address, absolute paths, an existing PostgreSQL bin dir and OS user; secrets (the join token)
 //! live in files that only their owner can read, never on a command line. The role section maps
-//! onto the controller's [`PgConfig`] in one place ([`PostgresRole::pg_config`]).
+//! onto the controller's [`PgConfig`] in one place ([`PostgresRole::pg_config`]); the
+//! `[ejabberd]` table of `role = "ejabberd"` onto the ejabberd controller's configuration
+//! ([`EjabberdRole`], documented with an example in `agent/README.md`).
 //!
 //! ```toml
 //! role = "postgres"
