@@ -241,6 +241,9 @@ pub struct Reconciler<L> {
     monitor_ok: Option<bool>,
     worker_busy: bool,
     want_job: bool,
+    /// A goal was just reached: report it now rather than at the next tick (the monitors'
+    /// next decision, e.g. promoting after a drain, waits for this report).
+    report_soon: bool,
 }
 
 impl<L: MonitorLink> Reconciler<L> {
@@ -265,6 +268,7 @@ impl<L: MonitorLink> Reconciler<L> {
             monitor_ok: None,
             worker_busy: false,
             want_job: true,
+            report_soon: false,
         }
     }
 
@@ -479,6 +483,7 @@ impl<L: MonitorLink> Reconciler<L> {
                         {
                             info!(node = %self.node, reached = %t, "goal reached");
                             self.reached = Some(t);
+                            self.report_soon = true;
                         }
                     }
                     (Ok(()), Some(_)) => {
@@ -536,6 +541,10 @@ pub async fn reconcile<L: MonitorLink>(
     let (report_tx, mut reports) = mpsc::channel::<ReportResult>(1);
     let mut next_report = Instant::now();
     loop {
+        if core.report_soon && !core.report_in_flight {
+            core.report_soon = false;
+            next_report = Instant::now();
+        }
         if core.want_job && !core.worker_busy {
             let job = core.job();
             core.want_job = false;
@@ -791,5 +800,32 @@ socket_dir = "/tmp/ha-agent-unit"
         });
         assert!(c.lease_deadline().is_some());
         assert_eq!(c.job().goal.map(|g| g.state), Some(GoalState::Primary));
+    }
+
+    #[tokio::test]
+    async fn a_reached_goal_is_reported_at_once_and_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = ScriptedMonitor {
+            silent_after: Instant::now(),
+            epoch: 0,
+        };
+        let mut c = core(dir.path(), link, 1);
+        c.on_goal(goal_wire(GoalState::Single, 1), "watch");
+        let job = Job {
+            goal: c.goal.clone(),
+            fence: false,
+        };
+        let finished = |job: Job| WorkerEvent::Finished {
+            job,
+            action: Some(Action::Nothing),
+            result: Ok(()),
+        };
+        assert!(!c.report_soon);
+        c.on_event(finished(job.clone()));
+        assert_eq!(c.reached, Some(GoalState::Single));
+        assert!(c.report_soon, "the monitors learn of a reached goal now");
+        c.report_soon = false;
+        c.on_event(finished(job));
+        assert!(!c.report_soon, "staying at a goal is not news");
     }
 }
