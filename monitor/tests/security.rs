@@ -419,6 +419,42 @@ async fn a_node_joins_with_a_csr_and_every_unauthorized_caller_is_refused() {
         foreign.is_empty(),
         "a refused call left events: {foreign:?}"
     );
+    // haclt over TLS with the operator certificate from its config file.
+    let alice = cluster.files("alice");
+    let haclt_config = cluster.path("haclt.toml");
+    std::fs::write(
+        &haclt_config,
+        format!(
+            "monitors = [{}]\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            cluster
+                .addrs
+                .values()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+            alice.ca_bundle.display(),
+            alice.cert.display(),
+            alice.key.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(&ha_tests::bins::binaries().haclt)
+        .arg("--config")
+        .arg(&haclt_config)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "haclt status over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        status.to_string().contains("psql1"),
+        "haclt status shows no psql1: {status}"
+    );
+
     // The good token still works after all that.
     joiner
         .join(join_request(&spare, "psql2", &csr2))
