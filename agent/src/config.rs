@@ -16,9 +16,14 @@
 //! monitors = ["10.0.0.21:7400", "10.0.0.22:7400", "10.0.0.23:7400"]
 //! join_token_file = "/etc/ha/join-token"      # mode 0600; read only until the node joined
 //! state_dir = "/var/lib/ha-agent"
-//! dev = true                                  # plaintext gRPC (also needs --dev)
+//! # dev = true                                # plaintext gRPC without [tls] (also needs --dev)
 //! # allow_drills = false, report_interval = "500ms", rpc_timeout = "1s",
 //! # stop_postgres_on_shutdown = false
+//!
+//! [tls]                                       # mutual TLS to the monitors and for replication
+//! ca = "/etc/ha/ca.pem"                       # must exist: it authenticates the monitors
+//! cert = "/etc/ha/node.pem"                   # missing: generated with a CSR at join
+//! key = "/etc/ha/node.key"                    # mode 0600
 //!
 //! [postgres]
 //! data_dir = "/var/lib/postgresql/15/ha"
@@ -109,8 +114,19 @@ struct File {
     /// adopted by the next agent process.
     #[serde(default)]
     stop_postgres_on_shutdown: bool,
+    tls: Option<TlsSection>,
     postgres: Option<PostgresFile>,
     ejabberd: Option<EjabberdFile>,
+}
+
+/// `[tls]`: the cluster CA bundle, this node's certificate (name = node, role postgres) and key.
+/// A missing certificate is obtained at join: the agent generates the key (0600) and a CSR.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 fn default_report_interval() -> Duration {
@@ -263,6 +279,8 @@ pub struct AgentConfig {
     pub report_interval: Duration,
     pub rpc_timeout: Duration,
     pub stop_postgres_on_shutdown: bool,
+    /// Mutual TLS to the monitors (and for replication); `None` only in dev mode.
+    pub tls: Option<ha_pki::TlsFiles>,
     pub role: RoleConfig,
 }
 
@@ -337,13 +355,24 @@ impl AgentConfig {
         })?;
         let node = NodeId::new(file.node).map_err(|e| invalid(format!("node: {e}")))?;
         NodeId::new(file.group.clone()).map_err(|e| invalid(format!("group: {e}")))?;
-        if !file.dev || !dev_flag {
-            // Mutual TLS towards the monitors is not wired into the agent yet: refuse rather
-            // than silently talking plaintext.
-            return Err(invalid(
-                "only plaintext gRPC is implemented: set `dev = true` and pass --dev",
-            ));
-        }
+        let tls = match file.tls {
+            Some(t) => {
+                absolute("tls.ca", &t.ca)?;
+                absolute("tls.cert", &t.cert)?;
+                absolute("tls.key", &t.key)?;
+                Some(ha_pki::TlsFiles {
+                    ca_bundle: t.ca,
+                    cert: t.cert,
+                    key: t.key,
+                })
+            }
+            None if file.dev && dev_flag => None,
+            None => {
+                return Err(invalid(
+                    "no [tls] section (plaintext gRPC): allowed only with `dev = true` and --dev",
+                ));
+            }
+        };
         if file.monitors.is_empty() {
             return Err(invalid("monitors: list at least one monitor address"));
         }
@@ -384,6 +413,7 @@ impl AgentConfig {
             report_interval: file.report_interval,
             rpc_timeout: file.rpc_timeout,
             stop_postgres_on_shutdown: file.stop_postgres_on_shutdown,
+            tls,
             role,
         })
     }
@@ -751,11 +781,30 @@ method = "trust"
             .collect();
         let c = parse(&example).unwrap();
         assert_eq!(c.monitors.len(), 3);
+        assert_eq!(
+            c.tls.unwrap().cert,
+            std::path::PathBuf::from("/etc/ha/node.pem")
+        );
         let RoleConfig::Postgres(pg) = &c.role else {
             panic!("a postgres role");
         };
         assert_eq!(pg.advertise.to_string(), "10.0.0.10:5432");
         assert_eq!(pg.pg.hba.len(), 2);
+    }
+
+    #[test]
+    fn a_tls_section_replaces_the_dev_switches() {
+        let tls =
+            "[tls]\nca = \"/etc/ha/ca.pem\"\ncert = \"/etc/ha/n.pem\"\nkey = \"/etc/ha/n.key\"\n";
+        let secure = format!("{}\n{tls}", GOOD.replace("dev = true", ""));
+        let c = AgentConfig::parse(&secure, Path::new("a.toml"), false).unwrap();
+        assert_eq!(
+            c.tls.unwrap().ca_bundle,
+            std::path::PathBuf::from("/etc/ha/ca.pem")
+        );
+        let relative = secure.replace("/etc/ha/n.key", "n.key");
+        let e = AgentConfig::parse(&relative, Path::new("a.toml"), false).unwrap_err();
+        assert!(e.to_string().contains("tls.key"), "{e}");
     }
 
     #[test]

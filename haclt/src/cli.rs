@@ -11,7 +11,7 @@ use ha_proto::v1;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::client::{Failure, Monitors, Plaintext};
+use crate::client::{Failure, Monitors, Transport};
 use crate::output;
 
 /// Operator CLI for the XMPP/PostgreSQL high-availability cluster.
@@ -203,6 +203,38 @@ pub struct ConfigFile {
     /// Plaintext gRPC (clusters started with `--dev`).
     #[serde(default)]
     pub dev: bool,
+    /// Mutual TLS with an operator certificate.
+    pub tls: Option<TlsSection>,
+}
+
+/// `[tls]` of the haclt config: the cluster CA bundle and an operator certificate and key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Plaintext with `--dev` or `dev = true`; mutual TLS with a `[tls]` section; else a usage error.
+fn transport(file: &ConfigFile, dev_flag: bool) -> Result<Transport, Failure> {
+    if file.dev || dev_flag {
+        return Ok(Transport::Plaintext);
+    }
+    let Some(tls) = &file.tls else {
+        return Err(Failure::Usage(
+            "no [tls] section in the --config file (operator certificate); pass --dev for a cluster started with --dev".into(),
+        ));
+    };
+    ha_pki::install_crypto();
+    let files = ha_pki::TlsFiles {
+        ca_bundle: tls.ca.clone(),
+        cert: tls.cert.clone(),
+        key: tls.key.clone(),
+    };
+    let client =
+        ha_pki::ClientTls::load(files).map_err(|e| Failure::Usage(format!("[tls]: {e}")))?;
+    Ok(Transport::Tls(std::sync::Arc::new(client)))
 }
 
 fn load_config(cli: &Cli) -> Result<ConfigFile, Failure> {
@@ -370,12 +402,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     } else {
         cli.monitors.clone()
     };
-    if !(file.dev || cli.dev) {
-        return Err(Failure::Usage(
-            "mutual TLS to the monitors is not available yet: pass --dev (or `dev = true`) for a cluster started with --dev".into(),
-        ));
-    }
-    let mut m = Monitors::new(addresses, Box::new(Plaintext), cli.timeout)?;
+    let mut m = Monitors::new(addresses, transport(&file, cli.dev)?, cli.timeout)?;
     match cli.command {
         Cmd::Systemd { .. } | Cmd::Pki { .. } => Ok(()),
         Cmd::Status {

@@ -1,11 +1,15 @@
 //! The connection to the monitor group: tries the monitors in turn, follows the leader hint a
-//! follower returns (`x-ha-leader`), and remembers the leader for the next call.
+//! follower returns (`x-ha-leader`), and remembers the leader for the next call. Connections are
+//! mutual TLS with the operator certificate of the `[tls]` config section, or plaintext for
+//! clusters started with `--dev`.
 //!
 //! Errors are classified into [`Failure`] so that every command exits with a code a script can
 //! act upon (see `exit_code`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use ha_pki::{ClientTls, MtlsConnector};
 use ha_proto::v1::operator_service_client::OperatorServiceClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -63,25 +67,19 @@ impl Failure {
     }
 }
 
-/// Builds channels to monitors (plaintext for `--dev` clusters, mutual TLS otherwise).
-pub trait Connector: Send + Sync {
-    fn endpoint(&self, address: &str) -> Result<Endpoint, String>;
-}
-
-/// Plaintext gRPC, for clusters started with `--dev`.
-#[derive(Debug, Clone, Copy)]
-pub struct Plaintext;
-
-impl Connector for Plaintext {
-    fn endpoint(&self, address: &str) -> Result<Endpoint, String> {
-        Endpoint::from_shared(format!("http://{address}")).map_err(|e| e.to_string())
-    }
+/// How channels to the monitors are secured.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// Plaintext gRPC, for clusters started with `--dev`.
+    Plaintext,
+    /// Mutual TLS with an operator certificate; the monitor must present a monitor certificate.
+    Tls(Arc<ClientTls>),
 }
 
 /// A leader-following client of the operator service.
 pub struct Monitors {
     addresses: Vec<String>,
-    connector: Box<dyn Connector>,
+    transport: Transport,
     leader: Option<String>,
     timeout: Duration,
 }
@@ -98,7 +96,7 @@ impl std::fmt::Debug for Monitors {
 impl Monitors {
     pub fn new(
         addresses: Vec<String>,
-        connector: Box<dyn Connector>,
+        transport: Transport,
         timeout: Duration,
     ) -> Result<Self, Failure> {
         if addresses.is_empty() {
@@ -108,23 +106,32 @@ impl Monitors {
         }
         Ok(Self {
             addresses,
-            connector,
+            transport,
             leader: None,
             timeout,
         })
     }
 
     async fn connect(&self, address: &str) -> Result<OperatorServiceClient<Channel>, String> {
-        let endpoint = self
-            .connector
-            .endpoint(address)?
-            .connect_timeout(self.timeout.min(Duration::from_secs(2)))
-            .timeout(self.timeout);
-        endpoint
-            .connect()
-            .await
+        let endpoint = match &self.transport {
+            Transport::Plaintext => Endpoint::from_shared(format!("http://{address}"))
+                .map_err(|e| format!("{address}: {e}"))?,
+            Transport::Tls(_) => ha_pki::endpoint(&format!("https://{address}"))
+                .map_err(|e| format!("{address}: {e}"))?,
+        }
+        .connect_timeout(self.timeout.min(Duration::from_secs(2)))
+        .timeout(self.timeout);
+        let channel = match &self.transport {
+            Transport::Plaintext => endpoint.connect().await,
+            Transport::Tls(tls) => {
+                endpoint
+                    .connect_with_connector(MtlsConnector::new(tls.clone()))
+                    .await
+            }
+        };
+        channel
             .map(OperatorServiceClient::new)
-            .map_err(|e| format!("{address}: {e}"))
+            .map_err(|e| format!("{address}: {}", error_chain(&e)))
     }
 
     /// Calls `f` on the leader: tries the last known leader, then every monitor, following
@@ -193,4 +200,16 @@ impl Monitors {
             }
         }
     }
+}
+
+/// An error and its causes (a TLS refusal is only visible in the sources).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -64,12 +64,49 @@ struct MemberEntry {
     address: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The `[tls]` section: the cluster CA bundle, this monitor's certificate (role monitor, name
+/// `monitor-<id>`) and key, and optionally the CA's private key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The cluster CA's private key (a PEM file of mode 0600, read once at start, refused if
+    /// group or others may read it). With it the leader signs the CSR a node sends with Join;
+    /// without it a node joins with a pre-issued certificate and an empty CSR.
+    pub ca_key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The files the TLS layer reloads (the CA key is not among them: it is read at start).
+    pub fn tls(&self) -> ha_pki::TlsFiles {
+        ha_pki::TlsFiles {
+            ca_bundle: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let paths = [
+            ("ca", Some(&self.ca)),
+            ("cert", Some(&self.cert)),
+            ("key", Some(&self.key)),
+            ("ca_key", self.ca_key.as_ref()),
+        ];
+        for (name, path) in paths {
+            if let Some(path) = path
+                && !path.is_absolute()
+            {
+                return Err(invalid(format!(
+                    "tls.{name} must be an absolute path, not {}",
+                    path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Timings of failure detection and consensus (DESIGN.md "Timings").
@@ -195,6 +232,9 @@ impl File {
             return Err(invalid("id must be above zero (0 is reserved by raft)"));
         }
         self.timings.validate()?;
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
         let mut members = BTreeMap::new();
         for m in &self.members {
             if m.id == 0 {
@@ -340,6 +380,20 @@ report_interval = "250ms"
         let with_dev = format!("dev = true\n{plaintext}");
         assert!(err(&with_dev, false).contains("--dev flag"));
         assert!(parse(&with_dev, true).unwrap().dev);
+    }
+
+    #[test]
+    fn tls_paths_must_be_absolute_and_the_ca_key_is_optional() {
+        assert_eq!(parse(GOOD, false).unwrap().tls.unwrap().ca_key, None);
+        let with_key = GOOD.replace(
+            "key = \"/etc/ha/m1.key\"\n",
+            "key = \"/etc/ha/m1.key\"\nca_key = \"/etc/ha/ca.key\"\n",
+        );
+        let tls = parse(&with_key, false).unwrap().tls.unwrap();
+        assert_eq!(tls.ca_key, Some(PathBuf::from("/etc/ha/ca.key")));
+        assert_eq!(tls.tls().ca_bundle, PathBuf::from("/etc/ha/ca.pem"));
+        let relative = GOOD.replace("\"/etc/ha/m1.pem\"", "\"m1.pem\"");
+        assert!(err(&relative, false).contains("tls.cert must be an absolute path"));
     }
 
     #[test]

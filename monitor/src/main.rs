@@ -1,6 +1,6 @@
 //! `ha-monitor --config PATH [--dev]`: parses arguments, validates the configuration (exit 64
 //! on a bad one, before any port is bound), starts logging, and runs the monitor until SIGTERM
-//! or SIGINT.
+//! or SIGINT (SIGHUP reloads the TLS certificates).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +34,8 @@ fn main() -> ExitCode {
         }
     };
     ha_monitor::logging::init();
+    // Before anything touches rustls (the TLS server, peer clients).
+    ha_pki::install_crypto();
     if config.dev {
         tracing::warn!(
             "DEV MODE: insecure settings are active (plaintext gRPC or fewer than three monitors); never use this in production"

@@ -6,6 +6,17 @@
 //! and `leader_since = now`, so it judges no node on silence before one full detection window.
 //! Only the leader accepts reports and writes; followers answer `UNAVAILABLE` with the leader's
 //! address in the `x-ha-leader` metadata.
+//!
+//! Security (unless dev mode runs plaintext): the single port serves TLS with optional client
+//! certificates against the cluster CA, and every call checks its caller before it reads or
+//! changes anything. `AgentService/Join` alone needs no certificate (the join token authorizes
+//! it); `Report`/`WatchGoal` need the node agent certificate (role postgres or ejabberd) named
+//! like the node in the request; every operator call needs role operator; Raft needs role
+//! monitor with the name `monitor-<from>`. A refusal is `UNAUTHENTICATED` (no certificate) or
+//! `PERMISSION_DENIED` (wrong role or name), logged with the caller's identity. When the `[tls]`
+//! section names `ca_key`, the CA key is read once at start and the leader signs the CSR a
+//! joining node sends, for the role its token grants, its node name, and its endpoint host as a
+//! subject alternative name (standbys verify the primary's host name).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,15 +36,17 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
+use ha_pki::{Ca, ClientAuth, ClientTls, PeerIdentity, Reload, ReloadWatcher, Role, ServerTls};
+
 use crate::catalog::{self, Applied, Catalog, Command, Op, Registration, Rejected};
-use crate::config::MonitorConfig;
+use crate::config::{self, MonitorConfig};
 use crate::consensus::{self, ProposeError, RaftHandle, RaftSettings};
 use crate::decide::{self, Observations, ProbeResult, Report};
 use crate::incarnation::{self, Incarnations};
 
 use crate::machine::{self, CatalogMachine};
 use crate::storage::RaftStore;
-use crate::transport::{self, ChannelFactory, GrpcTransport};
+use crate::transport::{self, GrpcTransport};
 
 /// The group a join token names when the operator names none and no group exists yet.
 pub const DEFAULT_GROUP: &str = "main";
@@ -99,6 +112,53 @@ fn refusal_status(r: decide::Refusal) -> Status {
     }
 }
 
+/// How long a certificate signed at join is valid (capped at the CA's own expiry).
+const NODE_CERT_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
+/// How often certificate files are checked for changes (SIGHUP reloads at once).
+const TLS_RELOAD_POLL: Duration = Duration::from_secs(5);
+
+/// Whether calls are checked, and with what the leader signs join CSRs.
+#[derive(Debug)]
+enum Security {
+    /// Dev mode: plaintext, no caller is checked.
+    Plaintext,
+    Tls {
+        /// The CA bundle, returned to joining nodes as it is on disk at that moment.
+        ca_bundle: std::path::PathBuf,
+        /// The cluster CA, when `ca_key` is configured.
+        signer: Option<Box<Ca>>,
+    },
+}
+
+/// Who may make a call.
+#[derive(Debug, Clone, Copy)]
+enum Caller<'a> {
+    Operator,
+    /// The agent of this node.
+    Node(&'a str),
+    /// The monitor with this Raft id.
+    Monitor(u64),
+}
+
+/// The certificate name of the monitor with Raft id `id`.
+pub fn monitor_name(id: u64) -> String {
+    format!("monitor-{id}")
+}
+
+fn role_for(kind: NodeKind) -> Role {
+    match kind {
+        NodeKind::Postgres => Role::Postgres,
+        NodeKind::Ejabberd => Role::Ejabberd,
+    }
+}
+
+fn remote<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<ha_pki::PeerInfo>()
+        .map_or_else(|| "?".to_owned(), |i| i.remote_addr.to_string())
+}
+
 /// What the leader holds in memory only.
 #[derive(Debug)]
 struct Soft {
@@ -120,10 +180,53 @@ pub struct Monitor {
     soft: Mutex<Soft>,
     started: Instant,
     allow_drills: bool,
+    security: Security,
     shutdown: CancellationToken,
 }
 
 impl Monitor {
+    /// Admits the caller of `rpc` or refuses it (logged, with the caller's identity), before the
+    /// call reads or changes anything. Dev mode admits everyone.
+    fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        rpc: &'static str,
+        caller: Caller<'_>,
+    ) -> Result<(), Status> {
+        if matches!(self.security, Security::Plaintext) {
+            return Ok(());
+        }
+        let Some(peer) = ha_pki::peer_identity(request) else {
+            warn!(rpc, remote = %remote(request), "refused: no client certificate");
+            return Err(Status::unauthenticated(format!(
+                "{rpc} needs a client certificate from the cluster CA"
+            )));
+        };
+        let refused = |why: String| {
+            warn!(rpc, %peer, remote = %remote(request), %why, "refused");
+            Err(Status::permission_denied(format!("{rpc}: {why}")))
+        };
+        match caller {
+            Caller::Operator if peer.role() != Role::Operator => {
+                refused(format!("{peer} is not an operator certificate"))
+            }
+            Caller::Node(_) if !peer.role().is_node() => {
+                refused(format!("{peer} is not a node agent certificate"))
+            }
+            Caller::Node(node) if peer.name() != node => {
+                refused(format!("{peer} may not act for node {node}"))
+            }
+            Caller::Monitor(_) if peer.role() != Role::Monitor => {
+                refused(format!("{peer} is not a monitor certificate"))
+            }
+            Caller::Monitor(id) if peer.name() != monitor_name(id) => refused(format!(
+                "{peer} may not speak for monitor {id} (expected {})",
+                monitor_name(id)
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn now(&self) -> Duration {
         self.started.elapsed()
     }
@@ -134,6 +237,76 @@ impl Monitor {
 
     fn soft<R>(&self, f: impl FnOnce(&mut Soft) -> R) -> R {
         f(&mut self.soft.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The certificate a joining node gets, checked before its token is consumed. With a CSR,
+    /// the CA (if this monitor holds its key) signs it for the token's role, the node name and
+    /// the endpoint host. Without one, the caller must already hold that node's certificate
+    /// (a re-join, or a cluster whose monitors keep no CA key); the answer then carries none.
+    fn join_certificate(
+        &self,
+        csr_pem: &str,
+        caller: Option<&PeerIdentity>,
+        remote: &str,
+        node: &NodeId,
+        endpoint: &ha_proto::types::Endpoint,
+        kind: NodeKind,
+    ) -> Result<String, Status> {
+        let Security::Tls { signer, .. } = &self.security else {
+            return Ok(String::new());
+        };
+        let refuse = |status: Status| {
+            warn!(%node, peer = ?caller.map(ToString::to_string), remote, reason = status.message(), "join refused");
+            Err(status)
+        };
+        if csr_pem.is_empty() {
+            return match caller {
+                None => refuse(Status::unauthenticated(
+                    "join refused: send a CSR or connect with the node's certificate",
+                )),
+                Some(peer) if !peer.role().is_node() || peer.name() != node.as_str() => {
+                    refuse(Status::permission_denied(format!(
+                        "join refused: {peer} is not the certificate of node {node}"
+                    )))
+                }
+                Some(_) => Ok(String::new()),
+            };
+        }
+        let Some(ca) = signer else {
+            return refuse(Status::failed_precondition(
+                "join refused: this cluster signs no CSR (no CA key on the monitors); join with a pre-issued certificate and an empty CSR",
+            ));
+        };
+        let now = SystemTime::now();
+        let validity = ha_pki::Validity::new(
+            now - ha_pki::CLOCK_SKEW_ALLOWANCE,
+            (now + NODE_CERT_LIFETIME).min(ca.not_after()),
+        )
+        .map_err(|e| Status::failed_precondition(format!("the cluster CA cannot sign: {e}")))?;
+        match ca.sign_csr(
+            csr_pem,
+            role_for(kind),
+            node.as_str(),
+            std::slice::from_ref(&endpoint.host),
+            validity,
+        ) {
+            Ok(pem) => {
+                info!(%node, role = %role_for(kind), san = %endpoint.host, "signed the joining node's CSR");
+                Ok(pem)
+            }
+            Err(e) => refuse(Status::invalid_argument(format!("join refused: CSR: {e}"))),
+        }
+    }
+
+    /// The CA bundle as on disk now (old and new CA during a rotation), for joining nodes.
+    fn ca_bundle_pem(&self) -> Result<String, Status> {
+        match &self.security {
+            Security::Plaintext => Ok(String::new()),
+            Security::Tls { ca_bundle, .. } => ha_pki::read_public_file(ca_bundle).map_err(|e| {
+                warn!(error = %e, "cannot read the CA bundle for a joining node");
+                Status::internal("the monitor cannot read its CA bundle")
+            }),
+        }
     }
 
     /// Fails with the leader hint unless this monitor leads; resets soft state on a new term.
@@ -207,6 +380,8 @@ impl agent_service_server::AgentService for AgentApi {
     ) -> Result<Response<v1::JoinResponse>, Status> {
         let m = &self.0;
         m.require_leader()?;
+        let caller = ha_pki::peer_identity(&request);
+        let remote = remote(&request);
         let req = request.into_inner();
         let node = convert::node_id(&req.node, "node")?;
         let kind = convert::node_kind(req.kind, "kind")?;
@@ -233,6 +408,15 @@ impl agent_service_server::AgentService for AgentApi {
                 grant.group
             )));
         };
+        let certificate_pem = m.join_certificate(
+            &req.csr_pem,
+            caller.as_ref(),
+            &remote,
+            &node,
+            &endpoint,
+            kind,
+        )?;
+        let ca_pem = m.ca_bundle_pem()?;
         // Token id and node name make the request id: the same node retrying its join applies
         // once, while another node presenting a used token is a new request, which the catalog
         // refuses even if this leader's copy does not show the token as used yet.
@@ -247,11 +431,11 @@ impl agent_service_server::AgentService for AgentApi {
             },
         )
         .await?;
-        info!(%node, %kind, "node joined");
+        info!(%node, %kind, certificate_signed = !certificate_pem.is_empty(), "node joined");
         let status = m.raft.status();
         Ok(Response::new(v1::JoinResponse {
-            certificate_pem: String::new(),
-            ca_pem: String::new(),
+            certificate_pem,
+            ca_pem,
             monitors: status
                 .members
                 .iter()
@@ -268,6 +452,13 @@ impl agent_service_server::AgentService for AgentApi {
         request: Request<v1::ReportRequest>,
     ) -> Result<Response<v1::ReportResponse>, Status> {
         let m = &self.0;
+        let node = request
+            .get_ref()
+            .observed
+            .as_ref()
+            .map(|o| o.node.clone())
+            .unwrap_or_default();
+        m.authorize(&request, "AgentService/Report", Caller::Node(&node))?;
         m.require_leader()?;
         let observed = convert::required(request.into_inner().observed, "observed")?;
         let report = Report::try_from(observed.clone())?;
@@ -309,6 +500,11 @@ impl agent_service_server::AgentService for AgentApi {
         request: Request<v1::WatchGoalRequest>,
     ) -> Result<Response<Self::WatchGoalStream>, Status> {
         let m = &self.0;
+        m.authorize(
+            &request,
+            "AgentService/WatchGoal",
+            Caller::Node(&request.get_ref().node),
+        )?;
         m.require_leader()?;
         let node = convert::node_id(&request.into_inner().node, "node")?;
         if m.catalog().node(&node).is_none() {
@@ -391,6 +587,8 @@ impl operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
+        self.0
+            .authorize(&request, "OperatorService/Status", Caller::Operator)?;
         let m = &self.0;
         let (catalog, stale) = if request.into_inner().linearizable {
             m.require_leader()?;
@@ -405,6 +603,8 @@ impl operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::EventsRequest>,
     ) -> Result<Response<v1::EventsResponse>, Status> {
+        self.0
+            .authorize(&request, "OperatorService/Events", Caller::Operator)?;
         let req = request.into_inner();
         let limit = if req.limit == 0 {
             usize::MAX
@@ -426,6 +626,8 @@ impl operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::EventsRequest>,
     ) -> Result<Response<Self::FollowEventsStream>, Status> {
+        self.0
+            .authorize(&request, "OperatorService/FollowEvents", Caller::Operator)?;
         let mut after = request.into_inner().after_seq;
         let mut catalog = self.0.catalog.clone();
         let shutdown = self.0.shutdown.clone();
@@ -457,6 +659,8 @@ impl operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::SwitchoverRequest>,
     ) -> Result<Response<v1::OperationResponse>, Status> {
+        self.0
+            .authorize(&request, "OperatorService/Switchover", Caller::Operator)?;
         let m = &self.0;
         m.require_leader()?;
         let req = request.into_inner();
@@ -481,6 +685,8 @@ impl operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::FailoverRequest>,
     ) -> Result<Response<v1::OperationResponse>, Status> {
+        self.0
+            .authorize(&request, "OperatorService/Failover", Caller::Operator)?;
         let m = &self.0;
         m.require_leader()?;
         let req = request.into_inner();
@@ -505,6 +711,8 @@ impl operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::SetMaintenanceRequest>,
     ) -> Result<Response<v1::OperationResponse>, Status> {
+        self.0
+            .authorize(&request, "OperatorService/SetMaintenance", Caller::Operator)?;
         let m = &self.0;
         m.require_leader()?;
         let req = request.into_inner();
@@ -541,6 +749,11 @@ impl operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::SetNodeSettingsRequest>,
     ) -> Result<Response<v1::OperationResponse>, Status> {
+        self.0.authorize(
+            &request,
+            "OperatorService/SetNodeSettings",
+            Caller::Operator,
+        )?;
         let m = &self.0;
         m.require_leader()?;
         let req = request.into_inner();
@@ -561,6 +774,8 @@ impl operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::RemoveNodeRequest>,
     ) -> Result<Response<v1::OperationResponse>, Status> {
+        self.0
+            .authorize(&request, "OperatorService/RemoveNode", Caller::Operator)?;
         let m = &self.0;
         m.require_leader()?;
         let req = request.into_inner();
@@ -574,6 +789,11 @@ impl operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::CreateJoinTokenRequest>,
     ) -> Result<Response<v1::CreateJoinTokenResponse>, Status> {
+        self.0.authorize(
+            &request,
+            "OperatorService/CreateJoinToken",
+            Caller::Operator,
+        )?;
         let m = &self.0;
         m.require_leader()?;
         let req = request.into_inner();
@@ -623,6 +843,11 @@ impl operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::RevokeJoinTokenRequest>,
     ) -> Result<Response<v1::OperationResponse>, Status> {
+        self.0.authorize(
+            &request,
+            "OperatorService/RevokeJoinToken",
+            Caller::Operator,
+        )?;
         let m = &self.0;
         m.require_leader()?;
         let req = request.into_inner();
@@ -640,6 +865,8 @@ impl operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::AddMonitorRequest>,
     ) -> Result<Response<v1::MembershipResponse>, Status> {
+        self.0
+            .authorize(&request, "OperatorService/AddMonitor", Caller::Operator)?;
         let m = &self.0;
         m.require_leader()?;
         let req = request.into_inner();
@@ -669,6 +896,8 @@ impl operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::RemoveMonitorRequest>,
     ) -> Result<Response<v1::MembershipResponse>, Status> {
+        self.0
+            .authorize(&request, "OperatorService/RemoveMonitor", Caller::Operator)?;
         let m = &self.0;
         m.require_leader()?;
         let req = request.into_inner();
@@ -690,6 +919,8 @@ impl operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<v1::StartDrillRequest>,
     ) -> Result<Response<v1::OperationResponse>, Status> {
+        self.0
+            .authorize(&request, "OperatorService/StartDrill", Caller::Operator)?;
         let m = &self.0;
         m.require_leader()?;
         let req = request.into_inner();
@@ -762,6 +993,11 @@ pub struct PeerApi(Arc<Monitor>);
 #[tonic::async_trait]
 impl peer_service_server::PeerService for PeerApi {
     async fn raft(&self, request: Request<v1::RaftBatch>) -> Result<Response<v1::RaftAck>, Status> {
+        self.0.authorize(
+            &request,
+            "PeerService/Raft",
+            Caller::Monitor(request.get_ref().from),
+        )?;
         let incarnation = request
             .metadata()
             .get(incarnation::METADATA)
@@ -958,17 +1194,51 @@ pub enum ServeError {
     Refused(String),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] ha_pki::TlsError),
+    #[error("CA key {path}: {reason}")]
+    CaKey { path: String, reason: String },
 }
 
-fn plaintext_channels() -> ChannelFactory {
-    Arc::new(|addr: &str| {
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map(|e| {
-                e.connect_timeout(Duration::from_millis(500))
-                    .timeout(Duration::from_secs(2))
-                    .connect_lazy()
-            })
-            .map_err(|e| e.to_string())
+/// TLS state of a running monitor: what the server and the peer clients use, and the security
+/// the services apply.
+struct TlsSetup {
+    server: Arc<ServerTls>,
+    peers: Arc<ClientTls>,
+    security: Security,
+}
+
+/// Loads certificates (and the CA key, refused unless mode 0600) before anything starts, so a
+/// bad file stops the monitor at once rather than at the first connection.
+fn load_tls(files: &config::TlsFiles) -> Result<TlsSetup, ServeError> {
+    let tls_files = files.tls();
+    let server = Arc::new(ServerTls::load_with(
+        tls_files.clone(),
+        ClientAuth::Optional,
+    )?);
+    let peers = Arc::new(ClientTls::load(tls_files)?);
+    let signer = match &files.ca_key {
+        None => None,
+        Some(path) => {
+            let fail = |reason: String| ServeError::CaKey {
+                path: path.display().to_string(),
+                reason,
+            };
+            let key = ha_pki::read_key_file(path).map_err(|e| fail(e.to_string()))?;
+            let bundle = ha_pki::read_public_file(&files.ca).map_err(|e| fail(e.to_string()))?;
+            let ca = Ca::load_from_bundle(&bundle, &key)
+                .map_err(|e| fail(format!("matches no CA of the bundle: {e}")))?;
+            info!(ca_key = %path.display(), "CA key loaded: the leader signs join CSRs");
+            Some(Box::new(ca))
+        }
+    };
+    Ok(TlsSetup {
+        server,
+        peers,
+        security: Security::Tls {
+            ca_bundle: files.ca.clone(),
+            signer,
+        },
     })
 }
 
@@ -987,12 +1257,20 @@ pub async fn run(
     let fresh_log = !db_path.exists();
     let store = open_store(&db_path)?;
     let incarnations = Arc::new(Mutex::new(Incarnations::open(&config.data_dir, fresh_log)?));
+    let (security, tls) = match config.tls.as_ref().map(load_tls).transpose()? {
+        Some(t) => (t.security, Some((t.server, t.peers))),
+        None => (Security::Plaintext, None),
+    };
     let (machine, catalog) = CatalogMachine::new();
+    let channels = match &tls {
+        Some((_, peers)) => transport::tls_channels(peers.clone()),
+        None => transport::plaintext_channels(),
+    };
     let transport = GrpcTransport::new(
         config.id,
         incarnations.clone(),
         tokio::runtime::Handle::current(),
-        plaintext_channels(),
+        channels,
         config.members.clone(),
     );
     let settings = RaftSettings {
@@ -1015,6 +1293,7 @@ pub async fn run(
         }),
         started: Instant::now(),
         allow_drills: config.allow_drills,
+        security,
         shutdown: shutdown.clone(),
     });
     info!(id = config.id, listen = %config.listen, advertise = %config.advertise, members = ?config.members, "monitor starting");
@@ -1031,7 +1310,7 @@ pub async fn run(
         result.is_err()
     });
 
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(agent_service_server::AgentServiceServer::new(AgentApi(
             monitor.clone(),
         )))
@@ -1040,9 +1319,31 @@ pub async fn run(
         ))
         .add_service(peer_service_server::PeerServiceServer::new(PeerApi(
             monitor.clone(),
-        )))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());
-    let served = server.await;
+        )));
+    let served = match tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    shutdown.cancelled(),
+                )
+                .await
+        }
+        Some((server_tls, peers)) => {
+            // SIGHUP or changed files reload both sides; new connections use the new files.
+            let watcher = ReloadWatcher::new(
+                vec![server_tls.clone() as Arc<dyn Reload>, peers],
+                TLS_RELOAD_POLL,
+            )?;
+            tokio::spawn(watcher.run(shutdown.clone().cancelled_owned()));
+            router
+                .serve_with_incoming_shutdown(
+                    ha_pki::tls_incoming(listener, server_tls),
+                    shutdown.cancelled(),
+                )
+                .await
+        }
+    };
     shutdown.cancel();
     raft.stop();
     let panicked = raft_exit.await.unwrap_or(true);

@@ -1,6 +1,8 @@
 //! How raft messages travel between monitors.
 //!
-//! [`GrpcTransport`] sends them over the `PeerService` of the other monitors: one task and one
+//! [`GrpcTransport`] sends them over the `PeerService` of the other monitors, through channels
+//! from [`tls_channels`] (mutual TLS: the peer must present a monitor certificate, and it checks
+//! ours names `monitor-<from>`) or, in dev mode only, [`plaintext_channels`]; one task and one
 //! bounded queue per peer, so a slow or dead peer never blocks the raft thread or the other
 //! peers (a full queue drops the batch and reports the peer unreachable; Raft retries).
 //! [`sim::SimNetwork`] delivers them in-process and can cut chosen links, for tests and
@@ -8,7 +10,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use ha_pki::{ClientTls, MtlsConnector};
 use ha_proto::v1::RaftBatch;
 use ha_proto::v1::peer_service_client::PeerServiceClient;
 use protobuf::Message as _;
@@ -22,6 +26,38 @@ use crate::incarnation;
 
 /// Makes a (lazily connecting) channel to a peer address; TLS is decided by the caller.
 pub type ChannelFactory = Arc<dyn Fn(&str) -> Result<Channel, String> + Send + Sync>;
+
+/// How long a peer connection may take to open, and a raft call to answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Plaintext channels to peers (dev mode only).
+pub fn plaintext_channels() -> ChannelFactory {
+    Arc::new(|addr: &str| {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map(|e| {
+                e.connect_timeout(CONNECT_TIMEOUT)
+                    .timeout(CALL_TIMEOUT)
+                    .connect_lazy()
+            })
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Mutual-TLS channels to peers: each (re)connection takes the [`ClientTls`] config current at
+/// that moment, so reloaded certificates apply without a restart, and refuses a server whose
+/// certificate is not a monitor's.
+pub fn tls_channels(tls: Arc<ClientTls>) -> ChannelFactory {
+    Arc::new(move |addr: &str| {
+        ha_pki::endpoint(&format!("https://{addr}"))
+            .map(|e| {
+                e.connect_timeout(CONNECT_TIMEOUT)
+                    .timeout(CALL_TIMEOUT)
+                    .connect_with_connector_lazy(MtlsConnector::new(tls.clone()))
+            })
+            .map_err(|e| e.to_string())
+    })
+}
 
 /// Encodes raft messages for the wire (rust-protobuf, as raft-rs defines them).
 pub fn encode(messages: &[Message]) -> Vec<Vec<u8>> {

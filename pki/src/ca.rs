@@ -194,8 +194,27 @@ impl Ca {
         })
     }
 
+    /// Loads the CA whose key is `key_pem` from a bundle of CA certificates (old and new during
+    /// a rotation): the first certificate the key matches.
+    pub fn load_from_bundle(bundle_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let mut last = CaError::Pem("the bundle holds no certificate".into());
+        for der in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
+            let der = der.map_err(|e| CaError::Pem(e.to_string()))?;
+            match Self::load(&pem_encode_cert(&der), key_pem) {
+                Ok(ca) => return Ok(ca),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// When the CA certificate expires: nothing it signs may outlive it.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
     }
 
     /// The CA private key, to be written with [`crate::write_key_file`].
@@ -483,6 +502,23 @@ mod tests {
             );
         }
         assert!(CertInfo::from_pem(ca.cert_pem()).unwrap().is_ca);
+    }
+
+    #[test]
+    fn the_ca_matching_the_key_is_found_in_a_rotation_bundle() {
+        let old = ca();
+        let new = Ca::create("cluster-ca-2", Validity::starting_now(10 * DAY).unwrap()).unwrap();
+        let bundle = merge_ca_bundle(&[old.cert_pem(), new.cert_pem()], SystemTime::now()).unwrap();
+        let found = Ca::load_from_bundle(&bundle, &new.key_pem()).unwrap();
+        assert_eq!(
+            CertInfo::from_pem(found.cert_pem()).unwrap(),
+            CertInfo::from_pem(new.cert_pem()).unwrap()
+        );
+        let stranger = ca();
+        assert!(matches!(
+            Ca::load_from_bundle(&bundle, &stranger.key_pem()),
+            Err(CaError::KeyMismatch)
+        ));
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub use ca::{
 };
 pub use files::{FileError, read_key_file, read_public_file, write_key_file, write_public_file};
 pub use identity::{IdentityError, PeerIdentity, Role};
-pub use tls::{ClientTls, Reload, ReloadWatcher, ServerTls, TlsError, TlsFiles};
+pub use tls::{ClientAuth, ClientTls, Reload, ReloadWatcher, ServerTls, TlsError, TlsFiles};
 pub use transport::{
     ConnectError, MtlsConnector, PeerInfo, TlsConn, TlsIncoming, connect, connect_lazy, endpoint,
     peer_identity, require_node, require_role, tls_incoming,

@@ -1,6 +1,9 @@
 //! Reloadable rustls configurations for mutual TLS against the cluster CA bundle.
 //!
-//! [`ServerTls`] requires and verifies a client certificate (`WebPkiClientVerifier`);
+//! [`ServerTls`] verifies client certificates (`WebPkiClientVerifier`): it requires one
+//! ([`ClientAuth::Required`]) or, for a port that must also admit a node joining before it has a
+//! certificate, accepts connections without one ([`ClientAuth::Optional`]; a certificate that is
+//! presented must still verify, and services then check the identity per call);
 //! [`ClientTls`] presents its certificate and verifies the server's, server name included. Both
 //! hold the current config behind `RwLock<Arc<_>>`: [`Reload::reload`] re-reads the three files
 //! and swaps the `Arc` only when everything parsed and matched, so a half-rotated set of files
@@ -106,12 +109,17 @@ struct Material {
     identity: PeerIdentity,
 }
 
+fn read_roots(ca_bundle: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for ca in read_certs(ca_bundle)? {
+        roots.add(ca)?;
+    }
+    Ok(roots)
+}
+
 impl Material {
     fn load(files: &TlsFiles) -> Result<Self, TlsError> {
-        let mut roots = RootCertStore::empty();
-        for ca in read_certs(&files.ca_bundle)? {
-            roots.add(ca)?;
-        }
+        let roots = read_roots(&files.ca_bundle)?;
         let chain = read_certs(&files.cert)?;
         // Our own certificate must carry an identity: peers will refuse it otherwise, and a
         // daemon should fail at start (or keep its old config) rather than at every connection.
@@ -139,16 +147,35 @@ pub trait Reload: Send + Sync {
     fn files(&self) -> &TlsFiles;
 }
 
-/// The server side: a `ServerConfig` that requires a client certificate from the CA bundle.
+/// Whether a [`ServerTls`] demands a client certificate during the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Refuse the handshake without a certificate from the CA bundle.
+    Required,
+    /// Also admit clients without a certificate (their requests carry no identity). A presented
+    /// certificate must still verify against the CA bundle.
+    Optional,
+}
+
+/// The server side: a `ServerConfig` that verifies client certificates against the CA bundle.
 #[derive(Debug)]
 pub struct ServerTls {
     files: TlsFiles,
+    client_auth: ClientAuth,
     current: RwLock<Arc<ServerConfig>>,
 }
 
-fn build_server_config(files: &TlsFiles) -> Result<(Arc<ServerConfig>, PeerIdentity), TlsError> {
+fn build_server_config(
+    files: &TlsFiles,
+    client_auth: ClientAuth,
+) -> Result<(Arc<ServerConfig>, PeerIdentity), TlsError> {
     let m = Material::load(files)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(m.roots, provider())
+    let builder = WebPkiClientVerifier::builder_with_provider(m.roots, provider());
+    let builder = match client_auth {
+        ClientAuth::Required => builder,
+        ClientAuth::Optional => builder.allow_unauthenticated(),
+    };
+    let verifier = builder
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider())
@@ -160,13 +187,23 @@ fn build_server_config(files: &TlsFiles) -> Result<(Arc<ServerConfig>, PeerIdent
 }
 
 impl ServerTls {
+    /// A server that requires a client certificate.
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
-        let (config, identity) = build_server_config(&files)?;
-        info!(identity = %identity, cert = %files.cert.display(), "server TLS loaded");
+        Self::load_with(files, ClientAuth::Required)
+    }
+
+    pub fn load_with(files: TlsFiles, client_auth: ClientAuth) -> Result<Self, TlsError> {
+        let (config, identity) = build_server_config(&files, client_auth)?;
+        info!(identity = %identity, cert = %files.cert.display(), ?client_auth, "server TLS loaded");
         Ok(Self {
             files,
+            client_auth,
             current: RwLock::new(config),
         })
+    }
+
+    pub fn client_auth(&self) -> ClientAuth {
+        self.client_auth
     }
 
     /// The config new connections use.
@@ -181,7 +218,7 @@ impl ServerTls {
 
 impl Reload for ServerTls {
     fn reload(&self) -> Result<(), TlsError> {
-        let (config, identity) = build_server_config(&self.files)?;
+        let (config, identity) = build_server_config(&self.files, self.client_auth)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
         info!(identity = %identity, cert = %self.files.cert.display(), "server TLS reloaded");
         Ok(())
@@ -193,32 +230,67 @@ impl Reload for ServerTls {
 }
 
 /// The client side: a `ClientConfig` presenting our certificate and verifying the server against
-/// the CA bundle (server name included).
+/// the CA bundle (server name included). A client built with [`ClientTls::without_certificate`]
+/// presents none: the only use is a node's first `Join`, before it has a certificate.
 #[derive(Debug)]
 pub struct ClientTls {
     files: TlsFiles,
+    present_certificate: bool,
     current: RwLock<Arc<ClientConfig>>,
 }
 
-fn build_client_config(files: &TlsFiles) -> Result<(Arc<ClientConfig>, PeerIdentity), TlsError> {
-    let m = Material::load(files)?;
-    let verifier = WebPkiServerVerifier::builder_with_provider(m.roots, provider())
+fn build_client_config(
+    files: &TlsFiles,
+    present_certificate: bool,
+) -> Result<(Arc<ClientConfig>, Option<PeerIdentity>), TlsError> {
+    let (roots, own) = if present_certificate {
+        let m = Material::load(files)?;
+        (m.roots, Some((m.chain, m.key, m.identity)))
+    } else {
+        (Arc::new(read_roots(&files.ca_bundle)?), None)
+    };
+    let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let mut config = ClientConfig::builder_with_provider(provider())
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_webpki_verifier(verifier)
-        .with_client_auth_cert(m.chain, m.key)?;
+        .with_webpki_verifier(verifier);
+    let (mut config, identity) = match own {
+        Some((chain, key, identity)) => {
+            (builder.with_client_auth_cert(chain, key)?, Some(identity))
+        }
+        None => (builder.with_no_client_auth(), None),
+    };
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Ok((Arc::new(config), m.identity))
+    Ok((Arc::new(config), identity))
+}
+
+fn describe(identity: Option<&PeerIdentity>) -> String {
+    identity.map_or_else(|| "<no certificate>".to_owned(), ToString::to_string)
 }
 
 impl ClientTls {
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
-        let (config, identity) = build_client_config(&files)?;
-        info!(identity = %identity, cert = %files.cert.display(), "client TLS loaded");
+        Self::build(files, true)
+    }
+
+    /// A client that verifies the server against `ca_bundle` but presents no certificate. Its
+    /// [`Reload::files`] name the bundle for all three paths (only the bundle is read).
+    pub fn without_certificate(ca_bundle: PathBuf) -> Result<Self, TlsError> {
+        let files = TlsFiles {
+            cert: ca_bundle.clone(),
+            key: ca_bundle.clone(),
+            ca_bundle,
+        };
+        Self::build(files, false)
+    }
+
+    fn build(files: TlsFiles, present_certificate: bool) -> Result<Self, TlsError> {
+        let (config, identity) = build_client_config(&files, present_certificate)?;
+        info!(identity = %describe(identity.as_ref()), cert = %files.cert.display(), "client TLS loaded");
         Ok(Self {
             files,
+            present_certificate,
             current: RwLock::new(config),
         })
     }
@@ -234,9 +306,9 @@ impl ClientTls {
 
 impl Reload for ClientTls {
     fn reload(&self) -> Result<(), TlsError> {
-        let (config, identity) = build_client_config(&self.files)?;
+        let (config, identity) = build_client_config(&self.files, self.present_certificate)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
-        info!(identity = %identity, cert = %self.files.cert.display(), "client TLS reloaded");
+        info!(identity = %describe(identity.as_ref()), cert = %self.files.cert.display(), "client TLS reloaded");
         Ok(())
     }
 

@@ -5,8 +5,10 @@
 //! Server: [`tls_incoming`] accepts TCP from a listener, runs each handshake in its own task
 //! (bounded by [`HANDSHAKE_TIMEOUT`], so one slow or hostile peer never blocks the others) with
 //! the [`ServerTls`] config current at accept time, and yields only connections whose client
-//! certificate verified against the CA bundle and carries an `ha://` identity. A failed handshake
-//! is logged and dropped; the accept loop goes on. tonic stores the connection's [`PeerInfo`] in
+//! certificate verified against the CA bundle and carries an `ha://` identity, or, when the
+//! config's client authentication is [`ClientAuth::Optional`], that presented no certificate at
+//! all (their requests have no identity and only calls that need none succeed). A failed
+//! handshake is logged and dropped; the accept loop goes on. tonic stores the connection's [`PeerInfo`] in
 //! each request's extensions: read it with [`peer_identity`], [`require_role`] or
 //! [`require_node`].
 //!
@@ -38,7 +40,7 @@ use tonic::{Request, Status};
 use tracing::{debug, info, warn};
 
 use crate::identity::{IdentityError, PeerIdentity, Role};
-use crate::tls::{ClientTls, ServerTls};
+use crate::tls::{ClientAuth, ClientTls, ServerTls};
 
 /// Longest a TLS handshake may take on the server before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,7 +59,8 @@ const READY_QUEUE: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
     pub remote_addr: SocketAddr,
-    pub identity: PeerIdentity,
+    /// `None` only for a client without a certificate on a [`ClientAuth::Optional`] server.
+    pub identity: Option<PeerIdentity>,
 }
 
 /// An accepted, authenticated server-side connection.
@@ -163,9 +166,10 @@ async fn accept_loop(listener: TcpListener, tls: Arc<ServerTls>, tx: mpsc::Sende
             debug!(%remote_addr, %error, "cannot set TCP_NODELAY");
         }
         let acceptor = TlsAcceptor::from(tls.current());
+        let client_auth = tls.client_auth();
         let tx = tx.clone();
         tokio::spawn(async move {
-            if let Some(conn) = handshake(acceptor, tcp, remote_addr).await {
+            if let Some(conn) = handshake(acceptor, client_auth, tcp, remote_addr).await {
                 // The receiver is gone only when the server stopped; the connection just closes.
                 let _ = tx.send(conn).await;
             }
@@ -175,6 +179,7 @@ async fn accept_loop(listener: TcpListener, tls: Arc<ServerTls>, tx: mpsc::Sende
 
 async fn handshake(
     acceptor: TlsAcceptor,
+    client_auth: ClientAuth,
     tcp: TcpStream,
     remote_addr: SocketAddr,
 ) -> Option<TlsConn> {
@@ -189,14 +194,25 @@ async fn handshake(
         }
         Ok(Ok(stream)) => stream,
     };
-    match end_entity_identity(stream.get_ref().1.peer_certificates()) {
+    let certs = stream.get_ref().1.peer_certificates();
+    if certs.is_none_or(<[_]>::is_empty) && client_auth == ClientAuth::Optional {
+        debug!(%remote_addr, "TLS connection without a client certificate accepted");
+        return Some(TlsConn {
+            stream,
+            info: PeerInfo {
+                remote_addr,
+                identity: None,
+            },
+        });
+    }
+    match end_entity_identity(certs) {
         Ok(identity) => {
             debug!(%remote_addr, peer = %identity, "mutual TLS connection accepted");
             Some(TlsConn {
                 stream,
                 info: PeerInfo {
                     remote_addr,
-                    identity,
+                    identity: Some(identity),
                 },
             })
         }
@@ -221,7 +237,7 @@ pub fn peer_identity<T>(request: &Request<T>) -> Option<PeerIdentity> {
     request
         .extensions()
         .get::<PeerInfo>()
-        .map(|info| info.identity.clone())
+        .and_then(|info| info.identity.clone())
 }
 
 /// Admits the caller only if its certificate's role is one of `allowed`:
@@ -404,7 +420,7 @@ mod tests {
         if let Some(identity) = identity {
             request.extensions_mut().insert(PeerInfo {
                 remote_addr: "127.0.0.1:1".parse().unwrap(),
-                identity,
+                identity: Some(identity),
             });
         }
         request

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use ha_pki::{
-    Ca, ClientTls, FileError, PeerIdentity, Reload, ReloadWatcher, Role, ServerTls, TlsError,
-    TlsFiles, Validity, connect, generate_csr, require_role, tls_incoming, write_key_file,
-    write_public_file,
+    Ca, ClientAuth, ClientTls, FileError, PeerIdentity, Reload, ReloadWatcher, Role, ServerTls,
+    TlsError, TlsFiles, Validity, connect, generate_csr, require_role, tls_incoming,
+    write_key_file, write_public_file,
 };
 use ha_proto::v1::peer_service_client::PeerServiceClient;
 use ha_proto::v1::peer_service_server::{PeerService, PeerServiceServer};
@@ -54,7 +54,11 @@ struct TestServer {
 
 impl TestServer {
     async fn start(files: TlsFiles) -> Self {
-        let tls = Arc::new(ServerTls::load(files).unwrap());
+        Self::start_with(files, ClientAuth::Required).await
+    }
+
+    async fn start_with(files: TlsFiles, client_auth: ClientAuth) -> Self {
+        let tls = Arc::new(ServerTls::load_with(files, client_auth).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!(
             "https://127.0.0.1:{}",
@@ -261,6 +265,40 @@ async fn clients_without_a_valid_certificate_are_refused_and_the_server_goes_on(
     let good = d.files("good", &ca, &[&ca], Role::Monitor, "m2", valid());
     call(&server.url, good).await.unwrap();
     assert_eq!(server.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn an_optional_client_auth_server_admits_anonymous_clients_without_an_identity() {
+    let d = Dir::new();
+    let ca = new_ca("cluster-ca");
+    let srv = d.files("srv", &ca, &[&ca], Role::Monitor, "m1", valid());
+    let server = TestServer::start_with(srv.clone(), ClientAuth::Optional).await;
+
+    // No certificate: the session opens, the call reaches the service without an identity.
+    let anonymous = Arc::new(ClientTls::without_certificate(srv.ca_bundle.clone()).unwrap());
+    let status = raft(connect(&server.url, anonymous).await.unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(server.seen().is_empty());
+
+    // A certificate from another CA is still refused in the handshake.
+    let rogue = new_ca("rogue-ca");
+    let other_ca = d.files("rogue", &rogue, &[&ca], Role::Monitor, "m2", valid());
+    call(&server.url, other_ca).await.unwrap_err();
+    assert!(server.seen().is_empty());
+
+    // A good certificate is identified as before.
+    call(
+        &server.url,
+        d.files("m2", &ca, &[&ca], Role::Monitor, "m2", valid()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        server.seen(),
+        vec![PeerIdentity::new(Role::Monitor, "m2").unwrap()]
+    );
 }
 
 #[tokio::test]

@@ -19,6 +19,7 @@ pub mod monitors;
 pub mod state;
 pub mod worker;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ha_proto::convert::Goal;
@@ -41,6 +42,8 @@ use worker::{Job, WorkerEvent};
 
 /// Pause between attempts when no monitor answers (join, goal stream).
 const RETRY: Duration = Duration::from_millis(300);
+/// How often the agent's certificate files are checked for changes (SIGHUP reloads at once).
+const TLS_RELOAD_POLL: Duration = Duration::from_secs(5);
 /// How long shutdown waits for a controller step in progress.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -61,6 +64,12 @@ pub enum RunError {
     WorkerGone,
     #[error("ejabberd: {0}")]
     Applied(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+fn tls_error(e: impl std::fmt::Display) -> RunError {
+    RunError::Tls(e.to_string())
 }
 
 /// Runs the agent until `shutdown` is cancelled: joins once, then drives its role. PostgreSQL
@@ -70,15 +79,34 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let state_file = StateFile::new(&config.state_dir);
     let mut state = state_file.load()?;
     info!(node = %config.node, epoch = %state.highest_epoch, joined = state.joined, "agent starting");
-    let monitors = Monitors::new(config.monitors.clone(), config.rpc_timeout);
-    if !state.joined {
+    if config.tls.is_none() {
+        warn!(node = %config.node, "DEV MODE: plaintext gRPC to the monitors and plaintext replication; never use this in production");
+    }
+    // A node without its certificate yet must join (with a CSR) before it can open a
+    // certificate-authenticated link.
+    let needs_certificate = config.tls.as_ref().is_some_and(|t| !t.cert.exists());
+    if !state.joined || needs_certificate {
         tokio::select! {
-            r = join(&config, &monitors) => r?,
+            r = join(&config) => r?,
             () = shutdown.cancelled() => return Ok(()),
         }
         state.joined = true;
         state_file.store(&state)?;
     }
+    let link_tls = match &config.tls {
+        Some(files) => {
+            let tls = Arc::new(ha_pki::ClientTls::load(files.clone()).map_err(tls_error)?);
+            let watcher = ha_pki::ReloadWatcher::new(
+                vec![tls.clone() as Arc<dyn ha_pki::Reload>],
+                TLS_RELOAD_POLL,
+            )
+            .map_err(tls_error)?;
+            tokio::spawn(watcher.run(shutdown.clone().cancelled_owned()));
+            Some(tls)
+        }
+        None => None,
+    };
+    let monitors = Monitors::new(config.monitors.clone(), config.rpc_timeout, link_tls);
     match &config.role {
         RoleConfig::Postgres(role) => {
             run_postgres(&config, role, state, state_file, monitors, shutdown).await
@@ -98,7 +126,7 @@ async fn run_postgres(
     monitors: Monitors,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let ctl = PgController::new(role.pg_config(None))?;
+    let ctl = PgController::new(role.pg_config(config.tls.as_ref()))?;
 
     let (job_tx, job_rx) = mpsc::channel(1);
     let (event_tx, event_rx) = mpsc::channel(16);
@@ -127,9 +155,37 @@ async fn run_postgres(
     result
 }
 
-/// Registers the node with its join token, retrying while no monitor leads.
-async fn join(cfg: &AgentConfig, monitors: &Monitors) -> Result<(), RunError> {
+/// Registers the node with its join token, retrying while no monitor leads. With `[tls]` and
+/// no certificate yet: generates the key (written 0600) and a CSR, joins over TLS without a
+/// client certificate (the CA bundle authenticates the monitor), and writes the certificate the
+/// leader signed (atomically). With a certificate already there, joins with it and no CSR.
+async fn join(cfg: &AgentConfig) -> Result<(), RunError> {
     let path = cfg.join_token_file.as_ref().ok_or(RunError::NoToken)?;
+    let (monitors, csr_pem) = match &cfg.tls {
+        None => (
+            Monitors::new(cfg.monitors.clone(), cfg.rpc_timeout, None),
+            String::new(),
+        ),
+        Some(files) if files.cert.exists() => {
+            let tls = ha_pki::ClientTls::load(files.clone()).map_err(tls_error)?;
+            info!(node = %cfg.node, cert = %files.cert.display(), "joining with the existing certificate");
+            (
+                Monitors::new(cfg.monitors.clone(), cfg.rpc_timeout, Some(Arc::new(tls))),
+                String::new(),
+            )
+        }
+        Some(files) => {
+            let (csr, key) = ha_pki::generate_csr(cfg.node.as_str()).map_err(tls_error)?;
+            ha_pki::write_key_file(&files.key, key.as_bytes()).map_err(tls_error)?;
+            let tls = ha_pki::ClientTls::without_certificate(files.ca_bundle.clone())
+                .map_err(tls_error)?;
+            info!(node = %cfg.node, key = %files.key.display(), "no certificate yet: joining with a CSR");
+            (
+                Monitors::new(cfg.monitors.clone(), cfg.rpc_timeout, Some(Arc::new(tls))),
+                csr,
+            )
+        }
+    };
     let mut last_error = String::new();
     loop {
         let request = v1::JoinRequest {
@@ -137,8 +193,7 @@ async fn join(cfg: &AgentConfig, monitors: &Monitors) -> Result<(), RunError> {
             node: cfg.node.to_string(),
             kind: v1::NodeKind::from(cfg.role.kind()).into(),
             endpoint: Some(cfg.role.advertise().clone().into()),
-            // Plaintext (--dev) clusters issue no certificates.
-            csr_pem: String::new(),
+            csr_pem: csr_pem.clone(),
             group: cfg.group.clone(),
         };
         let answer = monitors
@@ -149,10 +204,22 @@ async fn join(cfg: &AgentConfig, monitors: &Monitors) -> Result<(), RunError> {
             .await;
         match answer {
             Ok(resp) => {
+                if let Some(files) = &cfg.tls
+                    && !csr_pem.is_empty()
+                {
+                    if resp.certificate_pem.is_empty() {
+                        return Err(RunError::JoinRefused(
+                            "the monitor signed no certificate for the CSR".into(),
+                        ));
+                    }
+                    ha_pki::write_public_file(&files.cert, resp.certificate_pem.as_bytes())
+                        .map_err(tls_error)?;
+                    info!(node = %cfg.node, cert = %files.cert.display(), "certificate received and written");
+                }
                 info!(node = %cfg.node, group = %cfg.group, monitors = resp.monitors.len(), "joined the cluster");
                 return Ok(());
             }
-            Err(s) if s.code() == Code::AlreadyExists => {
+            Err(s) if s.code() == Code::AlreadyExists && csr_pem.is_empty() => {
                 // A previous run joined but crashed before persisting it.
                 warn!(node = %cfg.node, reason = %s.message(), "already registered: treating the node as joined");
                 return Ok(());

@@ -4,11 +4,15 @@
 //!
 //! Invariants: every call is bounded by the configured RPC timeout (connect included), so a
 //! silent monitor delays a report by at most that much; a channel is cached only for the
-//! monitor that last answered as leader, and dropped when it stops answering.
+//! monitor that last answered as leader, and dropped when it stops answering. With a
+//! [`ClientTls`] every connection is mutual TLS (the monitor must present a monitor
+//! certificate); each new connection takes the config current then, so reloaded certificates
+//! apply at the next reconnect. Without one the link is plaintext (dev mode only).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use ha_pki::{ClientTls, MtlsConnector};
 use ha_proto::v1;
 use ha_proto::v1::agent_service_client::AgentServiceClient;
 use tonic::transport::{Channel, Endpoint};
@@ -24,19 +28,22 @@ pub trait MonitorLink: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<v1::ReportResponse, Status>> + Send;
 }
 
-/// A leader-following gRPC client of the agent service (plaintext: `--dev` clusters).
+/// A leader-following gRPC client of the agent service.
 #[derive(Debug, Clone)]
 pub struct Monitors {
     addresses: Arc<Vec<String>>,
     timeout: Duration,
+    /// `None`: plaintext (dev mode).
+    tls: Option<Arc<ClientTls>>,
     leader: Arc<Mutex<Option<(String, Channel)>>>,
 }
 
 impl Monitors {
-    pub fn new(addresses: Vec<String>, timeout: Duration) -> Self {
+    pub fn new(addresses: Vec<String>, timeout: Duration, tls: Option<Arc<ClientTls>>) -> Self {
         Self {
             addresses: Arc::new(addresses),
             timeout,
+            tls,
             leader: Arc::new(Mutex::new(None)),
         }
     }
@@ -58,13 +65,23 @@ impl Monitors {
     }
 
     async fn connect(&self, address: &str) -> Result<Channel, Status> {
-        Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| Status::invalid_argument(format!("{address}: {e}")))?
-            .connect_timeout(self.timeout)
-            .timeout(self.timeout)
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(format!("{address}: {e}")))
+        let endpoint = match &self.tls {
+            Some(_) => ha_pki::endpoint(&format!("https://{address}"))
+                .map_err(|e| Status::invalid_argument(format!("{address}: {e}")))?,
+            None => Endpoint::from_shared(format!("http://{address}"))
+                .map_err(|e| Status::invalid_argument(format!("{address}: {e}")))?,
+        }
+        .connect_timeout(self.timeout)
+        .timeout(self.timeout);
+        let connected = match &self.tls {
+            Some(tls) => {
+                endpoint
+                    .connect_with_connector(MtlsConnector::new(tls.clone()))
+                    .await
+            }
+            None => endpoint.connect().await,
+        };
+        connected.map_err(|e| Status::unavailable(format!("{address}: {e}")))
     }
 
     /// Calls `f` on the leader. Gives up with the last error once every monitor (and every
