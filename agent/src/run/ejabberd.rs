@@ -24,11 +24,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::monitors::{MonitorLink, Monitors};
-use super::state::{AgentState, EpochCheck, StateFile};
-use super::{ReportResult, RunError, watch_goals};
+use super::state::{AgentState, StateFile};
+use super::{ReportResult, RunError, accept_goal, watch_goals};
 use crate::config::{AgentConfig, EjabberdRole};
 use crate::ejabberd::{ApplyReport, EjabberdController, controller::Applied};
 
@@ -181,34 +181,10 @@ impl Follower {
         if wire.drill.is_some() {
             warn!(node = %self.node, "drill orders are injected on PostgreSQL nodes only; ignored");
         }
-        let goal = match Goal::try_from(wire) {
+        let goal = match accept_goal(&self.node, wire, &mut self.state, &self.state_file) {
             Ok(g) => g,
-            Err(e) => return self.set_error(format!("invalid goal from the monitor: {e}")),
+            Err(e) => return self.set_error(e),
         };
-        if goal.node != self.node {
-            return self.set_error(format!("goal for another node ({}) ignored", goal.node));
-        }
-        match self.state.check(goal.epoch) {
-            EpochCheck::Stale { highest } => {
-                return self.set_error(format!(
-                    "refused goal {} with stale epoch {} (highest seen {highest})",
-                    goal.state, goal.epoch
-                ));
-            }
-            EpochCheck::Newer => {
-                let next = AgentState {
-                    highest_epoch: goal.epoch,
-                    ..self.state
-                };
-                if let Err(e) = self.state_file.store(&next) {
-                    error!(node = %self.node, error = %e, "cannot persist the new epoch");
-                    return self.set_error(format!("cannot persist epoch {}: {e}", goal.epoch));
-                }
-                info!(node = %self.node, epoch = %goal.epoch, previous = %self.state.highest_epoch, "new epoch persisted");
-                self.state = next;
-            }
-            EpochCheck::Current => {}
-        }
         if self.goal.as_ref() != Some(&goal) {
             info!(node = %self.node, goal = %goal.state, epoch = %goal.epoch, source,
                   target = ?goal.upstream.as_ref().map(|(n, e)| format!("{n} at {e}")),

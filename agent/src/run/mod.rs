@@ -473,34 +473,10 @@ impl<L: MonitorLink> Reconciler<L> {
             let upstream = wire.upstream.as_ref().map(|e| e.host.as_str());
             self.drill.on_order(order, self.postmaster_pid, upstream);
         }
-        let goal = match Goal::try_from(wire) {
+        let goal = match accept_goal(&self.node, wire, &mut self.state, &self.state_file) {
             Ok(g) => g,
-            Err(e) => return self.set_error(format!("invalid goal from the monitor: {e}")),
+            Err(e) => return self.set_error(e),
         };
-        if goal.node != self.node {
-            return self.set_error(format!("goal for another node ({}) ignored", goal.node));
-        }
-        match self.state.check(goal.epoch) {
-            EpochCheck::Stale { highest } => {
-                return self.set_error(format!(
-                    "refused goal {} with stale epoch {} (highest seen {highest})",
-                    goal.state, goal.epoch
-                ));
-            }
-            EpochCheck::Newer => {
-                let next = AgentState {
-                    highest_epoch: goal.epoch,
-                    ..self.state
-                };
-                if let Err(e) = self.state_file.store(&next) {
-                    error!(node = %self.node, error = %e, "cannot persist the new epoch");
-                    return self.set_error(format!("cannot persist epoch {}: {e}", goal.epoch));
-                }
-                info!(node = %self.node, epoch = %goal.epoch, previous = %self.state.highest_epoch, "new epoch persisted");
-                self.state = next;
-            }
-            EpochCheck::Current => {}
-        }
         if self.goal.as_ref() != Some(&goal) {
             info!(node = %self.node, goal = %goal.state, epoch = %goal.epoch, source,
                   previous = ?self.goal.as_ref().map(|g| g.state), "goal changed");
@@ -568,6 +544,41 @@ impl<L: MonitorLink> Reconciler<L> {
         if !self.lease_fenced {
             self.clear_error();
         }
+    }
+}
+
+/// Decodes a goal the monitors sent to `node` and applies the epoch rule: another node's goal
+/// and an older epoch are refused (the error says why); a newer epoch is persisted before the
+/// goal is returned, so it is never acted upon unrecorded.
+fn accept_goal(
+    node: &NodeId,
+    wire: v1::Goal,
+    state: &mut AgentState,
+    file: &StateFile,
+) -> Result<Goal, String> {
+    let goal = Goal::try_from(wire).map_err(|e| format!("invalid goal from the monitor: {e}"))?;
+    if goal.node != *node {
+        return Err(format!("goal for another node ({}) ignored", goal.node));
+    }
+    match state.check(goal.epoch) {
+        EpochCheck::Stale { highest } => Err(format!(
+            "refused goal {} with stale epoch {} (highest seen {highest})",
+            goal.state, goal.epoch
+        )),
+        EpochCheck::Newer => {
+            let next = AgentState {
+                highest_epoch: goal.epoch,
+                ..*state
+            };
+            if let Err(e) = file.store(&next) {
+                error!(%node, error = %e, "cannot persist the new epoch");
+                return Err(format!("cannot persist epoch {}: {e}", goal.epoch));
+            }
+            info!(%node, epoch = %goal.epoch, previous = %state.highest_epoch, "new epoch persisted");
+            *state = next;
+            Ok(goal)
+        }
+        EpochCheck::Current => Ok(goal),
     }
 }
 
