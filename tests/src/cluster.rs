@@ -532,7 +532,7 @@ hba = [
         assert!(!pids.is_empty(), "{name}'s PostgreSQL does not run");
         drop(self.node_mut(name).agent.take());
         for &pid in &pids {
-            signal(pid, Signal::SIGKILL);
+            signal_unless_gone(pid, Signal::SIGKILL);
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while pids.iter().any(|&p| crate::is_postgres(p)) {
@@ -547,7 +547,7 @@ hba = [
     /// SIGKILL of the node's postmaster and its children only (the agent lives).
     pub fn kill_postgres(&self, name: &str) {
         for pid in self.postgres_processes(name) {
-            signal(pid, Signal::SIGKILL);
+            signal_unless_gone(pid, Signal::SIGKILL);
         }
     }
 
@@ -573,8 +573,9 @@ hba = [
             .lock()
             .expect("no panic while holding this lock");
         for &pid in pids {
-            signal(pid, Signal::SIGSTOP);
-            frozen.push(pid);
+            if signal_unless_gone(pid, Signal::SIGSTOP) {
+                frozen.push(pid);
+            }
         }
     }
 
@@ -915,6 +916,17 @@ async fn wait_exit(mut guard: ChildGuard, what: &str) -> std::process::ExitStatu
 /// Sends `sig` to a process this cluster started; it must exist.
 fn signal(pid: i32, sig: Signal) {
     kill(Pid::from_raw(pid), sig).unwrap_or_else(|e| panic!("{sig} to {pid}: {e}"));
+}
+
+/// Sends `sig` to a process listed a moment ago, which may have ended since (a PostgreSQL
+/// backend, or a child whose postmaster was just killed): returns whether it was still there.
+/// Any other failure is a bug in the test.
+fn signal_unless_gone(pid: i32, sig: Signal) -> bool {
+    match kill(Pid::from_raw(pid), sig) {
+        Ok(()) => true,
+        Err(nix::errno::Errno::ESRCH) => false,
+        Err(e) => panic!("{sig} to {pid}: {e}"),
+    }
 }
 
 /// Direct children of `parent` (from `/proc/*/stat`).
