@@ -5,11 +5,19 @@
 //! watch channel. No lock is shared around consensus state.
 //!
 //! Each Ready cycle is persisted with exactly one [`RaftStore::write`]: new entries, hard state,
-//! an installed snapshot, conf state, and (every `persist_state_every` applied entries) the
-//! serialized state machine with its applied index. Because the stored state machine and its
-//! applied index are written in one transaction, a restart replays exactly the committed entries
-//! after that index: nothing is applied twice and nothing acknowledged is lost. Messages that
-//! raft-rs marks as "persisted" are sent only after the write returned.
+//! an installed snapshot and conf state (with the state machine, synchronously, after a
+//! membership change). Because the stored state machine and its applied index are always written
+//! in one transaction, a restart replays exactly the committed entries after that index: nothing
+//! is applied twice and nothing acknowledged is lost. Messages that raft-rs marks as "persisted"
+//! are sent only after the write returned.
+//!
+//! Every `persist_state_every` applied entries the state machine is also persisted, but its
+//! serialization (the whole catalog: the dominant cost with thousands of nodes) runs on an
+//! encoder thread from an immutable copy taken at an applied index ([`StateMachine::snapshot_job`]),
+//! so the raft thread keeps ticking, stepping and applying meanwhile. When the bytes come back
+//! the raft thread stores them with THEIR index, which is at or below everything applied and
+//! committed since; bytes overtaken by a newer stored state (a snapshot from the leader, a
+//! membership change) are dropped. At most one encoding runs at a time.
 //!
 //! A proposal is acknowledged to its caller only when it has been applied on this node, which
 //! implies it is committed (durable on a quorum). When this node stops being leader, pending
@@ -34,14 +42,23 @@ use crate::storage::{RaftStore, StorageError, WriteBatch};
 /// Monitor Raft ids and their peer addresses (`host:port` of the peer gRPC service).
 pub type Members = BTreeMap<u64, String>;
 
+/// Serializes a copy of the state taken when the job was made; runs on the encoder thread.
+pub type SnapshotJob = Box<dyn FnOnce() -> Vec<u8> + Send>;
+
 /// The application replicated by Raft. `apply` must be deterministic: every member applies the
 /// same entries in the same order and must reach the same state.
 pub trait StateMachine: Send + 'static {
     type Output: Send + 'static;
     /// Applies one committed command.
     fn apply(&mut self, index: u64, data: &[u8]) -> Self::Output;
-    /// The whole state, for persistence and for snapshots sent to lagging followers.
-    fn snapshot(&self) -> Vec<u8>;
+    /// The whole state as it is now, for persistence and for snapshots sent to lagging
+    /// followers, serialized later by whoever runs the job. Taking the copy should be cheap (it
+    /// happens on the raft thread); the serialization is the job's.
+    fn snapshot_job(&self) -> SnapshotJob;
+    /// The whole state, serialized now.
+    fn snapshot(&self) -> Vec<u8> {
+        (self.snapshot_job())()
+    }
     /// Replaces the state with one produced by `snapshot` (on this or another member).
     fn restore(&mut self, data: &[u8]) -> Result<(), String>;
     /// Called once after each batch of applied entries (e.g. to publish a read-only copy).
@@ -184,7 +201,52 @@ pub enum Request {
     },
     Step(Box<Message>),
     Feedback(Feedback),
+    /// The encoder thread finished the state machine bytes (with members) at `index`.
+    Encoded {
+        index: u64,
+        bytes: Vec<u8>,
+    },
     Stop,
+}
+
+/// One state machine serialization for the encoder thread.
+struct EncodeJob {
+    index: u64,
+    members: Members,
+    app: SnapshotJob,
+}
+
+/// Starts the thread that serializes state machine copies and hands the bytes back to the raft
+/// thread as [`Request::Encoded`]. It ends when the raft thread drops the returned sender.
+fn spawn_encoder(
+    id: u64,
+    results: mpsc::Sender<Request>,
+) -> Result<mpsc::Sender<EncodeJob>, StartError> {
+    let (jobs, rx) = mpsc::channel::<EncodeJob>();
+    thread::Builder::new()
+        .name(format!("raft-{id}-encode"))
+        .spawn(move || {
+            for job in rx {
+                let started = Instant::now();
+                let bytes = encode_state(&job.members, &(job.app)());
+                debug!(
+                    id,
+                    index = job.index,
+                    bytes = bytes.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "state machine encoded for persistence"
+                );
+                let done = Request::Encoded {
+                    index: job.index,
+                    bytes,
+                };
+                if results.send(done).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| StartError::Restore(format!("cannot start the encoder thread: {e}")))?;
+    Ok(jobs)
 }
 
 /// Cheap, cloneable access to the raft thread.
@@ -339,8 +401,12 @@ where
         tx: tx.clone(),
         status: status_rx,
     };
+    let encoder = spawn_encoder(settings.id, tx.clone())?;
     let node = Node {
         persisted_sm_index: raw.store().applied_index(),
+        encoder,
+        encoding: None,
+        encoded: None,
         raw,
         sm,
         transport,
@@ -379,6 +445,12 @@ struct Node<S: StateMachine<Output = Vec<u8>>, T: Transport> {
     waiting_reads: Vec<(u64, Reply<u64>)>,
     conf_changes: HashMap<Vec<u8>, Reply<Members>>,
     persisted_sm_index: u64,
+    /// Jobs for the encoder thread (see the module documentation).
+    encoder: mpsc::Sender<EncodeJob>,
+    /// The applied index of the copy being encoded, while one is.
+    encoding: Option<u64>,
+    /// Bytes back from the encoder, stored by the next `persist_encoded`.
+    encoded: Option<(u64, Vec<u8>)>,
     was_leader: bool,
     removed: bool,
     refused: Option<String>,
@@ -417,7 +489,7 @@ impl<S: StateMachine<Output = Vec<u8>>, T: Transport> Node<S, T> {
                     next_tick = Instant::now() + self.settings.tick;
                 }
             }
-            if let Err(e) = self.on_ready() {
+            if let Err(e) = self.on_ready().and_then(|()| self.persist_encoded()) {
                 error!(id = self.settings.id, error = %e, "raft storage failed; stopping this member");
                 break;
             }
@@ -527,6 +599,10 @@ impl<S: StateMachine<Output = Vec<u8>>, T: Transport> Node<S, T> {
                     SnapshotStatus::Failure
                 };
                 self.raw.report_snapshot(to, status);
+            }
+            Request::Encoded { index, bytes } => {
+                self.encoding = None;
+                self.encoded = Some((index, bytes));
             }
             Request::Stop => {}
         }
@@ -669,17 +745,61 @@ impl<S: StateMachine<Output = Vec<u8>>, T: Transport> Node<S, T> {
         Ok(())
     }
 
-    /// The state machine to persist with this batch: after a membership change (addresses must
-    /// survive a restart) and every `persist_state_every` entries; otherwise the log replays.
-    fn state_to_persist(&self, outcome: &ApplyOutcome) -> Option<(u64, Vec<u8>)> {
-        let behind = outcome.last_applied.saturating_sub(self.persisted_sm_index);
-        let due = behind >= self.settings.persist_state_every || outcome.conf_state.is_some();
-        (behind > 0 && due).then(|| {
-            (
-                outcome.last_applied,
-                encode_state(&self.members, &self.sm.snapshot()),
-            )
-        })
+    /// The state machine to persist with this batch, serialized here: only after a membership
+    /// change (the addresses must be durable with the conf state). Every `persist_state_every`
+    /// entries a copy goes to the encoder thread instead; until it is stored the log replays.
+    fn state_to_persist(&mut self, outcome: &ApplyOutcome) -> Option<(u64, Vec<u8>)> {
+        let index = outcome.last_applied;
+        let behind = index.saturating_sub(self.persisted_sm_index);
+        if behind == 0 {
+            return None;
+        }
+        if outcome.conf_state.is_some() {
+            return Some((index, encode_state(&self.members, &self.sm.snapshot())));
+        }
+        if behind >= self.settings.persist_state_every && self.encoding.is_none() {
+            let job = EncodeJob {
+                index,
+                members: self.members.clone(),
+                app: self.sm.snapshot_job(),
+            };
+            if self.encoder.send(job).is_err() {
+                // The encoder thread is gone (it panicked): persist here rather than never.
+                warn!(
+                    id = self.settings.id,
+                    "encoder thread gone; encoding on the raft thread"
+                );
+                return Some((index, encode_state(&self.members, &self.sm.snapshot())));
+            }
+            self.encoding = Some(index);
+        }
+        None
+    }
+
+    /// Stores the bytes the encoder returned, unless a newer state was stored meanwhile. The
+    /// bytes are at an index already applied, hence committed and in the local log, so raising
+    /// the stored commit to it (when it is behind) keeps `applied <= commit <= last`.
+    fn persist_encoded(&mut self) -> Result<(), StorageError> {
+        let Some((index, bytes)) = self.encoded.take() else {
+            return Ok(());
+        };
+        if index <= self.persisted_sm_index {
+            debug!(
+                id = self.settings.id,
+                index,
+                persisted = self.persisted_sm_index,
+                "encoded state overtaken by a newer stored state; dropped"
+            );
+            return Ok(());
+        }
+        let stored_commit = self.raw.store().hard_state().commit;
+        self.raw.mut_store().write(WriteBatch {
+            commit: (stored_commit < index).then_some(index),
+            applied: Some((index, &bytes)),
+            ..Default::default()
+        })?;
+        self.persisted_sm_index = index;
+        self.maybe_compact()
     }
 
     fn restore_snapshot(&mut self, snapshot: &Snapshot) {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::catalog::{Catalog, Command, Outcome, Rejected};
-use crate::consensus::StateMachine;
+use crate::consensus::{SnapshotJob, StateMachine};
 
 #[derive(Debug)]
 pub struct CatalogMachine {
@@ -59,8 +59,11 @@ impl StateMachine for CatalogMachine {
         serde_json::to_vec(&outcome).expect("outcomes hold only plain data")
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        self.catalog.to_bytes()
+    fn snapshot_job(&self) -> SnapshotJob {
+        // O(1): the copy shares structure with the live catalog, which later batches do not
+        // change under it.
+        let copy = self.catalog.clone();
+        Box::new(move || copy.to_bytes())
     }
 
     fn restore(&mut self, data: &[u8]) -> Result<(), String> {

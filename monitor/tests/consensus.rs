@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ha_monitor::consensus::{self, Members, ProposeError, RaftHandle, RaftSettings, StateMachine};
+use ha_monitor::consensus::{
+    self, Members, ProposeError, RaftHandle, RaftSettings, SnapshotJob, StateMachine,
+};
 use ha_monitor::storage::RaftStore;
 use ha_monitor::transport::sim::SimNetwork;
 use tokio::time::{Instant, timeout};
@@ -31,8 +33,9 @@ impl StateMachine for Record {
         (applied.len() as u64).to_le_bytes().to_vec()
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        serde_json::to_vec(&*self.applied.lock().unwrap()).unwrap()
+    fn snapshot_job(&self) -> SnapshotJob {
+        let copy = self.applied.lock().unwrap().clone();
+        Box::new(move || serde_json::to_vec(&copy).unwrap())
     }
 
     fn restore(&mut self, data: &[u8]) -> Result<(), String> {

@@ -20,7 +20,8 @@
 //! proposer) without paying for the whole catalog each time. They serialize as the same JSON
 //! maps and arrays as the standard collections, so the snapshot format (version 1) is unchanged. Expired join tokens
 //! are swept through an expiry index, and per-group queries go through a group index, instead
-//! of scans of every token or node (both indexes are derived, not serialized, rebuilt on load).
+//! of scans of every token or node, and retried request ids are recognised through a hash index
+//! of the request memory (all three indexes are derived, not serialized, rebuilt on load).
 
 pub mod token;
 
@@ -29,7 +30,7 @@ use std::time::Duration;
 
 use ha_proto::convert::Goal;
 use ha_proto::types::{Endpoint, Epoch, GoalState, Lsn, NodeId, NodeKind};
-use imbl::{OrdMap, OrdSet, Vector};
+use imbl::{HashMap, OrdMap, OrdSet, Vector};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
@@ -579,7 +580,16 @@ pub struct Catalog {
     timings: Timings,
     events: Vector<Event>,
     next_event_seq: u64,
+    /// The last [`REQUEST_MEMORY`] request ids with their outcomes, oldest first: the order in
+    /// which they are forgotten.
     recent_requests: Vector<(String, Outcome)>,
+    /// The same ids and outcomes keyed by id, so that recognising a retried proposal costs one
+    /// hash lookup instead of a scan of the ring on every command. Derived from
+    /// `recent_requests` (ids in the ring are unique: a known id is never pushed again): not
+    /// serialized, rebuilt by `from_bytes`. Only looked up, never iterated, so the per-process
+    /// hash seed cannot make replicas differ.
+    #[serde(skip)]
+    request_outcomes: HashMap<String, Outcome>,
     applied_index: u64,
 }
 
@@ -639,6 +649,7 @@ impl Catalog {
                 .or_default()
                 .insert(n.name.clone());
         }
+        self.request_outcomes = self.recent_requests.iter().cloned().collect();
     }
 
     // ----- queries -----
@@ -746,11 +757,7 @@ impl Catalog {
         if cmd.request_id.is_empty() {
             return Err(Rejected::MissingRequestId);
         }
-        if let Some((_, earlier)) = self
-            .recent_requests
-            .iter()
-            .find(|(id, _)| *id == cmd.request_id)
-        {
+        if let Some(earlier) = self.request_outcomes.get(&cmd.request_id) {
             return earlier.clone();
         }
         // Every operation validates fully before its first write, so a rejection leaves the
@@ -764,8 +771,12 @@ impl Catalog {
         }
         self.recent_requests
             .push_back((cmd.request_id.clone(), outcome.clone()));
+        self.request_outcomes
+            .insert(cmd.request_id.clone(), outcome.clone());
         while self.recent_requests.len() > REQUEST_MEMORY {
-            self.recent_requests.pop_front();
+            if let Some((forgotten, _)) = self.recent_requests.pop_front() {
+                self.request_outcomes.remove(&forgotten);
+            }
         }
         outcome
     }

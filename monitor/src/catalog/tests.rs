@@ -465,16 +465,29 @@ fn request_memory_is_bounded() {
         message: "x".into(),
     });
     f.apply(&first).unwrap();
-    for _ in 0..REQUEST_MEMORY {
-        f.run(Op::RecordEvent {
+    let note = |f: &mut Fixture| {
+        f.cmd(Op::RecordEvent {
             kind: "note".into(),
             node: None,
             group: None,
             message: "y".into(),
         })
-        .unwrap();
+    };
+    let mut last = note(&mut f);
+    for _ in 0..REQUEST_MEMORY {
+        last = note(&mut f);
+        f.apply(&last).unwrap();
     }
+    // The index of remembered ids survives a reload: the newest id is still applied once.
+    f.cat = Catalog::from_bytes(&f.cat.to_bytes()).unwrap();
     let before = f.cat.events_after(0, usize::MAX).last().unwrap().seq;
+    let again = f.apply(&last).unwrap();
+    assert_eq!(
+        f.cat.events_after(0, usize::MAX).last().unwrap().seq,
+        before,
+        "a remembered id applied twice after a reload"
+    );
+    assert_eq!(again.index, f.index - 1, "the earlier outcome is returned");
     f.apply(&first).unwrap();
     assert_eq!(
         f.cat.events_after(0, usize::MAX).last().unwrap().seq,
