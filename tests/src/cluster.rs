@@ -287,6 +287,16 @@ pub struct Cluster {
     root: tempfile::TempDir,
 }
 
+/// What an agent started by a test needs to reach this cluster's monitors
+/// ([`Cluster::agent_security`]).
+#[derive(Debug, Clone)]
+pub struct AgentSecurity {
+    /// Lines for its config file, before its role table.
+    pub toml: String,
+    /// Arguments besides `--config`.
+    pub args: Vec<&'static str>,
+}
+
 /// A secured cluster's CA and the harness's own clients.
 #[derive(Debug)]
 struct Tls {
@@ -1047,6 +1057,27 @@ settings = {{ shared_buffers = "16MB", max_connections = "100" }}
     /// [`crate::writer::Writer::start_tls`].
     pub fn writer_tls(&self) -> Arc<PgClientTls> {
         self.tls().writer.clone()
+    }
+
+    /// How an agent a test starts itself (an ejabberd node, say) joins this cluster: in a
+    /// secured cluster the `[tls]` section (the CA bundle is written now; the agent makes its
+    /// key and CSR and joins) and no arguments; in a plaintext one `dev = true` and `--dev`.
+    /// The TOML goes before the agent's role table.
+    pub fn agent_security(&self, node: &str) -> AgentSecurity {
+        match &self.tls {
+            Some(t) => {
+                let files = t.pki.files(node);
+                t.pki.write_bundle(&files);
+                AgentSecurity {
+                    toml: tls_section(&files, None),
+                    args: Vec::new(),
+                }
+            }
+            None => AgentSecurity {
+                toml: "dev = true\n".to_owned(),
+                args: vec!["--dev"],
+            },
+        }
     }
 
     /// Every party's file set: monitors, nodes (agent and PostgreSQL), operator, writer.

@@ -12,9 +12,10 @@
 //! session failed to open; no failover (same primary, same epoch, no failover or promotion
 //! event); the standby streams and the group is synchronous; every acknowledged row is on the
 //! primary; a client presenting a certificate of the old CA is refused by every monitor and
-//! every PostgreSQL server while the same client with a new certificate is admitted; and a node
-//! joining afterwards gets a certificate of the new CA (the monitors reloaded the CA key
-//! without a restart). The time each step took is printed.
+//! every PostgreSQL server while the same client with a new certificate is admitted; a
+//! restarted agent reports and a restarted monitor acknowledges new Raft entries (new
+//! connections with the new files); and a node joining afterwards gets a certificate of the new
+//! CA (the monitors reloaded the CA key without a restart). The time each step took is printed.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use ha_pki::{ClientTls, Role};
 use ha_proto::v1::agent_service_client::AgentServiceClient;
 use ha_proto::v1::operator_service_client::OperatorServiceClient;
 use ha_proto::v1::{self, JoinRequest, StatusRequest};
-use ha_tests::cluster::{Cluster, group, primary_of, streaming};
+use ha_tests::cluster::{Cluster, group, node, primary_of, streaming};
 use ha_tests::drill;
 use ha_tests::pki::PgClientTls;
 use ha_tests::writer::Writer;
@@ -47,6 +48,11 @@ async fn monitor_admits(addr: &str, tls: &Arc<ClientTls>) -> Result<(), String> 
         .await
         .map(|_| ())
         .map_err(|s| s.to_string())
+}
+
+/// Monitor `id`'s row in a status (as the leader sees it: `commit_index` is its matched index).
+fn monitor(s: &v1::StatusResponse, id: u64) -> &v1::MonitorStatus {
+    s.monitors.iter().find(|m| m.id == id).unwrap()
 }
 
 /// Whether `leaf_pem` chains to one of the CAs in `bundle_pem` (as a client certificate).
@@ -110,6 +116,21 @@ async fn every_certificate_and_the_ca_rotate_under_a_tls_writer_without_failure_
     let primary = primary_of(&s).unwrap().to_owned();
     let standby = if primary == "psql1" { "psql2" } else { "psql1" };
     let epoch = group(&s).unwrap().epoch;
+    // Replication runs over TLS with the standby's certificate (verify-full, cert auth).
+    let walsender = cluster
+        .session(&primary)
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT s.ssl, s.client_dn FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (walsender.get::<_, bool>(0), walsender.get::<_, String>(1)),
+        (true, format!("/CN={standby}"))
+    );
     let last_event = cluster.events().await.last().map_or(0, |e| e.seq);
     // A client certificate of the first CA, kept to show it is refused at the end.
     let stale = cluster.pki().files("stale-operator");
@@ -211,6 +232,48 @@ async fn every_certificate_and_the_ca_rotate_under_a_tls_writer_without_failure_
             .await
             .unwrap();
     }
+
+    // Daemons' own connections opened after the rotation use the new files too: a restarted
+    // agent reports again, and a restarted monitor acknowledges new Raft entries.
+    cluster.kill_agent(standby);
+    let silent = |s: &v1::StatusResponse| {
+        node(s, standby)
+            .and_then(|n| n.last_report_age_ms)
+            .is_some_and(|age| age > 1000)
+    };
+    cluster
+        .wait_for(
+            "the killed agent is silent",
+            Duration::from_secs(10),
+            silent,
+        )
+        .await;
+    cluster.start_agent(standby);
+    cluster
+        .wait_for(
+            "the restarted agent reports with its new certificate",
+            Duration::from_secs(30),
+            |s| !silent(s),
+        )
+        .await;
+    let leader = cluster.leader_id().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.kill_monitor(follower);
+    cluster.start_monitor(follower);
+    // A Raft entry written after the restart: the follower's acknowledgement must reach the
+    // leader over a new connection.
+    cluster
+        .join_token("raft-probe", v1::NodeKind::Postgres)
+        .await;
+    let s = cluster.status().await;
+    let committed = monitor(&s, s.answered_by).commit_index;
+    cluster
+        .wait_for(
+            "the restarted monitor acknowledges new entries",
+            Duration::from_secs(30),
+            |s| monitor(s, follower).commit_index >= committed,
+        )
+        .await;
 
     // The monitors sign joins with the new CA now (no restart).
     let cert = join_with_csr(&cluster, "e9").await;
