@@ -46,12 +46,17 @@ pub const LEASE: Duration = Duration::from_secs(3);
 /// The one group of PostgreSQL nodes.
 pub const GROUP: &str = "main";
 
-/// Table the [`crate::writer::Writer`] commits to and the split-brain watch probes, created on
-/// the first primary before any standby is cloned.
-const SCHEMA: &str = "CREATE TABLE ha_drill (id bigint PRIMARY KEY, node text NOT NULL);
+/// Tables the [`crate::writer::Writer`] commits to and the split-brain watch probes, and the
+/// role of the writer's TLS sessions, created on the first primary before any standby is
+/// cloned.
+fn schema() -> String {
+    format!(
+        "CREATE TABLE ha_drill (id bigint PRIMARY KEY, node text NOT NULL);
 CREATE TABLE ha_drill_probe (node text NOT NULL, at timestamptz NOT NULL DEFAULT now());
-CREATE ROLE writer LOGIN;
-GRANT SELECT, INSERT ON ha_drill TO writer";
+CREATE ROLE {WRITER_USER} LOGIN;
+GRANT SELECT, INSERT ON ha_drill TO {WRITER_USER}"
+    )
+}
 /// How long a rotation step may take to be picked up by every daemon and server.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -180,7 +185,7 @@ impl ClusterBuilder {
             .session("psql1")
             .await
             .expect("psql1 accepts sessions once it reached its goal")
-            .batch_execute(SCHEMA)
+            .batch_execute(&schema())
             .await
             .expect("creating the drill tables");
         let others: Vec<String> = cluster.nodes[1..].iter().map(|n| n.name.clone()).collect();
