@@ -1067,7 +1067,8 @@ settings = {{ shared_buffers = "16MB", max_connections = "100" }}
     /// How an agent a test starts itself (an ejabberd node, say) joins this cluster: in a
     /// secured cluster the `[tls]` section (the CA bundle is written now; the agent makes its
     /// key and CSR and joins) and no arguments; in a plaintext one `dev = true` and `--dev`.
-    /// The TOML goes before the agent's role table.
+    /// The TOML goes before the agent's role table. The rotation steps do not cover such an
+    /// agent.
     pub fn agent_security(&self, node: &str) -> AgentSecurity {
         match &self.tls {
             Some(t) => {
@@ -1117,13 +1118,8 @@ settings = {{ shared_buffers = "16MB", max_connections = "100" }}
             .party("writer-probe", Role::Operator, WRITER_USER);
         let probe =
             PgClientTls::load(probe, WRITER_USER).expect("the probe's files were just written");
-        for n in &self.nodes {
-            wait_until(
-                &format!("{} admits a certificate of the new CA", n.name),
-                async || probe.connect(n.port, Duration::from_secs(2)).await.is_ok(),
-            )
+        self.wait_postgres_admits(&probe, true, "a certificate of the new CA")
             .await;
-        }
     }
 
     /// CA rotation, step 2 of 3: every certificate (monitors, each node's for its agent and its
@@ -1178,14 +1174,21 @@ settings = {{ shared_buffers = "16MB", max_connections = "100" }}
         }
         let stale =
             PgClientTls::load(stale, WRITER_USER).expect("the stale files were just written");
+        self.wait_postgres_admits(&stale, false, "a certificate of the old CA")
+            .await;
+        retired
+    }
+
+    /// Waits until every PostgreSQL server admits (or, with `admitted` false, refuses) a new
+    /// session of `client`, whose certificate is `what`.
+    async fn wait_postgres_admits(&self, client: &PgClientTls, admitted: bool, what: &str) {
+        let verb = if admitted { "admits" } else { "refuses" };
         for n in &self.nodes {
-            wait_until(
-                &format!("{} refuses a certificate of the old CA", n.name),
-                async || stale.connect(n.port, Duration::from_secs(2)).await.is_err(),
-            )
+            wait_until(&format!("{} {verb} {what}", n.name), async || {
+                client.connect(n.port, Duration::from_secs(2)).await.is_ok() == admitted
+            })
             .await;
         }
-        retired
     }
 
     /// The length of every daemon's log now: what is logged later is what a step caused.
@@ -1215,7 +1218,8 @@ settings = {{ shared_buffers = "16MB", max_connections = "100" }}
         logs
     }
 
-    /// SIGHUP to every running monitor and agent and a reload of the harness's own clients;
+    /// SIGHUP to every running monitor and agent (an agent handles it once it has joined, which
+    /// every agent of a started cluster has) and a reload of the harness's own clients;
     /// then waits until each daemon logged, after the signal, that it reloaded (a monitor its
     /// server, its peer client and its CA key; an agent its client) and each agent, after
     /// `mark`, that it handed the new files to PostgreSQL.

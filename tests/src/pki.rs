@@ -196,7 +196,8 @@ impl PgClientTls {
         let (client, conn) = tokio::time::timeout(timeout, config.connect(self.connector()))
             .await
             .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| error_chain(&e))?;
+            // Debug: tokio-postgres keeps the TLS alert in the cause, which Display omits.
+            .map_err(|e| format!("{e:?}"))?;
         tokio::spawn(conn);
         Ok(client)
     }
@@ -253,18 +254,6 @@ pub async fn served_certificate(port: u16, ca_bundle: &Path) -> Option<Vec<u8>> 
 
 /// PostgreSQL's SSLRequest: length 8, code 80877103.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
-
-/// An error with its causes (tokio-postgres puts the TLS alert in a source).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
 
 fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let pem_error = |path: &Path| {
