@@ -149,6 +149,8 @@ async fn the_ejabberd_agent_follows_the_primary_and_reports_a_refused_reload() {
     let erl = instance.node();
     let dir = tempfile::tempdir().unwrap();
     let token = cluster.join_token("e1", v1::NodeKind::Ejabberd).await;
+    // Mutual TLS like every agent of the cluster: it joins with a CSR for its certificate.
+    let security = cluster.agent_security("e1");
     let config = dir.path().join("e1.toml");
     std::fs::write(
         &config,
@@ -159,7 +161,7 @@ group = "main"
 monitors = {monitors:?}
 join_token_file = "{token}"
 state_dir = "{state}"
-dev = true
+{security}
 [ejabberd]
 config_file = "{file}"
 erlang_node = "{erl_node}"
@@ -171,6 +173,7 @@ xmpp_port = {c2s}
             monitors = cluster.monitor_addrs(),
             token = token.display(),
             state = dir.path().join("state").display(),
+            security = security.toml,
             file = instance.config_path().display(),
             erl_node = erl.node,
             cookie = erl.cookie_home.display(),
@@ -186,7 +189,7 @@ xmpp_port = {c2s}
         Command::new(&binaries().agent)
             .arg("--config")
             .arg(&config)
-            .arg("--dev")
+            .args(&security.args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -72,14 +72,15 @@ pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// The cluster CA's private key (a PEM file of mode 0600, read once at start, refused if
-    /// group or others may read it). With it the leader signs the CSR a node sends with Join;
-    /// without it a node joins with a pre-issued certificate and an empty CSR.
+    /// The cluster CA's private key (a PEM file of mode 0600, refused if group or others may
+    /// read it; reloaded like the other files, so a CA rotation needs no restart). With it the
+    /// leader signs the CSR a node sends with Join; without it a node joins with a pre-issued
+    /// certificate and an empty CSR.
     pub ca_key: Option<PathBuf>,
 }
 
 impl TlsFiles {
-    /// The files the TLS layer reloads (the CA key is not among them: it is read at start).
+    /// The files of the TLS connections (the CA key is reloaded by [`crate::signer`]).
     pub fn tls(&self) -> ha_pki::TlsFiles {
         ha_pki::TlsFiles {
             ca_bundle: self.ca.clone(),

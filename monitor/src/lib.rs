@@ -12,6 +12,7 @@ pub mod incarnation;
 pub mod logging;
 pub mod machine;
 pub mod server;
+pub mod signer;
 pub mod status;
 pub mod storage;
 pub mod transport;

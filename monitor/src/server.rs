@@ -14,9 +14,11 @@
 //! like the node in the request; every operator call needs role operator; Raft needs role
 //! monitor with the name `monitor-<from>`. A refusal is `UNAUTHENTICATED` (no certificate) or
 //! `PERMISSION_DENIED` (wrong role or name), logged with the caller's identity. When the `[tls]`
-//! section names `ca_key`, the CA key is read once at start and the leader signs the CSR a
-//! joining node sends, for the role its token grants, its node name, and its endpoint host as a
-//! subject alternative name (standbys verify the primary's host name).
+//! section names `ca_key`, the leader signs the CSR a joining node sends, for the role its token
+//! grants, its node name, and its endpoint host as a subject alternative name (standbys verify
+//! the primary's host name). The CA key, the bundle, the certificate and its key are reloaded on
+//! SIGHUP or when a file changes ([`crate::signer`], `ha_pki::ReloadWatcher`), so every one of
+//! them, the CA included, rotates without a restart.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -36,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
-use ha_pki::{Ca, ClientAuth, ClientTls, PeerIdentity, Reload, ReloadWatcher, Role, ServerTls};
+use ha_pki::{ClientAuth, ClientTls, PeerIdentity, Reload, ReloadWatcher, Role, ServerTls};
 
 use crate::catalog::{self, Applied, Catalog, Command, Op, Registration, Rejected};
 use crate::config::{self, MonitorConfig};
@@ -45,6 +47,7 @@ use crate::decide::{self, Observations, ProbeResult, Report};
 use crate::incarnation::{self, Incarnations};
 
 use crate::machine::{self, CatalogMachine};
+use crate::signer::CaSigner;
 use crate::storage::RaftStore;
 use crate::transport::{self, GrpcTransport};
 
@@ -125,8 +128,8 @@ enum Security {
     Tls {
         /// The CA bundle, returned to joining nodes as it is on disk at that moment.
         ca_bundle: std::path::PathBuf,
-        /// The cluster CA, when `ca_key` is configured.
-        signer: Option<Box<Ca>>,
+        /// The cluster CA, when `ca_key` is configured (reloaded with the other TLS files).
+        signer: Option<Arc<CaSigner>>,
     },
 }
 
@@ -272,11 +275,12 @@ impl Monitor {
                 Some(_) => Ok(String::new()),
             };
         }
-        let Some(ca) = signer else {
+        let Some(signer) = signer else {
             return refuse(Status::failed_precondition(
                 "join refused: this cluster signs no CSR (no CA key on the monitors); join with a pre-issued certificate and an empty CSR",
             ));
         };
+        let ca = signer.current();
         let now = SystemTime::now();
         let validity = ha_pki::Validity::new(
             now - ha_pki::CLOCK_SKEW_ALLOWANCE,
@@ -1200,12 +1204,22 @@ pub enum ServeError {
     CaKey { path: String, reason: String },
 }
 
-/// TLS state of a running monitor: what the server and the peer clients use, and the security
-/// the services apply.
+/// TLS state of a running monitor: what the server, the peer clients and the CSR signer use
+/// (all reloaded together), and the security the services apply.
 struct TlsSetup {
     server: Arc<ServerTls>,
     peers: Arc<ClientTls>,
+    signer: Option<Arc<CaSigner>>,
     security: Security,
+}
+
+impl TlsSetup {
+    /// Everything the reload watcher re-reads on SIGHUP or a changed file.
+    fn reloadable(&self) -> Vec<Arc<dyn Reload>> {
+        let mut targets: Vec<Arc<dyn Reload>> = vec![self.server.clone(), self.peers.clone()];
+        targets.extend(self.signer.clone().map(|s| s as Arc<dyn Reload>));
+        targets
+    }
 }
 
 /// Loads certificates (and the CA key, refused unless mode 0600) before anything starts, so a
@@ -1219,26 +1233,21 @@ fn load_tls(files: &config::TlsFiles) -> Result<TlsSetup, ServeError> {
     let peers = Arc::new(ClientTls::load(tls_files)?);
     let signer = match &files.ca_key {
         None => None,
-        Some(path) => {
-            let fail = |reason: String| ServeError::CaKey {
+        Some(path) => Some(Arc::new(CaSigner::load(&files.ca, path).map_err(|e| {
+            ServeError::CaKey {
                 path: path.display().to_string(),
-                reason,
-            };
-            let key = ha_pki::read_key_file(path).map_err(|e| fail(e.to_string()))?;
-            let bundle = ha_pki::read_public_file(&files.ca).map_err(|e| fail(e.to_string()))?;
-            let ca = Ca::load_from_bundle(&bundle, &key)
-                .map_err(|e| fail(format!("matches no CA of the bundle: {e}")))?;
-            info!(ca_key = %path.display(), "CA key loaded: the leader signs join CSRs");
-            Some(Box::new(ca))
-        }
+                reason: e.to_string(),
+            }
+        })?)),
     };
     Ok(TlsSetup {
         server,
         peers,
         security: Security::Tls {
             ca_bundle: files.ca.clone(),
-            signer,
+            signer: signer.clone(),
         },
+        signer,
     })
 }
 
@@ -1258,12 +1267,15 @@ pub async fn run(
     let store = open_store(&db_path)?;
     let incarnations = Arc::new(Mutex::new(Incarnations::open(&config.data_dir, fresh_log)?));
     let (security, tls) = match config.tls.as_ref().map(load_tls).transpose()? {
-        Some(t) => (t.security, Some((t.server, t.peers))),
+        Some(t) => {
+            let reloadable = t.reloadable();
+            (t.security, Some((t.server, t.peers, reloadable)))
+        }
         None => (Security::Plaintext, None),
     };
     let (machine, catalog) = CatalogMachine::new();
     let channels = match &tls {
-        Some((_, peers)) => transport::tls_channels(peers.clone()),
+        Some((_, peers, _)) => transport::tls_channels(peers.clone()),
         None => transport::plaintext_channels(),
     };
     let transport = GrpcTransport::new(
@@ -1329,12 +1341,10 @@ pub async fn run(
                 )
                 .await
         }
-        Some((server_tls, peers)) => {
-            // SIGHUP or changed files reload both sides; new connections use the new files.
-            let watcher = ReloadWatcher::new(
-                vec![server_tls.clone() as Arc<dyn Reload>, peers],
-                TLS_RELOAD_POLL,
-            )?;
+        Some((server_tls, _, reloadable)) => {
+            // SIGHUP or changed files reload both sides and the CA key; new connections use
+            // the new files, the next CSR is signed by the CA the key file holds.
+            let watcher = ReloadWatcher::new(reloadable, TLS_RELOAD_POLL)?;
             tokio::spawn(watcher.run(shutdown.clone().cancelled_owned()));
             router
                 .serve_with_incoming_shutdown(

@@ -2,18 +2,31 @@
 //! `ha-agent` driving its own PostgreSQL 15 in a temporary directory), with the operator API,
 //! status polling and fault injection (SIGKILL, SIGSTOP/SIGCONT) that drills need.
 //!
+//! Security is the production one unless a test asks for plaintext
+//! ([`ClusterBuilder::plaintext`]): a cluster CA made in the cluster's directory ([`Pki`]);
+//! monitors with `monitor-<id>` certificates and the CA key, so the leader signs join CSRs;
+//! every agent gets only the CA bundle and a join token, generates its key and CSR, joins over
+//! TLS and then reports with the certificate it got, which its PostgreSQL also uses for
+//! replication, base backups and rewinds (verify-full, certificate authentication, `hostssl`
+//! rules for exactly the peers); the operator API, `haclt` and the TLS mode of the writer use
+//! certificates of their own. `--dev` is passed only where a daemon demands it: to a single
+//! monitor (no fault tolerance), or to everything in a plaintext cluster. The whole CA rotates
+//! under load in three steps ([`Cluster::rotation_trust_new_ca`],
+//! [`Cluster::rotation_reissue_certificates`], [`Cluster::rotation_retire_old_ca`]), each
+//! returning once every daemon and every PostgreSQL server has reloaded.
+//!
 //! Invariants: every port is chosen at run time; every process is started here and ended by PID
 //! when the [`Cluster`] drops (frozen ones are continued first), even when a test panics, and
 //! then the tail of every log is printed. Configuration files are generated in one place
-//! ([`Cluster::monitor_config`], [`Cluster::agent_config`], [`SECURITY_TOML`], [`SECURITY_ARGS`]),
-//! so switching the harness to mutual TLS touches only those.
+//! ([`Cluster::monitor_config`], [`Cluster::agent_config`], [`Cluster::haclt`]'s file).
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ha_pki::{Ca, ClientTls, Reload as _, Role, TlsFiles};
 use ha_proto::v1::operator_service_client::OperatorServiceClient;
 use ha_proto::v1::{self, CreateJoinTokenRequest, EventsRequest, StatusRequest};
 use nix::sys::signal::{Signal, kill};
@@ -22,21 +35,30 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::bins::binaries;
+use crate::pki::{LOOPBACK, PgClientTls, Pki};
 use crate::{ChildGuard, free_port, postmaster_pid, stop_postmasters};
 
-/// Security lines of every daemon's config file: plaintext gRPC for now.
-pub const SECURITY_TOML: &str = "dev = true\n";
-/// Arguments every daemon gets besides `--config` (plaintext needs `--dev`).
-pub const SECURITY_ARGS: &[&str] = &["--dev"];
+/// The database user of the writer's TLS sessions, and its certificate's name (`pg_hba.conf`
+/// admits it with `cert`, which compares the two).
+pub const WRITER_USER: &str = "writer";
 /// The primary's lease under the default timings the monitors run with (DESIGN.md "Timings").
 pub const LEASE: Duration = Duration::from_secs(3);
 /// The one group of PostgreSQL nodes.
 pub const GROUP: &str = "main";
 
-/// Table the [`crate::writer::Writer`] commits to and the split-brain watch probes, created on
-/// the first primary before any standby is cloned.
-const SCHEMA: &str = "CREATE TABLE ha_drill (id bigint PRIMARY KEY, node text NOT NULL);
-CREATE TABLE ha_drill_probe (node text NOT NULL, at timestamptz NOT NULL DEFAULT now())";
+/// Tables the [`crate::writer::Writer`] commits to and the split-brain watch probes, and the
+/// role of the writer's TLS sessions, created on the first primary before any standby is
+/// cloned.
+fn schema() -> String {
+    format!(
+        "CREATE TABLE ha_drill (id bigint PRIMARY KEY, node text NOT NULL);
+CREATE TABLE ha_drill_probe (node text NOT NULL, at timestamptz NOT NULL DEFAULT now());
+CREATE ROLE {WRITER_USER} LOGIN;
+GRANT SELECT, INSERT ON ha_drill TO {WRITER_USER}"
+    )
+}
+/// How long a rotation step may take to be picked up by every daemon and server.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a cluster is shaped.
 #[derive(Debug, Clone)]
@@ -48,6 +70,8 @@ pub struct ClusterBuilder {
     drills_refused: Vec<String>,
     /// Extra `pg_hba.conf` rules of every PostgreSQL node (TOML inline tables).
     hba: Vec<String>,
+    /// Plaintext gRPC and replication with `--dev` everywhere ([`ClusterBuilder::plaintext`]).
+    plaintext: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -57,6 +81,7 @@ impl Default for ClusterBuilder {
             postgres: 3,
             drills_refused: Vec::new(),
             hba: Vec::new(),
+            plaintext: false,
         }
     }
 }
@@ -90,6 +115,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Every daemon runs with `--dev`: plaintext gRPC, no caller checks, plaintext replication
+    /// trusted from loopback. Only for a test that must see plaintext (none of the drills).
+    pub fn plaintext(mut self) -> Self {
+        self.plaintext = true;
+        self
+    }
+
     /// Starts the monitors, waits for a leader, starts `psql1` and waits for it to be primary
     /// (creating the drill tables), then starts the others and waits until the cluster is
     /// converged ([`Cluster::wait_converged`]).
@@ -103,16 +135,21 @@ impl ClusterBuilder {
         let monitors: Vec<MonitorProc> = (1..=self.monitors as u64)
             .map(|id| MonitorProc {
                 id,
-                addr: format!("127.0.0.1:{}", free_port()),
+                addr: format!("{LOOPBACK}:{}", free_port()),
                 child: None,
             })
             .collect();
-        let channels = monitors.iter().map(|m| operator_channel(&m.addr)).collect();
-        let nodes = (1..=self.postgres)
-            .map(|i| {
-                let name = format!("psql{i}");
-                let allow_drills = !self.drills_refused.contains(&name);
-                PgNode::new(root.path(), &name, allow_drills)
+        let node_names: Vec<String> = (1..=self.postgres).map(|i| format!("psql{i}")).collect();
+        let tls = (!self.plaintext).then(|| Tls::create(root.path(), &monitors, &node_names));
+        let channels = monitors
+            .iter()
+            .map(|m| operator_channel(&m.addr, tls.as_ref().map(|t| t.operator.clone())))
+            .collect();
+        let nodes = node_names
+            .iter()
+            .map(|name| {
+                let allow_drills = !self.drills_refused.contains(name);
+                PgNode::new(root.path(), name, allow_drills)
             })
             .collect();
         let mut cluster = Cluster {
@@ -123,8 +160,10 @@ impl ClusterBuilder {
             frozen: Mutex::new(Vec::new()),
             postmasters_seen: Mutex::new(Vec::new()),
             hba: self.hba,
+            tls,
             root,
         };
+        cluster.write_haclt_config();
         for id in 1..=self.monitors as u64 {
             cluster.start_monitor(id);
         }
@@ -146,7 +185,7 @@ impl ClusterBuilder {
             .session("psql1")
             .await
             .expect("psql1 accepts sessions once it reached its goal")
-            .batch_execute(SCHEMA)
+            .batch_execute(&schema())
             .await
             .expect("creating the drill tables");
         let others: Vec<String> = cluster.nodes[1..].iter().map(|n| n.name.clone()).collect();
@@ -247,16 +286,102 @@ pub struct Cluster {
     postmasters_seen: Mutex<Vec<i32>>,
     /// Extra `pg_hba.conf` rules ([`ClusterBuilder::hba`]).
     hba: Vec<String>,
+    /// `None` in a plaintext cluster.
+    tls: Option<Tls>,
     /// Dropped last: the directory outlives every process using it.
     root: tempfile::TempDir,
 }
 
-fn operator_channel(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("a loopback address is a valid URI")
-        .connect_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_secs(2))
-        .connect_lazy()
+/// What an agent started by a test needs to reach this cluster's monitors
+/// ([`Cluster::agent_security`]).
+#[derive(Debug, Clone)]
+pub struct AgentSecurity {
+    /// Lines for its config file, before its role table.
+    pub toml: String,
+    /// Arguments besides `--config`.
+    pub args: Vec<&'static str>,
+}
+
+/// A secured cluster's CA and the harness's own clients.
+#[derive(Debug)]
+struct Tls {
+    pki: Pki,
+    /// The client of [`Cluster::operator`] (reloaded by the rotation steps).
+    operator: Arc<ClientTls>,
+    /// The writer's SQL client ([`Cluster::writer_tls`]).
+    writer: Arc<PgClientTls>,
+}
+
+impl Tls {
+    /// The cluster CA in `<root>/pki`, the monitors' certificates, the bundles the agents join
+    /// with (they make their own keys), and the operator's and writer's certificates.
+    fn create(root: &Path, monitors: &[MonitorProc], nodes: &[String]) -> Self {
+        ha_pki::install_crypto();
+        let pki = Pki::create(&root.join("pki"));
+        for m in monitors {
+            pki.party(&monitor_party(m.id), Role::Monitor, &monitor_name(m.id));
+        }
+        for name in nodes {
+            pki.write_bundle(&pki.files(name));
+        }
+        let operator = ClientTls::load(pki.party(OPERATOR, Role::Operator, OPERATOR))
+            .expect("the operator's files were just written");
+        let writer = PgClientTls::load(
+            pki.party(WRITER_USER, Role::Operator, WRITER_USER),
+            WRITER_USER,
+        )
+        .expect("the writer's files were just written");
+        Self {
+            pki,
+            operator: Arc::new(operator),
+            writer: Arc::new(writer),
+        }
+    }
+}
+
+/// Name of the operator certificate of the harness (and of `haclt`).
+const OPERATOR: &str = "operator";
+
+/// A monitor's certificate name.
+fn monitor_name(id: u64) -> String {
+    format!("monitor-{id}")
+}
+
+/// The name of a monitor's files in the PKI directory.
+fn monitor_party(id: u64) -> String {
+    format!("monitor{id}")
+}
+
+/// An operator channel to one monitor, reconnecting on its own: mutual TLS with `tls`, or
+/// plaintext.
+fn operator_channel(addr: &str, tls: Option<Arc<ClientTls>>) -> Channel {
+    let endpoint = match &tls {
+        Some(_) => {
+            ha_pki::endpoint(&format!("https://{addr}")).expect("a loopback address is a valid URI")
+        }
+        None => Channel::from_shared(format!("http://{addr}"))
+            .expect("a loopback address is a valid URI"),
+    }
+    .connect_timeout(Duration::from_millis(300))
+    .timeout(Duration::from_secs(2));
+    match tls {
+        Some(tls) => endpoint.connect_with_connector_lazy(ha_pki::MtlsConnector::new(tls)),
+        None => endpoint.connect_lazy(),
+    }
+}
+
+/// The `[tls]` section of a daemon's config file.
+fn tls_section(files: &TlsFiles, ca_key: Option<&Path>) -> String {
+    let mut s = format!(
+        "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        files.ca_bundle.display(),
+        files.cert.display(),
+        files.key.display()
+    );
+    if let Some(ca_key) = ca_key {
+        s.push_str(&format!("ca_key = \"{}\"\n", ca_key.display()));
+    }
+    s
 }
 
 /// The node's status row.
@@ -327,6 +452,12 @@ impl Cluster {
     // Configuration (the one place that knows the files' shape)
     // --------------------------------------------------------------------------------------
 
+    /// Whether `ha-monitor` needs `dev = true` and `--dev`: plaintext, or fewer than three
+    /// monitors (which the monitor refuses otherwise, TLS or not).
+    fn monitor_dev(&self) -> bool {
+        self.tls.is_none() || self.monitors.len() < 3
+    }
+
     fn monitor_config(&self, id: u64) -> String {
         let me = &self.monitors[index_of(id)];
         let members: Vec<String> = self
@@ -334,8 +465,16 @@ impl Cluster {
             .iter()
             .map(|m| format!("{{ id = {}, address = \"{}\" }}", m.id, m.addr))
             .collect();
+        let dev = if self.monitor_dev() {
+            "dev = true\n"
+        } else {
+            ""
+        };
+        let tls = self.tls.as_ref().map_or_else(String::new, |t| {
+            tls_section(&t.pki.files(&monitor_party(id)), Some(&t.pki.ca_key_path()))
+        });
         format!(
-            "id = {id}\n{SECURITY_TOML}allow_drills = true\ndata_dir = \"{}\"\nlisten = \"{}\"\nmembers = [{}]\n",
+            "id = {id}\n{dev}allow_drills = true\ndata_dir = \"{}\"\nlisten = \"{}\"\nmembers = [{}]\n{tls}",
             self.root.path().join(format!("monitor{id}")).display(),
             me.addr,
             members.join(", ")
@@ -348,6 +487,38 @@ impl Cluster {
             .iter()
             .map(|m| format!("\"{}\"", m.addr))
             .collect();
+        // With TLS, replication, base backups and rewinds are admitted by the agent's own
+        // `hostssl ... cert` rules for `peers`; the writer's TLS sessions by certificate too.
+        // `haclt drill`'s writer still connects without TLS as `postgres` (trusted on loopback).
+        let (security, peers, rules) = match &self.tls {
+            Some(t) => (
+                tls_section(&t.pki.files(&n.name), None),
+                format!(
+                    "peers = [{}]\n",
+                    self.nodes
+                        .iter()
+                        .map(|p| format!("{{ node = \"{}\", address = \"{LOOPBACK}\" }}", p.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                format!(
+                    r#"  {{ type = "hostssl", database = "postgres", user = "{WRITER_USER}", address = "{LOOPBACK}/32", method = "cert" }},
+  {{ type = "host", database = "postgres", user = "postgres", address = "{LOOPBACK}/32", method = "trust" }},
+"#
+                ),
+            ),
+            None => (
+                "dev = true\n".to_owned(),
+                String::new(),
+                format!(
+                    r#"  {{ type = "host", database = "replication", user = "replicator", address = "{LOOPBACK}/32", method = "trust" }},
+  {{ type = "host", database = "postgres", user = "replicator", address = "{LOOPBACK}/32", method = "trust" }},
+  {{ type = "host", database = "postgres", user = "postgres", address = "{LOOPBACK}/32", method = "trust" }},
+"#
+                ),
+            ),
+        };
+        // `dev` is a top-level key and `[tls]` a table: both go before `[postgres]`.
         format!(
             r#"role = "postgres"
 node = "{name}"
@@ -356,21 +527,18 @@ monitors = [{monitors}]
 join_token_file = "{token}"
 state_dir = "{state}"
 allow_drills = {allow_drills}
-{SECURITY_TOML}
+{security}
 [postgres]
 data_dir = "{data}"
 port = {port}
-listen_addresses = ["127.0.0.1"]
-advertise_host = "127.0.0.1"
+listen_addresses = ["{LOOPBACK}"]
+advertise_host = "{LOOPBACK}"
 socket_dir = "{socket}"
 start_timeout = "30s"
 stop_timeout = "20s"
 settings = {{ shared_buffers = "16MB", max_connections = "100" }}
-hba = [
-  {{ type = "host", database = "replication", user = "replicator", address = "127.0.0.1/32", method = "trust" }},
-  {{ type = "host", database = "postgres", user = "replicator", address = "127.0.0.1/32", method = "trust" }},
-  {{ type = "host", database = "postgres", user = "postgres", address = "127.0.0.1/32", method = "trust" }},
-{extra_hba}]
+{peers}hba = [
+{rules}{extra_hba}]
 "#,
             name = n.name,
             monitors = monitors.join(", "),
@@ -388,11 +556,31 @@ hba = [
         )
     }
 
+    /// `haclt`'s config file: the monitors and, with TLS, the operator certificate.
+    fn write_haclt_config(&self) {
+        let monitors: Vec<String> = self
+            .monitors
+            .iter()
+            .map(|m| format!("\"{}\"", m.addr))
+            .collect();
+        let security = match &self.tls {
+            Some(t) => tls_section(&t.pki.files(OPERATOR), None),
+            None => "dev = true\n".to_owned(),
+        };
+        let text = format!("monitors = [{}]\n{security}", monitors.join(", "));
+        std::fs::write(self.haclt_config_path(), text).expect("writing haclt's config");
+    }
+
+    fn haclt_config_path(&self) -> PathBuf {
+        self.root.path().join("haclt.toml")
+    }
+
     fn log_path(&self, what: &str) -> PathBuf {
         self.root.path().join(format!("{what}.log"))
     }
 
-    fn spawn(&self, binary: &Path, config: &Path, log: &Path) -> ChildGuard {
+    /// Starts `binary --config config` (plus `--dev` when `dev`), its stderr appended to `log`.
+    fn spawn(&self, binary: &Path, config: &Path, log: &Path, dev: bool) -> ChildGuard {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -401,7 +589,7 @@ hba = [
         let child = Command::new(binary)
             .arg("--config")
             .arg(config)
-            .args(SECURITY_ARGS)
+            .args(dev.then_some("--dev"))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -420,7 +608,7 @@ hba = [
         let config = self.root.path().join(format!("monitor{id}.toml"));
         std::fs::write(&config, self.monitor_config(id)).expect("writing the monitor config");
         let log = self.log_path(&format!("monitor{id}"));
-        let child = self.spawn(&binaries().monitor, &config, &log);
+        let child = self.spawn(&binaries().monitor, &config, &log, self.monitor_dev());
         let m = &mut self.monitors[index_of(id)];
         assert!(m.child.is_none(), "monitor {id} already runs");
         m.child = Some(child);
@@ -461,7 +649,7 @@ hba = [
     pub fn start_agent(&mut self, name: &str) {
         let config = self.root.path().join(format!("{name}.toml"));
         let log = self.log_path(&format!("{name}-agent"));
-        let child = self.spawn(&binaries().agent, &config, &log);
+        let child = self.spawn(&binaries().agent, &config, &log, self.tls.is_none());
         let n = self.node_mut(name);
         assert!(n.agent.is_none(), "{name}'s agent already runs");
         n.agent = Some(child);
@@ -596,14 +784,17 @@ hba = [
     // Operator API
     // --------------------------------------------------------------------------------------
 
-    /// Runs the workspace's `haclt` against this cluster's monitors and returns its output.
+    /// Runs the workspace's `haclt` against this cluster's monitors (its config file names
+    /// them and the operator certificate, or says `dev = true` in a plaintext cluster) and
+    /// returns its output.
     pub async fn haclt(&self, args: &[&str]) -> std::process::Output {
         tokio::process::Command::new(&binaries().haclt)
-            .args(SECURITY_ARGS)
-            .arg("--monitors")
-            .arg(self.monitor_addrs().join(","))
+            .arg("--config")
+            .arg(self.haclt_config_path())
             .args(args)
             .env_remove("HACLT_CONFIG")
+            .env_remove("HACLT_MONITORS")
+            .env_remove("HACLT_DEV")
             .output()
             .await
             .expect("haclt runs")
@@ -850,6 +1041,237 @@ hba = [
     pub async fn session(&self, name: &str) -> Result<tokio_postgres::Client, String> {
         self.node(name).addr().connect(Duration::from_secs(2)).await
     }
+
+    // --------------------------------------------------------------------------------------
+    // TLS and its rotation
+    // --------------------------------------------------------------------------------------
+
+    fn tls(&self) -> &Tls {
+        self.tls
+            .as_ref()
+            .expect("a secured cluster (this one was built with ClusterBuilder::plaintext)")
+    }
+
+    /// The cluster's CA and every party's files (a secured cluster only).
+    pub fn pki(&self) -> &Pki {
+        &self.tls().pki
+    }
+
+    /// The writer's SQL client: verify-full against the cluster CA, with the certificate
+    /// [`WRITER_USER`] (a secured cluster only). The rotation steps reload it; give it to
+    /// [`crate::writer::Writer::start_tls`].
+    pub fn writer_tls(&self) -> Arc<PgClientTls> {
+        self.tls().writer.clone()
+    }
+
+    /// How an agent a test starts itself (an ejabberd node, say) joins this cluster: in a
+    /// secured cluster the `[tls]` section (the CA bundle is written now; the agent makes its
+    /// key and CSR and joins) and no arguments; in a plaintext one `dev = true` and `--dev`.
+    /// The TOML goes before the agent's role table. The rotation steps do not cover such an
+    /// agent.
+    pub fn agent_security(&self, node: &str) -> AgentSecurity {
+        match &self.tls {
+            Some(t) => {
+                let files = t.pki.files(node);
+                t.pki.write_bundle(&files);
+                AgentSecurity {
+                    toml: tls_section(&files, None),
+                    args: Vec::new(),
+                }
+            }
+            None => AgentSecurity {
+                toml: "dev = true\n".to_owned(),
+                args: vec!["--dev"],
+            },
+        }
+    }
+
+    /// Every party's file set: monitors, nodes (agent and PostgreSQL), operator, writer.
+    fn parties(&self) -> Vec<TlsFiles> {
+        let pki = self.pki();
+        let mut parties: Vec<TlsFiles> = self
+            .monitors
+            .iter()
+            .map(|m| pki.files(&monitor_party(m.id)))
+            .collect();
+        parties.extend(self.nodes.iter().map(|n| pki.files(&n.name)));
+        parties.extend([pki.files(OPERATOR), pki.files(WRITER_USER)]);
+        parties
+    }
+
+    /// CA rotation, step 1 of 3: a new CA that issues from now on; every bundle (monitors,
+    /// agents and through them PostgreSQL, operator, writer) trusts the old and the new CA, and
+    /// the monitors' CA key becomes the new one's, so joins get certificates of the new CA.
+    /// Returns once every daemon reloaded and every PostgreSQL server admits a client
+    /// certificate of the new CA.
+    pub async fn rotation_trust_new_ca(&mut self) {
+        let mark = self.mark_logs();
+        self.tls.as_mut().expect("a secured cluster").pki.add_ca();
+        for files in self.parties() {
+            self.pki().write_bundle(&files);
+        }
+        self.pki().write_ca_key();
+        self.reload_everywhere(&mark).await;
+        // The agents' reload of PostgreSQL only signals it: proof comes from a handshake.
+        let probe = self
+            .pki()
+            .party("writer-probe", Role::Operator, WRITER_USER);
+        let probe =
+            PgClientTls::load(probe, WRITER_USER).expect("the probe's files were just written");
+        self.wait_postgres_admits(&probe, true, "a certificate of the new CA")
+            .await;
+    }
+
+    /// CA rotation, step 2 of 3: every certificate (monitors, each node's for its agent and its
+    /// PostgreSQL, operator, writer) re-issued by the new CA. Returns once every daemon reloaded
+    /// and every PostgreSQL server presents its new certificate.
+    pub async fn rotation_reissue_certificates(&mut self) {
+        let mark = self.mark_logs();
+        let pki = self.pki();
+        for m in &self.monitors {
+            pki.issue(
+                &pki.files(&monitor_party(m.id)),
+                Role::Monitor,
+                &monitor_name(m.id),
+            );
+        }
+        for n in &self.nodes {
+            pki.issue(&pki.files(&n.name), Role::Postgres, &n.name);
+        }
+        pki.issue(&pki.files(OPERATOR), Role::Operator, OPERATOR);
+        pki.issue(&pki.files(WRITER_USER), Role::Operator, WRITER_USER);
+        self.reload_everywhere(&mark).await;
+        for n in &self.nodes {
+            let files = pki.files(&n.name);
+            let wanted = crate::pki::first_certificate(&files.cert);
+            wait_until(
+                &format!("{} serves its new certificate", n.name),
+                async || crate::pki::served_certificate(n.port, &files.ca_bundle).await == wanted,
+            )
+            .await;
+        }
+    }
+
+    /// CA rotation, step 3 of 3: the old CA is dropped from every bundle. Returns the retired
+    /// CAs once every daemon reloaded and every PostgreSQL server refuses a client certificate
+    /// of the old CA.
+    pub async fn rotation_retire_old_ca(&mut self) -> Vec<Ca> {
+        let mark = self.mark_logs();
+        let retired = self
+            .tls
+            .as_mut()
+            .expect("a secured cluster")
+            .pki
+            .retire_old_cas();
+        for files in self.parties() {
+            self.pki().write_bundle(&files);
+        }
+        self.reload_everywhere(&mark).await;
+        let stale = self.pki().files("writer-stale");
+        self.pki().write_bundle(&stale);
+        for ca in &retired {
+            Pki::issue_by(ca, &stale, Role::Operator, WRITER_USER);
+        }
+        let stale =
+            PgClientTls::load(stale, WRITER_USER).expect("the stale files were just written");
+        self.wait_postgres_admits(&stale, false, "a certificate of the old CA")
+            .await;
+        retired
+    }
+
+    /// Waits until every PostgreSQL server admits (or, with `admitted` false, refuses) a new
+    /// session of `client`, whose certificate is `what`.
+    async fn wait_postgres_admits(&self, client: &PgClientTls, admitted: bool, what: &str) {
+        let verb = if admitted { "admits" } else { "refuses" };
+        for n in &self.nodes {
+            wait_until(&format!("{} {verb} {what}", n.name), async || {
+                client.connect(n.port, Duration::from_secs(2)).await.is_ok() == admitted
+            })
+            .await;
+        }
+    }
+
+    /// The length of every daemon's log now: what is logged later is what a step caused.
+    fn mark_logs(&self) -> LogMark {
+        LogMark(
+            self.daemon_logs()
+                .into_iter()
+                .map(|p| {
+                    let len = std::fs::metadata(&p).map_or(0, |m| m.len());
+                    (p, len)
+                })
+                .collect(),
+        )
+    }
+
+    fn daemon_logs(&self) -> Vec<PathBuf> {
+        let mut logs: Vec<PathBuf> = self
+            .monitors
+            .iter()
+            .map(|m| self.log_path(&format!("monitor{}", m.id)))
+            .collect();
+        logs.extend(
+            self.nodes
+                .iter()
+                .map(|n| self.log_path(&format!("{}-agent", n.name))),
+        );
+        logs
+    }
+
+    /// SIGHUP to every running monitor and agent (an agent handles it once it has joined, which
+    /// every agent of a started cluster has) and a reload of the harness's own clients;
+    /// then waits until each daemon logged, after the signal, that it reloaded (a monitor its
+    /// server, its peer client and its CA key; an agent its client) and each agent, after
+    /// `mark`, that it handed the new files to PostgreSQL.
+    async fn reload_everywhere(&self, mark: &LogMark) {
+        let mut expected: Vec<(PathBuf, &[&str])> = Vec::new();
+        for m in &self.monitors {
+            if let Some(child) = &m.child {
+                signal(pid_of(child), Signal::SIGHUP);
+                expected.push((
+                    self.log_path(&format!("monitor{}", m.id)),
+                    &[
+                        "server TLS reloaded",
+                        "client TLS reloaded",
+                        "CA key reloaded",
+                    ],
+                ));
+            }
+        }
+        for n in &self.nodes {
+            if let Some(agent) = &n.agent {
+                signal(pid_of(agent), Signal::SIGHUP);
+                expected.push((
+                    self.log_path(&format!("{}-agent", n.name)),
+                    &["client TLS reloaded"],
+                ));
+            }
+        }
+        let tls = self.tls();
+        tls.operator
+            .reload()
+            .expect("the operator's new files load");
+        tls.writer.reload().expect("the writer's new files load");
+        for (log, lines) in expected {
+            wait_until(
+                &format!("{} reloads after SIGHUP", log.display()),
+                async || {
+                    let text = mark.since(&log);
+                    text.rsplit_once(SIGHUP_LOGGED)
+                        .is_some_and(|(_, after)| lines.iter().all(|l| after.contains(l)))
+                },
+            )
+            .await;
+        }
+        for n in self.nodes.iter().filter(|n| n.agent.is_some()) {
+            let log = self.log_path(&format!("{}-agent", n.name));
+            wait_until(
+                &format!("{}'s agent reloads PostgreSQL", n.name),
+                async || mark.since(&log).contains(PG_RELOAD_LOGGED),
+            )
+            .await;
+        }
+    }
 }
 
 impl Drop for Cluster {
@@ -890,6 +1312,46 @@ impl Drop for Cluster {
                 eprintln!("===== {} =====\n{tail}", log.display());
             }
         }
+    }
+}
+
+/// What a daemon logs when SIGHUP makes it reload every TLS configuration (`ha_pki`).
+const SIGHUP_LOGGED: &str = "SIGHUP: reloading every TLS config";
+/// What an agent logs once PostgreSQL was told to reload new TLS files.
+const PG_RELOAD_LOGGED: &str = "reloaded for new TLS material";
+
+/// Log lengths at a moment ([`Cluster::mark_logs`]).
+#[derive(Debug)]
+struct LogMark(Vec<(PathBuf, u64)>);
+
+impl LogMark {
+    /// What `log` gained since the mark.
+    fn since(&self, log: &Path) -> String {
+        use std::io::{Read as _, Seek as _};
+        let from = self
+            .0
+            .iter()
+            .find(|(p, _)| p == log)
+            .map_or(0, |(_, len)| *len);
+        let mut text = Vec::new();
+        if let Ok(mut f) = std::fs::File::open(log)
+            && f.seek(std::io::SeekFrom::Start(from)).is_ok()
+        {
+            let _ = f.read_to_end(&mut text);
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    }
+}
+
+/// Polls `ok` every 50 ms; panics naming `what` after [`RELOAD_TIMEOUT`].
+async fn wait_until(what: &str, mut ok: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + RELOAD_TIMEOUT;
+    while !ok().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {RELOAD_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -1,7 +1,8 @@
 //! `ha-tests`: support shared by the integration tests of every crate, and the multi-process
 //! drills: loopback ports and child processes that are always reaped (this file), the
-//! workspace binaries ([`bins`]), a whole cluster of real processes ([`cluster`]), the drill
-//! workload with its safety checks ([`writer`]) and the named drills ([`drill`]).
+//! workspace binaries ([`bins`]), a whole cluster of real processes ([`cluster`]) secured with
+//! mutual TLS from its own CA ([`pki`]), the drill workload with its safety checks ([`writer`])
+//! and the named drills ([`drill`]).
 //!
 //! Tests run in parallel with other tests on the same machine, so every server a test starts
 //! listens on a port chosen at run time, and every process it starts is killed by PID when the
@@ -10,6 +11,7 @@
 pub mod bins;
 pub mod cluster;
 pub mod drill;
+pub mod pki;
 pub mod writer;
 
 use std::net::TcpListener;

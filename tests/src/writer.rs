@@ -5,6 +5,13 @@
 //! write in the same round; and [`missing_acknowledged`], the check that every acknowledged id
 //! is on the final primary.
 //!
+//! The writer opens its sessions either as `postgres` over each node's Unix socket
+//! ([`Writer::start`]) or like an application on another host ([`Writer::start_tls`]): TCP to
+//! the node's address, TLS verify-full against the cluster CA, a client certificate for the
+//! `cert` rule, with the files re-read whenever the test reloads them (a rotation); it then
+//! opens a new session every [`TLS_SESSION_WRITES`] writes, so new handshakes run all along a
+//! rotation. The watch always uses the Unix sockets.
+//!
 //! An acknowledgement is a COMMIT the server answered with success; a write whose answer never
 //! came (timeout, broken connection) is recorded as uncertain and may or may not be present.
 //! Neither task ever cancels a statement: PostgreSQL reports a commit whose synchronous
@@ -20,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::cluster::PgAddr;
+use crate::pki::PgClientTls;
 
 /// How long a write may wait for its acknowledgement before the writer gives up on the session.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -27,6 +35,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 /// Pause before trying again when no node accepted a write.
 const RETRY_PAUSE: Duration = Duration::from_millis(10);
+/// Writes per session in TLS mode: then the session is closed and a new one opened.
+pub const TLS_SESSION_WRITES: u64 = 20;
 
 /// One acknowledged write.
 #[derive(Debug, Clone)]
@@ -42,6 +52,12 @@ pub struct WriterLog {
     pub acks: Vec<Ack>,
     /// Ids sent without an answer: they may or may not have been committed.
     pub uncertain: Vec<i64>,
+    /// Ids the server refused with an error (read-only, shutting down): not committed.
+    pub refused: Vec<i64>,
+    /// Sessions that could not be opened (refused, timed out, TLS failed).
+    pub failed_connects: u64,
+    /// Sessions opened.
+    pub sessions: u64,
 }
 
 impl WriterLog {
@@ -80,12 +96,50 @@ pub struct Writer {
     task: JoinHandle<()>,
 }
 
+/// How the writer opens a session.
+#[derive(Debug, Clone)]
+enum Sessions {
+    /// As `postgres` over the node's Unix socket.
+    Local,
+    /// Over TCP with verified TLS and a client certificate.
+    Tls(Arc<PgClientTls>),
+}
+
+impl Sessions {
+    /// How many writes a session makes before it is replaced (`None`: until it fails).
+    fn writes_per_session(&self) -> Option<u64> {
+        match self {
+            Sessions::Local => None,
+            Sessions::Tls(_) => Some(TLS_SESSION_WRITES),
+        }
+    }
+
+    async fn connect(&self, node: &PgAddr) -> Result<tokio_postgres::Client, String> {
+        match self {
+            Sessions::Local => node.connect(PROBE_TIMEOUT).await,
+            Sessions::Tls(tls) => tls.connect(node.port, PROBE_TIMEOUT).await,
+        }
+    }
+}
+
 impl Writer {
-    /// Starts writing through whichever of `nodes` is primary.
+    /// Starts writing through whichever of `nodes` is primary, as `postgres` over the nodes'
+    /// Unix sockets.
     pub fn start(nodes: Vec<PgAddr>) -> Self {
+        Self::start_with(nodes, Sessions::Local)
+    }
+
+    /// Starts writing through whichever of `nodes` is primary, over TCP with TLS verify-full
+    /// and `tls`'s client certificate (as its user). Reload `tls` to rotate what new sessions
+    /// use; open sessions keep theirs.
+    pub fn start_tls(nodes: Vec<PgAddr>, tls: Arc<PgClientTls>) -> Self {
+        Self::start_with(nodes, Sessions::Tls(tls))
+    }
+
+    fn start_with(nodes: Vec<PgAddr>, sessions: Sessions) -> Self {
         let log = Arc::new(Mutex::new(WriterLog::default()));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(write_loop(nodes, log.clone(), stop.clone()));
+        let task = tokio::spawn(write_loop(nodes, sessions, log.clone(), stop.clone()));
         Self {
             log,
             stop: stop.drop_guard(),
@@ -128,10 +182,24 @@ impl Writer {
     }
 }
 
-/// A session on the first of `nodes` (starting at `prefer`) that is not in recovery.
-async fn find_primary(nodes: &[PgAddr], prefer: usize) -> Option<(usize, tokio_postgres::Client)> {
+/// A session on the first of `nodes` (starting at `prefer`) that is not in recovery; counts
+/// the sessions opened and those that failed in `log`.
+async fn find_primary(
+    nodes: &[PgAddr],
+    sessions: &Sessions,
+    prefer: usize,
+    log: &Mutex<WriterLog>,
+) -> Option<(usize, tokio_postgres::Client)> {
     for i in (0..nodes.len()).map(|k| (prefer + k) % nodes.len()) {
-        let Ok(client) = nodes[i].connect(PROBE_TIMEOUT).await else {
+        let connected = sessions.connect(&nodes[i]).await;
+        {
+            let mut log = log.lock().expect("no panic while holding this lock");
+            match connected {
+                Ok(_) => log.sessions += 1,
+                Err(_) => log.failed_connects += 1,
+            }
+        }
+        let Ok(client) = connected else {
             continue;
         };
         let recovery = tokio::time::timeout(
@@ -148,13 +216,26 @@ async fn find_primary(nodes: &[PgAddr], prefer: usize) -> Option<(usize, tokio_p
     None
 }
 
-async fn write_loop(nodes: Vec<PgAddr>, log: Arc<Mutex<WriterLog>>, stop: CancellationToken) {
+async fn write_loop(
+    nodes: Vec<PgAddr>,
+    sessions: Sessions,
+    log: Arc<Mutex<WriterLog>>,
+    stop: CancellationToken,
+) {
     let mut session: Option<(usize, tokio_postgres::Client)> = None;
     let mut prefer = 0;
     let mut next_id: i64 = 1;
+    let mut session_writes = 0;
     while !stop.is_cancelled() {
+        if sessions
+            .writes_per_session()
+            .is_some_and(|n| session_writes >= n)
+        {
+            session = None;
+        }
         let Some((i, client)) = session.take() else {
-            session = find_primary(&nodes, prefer).await;
+            session_writes = 0;
+            session = find_primary(&nodes, &sessions, prefer, &log).await;
             if session.is_none() {
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
@@ -168,6 +249,7 @@ async fn write_loop(nodes: Vec<PgAddr>, log: Arc<Mutex<WriterLog>>, stop: Cancel
         let insert = client.execute("INSERT INTO ha_drill (id, node) VALUES ($1, $2)", &params);
         let result = tokio::time::timeout(WRITE_TIMEOUT, insert).await;
         let at = Instant::now();
+        session_writes += 1;
         let mut log = log.lock().expect("no panic while holding this lock");
         match result {
             Ok(Ok(_)) => {
@@ -180,7 +262,7 @@ async fn write_loop(nodes: Vec<PgAddr>, log: Arc<Mutex<WriterLog>>, stop: Cancel
             }
             // A refused write (read-only, shutting down) was not committed; anything else
             // may have been.
-            Ok(Err(e)) if e.as_db_error().is_some() => {}
+            Ok(Err(e)) if e.as_db_error().is_some() => log.refused.push(id),
             Ok(Err(_)) | Err(_) => log.uncertain.push(id),
         }
     }
