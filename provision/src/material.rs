@@ -16,9 +16,11 @@
 //!
 //! Invariants: keys and certificates are created only when missing, so a repeated `up` keeps
 //! every identity; configuration files are rewritten from the topology on every `up`
-//! (deterministic). The daemons speak plaintext gRPC today (`dev = true` and `--dev`); each
-//! file carries its TLS paths in one place, [`security`], which is what changes when the
-//! daemons accept `[tls]` (agreed shape `[tls] ca/cert/key`, monitor `ca_key`).
+//! (deterministic). Every daemon speaks mutual TLS against the stand's CA ([`tls_section`]):
+//! gRPC between agents, monitors and the operator, and PostgreSQL replication, base backups
+//! and rewinds between the PostgreSQL peers (verify-full, `hostssl ... cert` rules the agent
+//! generates for exactly those peers). Nodes get pre-issued certificates whose SANs name every
+//! address of the node, because peers dial each other by address on different networks.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -349,7 +351,7 @@ impl<'a> Material<'a> {
         out.push_str("]\n");
         let mut tls = self.tls_files(&node.name);
         tls.ca_key = Some(self.pki_dir().join("ca.key"));
-        out.push_str(&security(&tls));
+        out.push_str(&tls_section(&tls));
         out
     }
 
@@ -357,21 +359,16 @@ impl<'a> Material<'a> {
         let t = self.topology;
         let pg = self.node_dir(&node.name).join("pg");
         let me = self.service_address(node).unwrap_or(Ipv4Addr::LOCALHOST);
-        let mut hba = String::new();
-        for peer in t
+        // Replication, base backups and rewinds: the agent generates `hostssl ... cert` rules
+        // for exactly these peers (itself excluded) from their certificate names.
+        let peers: Vec<String> = t
             .nodes_with_role(Role::Postgres)
-            .filter(|n| n.name != node.name)
-            .filter_map(|n| self.service_address(n))
-        {
-            // The replicator streams WAL and, for pg_rewind, reads `postgres`. Trust until the
-            // agent replicates with client certificates (REFERENCE-STAND.md target).
-            for db in ["replication", "postgres"] {
-                let _ = writeln!(
-                    hba,
-                    "  {{ type = \"host\", database = \"{db}\", user = \"replicator\", address = \"{peer}/32\", method = \"trust\" }},"
-                );
-            }
-        }
+            .filter_map(|n| {
+                self.service_address(n)
+                    .map(|a| format!("{{ node = {:?}, address = \"{a}\" }}", n.name))
+            })
+            .collect();
+        let mut hba = String::new();
         for frontend in t
             .nodes_with_role(Role::Ejabberd)
             .filter_map(|n| self.service_address(n))
@@ -410,7 +407,9 @@ impl<'a> Material<'a> {
              bin_dir = \"{PG_BIN}\"\n\
              log_file = {log:?}\n\
              settings = {{ shared_buffers = \"32MB\", max_connections = \"50\" }}\n\
+             peers = [{peers}]\n\
              hba = [\n{hba}]\n",
+            peers = peers.join(", "),
             name = node.name,
             monitors = self.monitor_service_addresses(),
             token = self.join_token(&node.name),
@@ -419,11 +418,14 @@ impl<'a> Material<'a> {
             port = t.ports.postgres,
             log = pg.join("postgresql.log"),
         );
-        // Top-level keys must precede the first table: insert before `[postgres]`.
+        // `[tls]` is a table of its own: insert it before `[postgres]`, after the top-level keys.
         let at = out
             .find("\n[postgres]")
             .expect("the template has a [postgres] table");
-        out.insert_str(at, &format!("\n{}", security(&self.tls_files(&node.name))));
+        out.insert_str(
+            at,
+            &format!("\n{}", tls_section(&self.tls_files(&node.name))),
+        );
         out
     }
 
@@ -503,16 +505,15 @@ struct TlsPaths {
     ca_key: Option<PathBuf>,
 }
 
-/// The security lines of every daemon config: plaintext (`dev = true`, started with `--dev`)
-/// until the daemons accept the agreed `[tls]` section; its paths are written as a comment so
-/// the switch is here and nowhere else.
-fn security(tls: &TlsPaths) -> String {
+/// The `[tls]` table of every daemon config (a table: it goes after the top-level keys).
+fn tls_section(tls: &TlsPaths) -> String {
     let mut out = format!(
-        "dev = true\n# [tls]\n# ca = {:?}\n# cert = {:?}\n# key = {:?}\n",
+        "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
         tls.ca, tls.cert, tls.key
     );
     if let Some(ca_key) = &tls.ca_key {
-        let _ = writeln!(out, "# ca_key = {ca_key:?}");
+        // The leader signs the CSRs of nodes that join without a pre-issued certificate.
+        let _ = writeln!(out, "ca_key = {ca_key:?}");
     }
     out
 }
@@ -522,7 +523,7 @@ fn haclt_toml(monitors: &[String], pki: &Path) -> String {
         "# haclt for this stand: run it in the fabric namespace (the operator host), e.g.\n\
          # ip netns exec <prefix>--fabric haclt --config <this file> status\n\
          monitors = {monitors:?}\n{}",
-        security(&TlsPaths {
+        tls_section(&TlsPaths {
             ca: pki.join("ca.pem"),
             cert: pki.join("operator.pem"),
             key: pki.join("operator.key"),
@@ -583,20 +584,30 @@ mod tests {
         assert!(mon.contains("id = 2\n"), "{mon}");
         assert!(mon.contains("advertise = \"192.168.1.19:7400\""), "{mon}");
         assert!(mon.contains("listen = \"0.0.0.0:7400\""), "{mon}");
-        assert!(mon.contains("dev = true\n"), "{mon}");
-        assert!(mon.contains("# ca_key = "), "{mon}");
+        assert!(!mon.contains("dev ="), "{mon}");
+        let parsed: toml::Value = toml::from_str(&mon).unwrap();
+        assert_eq!(
+            parsed["tls"]["ca_key"].as_str(),
+            Some("/run/ha-provision/xmpp-lab/pki/ca.key")
+        );
         let agent = m.agent_toml(t.node("psql2server").unwrap());
         assert!(
             agent.contains("advertise_host = \"192.168.1.11\""),
             "{agent}"
         );
-        assert!(agent.contains("address = \"192.168.1.10/32\""), "{agent}");
-        assert!(!agent.contains("address = \"192.168.1.11/32\""), "{agent}");
-        // Top-level keys stay above the first table.
-        let dev = agent.find("dev = true").unwrap();
-        assert!(dev < agent.find("[postgres]").unwrap(), "{agent}");
         let parsed: toml::Value = toml::from_str(&agent).unwrap();
         assert_eq!(parsed["postgres"]["port"].as_integer(), Some(5432));
+        // Top-level keys stay top-level: `[tls]` comes after them.
+        assert_eq!(parsed["node"].as_str(), Some("psql2server"));
+        assert_eq!(
+            parsed["tls"]["cert"].as_str(),
+            Some("/run/ha-provision/xmpp-lab/nodes/psql2server/node.pem")
+        );
+        let peers = parsed["postgres"]["peers"].as_array().unwrap();
+        assert_eq!(peers.len(), 2, "{agent}");
+        assert_eq!(peers[0]["address"].as_str(), Some("192.168.1.10"));
+        // No replication rule by address and password or trust: certificates only.
+        assert!(!agent.contains("\"replicator\""), "{agent}");
         let haclt: toml::Value =
             toml::from_str(&haclt_toml(&m.monitor_management_addresses(), dir)).unwrap();
         assert_eq!(haclt["monitors"][0].as_str(), Some("192.168.121.21:7400"));

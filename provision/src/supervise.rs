@@ -3,8 +3,8 @@
 //!
 //! It runs the node's programs, each in its own process group with its output appended to
 //! `S/nodes/<node>/<program>.log`:
-//! - monitor: `ha-monitor --config monitor.toml --dev`;
-//! - postgres: `ha-agent --config agent.toml --dev` (the agent runs PostgreSQL as `postgres`);
+//! - monitor: `ha-monitor --config monitor.toml` (mutual TLS, see `material`);
+//! - postgres: `ha-agent --config agent.toml` (the agent runs PostgreSQL as `postgres`);
 //! - ejabberd: `epmd`, then, once it answers, `ejabberdctl foreground` as the `ejabberd` user
 //!   with the node's own config dir; every ejabberd node but the first joins the first one's Erlang cluster
 //!   (`join_cluster`, retried until `list_cluster` shows both).
@@ -89,7 +89,6 @@ fn programs(
             bin_dir.join(binary).into(),
             "--config".into(),
             config.into(),
-            "--dev".into(),
         ],
         user: None,
         after_port: None,

@@ -525,6 +525,25 @@ fn full_stand_fails_over_and_cleans_up() {
     let ready_time = started.elapsed();
     println!("primary {primary} + synchronous standby {standby}: {ready_time:.2?} after up began");
 
+    // Replication runs over TLS with the standby's certificate (the lab has no password or
+    // trust rule for it): the primary's walsender session says so.
+    let socket = stand.material().node_dir(&primary).join("pg");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &stand.inner.ns(&primary)])
+        .args(["runuser", "-u", "postgres", "--", "psql", "-h"])
+        .arg(&socket)
+        .args(["-p", "5432", "-d", "postgres", "-Atc"])
+        .arg("SELECT s.ssl, s.client_dn FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)")
+        .output()
+        .unwrap();
+    let sessions = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        sessions.trim(),
+        format!("t|/CN={standby}"),
+        "replication session: {sessions} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // A second `up` changes nothing: the same supervisors keep running.
     let supervisors = || -> Vec<String> {
         stand
