@@ -7,8 +7,13 @@
 //!    Reports are soft state, not Raft writes, so this measures the leader's report path.
 //!
 //! Run: `cargo bench -p ha-monitor --bench monitor` (`BENCH_AGENTS=1000,5000` to choose N,
-//! `BENCH_SECONDS` for the length of each step). The load generator shares the machine with
-//! the monitors, so figures are lower bounds for a monitor on its own host.
+//! `BENCH_CLIENTS=1,16` the proposal clients, empty for none, `BENCH_SECONDS` for the length
+//! of each step). Each step starts once the catalog has settled
+//! after registering the new nodes (the leader's commit index stands still for a second). The load generator shares the machine with
+//! the monitors, so figures are lower bounds for a monitor on its own host. The monitors and
+//! the generator run on separate runtimes (threads `ha-monitor*` and `raft-*` against `load*`),
+//! and each report step also prints the CPU time the three monitors spent per report: that
+//! figure barely moves with whatever else the machine is doing, where latencies do.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -160,7 +165,8 @@ fn node_name(i: usize) -> String {
     format!("n{i}")
 }
 
-/// Registers postgres nodes `from..n` through join tokens, 64 at a time.
+/// Registers postgres nodes `from..n` through join tokens, 64 at a time, each followed by
+/// its first report, as an agent does when it starts.
 async fn register(leader: &str, from: usize, n: usize) {
     let ch = channel(leader).await;
     let mut next = from;
@@ -183,7 +189,8 @@ async fn register(leader: &str, from: usize, n: usize) {
                     .expect("token")
                     .into_inner()
                     .token;
-                AgentServiceClient::new(ch)
+                let mut agent = AgentServiceClient::new(ch);
+                agent
                     .join(v1::JoinRequest {
                         token,
                         node: node_name(i),
@@ -197,12 +204,50 @@ async fn register(leader: &str, from: usize, n: usize) {
                     })
                     .await
                     .expect("join");
+                agent.report(report(i)).await.expect("first report");
             }));
         }
         for t in tasks {
             t.await.expect("register task");
         }
     }
+}
+
+/// Waits until the leader's commit index stays put for a second: registration and the first
+/// reports leave the decide loop with goals for every new group to commit, and that backlog
+/// is not part of the steady report load being measured. Returns the wait.
+async fn settle(leader: &str) -> Duration {
+    let t = Instant::now();
+    let (mut last, mut still) = (None, 0);
+    while still < 2 && t.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let commit = commit_index(leader).await;
+        still = if commit.is_some() && commit == last {
+            still + 1
+        } else {
+            0
+        };
+        last = commit;
+    }
+    t.elapsed()
+}
+
+/// The leader's Raft commit index, as its status says.
+async fn commit_index(leader: &str) -> Option<u64> {
+    let mut op = OperatorServiceClient::new(channel(leader).await)
+        .max_decoding_message_size(256 * 1024 * 1024);
+    let status = op
+        .status(v1::StatusRequest {
+            linearizable: false,
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    status
+        .monitors
+        .iter()
+        .find(|m| m.leader)
+        .map(|m| m.commit_index)
 }
 
 fn report(i: usize) -> v1::ReportRequest {
@@ -222,14 +267,18 @@ fn report(i: usize) -> v1::ReportRequest {
     }
 }
 
-/// `n` agents report every 500 ms for `seconds`; returns (reports/s, p50, p99, errors).
+/// `n` agents report every 500 ms for a second of warm-up and then `seconds` measured;
+/// returns (reports/s, p50, p99, errors) of the measured part.
 async fn reports(leader: &str, n: usize, seconds: u64) -> (f64, Duration, Duration, usize) {
     let connections = 16;
     let mut channels = Vec::new();
     for _ in 0..connections {
         channels.push(channel(leader).await);
     }
-    let end = Instant::now() + Duration::from_secs(seconds);
+    // The first second is warm-up, not measured: every agent's first report of a step finds
+    // fresh connections and grows the leader's maps, which a running cluster did long ago.
+    let warm = Instant::now() + Duration::from_secs(1);
+    let end = warm + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for i in 0..n {
         let ch = channels[i % connections].clone();
@@ -246,7 +295,11 @@ async fn reports(leader: &str, n: usize, seconds: u64) -> (f64, Duration, Durati
                     break;
                 }
                 let t = Instant::now();
-                match client.report(report(i)).await {
+                let result = client.report(report(i)).await;
+                if at < warm {
+                    continue;
+                }
+                match result {
                     Ok(_) => lat.push(t.elapsed()),
                     Err(_) => errors += 1,
                 }
@@ -269,12 +322,48 @@ async fn reports(leader: &str, n: usize, seconds: u64) -> (f64, Duration, Durati
     )
 }
 
+/// CPU seconds (user + system) spent so far by this process's threads, split into the
+/// monitors' threads and the rest (the load generator and the main thread).
+fn cpu_seconds() -> (f64, f64) {
+    // /proc reports times in USER_HZ, which the kernel ABI fixes at 100 per second.
+    const TICKS: f64 = 100.0;
+    let (mut monitors, mut rest) = (0.0, 0.0);
+    let tasks = std::fs::read_dir("/proc/self/task").expect("read /proc/self/task");
+    for task in tasks.flatten() {
+        // A thread that ended between the listing and the read counts for nothing.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = &stat[open + 1..close];
+        // After the name: state is field 3, utime and stime are fields 14 and 15.
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let ticks: f64 =
+            fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
+        if name.starts_with("ha-monitor") || name.starts_with("raft-") {
+            monitors += ticks / TICKS;
+        } else {
+            rest += ticks / TICKS;
+        }
+    }
+    (monitors, rest)
+}
+
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let monitors = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("ha-monitor")
         .enable_all()
         .build()
-        .expect("runtime");
-    runtime.block_on(async {
+        .expect("monitor runtime");
+    let cluster = monitors.block_on(start_cluster());
+    let load = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("load")
+        .enable_all()
+        .build()
+        .expect("load runtime");
+    load.block_on(async {
         let seconds: u64 = std::env::var("BENCH_SECONDS")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -283,12 +372,15 @@ fn main() {
             .ok()
             .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
             .unwrap_or_else(|| vec![1000, 2500, 5000, 10_000]);
-        let cluster = start_cluster().await;
         let leader = leader(&cluster).await;
         println!("3 monitors on loopback, leader at {leader}");
 
         println!("\n== proposals (join-token creation, one Raft entry each), {seconds}s per run");
-        for clients in [1, 16, 64] {
+        let client_counts: Vec<usize> = std::env::var("BENCH_CLIENTS")
+            .ok()
+            .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![1, 16, 64]);
+        for clients in client_counts {
             let mut rates = Vec::new();
             let mut p50s = Vec::new();
             let mut p99s = Vec::new();
@@ -312,17 +404,33 @@ fn main() {
             if n > registered {
                 let t = Instant::now();
                 register(&leader, registered, n).await;
-                println!("(registered {n} nodes in {:.1}s)", t.elapsed().as_secs_f64());
+                let registered_in = t.elapsed();
+                let settled_in = settle(&leader).await;
+                println!(
+                    "(registered {n} nodes in {:.1}s, catalog settled {:.1}s later)",
+                    registered_in.as_secs_f64(),
+                    settled_in.as_secs_f64()
+                );
                 registered = n;
             }
+            let (before, commit_before) = (cpu_seconds(), commit_index(&leader).await);
             let (rate, p50, p99, errors) = reports(&leader, n, seconds).await;
+            let (after, commit_after) = (cpu_seconds(), commit_index(&leader).await);
             let target = n as f64 * 2.0;
+            // The CPU figures span the warm-up second too: count its reports at the same rate.
+            let sent = rate * (seconds + 1) as f64;
             println!(
                 "agents {n:>6}: {rate:>8.0} reports/s of {target:>6.0} wanted ({:>5.1}%), round trip p50 {:>6.1} ms, p99 {:>6.1} ms, errors {errors}{}",
                 100.0 * rate / target,
                 p50.as_secs_f64() * 1e3,
                 p99.as_secs_f64() * 1e3,
                 if p99 < Duration::from_millis(50) && rate >= target * 0.95 { "  sustained" } else { "  NOT sustained" }
+            );
+            println!(
+                "               CPU per report: monitors {:>5.1} us, load generator {:>5.1} us; {} Raft entries committed meanwhile",
+                (after.0 - before.0) / sent * 1e6,
+                (after.1 - before.1) / sent * 1e6,
+                commit_after.unwrap_or(0).saturating_sub(commit_before.unwrap_or(0)),
             );
         }
         cluster.shutdown.cancel();

@@ -36,7 +36,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use ha_pki::{ClientAuth, ClientTls, PeerIdentity, Reload, ReloadWatcher, Role, ServerTls};
 
@@ -1067,6 +1067,7 @@ async fn decide_loop(m: Arc<Monitor>) {
     let mut tick = tokio::time::interval(DECIDE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut counter = 0u64;
+    let mut memo = decide::Memo::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -1079,22 +1080,47 @@ async fn decide_loop(m: Arc<Monitor>) {
         let now = m.now();
         // Decide on a copy: reports must not wait for the decision function.
         let obs = m.soft(|s| s.obs.clone());
-        let decisions = decide::decide(&catalog, &obs, now);
+        // A pass over thousands of groups takes milliseconds of CPU: run it on a blocking
+        // thread, so the report handlers queued behind it on this worker do not wait for it.
+        // While the copy lives, every report copies the path to its entry: it is dropped at
+        // the end of the pass.
+        let mut pass_memo = std::mem::take(&mut memo);
+        let decided = tokio::task::spawn_blocking(move || {
+            let decisions = pass_memo.decide(&catalog, &obs, now);
+            (decisions, pass_memo)
+        });
+        let decisions = match decided.await {
+            Ok((decisions, used)) => {
+                memo = used;
+                decisions
+            }
+            Err(e) => {
+                error!(error = %e, "the decision pass failed");
+                continue;
+            }
+        };
         let term = m.raft.status().term;
-        for d in decisions {
+        // Decisions concern different groups, so they are proposed together: raft carries
+        // them in the same batches and one disk write, where one at a time a mass event
+        // (a rack of nodes gone at once) would be decided at the pace of one commit per group.
+        let proposals = decisions.into_iter().map(|d| {
             counter += 1;
-            let group = d.group.clone();
             let request_id = format!("decide-m{}-t{term}-{counter}", m.id);
-            match m.propose(&request_id, Op::Decide(d)).await {
-                Ok(a) => debug!(%group, index = a.index, "decision committed"),
-                Err(s) if s.code() == tonic::Code::Aborted => {
-                    debug!(%group, reason = s.message(), "decision superseded")
-                }
-                Err(s) => {
-                    warn!(%group, code = ?s.code(), reason = s.message(), "decision not committed")
+            let m = &m;
+            async move {
+                let group = d.group.clone();
+                match m.propose(&request_id, Op::Decide(d)).await {
+                    Ok(a) => debug!(%group, index = a.index, "decision committed"),
+                    Err(s) if s.code() == tonic::Code::Aborted => {
+                        debug!(%group, reason = s.message(), "decision superseded")
+                    }
+                    Err(s) => {
+                        warn!(%group, code = ?s.code(), reason = s.message(), "decision not committed")
+                    }
                 }
             }
-        }
+        });
+        futures::future::join_all(proposals).await;
     }
 }
 
@@ -1122,19 +1148,20 @@ async fn probe_loop(m: Arc<Monitor>) {
         // intervals: a report merely late by jitter is not worth a probe, and `decide` needs
         // the probe only once two reports are missing.
         let quiet = interval * 3 / 2;
+        // One O(1) copy of the observations: the scan below must not hold the lock that every
+        // report handler takes.
+        let obs = m.soft(|s| s.obs.clone());
         let silent = |n: &NodeId| {
-            m.soft(|s| {
-                s.obs
-                    .node(n)
-                    .and_then(|o| o.report_at)
-                    .is_none_or(|at| now.saturating_sub(at) >= quiet)
-            })
+            obs.node(n)
+                .and_then(|o| o.report_at)
+                .is_none_or(|at| now.saturating_sub(at) >= quiet)
         };
         let targets: Vec<(NodeId, String)> = catalog
             .nodes()
             .filter(|n| n.kind == NodeKind::Postgres && !n.removed && silent(&n.name))
             .map(|n| (n.name.clone(), n.endpoint.to_string()))
             .collect();
+        drop(obs);
         let probes = targets.into_iter().map(|(node, addr)| async move {
             let result = probe_postgres(&addr, interval).await;
             debug!(%node, %addr, ?result, "probed a silent node's PostgreSQL port");

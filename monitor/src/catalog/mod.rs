@@ -1334,9 +1334,7 @@ impl Catalog {
                 .or(n.goal.as_ref())
         }
         let writable: Vec<(&Node, &AssignedGoal)> = self
-            .nodes
-            .values()
-            .filter(|n| n.group == d.group)
+            .group_nodes(&d.group)
             .filter_map(|n| {
                 new_goal(d, n)
                     .filter(|g| g.state.is_writable())

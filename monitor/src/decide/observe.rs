@@ -5,7 +5,6 @@
 //! `tokio::time::Instant` minus the process start), so tests construct them directly. Nothing
 //! here is replicated: a new leader starts with empty observations and its own `leader_since`.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ha_proto::convert::{self, WireError};
@@ -13,19 +12,23 @@ use ha_proto::types::{Epoch, GoalState, Lsn, NodeId, Timeline};
 use ha_proto::v1;
 
 /// What the leader holds about all nodes.
+///
+/// The map is persistent (`imbl`): the decide loop takes a copy every tick while reports keep
+/// arriving, and a copy costs O(1) instead of duplicating every node's last report under the
+/// lock the report handlers wait on.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observations {
     /// When this monitor became leader: no node is judged on silence before a full
     /// `unhealthy_after` has passed since.
     pub leader_since: Duration,
-    pub nodes: BTreeMap<NodeId, NodeObservation>,
+    pub nodes: imbl::OrdMap<NodeId, NodeObservation>,
 }
 
 impl Observations {
     pub fn new(leader_since: Duration) -> Self {
         Self {
             leader_since,
-            nodes: BTreeMap::new(),
+            nodes: imbl::OrdMap::new(),
         }
     }
 
@@ -36,7 +39,10 @@ impl Observations {
     /// Records a report that arrived at `at`.
     pub fn record_report(&mut self, report: Report, at: Duration) {
         let entry = self.nodes.entry(report.node.clone()).or_default();
-        entry.report = Some(report);
+        if entry.report.as_ref() != Some(&report) {
+            entry.report = Some(report);
+            entry.revision += 1;
+        }
         entry.report_at = Some(at);
     }
 
@@ -48,6 +54,11 @@ impl Observations {
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeObservation {
+    /// Bumped whenever `report` changes (an identical report only moves `report_at`), so the
+    /// decide loop can tell an unchanged node without comparing reports. Probes and report
+    /// times reach decisions only through the judgements of `Judge::time`, which the decide
+    /// loop compares itself.
+    pub revision: u64,
     pub report: Option<Report>,
     pub report_at: Option<Duration>,
     pub probe: Option<Probe>,

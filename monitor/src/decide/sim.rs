@@ -96,6 +96,8 @@ pub(super) struct World {
     /// one accepted hole: while such a node's agent is dead, nothing enforces its lease, and an
     /// asynchronous primary needs no standby to acknowledge. Cleared when its agent returns.
     orphans: BTreeSet<NodeId>,
+    /// Run beside every full pass: a memoised pass must decide exactly the same.
+    memo: Memo,
 }
 
 impl World {
@@ -112,6 +114,7 @@ impl World {
             requests: 0,
             writable_at: BTreeMap::new(),
             orphans: BTreeSet::new(),
+            memo: Memo::default(),
         };
         let all = postgres
             .iter()
@@ -449,7 +452,14 @@ impl World {
     }
 
     pub fn decide_and_apply(&mut self) {
-        for d in decide(&self.cat, &self.obs, self.now) {
+        let decisions = decide(&self.cat, &self.obs, self.now);
+        let memoised = self.memo.decide(&self.cat, &self.obs, self.now);
+        if memoised != decisions {
+            self.fail(format!(
+                "a memoised pass decided {memoised:?} where a full pass decided {decisions:?}"
+            ));
+        }
+        for d in decisions {
             let before = self.group().clone();
             let allow_data_loss = matches!(
                 before.operation,

@@ -555,6 +555,7 @@ mod judge {
             let node = id("p1");
             let mut obs = Observations::new(ms(leader_since));
             obs.nodes.insert(node.clone(), NodeObservation {
+                revision: 0,
                 report: None,
                 report_at: report_at.map(ms),
                 probe: probe.map(|(result, at)| Probe { result, at: ms(at) }),
