@@ -1,6 +1,7 @@
 //! The PostgreSQL controller against real PostgreSQL 15 servers run as the `postgres` user on
 //! loopback: bootstrap, standbys, quorum synchronous replication, failover with fencing, rewind
-//! and its base-backup fallback, crash detection and the restart limit.
+//! and its base-backup fallback (also for a base backup that never started), crash detection
+//! and the restart limit.
 //!
 //! Every server lives under one temporary directory ([`PgScratch`]), which stops every postmaster
 //! it knows (by PID) before the directory is removed, even on panic.
@@ -370,6 +371,52 @@ async fn failover_fences_old_primary_and_rewinds_it() {
     assert_eq!(plan(&obs.local(), &goal), ha_agent::pg::Action::Nothing);
     a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
     b.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
+}
+
+/// A base backup that never started (its first start failed, or the agent died right after
+/// it) is replaced on rejoin, not rewound: pg_rewind's single-user crash recovery would end its
+/// recovery and write WAL of its own on the primary's timeline, and the standby could never
+/// stream again ("record with incorrect prev-link").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoin_replaces_a_base_backup_that_never_started() {
+    let mut h = Harness::new();
+    let mut a = h.node("a", |_| {});
+    let mut b = h.node("b", |_| {});
+    a.ctl.bootstrap(&SyncConfig::default()).await.unwrap();
+    h.scratch.saw_postmaster(a.ctl.postmaster_pid().unwrap());
+    a.exec("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await;
+
+    let data = b.ctl.config().data_dir.clone();
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(b.ctl.config().bin_dir.join("pg_basebackup"))
+        .args(["-h", "127.0.0.1", "-U", "replicator", "-X", "stream", "-p"])
+        .arg(a.upstream.endpoint.port.to_string())
+        .arg("-D")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pg_basebackup: {out:?}");
+    assert!(data.join("backup_label").exists());
+    // The primary moves on: any WAL b wrote of its own would now conflict with a's.
+    a.exec("INSERT INTO t SELECT generate_series(2, 1000)")
+        .await;
+
+    assert_eq!(
+        b.ctl.rejoin(&a.upstream).await.unwrap(),
+        RejoinPath::BaseBackup
+    );
+    h.scratch.saw_postmaster(b.ctl.postmaster_pid().unwrap());
+    let up = a.name().clone();
+    eventually!(
+        "b streams from a",
+        Duration::from_secs(20),
+        streaming_from(&mut b, &up).await
+    );
+    a.exec("INSERT INTO t VALUES (1001)").await;
+    caught_up(&mut a, &mut b).await;
+    assert_eq!(b.count("SELECT count(*) FROM t").await, 1001);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

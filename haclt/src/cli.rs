@@ -536,10 +536,19 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     .find(|n| n.name == node)
                     .ok_or("node vanished")?;
                 let primary = s.groups.iter().any(|g| g.primary == node);
+                // Converged once the agent reports the goal reached, not when the flag is set.
+                let in_maintenance = n.reached == v1::GoalState::Maintenance as i32;
+                let at_goal = n.reached == n.goal;
                 match (enabled, n.maintenance, primary) {
-                    (true, true, false) => Ok(format!("{node} is in maintenance")),
-                    (false, false, _) => Ok(format!("{node} left maintenance")),
+                    (true, true, false) if in_maintenance => {
+                        Ok(format!("{node} is in maintenance"))
+                    }
+                    (false, false, _) if at_goal && !in_maintenance => {
+                        Ok(format!("{node} left maintenance"))
+                    }
                     (true, _, true) => Err(format!("switching over away from {node}")),
+                    (true, true, false) => Err(format!("waiting for {node} to stop")),
+                    (false, false, _) => Err(format!("waiting for {node} to rejoin")),
                     _ => Err(format!("waiting for {node}")),
                 }
             })

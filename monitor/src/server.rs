@@ -58,6 +58,10 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the leader runs `decide` (it is cheap and pure; faster than reports on purpose,
 /// so a failure is acted upon as soon as the evidence is complete).
 const DECIDE_EVERY: Duration = Duration::from_millis(100);
+/// The shortest time between two decision passes woken by news rather than by the tick.
+const MIN_DECIDE_GAP: Duration = Duration::from_millis(5);
+/// The report interval asked of a group's agents during a switchover or failover.
+const OPERATION_REPORT_INTERVAL: Duration = Duration::from_millis(50);
 /// How often the leader probes the PostgreSQL ports of nodes whose agents are silent.
 const PROBE_EVERY: Duration = Duration::from_millis(100);
 
@@ -181,6 +185,8 @@ pub struct Monitor {
     raft: RaftHandle,
     catalog: watch::Receiver<Arc<Catalog>>,
     soft: Mutex<Soft>,
+    /// Wakes the decide loop before its next tick: a report said something new.
+    decide_soon: tokio::sync::Notify,
     started: Instant,
     allow_drills: bool,
     security: Security,
@@ -478,12 +484,16 @@ impl agent_service_server::AgentService for AgentApi {
             })?;
         let name = node.name.clone();
         let now = m.now();
-        let drill = m.soft(|s| {
-            s.obs.record_report(report, now);
+        let (changed, drill) = m.soft(|s| {
+            let changed = s.obs.record_report(report, now);
             s.raw.insert(name.clone(), observed);
             // Handed out once: an agent restarted by a crash drill must not see it again.
-            s.drills.remove(&name)
+            (changed, s.drills.remove(&name))
         });
+        if changed {
+            // A new fact (a goal reached, a role changed) may allow the next step at once.
+            m.decide_soon.notify_one();
+        }
         let goal = catalog.goal(&name).map(|g| {
             let mut wire = v1::Goal::from(g);
             wire.drill = drill;
@@ -492,7 +502,7 @@ impl agent_service_server::AgentService for AgentApi {
         Ok(Response::new(v1::ReportResponse {
             goal,
             lease_ms: m.lease_ms(&catalog),
-            report_interval_ms: u64::try_from(catalog.timings().report_interval.as_millis())
+            report_interval_ms: u64::try_from(report_interval(&catalog, &node.group).as_millis())
                 .unwrap_or(u64::MAX),
         }))
     }
@@ -520,14 +530,24 @@ impl agent_service_server::AgentService for AgentApi {
         tokio::spawn(async move {
             let mut last = None;
             loop {
-                let goal = catalog.borrow_and_update().goal(&node);
-                if goal != last {
-                    if let Some(g) = goal.clone()
-                        && tx.send(Ok(v1::Goal::from(g))).await.is_err()
-                    {
-                        return;
+                // The goal, and the report interval of the node's group: a switchover or
+                // failover starting or ending pushes the goal again with the new interval.
+                let current = {
+                    let c = catalog.borrow_and_update();
+                    c.node(&node)
+                        .map(|n| report_interval(&c, &n.group))
+                        .zip(c.goal(&node))
+                };
+                if current != last {
+                    if let Some((interval, g)) = current.clone() {
+                        let mut wire = v1::Goal::from(g);
+                        wire.report_interval_ms =
+                            u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+                        if tx.send(Ok(wire)).await.is_err() {
+                            return;
+                        }
                     }
-                    last = goal;
+                    last = current;
                 }
                 tokio::select! {
                     changed = catalog.changed() => if changed.is_err() { return },
@@ -863,6 +883,12 @@ impl operator_service_server::OperatorService for OperatorApi {
         )
         .await
         .map(operation)
+        // A token rejection means "denied" to a joining node; to the operator revoking it, it
+        // means there is no such usable token.
+        .map_err(|s| match s.code() {
+            tonic::Code::PermissionDenied => Status::not_found(s.message()),
+            _ => s,
+        })
     }
 
     async fn add_monitor(
@@ -1068,15 +1094,27 @@ async fn decide_loop(m: Arc<Monitor>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut counter = 0u64;
     let mut memo = decide::Memo::default();
+    let mut committed = m.catalog.clone();
+    let mut next_pass = tokio::time::Instant::now();
     loop {
+        // Besides the tick (time passing is what turns silence into failure), a pass runs as
+        // soon as a report says something new or the catalog changes (an operator request, or
+        // this loop's own decision committed): each step of a switchover or failover then
+        // waits for the fact it needs, not for the next tick.
         tokio::select! {
             _ = tick.tick() => {}
+            () = m.decide_soon.notified() => {}
+            changed = committed.changed() => if changed.is_err() { return },
             () = m.shutdown.cancelled() => return,
         }
+        // Early passes are spaced by four times the last pass's duration, so that under a
+        // stream of changing reports deciding takes at most a fifth of a core.
+        tokio::time::sleep_until(next_pass).await;
+        let started = tokio::time::Instant::now();
         if m.require_leader().is_err() {
             continue;
         }
-        let catalog = m.catalog();
+        let catalog = committed.borrow_and_update().clone();
         let now = m.now();
         // Decide on a copy: reports must not wait for the decision function.
         let obs = m.soft(|s| s.obs.clone());
@@ -1099,6 +1137,7 @@ async fn decide_loop(m: Arc<Monitor>) {
                 continue;
             }
         };
+        next_pass = started + (started.elapsed() * 4).clamp(MIN_DECIDE_GAP, DECIDE_EVERY);
         let term = m.raft.status().term;
         // Decisions concern different groups, so they are proposed together: raft carries
         // them in the same batches and one disk write, where one at a time a mass event
@@ -1169,11 +1208,30 @@ async fn probe_loop(m: Arc<Monitor>) {
         });
         let results = futures::future::join_all(probes).await;
         let now = m.now();
-        m.soft(|s| {
-            for (node, result) in results {
+        let news = m.soft(|s| {
+            results.into_iter().fold(false, |news, (node, result)| {
+                let before = s.obs.node(&node).and_then(|o| o.probe).map(|p| p.result);
                 s.obs.record_probe(node, result, now);
-            }
+                news || before != Some(result)
+            })
         });
+        if news {
+            // A port that stopped answering may complete the evidence of a crash.
+            m.decide_soon.notify_one();
+        }
+    }
+}
+
+/// How often the nodes of `group` are asked to report: [`OPERATION_REPORT_INTERVAL`] while
+/// a switchover or failover is under way, since its next step may wait for a fact only a
+/// periodic report carries (a switchover's target holding the drained primary's last LSN),
+/// and the configured interval otherwise.
+fn report_interval(catalog: &Catalog, group: &str) -> Duration {
+    let timings = catalog.timings();
+    if catalog.group(group).is_some_and(|g| g.operation.is_some()) {
+        OPERATION_REPORT_INTERVAL.min(timings.report_interval)
+    } else {
+        timings.report_interval
     }
 }
 
@@ -1330,6 +1388,7 @@ pub async fn run(
             raw: BTreeMap::new(),
             drills: BTreeMap::new(),
         }),
+        decide_soon: tokio::sync::Notify::new(),
         started: Instant::now(),
         allow_drills: config.allow_drills,
         security,

@@ -197,6 +197,7 @@ impl From<Goal> for v1::Goal {
                 .collect(),
             synchronous_quorum: g.synchronous_quorum,
             drill: None,
+            report_interval_ms: 0,
         }
     }
 }

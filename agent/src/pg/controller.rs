@@ -26,7 +26,10 @@ use super::process::{Exit, Postmaster, RunAs};
 use super::{PgError, config::render_hba, tls};
 
 const INCLUDE_LINE: &str = "include = 'postgresql.ha.conf'";
-const POLL: Duration = Duration::from_millis(100);
+/// How often a wait on the local server looks again (settings reloaded, WAL receiver gone,
+/// promotion done, accepting connections). Each look is one local query; these waits sit in
+/// the failover and switchover paths, where every interval is write unavailability.
+const POLL: Duration = Duration::from_millis(20);
 
 /// PostgreSQL's three shutdown modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,7 +333,7 @@ impl PgController {
                             .contains("pre-existing shared memory") =>
                 {
                     debug!(reason, "old shared memory still attached; retrying start");
-                    tokio::time::sleep(POLL * 2).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -725,20 +728,31 @@ impl PgController {
     /// the old primary) shows the new timeline at once.
     pub async fn promote(&mut self) -> Result<(), PgError> {
         let client = self.require_running(true).await?;
-        let done: bool = client
-            .query_one("SELECT pg_promote(wait => true, wait_seconds => 60)", &[])
+        // `pg_promote(wait => true)` looks for the end of recovery only every 100 ms; the
+        // writers wait for this step, so it is polled here more often.
+        let signalled: bool = client
+            .query_one("SELECT pg_promote(wait => false)", &[])
             .await
             .map_err(|e| PgError::Sql {
                 what: "promoting",
                 source: e,
             })?
             .get(0);
-        if !done {
-            return Err(PgError::Timeout {
-                what: "promotion",
-                timeout: Duration::from_secs(60),
-            });
+        if !signalled {
+            return Err(PgError::PromoteNotSignalled);
         }
+        self.poll("promotion", Duration::from_secs(60), || async {
+            let in_recovery: bool = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(|e| PgError::Sql {
+                    what: "waiting for the promotion",
+                    source: e,
+                })?
+                .get(0);
+            Ok(!in_recovery)
+        })
+        .await?;
         client
             .batch_execute("CHECKPOINT")
             .await
@@ -776,7 +790,18 @@ impl PgController {
     /// base backup when rewinding is impossible.
     pub async fn rejoin(&mut self, upstream: &Upstream) -> Result<RejoinPath, PgError> {
         self.stop(StopMode::Fast).await?;
-        let path = if files::inspect(&self.cfg.data_dir)? == DataDirState::Initialized {
+        // A `backup_label` means a base backup that never finished its recovery (its first
+        // start failed, or the agent died before it). pg_rewind would run crash recovery on it
+        // in single-user mode, which ends recovery and writes WAL of its own on the timeline
+        // it shares with the primary: a standby that can never stream again. It is replaced.
+        let unfinished_backup = self.cfg.data_dir.join("backup_label").exists();
+        if unfinished_backup {
+            warn!(node = %self.cfg.node, upstream = %upstream.node,
+                  "the data directory is an unfinished base backup; taking a fresh one");
+        }
+        let path = if files::inspect(&self.cfg.data_dir)? == DataDirState::Initialized
+            && !unfinished_backup
+        {
             // pg_rewind may run single-user crash recovery first, which standby.signal forbids.
             files::remove_optional(&self.standby_signal())?;
             match self.rewind(upstream).await {

@@ -68,6 +68,8 @@ pub enum PgError {
     Parse(#[from] ha_proto::ParseError),
     #[error("the data directory holds no initialised cluster")]
     NoData,
+    #[error("pg_promote could not signal the postmaster (see the server log)")]
+    PromoteNotSignalled,
     #[error("the server must be running as a {expected} for this step")]
     WrongRole { expected: &'static str },
     #[error("{what} not reached within {timeout:?}")]

@@ -445,11 +445,7 @@ impl<L: MonitorLink> Reconciler<L> {
                     self.lease_fenced = false;
                     self.want_job = true;
                 }
-                let interval = Duration::from_millis(resp.report_interval_ms.clamp(50, 60_000));
-                if resp.report_interval_ms != 0 && interval != self.report_interval {
-                    info!(node = %self.node, interval_ms = interval.as_millis(), "report interval set by the monitor");
-                    self.report_interval = interval;
-                }
+                self.set_report_interval(resp.report_interval_ms);
                 if let Some(goal) = resp.goal {
                     self.on_goal(goal, "report");
                 }
@@ -466,7 +462,22 @@ impl<L: MonitorLink> Reconciler<L> {
         }
     }
 
+    /// Takes the report interval the monitor asks for (0: keep the current one). A shorter
+    /// one starts with a report now, not at the end of the longer one.
+    fn set_report_interval(&mut self, ms: u64) {
+        let interval = Duration::from_millis(ms.clamp(50, 60_000));
+        if ms == 0 || interval == self.report_interval {
+            return;
+        }
+        info!(node = %self.node, interval_ms = interval.as_millis(), "report interval set by the monitor");
+        if interval < self.report_interval {
+            self.report_soon = true;
+        }
+        self.report_interval = interval;
+    }
+
     pub fn on_goal(&mut self, wire: v1::Goal, source: &'static str) {
+        self.set_report_interval(wire.report_interval_ms);
         if let Some(order) = &wire.drill
             && wire.node == self.node.as_str()
         {

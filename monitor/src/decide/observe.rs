@@ -36,14 +36,17 @@ impl Observations {
         self.nodes.get(id)
     }
 
-    /// Records a report that arrived at `at`.
-    pub fn record_report(&mut self, report: Report, at: Duration) {
+    /// Records a report that arrived at `at`; true when it says something new (not only that
+    /// the agent is alive).
+    pub fn record_report(&mut self, report: Report, at: Duration) -> bool {
         let entry = self.nodes.entry(report.node.clone()).or_default();
-        if entry.report.as_ref() != Some(&report) {
+        entry.report_at = Some(at);
+        let changed = entry.report.as_ref() != Some(&report);
+        if changed {
             entry.report = Some(report);
             entry.revision += 1;
         }
-        entry.report_at = Some(at);
+        changed
     }
 
     /// Records the result of a probe of `node`'s PostgreSQL port finished at `at`.

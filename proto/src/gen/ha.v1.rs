@@ -82,6 +82,11 @@ pub struct Goal {
     /// A pending fault injection for this node (drills), when enabled in the agent's config.
     #[prost(message, optional, tag = "8")]
     pub drill: ::core::option::Option<DrillOrder>,
+    /// When non-zero, report this often from now on (pushed goals only). The leader shortens it
+    /// while the node's group is in a switchover or failover, whose next step may wait for a fact
+    /// only a periodic report carries, and restores it afterwards.
+    #[prost(uint64, tag = "9")]
+    pub report_interval_ms: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
