@@ -17,6 +17,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use ha_tests::cluster::Cluster;
+use ha_tests::free_port;
 use serde_json::Value;
 
 const CONVERGE: Duration = Duration::from_secs(90);
@@ -62,6 +63,10 @@ fn node<'a>(s: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|n| n["name"] == name)
 }
 
+fn monitors(s: &Value) -> &Vec<Value> {
+    s["monitors"].as_array().unwrap()
+}
+
 fn primary(s: &Value) -> String {
     s["groups"][0]["primary"].as_str().unwrap_or("").to_owned()
 }
@@ -105,11 +110,11 @@ async fn every_command_against_a_live_cluster() {
         assert!(n["goal"].is_string() && n["state"].is_string());
     }
     assert_eq!(node(&s, "psql1").unwrap()["state"], "primary");
-    let monitors = s["monitors"].as_array().unwrap();
-    assert_eq!(monitors.len(), 3);
-    assert_eq!(monitors.iter().filter(|m| m["leader"] == true).count(), 1);
+    let members = monitors(&s);
+    assert_eq!(members.len(), 3);
+    assert_eq!(members.iter().filter(|m| m["leader"] == true).count(), 1);
     assert!(
-        monitors
+        members
             .iter()
             .all(|m| m["id"].is_u64() && m["address"].is_string())
     );
@@ -243,18 +248,11 @@ async fn every_command_against_a_live_cluster() {
 
     // Monitor membership: add a member that is not running yet (the majority still commits),
     // then remove it; then remove a running one, which stops.
-    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let spare_addr = spare.local_addr().unwrap().to_string();
-    drop(spare);
+    let spare_addr = format!("127.0.0.1:{}", free_port());
     ok(&c, &["monitor", "add", "4", &spare_addr]).await;
-    let s = until(&c, "four members", |s| {
-        s["monitors"].as_array().unwrap().len() == 4
-    })
-    .await;
+    let s = until(&c, "four members", |s| monitors(s).len() == 4).await;
     assert!(
-        s["monitors"]
-            .as_array()
-            .unwrap()
+        monitors(&s)
             .iter()
             .any(|m| m["id"] == 4 && m["address"] == spare_addr.as_str())
     );
@@ -264,16 +262,7 @@ async fn every_command_against_a_live_cluster() {
     ok(&c, &["monitor", "remove", &other.to_string()]).await;
     let exit = c.wait_monitor_exit(other).await;
     eprintln!("removed monitor {other} exited: {exit}");
-    let s = until(&c, "two members", |s| {
-        s["monitors"].as_array().unwrap().len() == 2
-    })
-    .await;
-    assert!(
-        s["monitors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|m| m["id"] != other)
-    );
+    let s = until(&c, "two members", |s| monitors(s).len() == 2).await;
+    assert!(monitors(&s).iter().all(|m| m["id"] != other));
     assert_eq!(primary(&s), new, "membership changes moved no primary");
 }

@@ -661,15 +661,7 @@ impl PgController {
             return Err(PgError::WrongRole { expected });
         };
         let client = self.connect().await?;
-        let in_recovery: bool = client
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .map_err(|e| PgError::Sql {
-                what: "checking recovery",
-                source: e,
-            })?
-            .get(0);
-        if in_recovery == standby {
+        if in_recovery(&client, "checking recovery").await? == standby {
             Ok(client)
         } else {
             Err(PgError::WrongRole { expected })
@@ -742,15 +734,7 @@ impl PgController {
             return Err(PgError::PromoteNotSignalled);
         }
         self.poll("promotion", Duration::from_secs(60), || async {
-            let in_recovery: bool = client
-                .query_one("SELECT pg_is_in_recovery()", &[])
-                .await
-                .map_err(|e| PgError::Sql {
-                    what: "waiting for the promotion",
-                    source: e,
-                })?
-                .get(0);
-            Ok(!in_recovery)
+            Ok(!in_recovery(&client, "waiting for the promotion").await?)
         })
         .await?;
         client
@@ -897,6 +881,15 @@ impl PgController {
         }
         Ok(())
     }
+}
+
+/// Whether the server is in recovery (a standby, or a primary still being promoted).
+async fn in_recovery(client: &Client, what: &'static str) -> Result<bool, PgError> {
+    Ok(client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(|e| PgError::Sql { what, source: e })?
+        .get(0))
 }
 
 /// Quotes an SQL identifier.
