@@ -17,19 +17,54 @@ pub mod writer;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Child;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// A loopback TCP port that was free a moment ago (bound, read, released). The caller binds it
-/// again soon after; collisions with other tests are unlikely, not impossible, so callers that
-/// can bind `127.0.0.1:0` themselves should.
+/// A loopback TCP port that was free a moment ago, for a server the caller starts soon after.
+///
+/// It lies below the kernel's ephemeral range: a port from that range (what binding port 0
+/// gives) can be taken by any outgoing connection before the server binds it, which made a
+/// PostgreSQL node of a five-node cluster fail to start with "Address already in use". This
+/// process never hands out a port twice, and starts at an offset drawn from its PID and the
+/// clock so that tests running in parallel processes rarely try the same ports; each port is
+/// checked free by binding it. Callers that can bind `127.0.0.1:0` themselves should.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("the loopback interface accepts an ephemeral bind")
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let (low, high) = ports_below_ephemeral();
+    let span = u32::from(high - low);
+    let next = NEXT.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        AtomicU32::new(std::process::id().wrapping_mul(7919).wrapping_add(nanos))
+    });
+    for _ in 0..span {
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        let port = low + u16::try_from(n % span).expect("below span, which fits in u16");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
+}
+
+/// `[10000, first ephemeral port)`, from `/proc/sys/net/ipv4/ip_local_port_range`; the default
+/// range starts at 32768.
+fn ports_below_ephemeral() -> (u16, u16) {
+    const LOW: u16 = 10_000;
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    assert!(
+        first_ephemeral > LOW + 1000,
+        "the ephemeral port range starts at {first_ephemeral}: too low to keep test ports out of it"
+    );
+    (LOW, first_ephemeral)
 }
 
 /// Kills (SIGKILL) and reaps a child process when dropped.
