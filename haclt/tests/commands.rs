@@ -67,6 +67,10 @@ fn monitors(s: &Value) -> &Vec<Value> {
     s["monitors"].as_array().unwrap()
 }
 
+fn epoch(s: &Value) -> u64 {
+    s["groups"][0]["epoch"].as_u64().unwrap()
+}
+
 fn primary(s: &Value) -> String {
     s["groups"][0]["primary"].as_str().unwrap_or("").to_owned()
 }
@@ -199,11 +203,11 @@ async fn every_command_against_a_live_cluster() {
     }
 
     // Switchover to a named node.
-    let epoch = s["groups"][0]["epoch"].as_u64().unwrap();
+    let before = epoch(&s);
     ok(&c, &["switchover", "--to", "psql2", "--wait", "60s"]).await;
     let s = status(&c).await;
     assert_eq!(primary(&s), "psql2");
-    assert!(s["groups"][0]["epoch"].as_u64().unwrap() > epoch);
+    assert!(epoch(&s) > before);
     c.wait_synchronous("psql2", CONVERGE).await;
 
     // Maintenance on a standby: a wait that runs out (75) is not a refusal; then back.
@@ -222,12 +226,12 @@ async fn every_command_against_a_live_cluster() {
     c.wait_converged("psql2", CONVERGE).await;
 
     // Operator failover: another node leads at a new epoch, the old primary rejoins.
-    let epoch = status(&c).await["groups"][0]["epoch"].as_u64().unwrap();
+    let before = epoch(&status(&c).await);
     ok(&c, &["failover", "--wait", "60s"]).await;
     let s = status(&c).await;
     let new = primary(&s);
     assert!(new != "psql2" && NODES.contains(&new.as_str()), "{new}");
-    assert!(s["groups"][0]["epoch"].as_u64().unwrap() > epoch);
+    assert!(epoch(&s) > before);
     c.wait_converged(&new, CONVERGE).await;
 
     // Node settings show in the status; a removed node leaves the group.

@@ -185,7 +185,8 @@ pub struct Monitor {
     raft: RaftHandle,
     catalog: watch::Receiver<Arc<Catalog>>,
     soft: Mutex<Soft>,
-    /// Wakes the decide loop before its next tick: a report said something new.
+    /// Wakes the decide loop before its next tick: a report said something new, or a probe
+    /// result changed.
     decide_soon: tokio::sync::Notify,
     started: Instant,
     allow_drills: bool,
@@ -1210,9 +1211,7 @@ async fn probe_loop(m: Arc<Monitor>) {
         let now = m.now();
         let news = m.soft(|s| {
             results.into_iter().fold(false, |news, (node, result)| {
-                let before = s.obs.node(&node).and_then(|o| o.probe).map(|p| p.result);
-                s.obs.record_probe(node, result, now);
-                news || before != Some(result)
+                s.obs.record_probe(node, result, now) || news
             })
         });
         if news {

@@ -33,15 +33,17 @@ use nix::unistd::Pid;
 /// clock so that tests running in parallel processes rarely try the same ports; each port is
 /// checked free by binding it. Callers that can bind `127.0.0.1:0` themselves should.
 pub fn free_port() -> u16 {
-    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
-    let (low, high) = ports_below_ephemeral();
-    let span = u32::from(high - low);
-    let next = NEXT.get_or_init(|| {
+    static PORTS: OnceLock<(u16, u16, AtomicU32)> = OnceLock::new();
+    let (low, high, next) = PORTS.get_or_init(|| {
+        let (low, high) = ports_below_ephemeral();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        AtomicU32::new(std::process::id().wrapping_mul(7919).wrapping_add(nanos))
+        let start = std::process::id().wrapping_mul(7919).wrapping_add(nanos);
+        (low, high, AtomicU32::new(start))
     });
+    let (low, high) = (*low, *high);
+    let span = u32::from(high - low);
     for _ in 0..span {
         let n = next.fetch_add(1, Ordering::Relaxed);
         let port = low + u16::try_from(n % span).expect("below span, which fits in u16");

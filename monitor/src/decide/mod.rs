@@ -69,6 +69,9 @@ pub fn decide(catalog: &Catalog, obs: &Observations, now: Duration) -> Vec<Decis
 pub struct Memo {
     /// The catalog-wide inputs the remembered groups were judged with; any change forgets all.
     basis: Option<(Timings, Duration, bool)>,
+    /// The catalog's applied index at the last pass: when it moves, groups that no longer
+    /// exist are forgotten (a group created again under the same name starts afresh).
+    applied_index: u64,
     quiet: HashMap<String, GroupInputs>,
 }
 
@@ -93,7 +96,10 @@ impl Memo {
             self.quiet.clear();
             self.basis = Some(basis);
         }
-        let mut quiet = HashMap::with_capacity(self.quiet.len());
+        if self.applied_index != catalog.applied_index() {
+            self.applied_index = catalog.applied_index();
+            self.quiet.retain(|name, _| catalog.group(name).is_some());
+        }
         let mut decisions = Vec::new();
         for g in catalog.groups() {
             let inputs = GroupInputs {
@@ -104,17 +110,18 @@ impl Memo {
                     .collect(),
             };
             if self.quiet.get(&g.name) == Some(&inputs) {
-                quiet.insert(g.name.clone(), inputs);
                 continue;
             }
             match Draft::new(catalog, &judge, g).run() {
-                Some(d) => decisions.push(d),
+                Some(d) => {
+                    self.quiet.remove(&g.name);
+                    decisions.push(d);
+                }
                 None => {
-                    quiet.insert(g.name.clone(), inputs);
+                    self.quiet.insert(g.name.clone(), inputs);
                 }
             }
         }
-        self.quiet = quiet;
         decisions
     }
 }
@@ -276,14 +283,23 @@ impl<'a> Judge<'a> {
     /// equal judgements and equal reports, a group is decided the same way (see [`Memo`]). A
     /// new judgement that reads any of these must be added here.
     fn time(&self, n: &NodeId) -> TimeJudgements {
-        let silence = self.silence(n);
         TimeJudgements {
             reporting: self.reporting(n),
-            missed_two: silence >= self.timings.report_interval * 2,
-            lease_out: silence >= self.timings.lease + self.timings.lease_margin,
+            missed_two: self.missed_two(n),
+            lease_out: self.lease_out(n),
             probed_since_report: self.probed_since_report(n),
             recent_probe: self.recent_probe(n),
         }
+    }
+
+    /// Two reports missed: the first condition of a crash on positive evidence.
+    fn missed_two(&self, n: &NodeId) -> bool {
+        self.silence(n) >= self.timings.report_interval * 2
+    }
+
+    /// The lease a silent primary's agent held has run out, with its margin.
+    fn lease_out(&self, n: &NodeId) -> bool {
+        self.silence(n) >= self.timings.lease + self.timings.lease_margin
     }
 
     /// Time since the last report, counted from no earlier than `leader_since`.
@@ -316,7 +332,7 @@ impl<'a> Judge<'a> {
     /// after taking office: agents may not have found it yet.
     fn crashed(&self, n: &NodeId) -> bool {
         self.settled()
-            && self.silence(n) >= self.timings.report_interval * 2
+            && self.missed_two(n)
             && self.probed_since_report(n)
             && self.recent_probe(n) == Some(ProbeResult::Refused)
     }
@@ -380,7 +396,7 @@ impl<'a> Judge<'a> {
         // The lease is enforced by the agent; a port that still answers means the database
         // runs (perhaps with its agent dead), so an expired lease proves nothing then.
         let wait = self.timings.lease + self.timings.lease_margin;
-        (self.silence(n) >= wait && self.recent_probe(n) != Some(ProbeResult::Ok))
+        (self.lease_out(n) && self.recent_probe(n) != Some(ProbeResult::Ok))
             .then(|| format!("{n}'s lease expired ({wait:?} without a report)"))
     }
 

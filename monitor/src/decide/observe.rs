@@ -50,8 +50,12 @@ impl Observations {
     }
 
     /// Records the result of a probe of `node`'s PostgreSQL port finished at `at`.
-    pub fn record_probe(&mut self, node: NodeId, result: ProbeResult, at: Duration) {
-        self.nodes.entry(node).or_default().probe = Some(Probe { result, at });
+    /// True when the result differs from the previous probe's.
+    pub fn record_probe(&mut self, node: NodeId, result: ProbeResult, at: Duration) -> bool {
+        let probe = &mut self.nodes.entry(node).or_default().probe;
+        let changed = probe.is_none_or(|p| p.result != result);
+        *probe = Some(Probe { result, at });
+        changed
     }
 }
 
