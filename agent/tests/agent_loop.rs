@@ -5,8 +5,9 @@
 //! promoted under a new epoch (persisted by its agent) with every acknowledged row. The time from
 //! the kill to the first acknowledged write on the new primary is printed. Then the new
 //! primary's agent is stopped with SIGTERM (PostgreSQL keeps serving), restarted (it adopts the
-//! server), and the monitor is killed: the agent must fence its primary once the lease has
-//! passed. A bad config file exits 64.
+//! server and renews the lease), and the monitor is killed; the agent is restarted once more
+//! with no monitor to answer it, and must still fence its primary once the lease granted to the
+//! previous run has passed. A bad config file exits 64.
 //!
 //! Every process is started by the harness and ended by PID from its guards, even on failure;
 //! on failure the harness prints the tail of every log.
@@ -78,8 +79,20 @@ async fn bootstrap_standby_then_failover_after_primary_crash() {
         .await
         .unwrap();
 
-    // A restarted agent adopts the running server and renews its lease.
+    // A restarted agent adopts the running server and renews its lease. The lease record is
+    // removed first: the agent writes it again only when a report of the new run is answered
+    // (the monitor's status alone could still show the previous run's last report).
+    let record = cluster.node("psql2").state_dir.join("lease");
+    std::fs::remove_file(&record).unwrap();
     cluster.start_agent("psql2");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !record.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent never had a report answered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     cluster
         .wait_for(
             "the restarted agent reports",
@@ -94,11 +107,15 @@ async fn bootstrap_standby_then_failover_after_primary_crash() {
         .await;
     assert_eq!(cluster.postmaster("psql2"), Some(pid));
 
-    // Lease self-fencing: with the monitor gone, the primary's agent stops PostgreSQL once the
-    // lease has passed since its last answered report (sent at most ~0.5 s before the kill),
-    // and before the monitor's lease + margin could allow a promotion.
+    // Lease self-fencing across a restart: with the monitor gone, the agent is restarted and
+    // can renew nothing, yet it stops PostgreSQL once the lease has passed since the previous
+    // run's last answered report (sent at most ~0.5 s before the kill), and before the
+    // monitor's lease + margin could allow a promotion.
     let lost = Instant::now();
     cluster.kill_monitor(1);
+    let status = cluster.terminate_agent("psql2").await;
+    assert!(status.success(), "agent exit: {status}");
+    cluster.start_agent("psql2");
     let fence_deadline = lost + Duration::from_secs(10);
     while is_postgres(pid) {
         assert!(

@@ -7,10 +7,22 @@
 //! round trip, the lease is expired, and the agent fences a writable PostgreSQL; the monitor
 //! waits lease + margin before promoting another node. Times are `tokio::time::Instant`, so
 //! tests pause and advance the clock.
+//!
+//! The lease also outlives the agent process: every renewal records its end in `lease` in the
+//! state directory, on the kernel's boot clock (which keeps counting while the agent is down).
+//! A restarted agent that finds its PostgreSQL writable keeps it only for what is left of that
+//! lease, and fences it then unless a report of the new run has been answered. Without this, an
+//! agent restarted behind a partition would hold a writable primary for ever while the monitors
+//! promote another node. The record is written without fsync: it matters only while the machine
+//! stays up (a reboot takes PostgreSQL down too), and a missing, corrupt or other-boot record
+//! counts as an expired lease.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::time::{ClockId, clock_gettime};
 use tokio::time::Instant;
+use tracing::warn;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
@@ -54,6 +66,84 @@ impl Default for Lease {
     }
 }
 
+const LEASE_FILE: &str = "lease";
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// The lease end as kept across agent restarts (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct LeaseRecord {
+    path: PathBuf,
+}
+
+/// The kernel's boot identity and its boot clock now, in nanoseconds.
+fn boot_clock() -> Result<(String, u128), String> {
+    let boot = std::fs::read_to_string(BOOT_ID).map_err(|e| format!("{BOOT_ID}: {e}"))?;
+    let now = clock_gettime(ClockId::CLOCK_BOOTTIME).map_err(|e| format!("CLOCK_BOOTTIME: {e}"))?;
+    let nanos = Duration::from(now).as_nanos();
+    Ok((boot.trim().to_owned(), nanos))
+}
+
+impl LeaseRecord {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join(LEASE_FILE),
+        }
+    }
+
+    /// Records that the lease runs until `end`. A failure is logged and otherwise ignored: a
+    /// restart then finds no lease and fences at once, which is safe.
+    pub fn store(&self, end: Instant) {
+        if let Err(e) = self.try_store(end) {
+            warn!(path = %self.path.display(), error = %e,
+                  "cannot record the lease: a restarted agent would fence at once");
+        }
+    }
+
+    fn try_store(&self, end: Instant) -> Result<(), String> {
+        let (boot, now) = boot_clock()?;
+        let left = end.saturating_duration_since(Instant::now()).as_nanos();
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{boot} {}\n", now + left))
+            .and_then(|()| std::fs::rename(&tmp, &self.path))
+            .map_err(|e| e.to_string())
+    }
+
+    /// When the lease recorded by a previous run ends, as seen from `now`: `now` itself when
+    /// there is no valid record of this boot, or when it has already passed.
+    pub fn inherited(&self, now: Instant) -> Instant {
+        match self.read() {
+            Ok(Some(left)) => now + left,
+            Ok(None) => now,
+            Err(e) => {
+                warn!(path = %self.path.display(), error = %e, "lease record unusable: treated as expired");
+                now
+            }
+        }
+    }
+
+    /// What is left of the recorded lease; `None` when nothing is left or nothing was recorded.
+    fn read(&self) -> Result<Option<Duration>, String> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        let (boot, end) = text
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| format!("malformed record {text:?}"))?;
+        let end: u128 = end
+            .parse()
+            .map_err(|_| format!("malformed record {text:?}"))?;
+        let (this_boot, now) = boot_clock()?;
+        if boot != this_boot {
+            return Ok(None);
+        }
+        let left = end.saturating_sub(now);
+        Ok((left > 0).then(|| Duration::from_nanos(u64::try_from(left).unwrap_or(u64::MAX))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +179,32 @@ mod tests {
             LEASE,
             "counted from the send, not the answer"
         );
+    }
+
+    #[tokio::test]
+    async fn a_recorded_lease_survives_a_restart_on_the_same_boot_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = LeaseRecord::new(dir.path());
+        let now = Instant::now();
+        assert_eq!(record.inherited(now), now, "nothing recorded: expired");
+
+        record.store(now + LEASE);
+        let left = LeaseRecord::new(dir.path()).inherited(now) - now;
+        assert!(
+            left <= LEASE && left > LEASE - Duration::from_secs(1),
+            "what is left of the lease: {left:?}"
+        );
+
+        record.store(now);
+        assert_eq!(record.inherited(now), now, "an ended lease gives nothing");
+
+        let path = dir.path().join(LEASE_FILE);
+        let (_, clock) = boot_clock().unwrap();
+        std::fs::write(&path, format!("another-boot {}\n", clock + 10_000_000_000)).unwrap();
+        assert_eq!(record.inherited(now), now, "a lease of another boot");
+        for junk in ["", "garbage", "a b c", "x 12q"] {
+            std::fs::write(&path, junk).unwrap();
+            assert_eq!(record.inherited(now), now, "corrupt record {junk:?}");
+        }
     }
 }

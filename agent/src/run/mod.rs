@@ -35,7 +35,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{self, AgentConfig, ConfigError, PostgresRole, RoleConfig};
 use crate::pg::{Action, PgController, PgError, StopMode};
-use lease::Lease;
+use lease::{Lease, LeaseRecord};
 use monitors::{MonitorLink, Monitors};
 use state::{AgentState, EpochCheck, StateError, StateFile};
 use worker::{Job, WorkerEvent};
@@ -302,6 +302,10 @@ pub struct Reconciler<L> {
     observed: Option<v1::PostgresObservation>,
     postmaster_pid: Option<i32>,
     lease: Lease,
+    /// The lease's end kept across restarts, and the end inherited from the previous run
+    /// (which binds a PostgreSQL found writable until a report of this run is answered).
+    lease_record: LeaseRecord,
+    inherited_lease: Instant,
     lease_fenced: bool,
     report_interval: Duration,
     report_in_flight: bool,
@@ -315,6 +319,13 @@ pub struct Reconciler<L> {
 
 impl<L: MonitorLink> Reconciler<L> {
     pub fn new(cfg: &AgentConfig, state: AgentState, state_file: StateFile, link: L) -> Self {
+        let lease_record = LeaseRecord::new(&cfg.state_dir);
+        let now = Instant::now();
+        let inherited_lease = lease_record.inherited(now);
+        if inherited_lease > now {
+            info!(node = %cfg.node, left_ms = (inherited_lease - now).as_millis(),
+                  "the previous run's lease is still running");
+        }
         Self {
             node: cfg.node.clone(),
             kind: cfg.role.kind(),
@@ -329,6 +340,8 @@ impl<L: MonitorLink> Reconciler<L> {
             observed: None,
             postmaster_pid: None,
             lease: Lease::new(),
+            lease_record,
+            inherited_lease,
             lease_fenced: false,
             report_interval: cfg.report_interval,
             report_in_flight: false,
@@ -343,12 +356,23 @@ impl<L: MonitorLink> Reconciler<L> {
         self.goal.as_ref().is_some_and(|g| g.state.is_writable())
     }
 
-    /// When the lease must be enforced: only while the goal is writable and not yet fenced.
+    /// PostgreSQL was last seen accepting writes.
+    fn observed_writable(&self) -> bool {
+        self.observed
+            .as_ref()
+            .is_some_and(|o| o.role() == v1::PgRole::Primary && !o.read_only)
+    }
+
+    /// When the lease must be enforced, unless already fenced: while the goal is writable,
+    /// the lease of this run; before any report of this run is answered, what is left of the
+    /// previous run's lease if PostgreSQL is found writable.
     pub fn lease_deadline(&self) -> Option<Instant> {
-        if self.writable_goal() && !self.lease_fenced {
-            self.lease.expires_at()
-        } else {
-            None
+        if self.lease_fenced {
+            return None;
+        }
+        match self.lease.expires_at() {
+            Some(end) => self.writable_goal().then_some(end),
+            None => self.observed_writable().then_some(self.inherited_lease),
         }
     }
 
@@ -409,12 +433,14 @@ impl<L: MonitorLink> Reconciler<L> {
 
     /// The lease ran out: stop accepting writes at once, then let the worker fence properly.
     pub fn on_lease_expired(&mut self, now: Instant) {
-        let since_ms = self
-            .lease
-            .last_ok_send()
-            .map_or(0, |t| now.saturating_duration_since(t).as_millis());
-        warn!(node = %self.node, since_last_ok_send_ms = since_ms,
-              "lease expired without a successful report: fencing PostgreSQL");
+        match self.lease.last_ok_send() {
+            Some(t) => warn!(node = %self.node,
+                             since_last_ok_send_ms = now.saturating_duration_since(t).as_millis(),
+                             "lease expired without a successful report: fencing PostgreSQL"),
+            None => warn!(node = %self.node,
+                          "PostgreSQL is writable, no report of this run was answered and the \
+                           previous run's lease is over: fencing PostgreSQL"),
+        }
         if let Some(pid) = self.postmaster_pid {
             // Fast shutdown refuses new connections and ends sessions immediately; the worker's
             // fence step (which waits for the exit) follows.
@@ -437,8 +463,14 @@ impl<L: MonitorLink> Reconciler<L> {
                 }
                 // A zero lease would be a monitor bug; it grants nothing rather than fencing.
                 if resp.lease_ms > 0 {
+                    let before = self.lease.expires_at();
                     self.lease
                         .renew(r.sent_at, Duration::from_millis(resp.lease_ms));
+                    if let Some(end) = self.lease.expires_at()
+                        && Some(end) != before
+                    {
+                        self.lease_record.store(end);
+                    }
                 }
                 if self.lease_fenced && !self.lease.expired(Instant::now()) {
                     info!(node = %self.node, "lease renewed after fencing: resuming the goal");
@@ -681,7 +713,7 @@ mod tests {
     use ha_proto::Epoch;
 
     use super::*;
-    use crate::pg::PgObservation;
+    use crate::pg::{PgObservation, ServerRole};
 
     /// A monitor that answers every report sent before `silent_after` with a writable goal,
     /// and never answers later ones (a partition: the request hangs).
@@ -889,6 +921,68 @@ socket_dir = "/tmp/ha-agent-unit"
         });
         assert!(c.lease_deadline().is_some());
         assert_eq!(c.job().goal.map(|g| g.state), Some(GoalState::Primary));
+    }
+
+    fn observe(c: &mut Reconciler<ScriptedMonitor>, role: ServerRole, read_only: bool) {
+        c.on_event(WorkerEvent::Observed {
+            obs: Ok(PgObservation {
+                role,
+                read_only,
+                ..PgObservation::empty()
+            }),
+            postmaster_pid: None,
+        });
+    }
+
+    #[tokio::test]
+    async fn a_writable_postgres_found_at_start_keeps_only_the_previous_runs_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let silent = || ScriptedMonitor {
+            silent_after: Instant::now(),
+            epoch: 0,
+        };
+        // Nothing recorded: a writable server is fenced at once.
+        let mut c = core(dir.path(), silent(), 1);
+        assert_eq!(c.lease_deadline(), None, "nothing observed yet");
+        observe(&mut c, ServerRole::Primary, false);
+        let now = Instant::now();
+        assert!(c.lease_deadline().is_some_and(|d| d <= now));
+        c.on_lease_expired(now);
+        assert_eq!(c.lease_deadline(), None, "fenced");
+        assert!(c.observed_state().last_error.contains("fenced"));
+
+        // A previous run's lease with 2 s left binds the new run for those 2 s.
+        let now = Instant::now();
+        LeaseRecord::new(dir.path()).store(now + Duration::from_secs(2));
+        let mut c = core(dir.path(), silent(), 1);
+        observe(&mut c, ServerRole::Standby, false);
+        assert_eq!(c.lease_deadline(), None, "a standby needs no lease");
+        observe(&mut c, ServerRole::Primary, true);
+        assert_eq!(
+            c.lease_deadline(),
+            None,
+            "a read-only primary needs no lease"
+        );
+        observe(&mut c, ServerRole::Primary, false);
+        let left = c.lease_deadline().unwrap() - now;
+        assert!(
+            left > Duration::from_secs(1) && left <= Duration::from_secs(2),
+            "{left:?}"
+        );
+
+        // An answered report of this run replaces the inherited lease, and is recorded.
+        let sent_at = Instant::now();
+        c.on_report(ReportResult {
+            sent_at,
+            result: Ok(v1::ReportResponse {
+                goal: Some(goal_wire(GoalState::Primary, 1)),
+                lease_ms: 3000,
+                report_interval_ms: 500,
+            }),
+        });
+        assert_eq!(c.lease_deadline(), Some(sent_at + Duration::from_secs(3)));
+        let left = LeaseRecord::new(dir.path()).inherited(sent_at) - sent_at;
+        assert!(left > Duration::from_secs(2), "recorded: {left:?}");
     }
 
     #[tokio::test]
