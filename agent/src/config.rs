@@ -37,6 +37,10 @@
 //! # With [tls]: the other PostgreSQL nodes that may replicate from this one (certificate name
 //! # and source address); they get `hostssl ... cert` rules and an ident map entry.
 //! peers = [{ node = "psql2server", address = "10.0.0.11" }]
+//! # With [tls]: clients that log in with a certificate of the cluster CA, from an address,
+//! # as the role their certificate's name maps to (`hostssl ... cert` + an ident map entry).
+//! clients = [{ certificate = "operator", user = "postgres", database = "postgres",
+//!              address = "10.0.0.0/24" }]
 //!
 //! [[postgres.hba]]                            # besides local trust for the agent
 //! type = "host"
@@ -57,7 +61,7 @@ use serde::Deserialize;
 
 use crate::ejabberd::controller::ControllerConfig;
 use crate::ejabberd::erl::ErlNode;
-use crate::pg::{HbaConnType, HbaRule, PgConfig, ReplicationPeer};
+use crate::pg::{CertClient, HbaConnType, HbaRule, PgConfig, ReplicationPeer};
 
 /// Why a configuration (or a secret file it names) was refused.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +172,9 @@ struct PostgresFile {
     /// The group's other PostgreSQL nodes, until the monitor hands them to the agent.
     #[serde(default)]
     peers: Vec<PeerFile>,
+    /// Clients admitted by certificate (needs `[tls]`).
+    #[serde(default)]
+    clients: Vec<ClientFile>,
 }
 
 /// `[ejabberd]`: the ejabberd node this agent re-points at the current primary.
@@ -222,6 +229,18 @@ fn default_db_connect_timeout() -> Duration {
 
 fn default_verify_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientFile {
+    /// The name in the client's certificate (its common name).
+    certificate: String,
+    /// The role it logs in as.
+    user: String,
+    database: String,
+    /// Where its connections come from: an address or a network (CIDR).
+    address: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -393,7 +412,13 @@ impl AgentConfig {
                 let pg = file
                     .postgres
                     .ok_or_else(|| invalid("role = \"postgres\" needs a [postgres] section"))?;
-                RoleConfig::Postgres(postgres_role(&node, pg)?)
+                let role = postgres_role(&node, pg)?;
+                if tls.is_none() && !role.pg.clients.is_empty() {
+                    return Err(invalid(
+                        "postgres.clients: certificate logins need the [tls] section",
+                    ));
+                }
+                RoleConfig::Postgres(role)
             }
             RoleName::Ejabberd => {
                 let e = file
@@ -487,6 +512,10 @@ fn postgres_role(node: &NodeId, f: PostgresFile) -> Result<PostgresRole, ConfigE
             method: rule.method,
         });
     }
+    for (i, c) in f.clients.into_iter().enumerate() {
+        pg.clients
+            .push(client(c).map_err(|e| invalid(format!("postgres.clients[{i}]: {e}")))?);
+    }
     for (i, peer) in f.peers.into_iter().enumerate() {
         let node =
             NodeId::new(peer.node).map_err(|e| invalid(format!("postgres.peers[{i}]: {e}")))?;
@@ -501,6 +530,37 @@ fn postgres_role(node: &NodeId, f: PostgresFile) -> Result<PostgresRole, ConfigE
             host: f.advertise_host,
             port: f.port,
         },
+    })
+}
+
+/// A certificate login, checked: a valid certificate name, a role and a database that are
+/// not empty, and an address or network (a bare address admits that address only).
+fn client(c: ClientFile) -> Result<CertClient, String> {
+    ha_pki::identity::validate_name(&c.certificate).map_err(|e| format!("certificate: {e}"))?;
+    if c.user.is_empty() || c.database.is_empty() {
+        return Err("user and database must not be empty".into());
+    }
+    let (ip, prefix) = match c.address.split_once('/') {
+        Some((ip, prefix)) => (ip, Some(prefix)),
+        None => (c.address.as_str(), None),
+    };
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|_| format!("address {:?} is not an IP address or network", c.address))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) => p
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("address {:?}: bad prefix length", c.address))?,
+    };
+    Ok(CertClient {
+        certificate: c.certificate,
+        user: c.user,
+        database: c.database,
+        address: format!("{ip}/{prefix}"),
     })
 }
 
@@ -790,6 +850,51 @@ method = "trust"
         };
         assert_eq!(pg.advertise.to_string(), "10.0.0.10:5432");
         assert_eq!(pg.pg.hba.len(), 2);
+        assert_eq!(pg.pg.clients[0].address, "10.0.0.0/24");
+    }
+
+    #[test]
+    fn certificate_clients_need_tls_and_are_checked() {
+        let tls =
+            "[tls]\nca = \"/etc/ha/ca.pem\"\ncert = \"/etc/ha/n.pem\"\nkey = \"/etc/ha/n.key\"\n";
+        let with = |client: &str, secure: bool| {
+            let text = GOOD.replace(
+                "peers = [",
+                &format!("clients = [{{ {client} }}]\npeers = ["),
+            );
+            if secure {
+                format!("{}\n{tls}", text.replace("dev = true", ""))
+            } else {
+                text
+            }
+        };
+        let ok = r#"certificate = "operator", user = "postgres", database = "postgres", address"#;
+        let c = parse(&with(&format!("{ok} = \"10.0.0.7\""), true)).unwrap();
+        let RoleConfig::Postgres(pg) = &c.role else {
+            panic!("a postgres role");
+        };
+        assert_eq!(
+            pg.pg.clients[0].address, "10.0.0.7/32",
+            "a bare address admits itself"
+        );
+        assert!(err(&with(&format!("{ok} = \"10.0.0.0/24\""), false)).contains("need the [tls]"));
+        for (client, want) in [
+            (format!("{ok} = \"10.0.0.0/33\""), "prefix"),
+            (format!("{ok} = \"fd00::/129\""), "prefix"),
+            (format!("{ok} = \"e1server\""), "not an IP"),
+            (
+                r#"certificate = "Operator X", user = "postgres", database = "postgres", address = "10.0.0.1""#.into(),
+                "certificate",
+            ),
+            (
+                r#"certificate = "operator", user = "", database = "postgres", address = "10.0.0.1""#.into(),
+                "must not be empty",
+            ),
+            (format!("{ok} = \"10.0.0.1\", method = \"trust\""), "unknown field"),
+        ] {
+            let e = err(&with(&client, true));
+            assert!(e.contains(want), "{client}: expected {want:?} in {e:?}");
+        }
     }
 
     #[test]

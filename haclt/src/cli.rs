@@ -120,7 +120,9 @@ pub enum Cmd {
         /// Bound on the drill from the fault to a recovered cluster; exit 75 when exceeded.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         wait: Duration,
-        /// PostgreSQL role the writer connects as (TCP to the primary's endpoint).
+        /// PostgreSQL role the writer connects as (TCP to the primary's endpoint; with `[tls]`,
+        /// verify-full TLS presenting the operator certificate, which the agents' `clients`
+        /// setting maps to this role).
         #[arg(long, default_value = "postgres")]
         db_user: String,
         /// Database holding the `haclt_drill` table the writer fills.
@@ -651,6 +653,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 wait,
                 db_user,
                 database,
+                tls: m.client_tls(),
             };
             let outcome =
                 crate::drill::run(&mut m, scenario, &options, request_id("drill"), unix_ms).await;

@@ -112,6 +112,14 @@ impl Monitors {
         })
     }
 
+    /// The operator certificate of mutual TLS; `None` for plaintext (`--dev`).
+    pub fn client_tls(&self) -> Option<Arc<ClientTls>> {
+        match &self.transport {
+            Transport::Plaintext => None,
+            Transport::Tls(tls) => Some(tls.clone()),
+        }
+    }
+
     async fn connect(&self, address: &str) -> Result<OperatorServiceClient<Channel>, String> {
         let endpoint = match &self.transport {
             Transport::Plaintext => Endpoint::from_shared(format!("http://{address}"))
@@ -203,7 +211,9 @@ impl Monitors {
 }
 
 /// An error and its causes (a TLS refusal is only visible in the sources).
-fn error_chain(error: &dyn std::error::Error) -> String {
+/// An error with its causes, `: `-separated (TLS and connection errors keep the useful part in a
+/// cause that `Display` omits).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -9,9 +9,14 @@
 //! - every acknowledged row is looked up on the final primary before the verdict: a missing row
 //!   is a lost write and makes the command fail, whatever else happened;
 //! - the faults themselves are injected by the target's agent (or the monitor leader) and undone
-//!   by them after `--duration`: if this command dies, the cluster still recovers.
+//!   by them after `--duration`: if this command dies, the cluster still recovers;
+//! - with an operator certificate (`[tls]`), every database session is TLS with full
+//!   verification (the server's certificate chains to the cluster CA and names the address
+//!   connected to) and presents that certificate for `cert` authentication: no password exists,
+//!   and nothing falls back to plaintext. Plaintext sessions are for `--dev` clusters only.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::ValueEnum;
@@ -19,8 +24,9 @@ use ha_proto::v1;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_postgres::tls::MakeTlsConnect;
 
-use crate::client::{Failure, Monitors};
+use crate::client::{Failure, Monitors, error_chain};
 
 /// Pause between two writes: enough resolution for the unavailability figure without
 /// saturating the small machines the drills run on.
@@ -67,6 +73,8 @@ pub struct Options {
     pub wait: Duration,
     pub db_user: String,
     pub database: String,
+    /// The operator certificate the writer presents (verify-full TLS); `None`: plaintext.
+    pub tls: Option<Arc<ha_pki::ClientTls>>,
 }
 
 /// The figures, printed as a table or as JSON (`--json`; fields are only ever added).
@@ -143,6 +151,7 @@ fn leader_of(s: &v1::StatusResponse) -> Option<u64> {
     s.monitors.iter().find(|m| m.leader).map(|m| m.id)
 }
 
+/// A session on the server at `t` (TLS with the operator certificate when there is one).
 async fn connect(t: &Target, o: &Options) -> Result<tokio_postgres::Client, String> {
     let mut config = tokio_postgres::Config::new();
     config
@@ -152,11 +161,36 @@ async fn connect(t: &Target, o: &Options) -> Result<tokio_postgres::Client, Stri
         .dbname(&o.database)
         .application_name("haclt-drill")
         .connect_timeout(WRITE_TIMEOUT);
-    let connecting = config.connect(tokio_postgres::NoTls);
-    let (client, conn) = tokio::time::timeout(WRITE_TIMEOUT, connecting)
+    match &o.tls {
+        Some(tls) => {
+            let mut rustls = (*tls.current()).clone();
+            // The monitors' config offers HTTP/2; PostgreSQL 15 negotiates no ALPN.
+            rustls.alpn_protocols.clear();
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            open(
+                &config,
+                tokio_postgres_rustls::MakeRustlsConnect::new(rustls),
+                t,
+            )
+            .await
+        }
+        None => open(&config, tokio_postgres::NoTls, t).await,
+    }
+}
+
+async fn open<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    t: &Target,
+) -> Result<tokio_postgres::Client, String>
+where
+    T: MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, conn) = tokio::time::timeout(WRITE_TIMEOUT, config.connect(tls))
         .await
         .map_err(|_| format!("{}:{}: connect timed out", t.host, t.port))?
-        .map_err(|e| format!("{}:{}: {e}", t.host, t.port))?;
+        .map_err(|e| format!("{}:{}: {}", t.host, t.port, error_chain(&e)))?;
     tokio::spawn(conn);
     Ok(client)
 }

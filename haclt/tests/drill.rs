@@ -1,6 +1,10 @@
 //! `haclt drill` against a real cluster on loopback (the `ha-tests` harness: `ha-monitor`s and
 //! `ha-agent`s driving real PostgreSQL 15 servers). psql1's agent allows drills, psql2's does not.
+//! The writer's sessions are TLS with the operator certificate, which the agents map to the
+//! `postgres` role (no other TCP rule admits `postgres`, so every drill proves it).
 //!
+//! 0. the writer as another role (`--db-user replicator`): refused by PostgreSQL before any
+//!    fault, exit 1, nothing changes;
 //! 1. `drill switchover --json`: psql1 -> psql2, no acknowledged write lost, some unavailability;
 //! 2. `drill crash-primary` aimed at psql2: its agent refuses (exit 65, `allow_drills` named),
 //!    and nothing happens: same primary, same postmaster, agent still running;
@@ -91,6 +95,26 @@ async fn switchover_refusal_crash_freeze_and_partition_drills() {
         .drills_refused_by("psql2")
         .start()
         .await;
+
+    // The operator certificate maps to `postgres` only.
+    let args = [
+        "drill",
+        "switchover",
+        "--db-user",
+        "replicator",
+        "--wait",
+        "20s",
+    ];
+    let out = shown(&args, cluster.haclt(&args).await);
+    assert_eq!(out.status.code(), Some(1), "refused by PostgreSQL");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot prepare the drill table")
+            && stderr.contains("certificate authentication failed"),
+        "{stderr}"
+    );
+    let s = status(&cluster).await;
+    assert_eq!(s["groups"][0]["primary"], "psql1", "no fault was injected");
 
     let report = drill(&cluster, &["switchover"]).await;
     assert_no_loss(&report, "switchover", "psql1", "psql2");

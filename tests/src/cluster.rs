@@ -488,13 +488,13 @@ impl Cluster {
             .map(|m| format!("\"{}\"", m.addr))
             .collect();
         // With TLS, replication, base backups and rewinds are admitted by the agent's own
-        // `hostssl ... cert` rules for `peers`; the writer's TLS sessions by certificate too.
-        // `haclt drill`'s writer still connects without TLS as `postgres` (trusted on loopback).
+        // `hostssl ... cert` rules for `peers`; the writer's TLS sessions by certificate too,
+        // and `haclt drill`'s writer by the operator certificate, mapped to `postgres`.
         let (security, peers, rules) = match &self.tls {
             Some(t) => (
                 tls_section(&t.pki.files(&n.name), None),
                 format!(
-                    "peers = [{}]\n",
+                    "peers = [{}]\nclients = [{{ certificate = \"{OPERATOR}\", user = \"postgres\", database = \"postgres\", address = \"{LOOPBACK}\" }}]\n",
                     self.nodes
                         .iter()
                         .map(|p| format!("{{ node = \"{}\", address = \"{LOOPBACK}\" }}", p.name))
@@ -503,7 +503,6 @@ impl Cluster {
                 ),
                 format!(
                     r#"  {{ type = "hostssl", database = "postgres", user = "{WRITER_USER}", address = "{LOOPBACK}/32", method = "cert" }},
-  {{ type = "host", database = "postgres", user = "postgres", address = "{LOOPBACK}/32", method = "trust" }},
 "#
                 ),
             ),

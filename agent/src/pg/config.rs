@@ -58,6 +58,16 @@ pub struct ReplicationAuth {
     pub user: String,
 }
 
+/// A client that logs in with a certificate of the cluster CA: from `address` (CIDR), to
+/// `database`, as `user`, which the certificate's name maps to through [`IDENT_MAP`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertClient {
+    pub certificate: String,
+    pub user: String,
+    pub database: String,
+    pub address: String,
+}
+
 /// Another PostgreSQL node of the group, allowed to stream, take base backups and rewind from
 /// this one when TLS is on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,15 +156,20 @@ impl HbaRule {
         }
     }
 
-    /// Certificate authentication over TLS for `user` from exactly `address`, the certificate's
-    /// name mapped through [`IDENT_MAP`].
-    pub fn peer_cert(database: &str, user: &str, address: IpAddr) -> Self {
+    /// `address` alone, as a CIDR network.
+    pub fn single(address: IpAddr) -> String {
         let prefix = if address.is_ipv4() { 32 } else { 128 };
+        format!("{address}/{prefix}")
+    }
+
+    /// Certificate authentication over TLS for `user` from `address` (CIDR), the certificate's
+    /// name mapped through [`IDENT_MAP`].
+    pub fn cert(database: &str, user: &str, address: &str) -> Self {
         Self {
             conn_type: HbaConnType::HostSsl,
             database: database.into(),
             user: user.into(),
-            address: Some(format!("{address}/{prefix}")),
+            address: Some(address.into()),
             method: format!("cert map={IDENT_MAP}"),
         }
     }
@@ -293,6 +308,8 @@ pub struct PgConfig {
     /// The other PostgreSQL nodes of the group: with TLS on, exactly these may replicate from
     /// this server (this node's own entry, if listed, is skipped).
     pub peers: Vec<ReplicationPeer>,
+    /// Clients admitted by certificate (TLS only; the configuration refuses them without).
+    pub clients: Vec<CertClient>,
     pub sync_commit: SyncCommit,
     pub max_wal_senders: u32,
     pub max_replication_slots: u32,
@@ -335,6 +352,7 @@ impl PgConfig {
             hba: vec![HbaRule::local_trust("postgres")],
             tls: None,
             peers: Vec::new(),
+            clients: Vec::new(),
             sync_commit: SyncCommit::On,
             max_wal_senders: 10,
             max_replication_slots: 10,
@@ -411,14 +429,19 @@ impl PgConfig {
 
     /// Every `pg_hba.conf` rule: with TLS, certificate rules for each peer's address for
     /// streaming and base backups (`replication`) and for `pg_rewind`, which reads files
-    /// through an ordinary session (`postgres`); then the configured rules.
+    /// through an ordinary session (`postgres`), and one for each certificate client; then the
+    /// configured rules.
     pub fn hba_rules(&self) -> Vec<HbaRule> {
         let user = &self.replication.user;
         let mut rules = Vec::new();
         if self.tls.is_some() {
             for peer in self.other_peers() {
-                rules.push(HbaRule::peer_cert("replication", user, peer.address));
-                rules.push(HbaRule::peer_cert("postgres", user, peer.address));
+                let address = HbaRule::single(peer.address);
+                rules.push(HbaRule::cert("replication", user, &address));
+                rules.push(HbaRule::cert("postgres", user, &address));
+            }
+            for c in &self.clients {
+                rules.push(HbaRule::cert(&c.database, &c.user, &c.address));
             }
         }
         rules.extend(self.hba.iter().cloned());
@@ -426,19 +449,22 @@ impl PgConfig {
     }
 
     /// The whole `pg_ident.conf`: map [`IDENT_MAP`] from each peer's certificate name to the
-    /// replication role, literal names only (a name never starts with `/`, which would make it
-    /// a regular expression). Empty without TLS.
+    /// replication role, and from each certificate client's name to its role; literal names
+    /// only (a name never starts with `/`, which would make it a regular expression). Empty
+    /// without TLS.
     pub fn render_ident(&self) -> String {
         let mut out =
             String::from("# Managed by ha-agent: rewritten on every configuration step.\n");
         if self.tls.is_some() {
-            for peer in self.other_peers() {
-                let _ = writeln!(
-                    out,
-                    "{IDENT_MAP} {} {}",
-                    peer.node.as_str(),
-                    quote_hba(&self.replication.user)
-                );
+            let peers = self
+                .other_peers()
+                .map(|p| (p.node.as_str(), self.replication.user.as_str()));
+            let clients = self
+                .clients
+                .iter()
+                .map(|c| (c.certificate.as_str(), c.user.as_str()));
+            for (certificate, user) in peers.chain(clients) {
+                let _ = writeln!(out, "{IDENT_MAP} {certificate} {}", quote_hba(user));
             }
         }
         out
@@ -643,6 +669,12 @@ mod tests {
             peer("psql-2", "10.0.0.11"),
             peer("psql-3", "fd00::12"),
         ];
+        c.clients = vec![CertClient {
+            certificate: "operator".into(),
+            user: "postgres".into(),
+            database: "postgres".into(),
+            address: "10.0.1.0/24".into(),
+        }];
         c.validate().unwrap();
 
         let up = Upstream {
@@ -671,13 +703,18 @@ mod tests {
                 "hostssl postgres replicator 10.0.0.10/32 cert map=ha",
                 "hostssl replication replicator fd00::12/128 cert map=ha",
                 "hostssl postgres replicator fd00::12/128 cert map=ha",
+                "hostssl postgres postgres 10.0.1.0/24 cert map=ha",
                 "local all postgres trust",
             ],
             "this node (psql-2) gets no rule"
         );
         assert_eq!(
             c.render_ident().lines().skip(1).collect::<Vec<_>>(),
-            ["ha psql-1 replicator", "ha psql-3 replicator"]
+            [
+                "ha psql-1 replicator",
+                "ha psql-3 replicator",
+                "ha operator postgres"
+            ]
         );
 
         c.hba.push(HbaRule::host(

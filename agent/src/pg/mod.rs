@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use config::{
-    ConnInfo, HbaConnType, HbaRule, IDENT_MAP, MANAGED_CONF, PgConfig, ReplicationAuth,
+    CertClient, ConnInfo, HbaConnType, HbaRule, IDENT_MAP, MANAGED_CONF, PgConfig, ReplicationAuth,
     ReplicationPeer, RestartLimit, RoleSettings, SyncCommit, SyncConfig, Upstream,
 };
 pub use controller::{Outcome, PgController, PostmasterState, RejoinPath, StopMode};

@@ -10,12 +10,16 @@
 //!
 //! The lease also outlives the agent process: every renewal records its end in `lease` in the
 //! state directory, on the kernel's boot clock (which keeps counting while the agent is down).
-//! A restarted agent that finds its PostgreSQL writable keeps it only for what is left of that
-//! lease, and fences it then unless a report of the new run has been answered. Without this, an
-//! agent restarted behind a partition would hold a writable primary for ever while the monitors
-//! promote another node. The record is written without fsync: it matters only while the machine
-//! stays up (a reboot takes PostgreSQL down too), and a missing, corrupt or other-boot record
-//! counts as an expired lease.
+//! A restarted agent that finds its PostgreSQL writable keeps it until that end or for
+//! [`RESTART_GRACE`] after its start, whichever is later, and fences it then unless a report of
+//! the new run has been answered. Without this, an agent restarted behind a partition would hold
+//! a writable primary for ever while the monitors promote another node. The grace lets the
+//! first report of a restart be answered when the recorded lease is over (the agent was down
+//! longer than the lease, its PostgreSQL unfenced all along: fencing a primary the monitors still
+//! back would be an outage for nothing). It is shorter than the monitors' margin (1 s by
+//! default), so a restart inside a running lease still fences before they could promote. The
+//! record is written without fsync: it matters only while the machine stays up (a reboot takes
+//! PostgreSQL down too), and a missing, corrupt or other-boot record counts as an ended lease.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -67,6 +71,9 @@ impl Default for Lease {
 }
 
 const LEASE_FILE: &str = "lease";
+/// How long a restarted agent waits for its first answered report before fencing a writable
+/// PostgreSQL whose recorded lease has ended.
+pub const RESTART_GRACE: Duration = Duration::from_millis(500);
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 /// The lease end as kept across agent restarts (see the module documentation).

@@ -321,11 +321,12 @@ impl<L: MonitorLink> Reconciler<L> {
     pub fn new(cfg: &AgentConfig, state: AgentState, state_file: StateFile, link: L) -> Self {
         let lease_record = LeaseRecord::new(&cfg.state_dir);
         let now = Instant::now();
-        let inherited_lease = lease_record.inherited(now);
-        if inherited_lease > now {
-            info!(node = %cfg.node, left_ms = (inherited_lease - now).as_millis(),
+        let recorded = lease_record.inherited(now);
+        if recorded > now {
+            info!(node = %cfg.node, left_ms = (recorded - now).as_millis(),
                   "the previous run's lease is still running");
         }
+        let inherited_lease = recorded.max(now + lease::RESTART_GRACE);
         Self {
             node: cfg.node.clone(),
             kind: cfg.role.kind(),
@@ -438,8 +439,8 @@ impl<L: MonitorLink> Reconciler<L> {
                              since_last_ok_send_ms = now.saturating_duration_since(t).as_millis(),
                              "lease expired without a successful report: fencing PostgreSQL"),
             None => warn!(node = %self.node,
-                          "PostgreSQL is writable, no report of this run was answered and the \
-                           previous run's lease is over: fencing PostgreSQL"),
+                          "PostgreSQL is writable, no report of this run was answered and both \
+                           the previous run's lease and the restart grace are over: fencing PostgreSQL"),
         }
         if let Some(pid) = self.postmaster_pid {
             // Fast shutdown refuses new connections and ends sessions immediately; the worker's
@@ -941,12 +942,18 @@ socket_dir = "/tmp/ha-agent-unit"
             silent_after: Instant::now(),
             epoch: 0,
         };
-        // Nothing recorded: a writable server is fenced at once.
+        // Nothing recorded: a writable server is fenced once the restart grace has passed.
+        let start = Instant::now();
         let mut c = core(dir.path(), silent(), 1);
         assert_eq!(c.lease_deadline(), None, "nothing observed yet");
         observe(&mut c, ServerRole::Primary, false);
         let now = Instant::now();
-        assert!(c.lease_deadline().is_some_and(|d| d <= now));
+        let grace = c.lease_deadline().unwrap();
+        assert!(
+            grace >= start + lease::RESTART_GRACE && grace <= now + lease::RESTART_GRACE,
+            "{:?}",
+            grace - start
+        );
         c.on_lease_expired(now);
         assert_eq!(c.lease_deadline(), None, "fenced");
         assert!(c.observed_state().last_error.contains("fenced"));
