@@ -14,74 +14,24 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+mod common;
+
 use std::time::Duration;
 
-use ha_agent::ejabberd::{PrivateInstance, free_loopback_port};
+use common::{EjabberdAgent, VHOST, applied, epoch, prepare_database, psql};
+use ha_agent::ejabberd::PrivateInstance;
 use ha_proto::v1;
-use ha_tests::ChildGuard;
-use ha_tests::bins::binaries;
 use ha_tests::cluster::{Cluster, node, primary_of};
+use ha_tests::free_port;
 use tokio::time::Instant;
 
-const SCHEMA: &str = "/usr/share/ejabberd/sql/pg.sql";
-const DB: &str = "ejabberd-domain-local";
-const VHOST: &str = "domain.local";
 const CONVERGE: Duration = Duration::from_secs(90);
-
-fn ejabberd_yml(c2s: u16, sql_port: u16) -> String {
-    format!(
-        r#"hosts:
-  - {VHOST}
-loglevel: info
-default_db: sql
-listen:
-  -
-    port: {c2s}
-    ip: "127.0.0.1"
-    module: ejabberd_c2s
-    starttls_required: false
-modules:
-  mod_private: {{}}
-  mod_admin_extra: {{}}
-host_config:
-  {VHOST}:
-    sql_type: pgsql
-    sql_server: 127.0.0.1
-    sql_port: {sql_port}
-    sql_database: "{DB}"
-    sql_username: ejabberd
-    sql_password: 'ejb-pw'
-    auth_method: [sql]
-"#
-    )
-}
-
-/// `psql` as `postgres` on `name`'s server, database `db`; returns the trimmed output.
-fn psql(cluster: &Cluster, name: &str, db: &str, args: &[&str]) -> String {
-    let n = cluster.node(name);
-    let out = Command::new("/usr/lib/postgresql/15/bin/psql")
-        .arg("-h")
-        .arg(&n.socket_dir)
-        .args(["-p", &n.port.to_string(), "-U", "postgres", "-d", db])
-        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "psql {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
 
 fn users(cluster: &Cluster, name: &str, user: &str) -> String {
     psql(
         cluster,
         name,
-        DB,
+        common::DB,
         &[
             "-c",
             &format!("SELECT count(*) FROM users WHERE username = '{user}'"),
@@ -89,120 +39,20 @@ fn users(cluster: &Cluster, name: &str, user: &str) -> String {
     )
 }
 
-/// The ejabberd node's applied (node, epoch) and error in a status (empty before it joined).
-fn applied(s: &v1::StatusResponse) -> (String, u64, String) {
-    let Some(n) = node(s, "e1") else {
-        return (String::new(), 0, String::new());
-    };
-    let e = n.ejabberd.clone().unwrap_or_default();
-    (e.applied_node, e.applied_epoch, n.last_error.clone())
-}
-
-/// Prints the ejabberd agent's log when the test fails.
-struct LogOnPanic(PathBuf);
-
-impl Drop for LogOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let text = std::fs::read_to_string(&self.0).unwrap_or_default();
-            eprintln!("===== {} =====\n{text}", self.0.display());
-        }
-    }
-}
-
-fn epoch(s: &v1::StatusResponse) -> u64 {
-    s.groups.first().map_or(0, |g| g.epoch)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ejabberd_agent_follows_the_primary_and_reports_a_refused_reload() {
-    let mut cluster = Cluster::builder()
-        .monitors(1)
-        .postgres(2)
-        .hba(&format!(
-            "{{ type = \"host\", database = \"{DB}\", user = \"ejabberd\", address = \"127.0.0.1/32\", method = \"scram-sha-256\" }}"
-        ))
-        .start()
-        .await;
-    psql(
-        &cluster,
-        "psql1",
-        "postgres",
-        &[
-            "-c",
-            "CREATE ROLE ejabberd LOGIN PASSWORD 'ejb-pw'",
-            "-c",
-            &format!("CREATE DATABASE \"{DB}\" OWNER ejabberd"),
-        ],
-    );
-    psql(
-        &cluster,
-        "psql1",
-        DB,
-        &["-c", "SET ROLE ejabberd", "-q", "-f", SCHEMA],
-    );
-
-    let c2s = free_loopback_port().unwrap();
-    let instance = PrivateInstance::start(&ejabberd_yml(c2s, cluster.node("psql1").port))
+    let mut cluster = common::cluster_for_ejabberd().start().await;
+    prepare_database(&cluster, "psql1");
+    let c2s = free_port();
+    let instance = PrivateInstance::start(&common::ejabberd_yml(c2s, cluster.node("psql1").port))
         .await
         .unwrap();
-    let erl = instance.node();
-    let dir = tempfile::tempdir().unwrap();
-    let token = cluster.join_token("e1", v1::NodeKind::Ejabberd).await;
-    // Mutual TLS like every agent of the cluster: it joins with a CSR for its certificate.
-    let security = cluster.agent_security("e1");
-    let config = dir.path().join("e1.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"role = "ejabberd"
-node = "e1"
-group = "main"
-monitors = {monitors:?}
-join_token_file = "{token}"
-state_dir = "{state}"
-{security}
-[ejabberd]
-config_file = "{file}"
-erlang_node = "{erl_node}"
-cookie_home = "{cookie}"
-{epmd}vhosts = ["{VHOST}"]
-advertise_host = "127.0.0.1"
-xmpp_port = {c2s}
-"#,
-            monitors = cluster.monitor_addrs(),
-            token = token.display(),
-            state = dir.path().join("state").display(),
-            security = security.toml,
-            file = instance.config_path().display(),
-            erl_node = erl.node,
-            cookie = erl.cookie_home.display(),
-            epmd = erl
-                .epmd_port
-                .map(|p| format!("epmd_port = {p}\n"))
-                .unwrap_or_default(),
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("e1-agent.log")).unwrap();
-    let _agent = ChildGuard::new(
-        Command::new(&binaries().agent)
-            .arg("--config")
-            .arg(&config)
-            .args(&security.args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let _log = LogOnPanic(dir.path().join("e1-agent.log"));
+    let _agent = EjabberdAgent::start(&cluster, "e1", &instance, c2s).await;
 
     // 1. It follows psql1.
     let s = cluster
         .wait_for("e1 applied psql1", CONVERGE, |s| {
-            let (n, e, _) = applied(s);
+            let (n, e, _) = applied(s, "e1");
             n == "psql1" && e == epoch(s)
         })
         .await;
@@ -241,7 +91,7 @@ xmpp_port = {c2s}
     let new_epoch = epoch(&s);
     cluster
         .wait_for("e1 applied psql2", CONVERGE, |s| {
-            let (n, e, _) = applied(s);
+            let (n, e, _) = applied(s, "e1");
             n == "psql2" && e == new_epoch
         })
         .await;
@@ -274,11 +124,11 @@ xmpp_port = {c2s}
     cluster.switchover(Some("psql1")).await.unwrap();
     let s = cluster
         .wait_for("e1 reports the refused reload", CONVERGE, |s| {
-            let (n, _, error) = applied(s);
+            let (n, _, error) = applied(s, "e1");
             primary_of(s) == Some("psql1") && n == "psql2" && !error.is_empty()
         })
         .await;
-    let error = applied(&s).2;
+    let error = applied(&s, "e1").2;
     println!("reported error: {error}");
     assert!(error.contains("refused the new configuration"), "{error}");
     assert_eq!(
@@ -290,10 +140,10 @@ xmpp_port = {c2s}
     let switched = epoch(&s);
     let s = cluster
         .wait_for("e1 applied psql1 after the fix", CONVERGE, |s| {
-            let (n, e, error) = applied(s);
+            let (n, e, error) = applied(s, "e1");
             n == "psql1" && e == switched && error.is_empty()
         })
         .await;
-    assert_eq!(applied(&s).1, switched);
+    assert_eq!(applied(&s, "e1").1, switched);
     instance.stop().await;
 }

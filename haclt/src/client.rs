@@ -171,7 +171,12 @@ impl Monitors {
                     self.leader = Some(addr);
                     return Ok(r.into_inner());
                 }
-                Err(s) if s.code() == Code::Unavailable => {
+                // A follower (with a hint), a monitor going away, or one that did not answer in
+                // time (a leader killed or frozen mid-call): the next monitor is asked.
+                Err(s) if passes_on(&s) => {
+                    if self.leader.as_ref() == Some(&addr) {
+                        self.leader = None;
+                    }
                     last = format!("{addr}: {}", s.message());
                     if let Some(hint) = s
                         .metadata()
@@ -210,9 +215,17 @@ impl Monitors {
     }
 }
 
+/// Whether a failed call should be asked of the next monitor: it was not answered by a leader
+/// (`Unavailable`), or not within the call's timeout (tonic reports its own timeout as
+/// `Cancelled`). Every request is safe to repeat (mutations carry a request id).
+fn passes_on(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded
+    )
+}
+
 /// An error and its causes (a TLS refusal is only visible in the sources).
-/// An error with its causes, `: `-separated (TLS and connection errors keep the useful part in a
-/// cause that `Display` omits).
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();

@@ -1,8 +1,8 @@
 //! `ha-tests`: support shared by the integration tests of every crate, and the multi-process
 //! drills: loopback ports and child processes that are always reaped (this file), the
 //! workspace binaries ([`bins`]), a whole cluster of real processes ([`cluster`]) secured with
-//! mutual TLS from its own CA ([`pki`]), the drill workload with its safety checks ([`writer`])
-//! and the named drills ([`drill`]).
+//! mutual TLS from its own CA ([`pki`]), the drill workload with its safety checks ([`writer`]),
+//! the named drills ([`drill`]) and a real XMPP client ([`xmpp`]).
 //!
 //! Tests run in parallel with other tests on the same machine, so every server a test starts
 //! listens on a port chosen at run time, and every process it starts is killed by PID when the
@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod drill;
 pub mod pki;
 pub mod writer;
+pub mod xmpp;
 
 use std::net::TcpListener;
 use std::path::Path;

@@ -494,11 +494,14 @@ impl EjabberdController {
             target: target.clone(),
             detail: with_causes(&e),
         };
-        let (client, mut connection) = self
-            .db_config(&plan.new)
-            .connect(NoTls)
-            .await
-            .map_err(unreachable)?;
+        let (client, mut connection) =
+            self.connect(&plan.new)
+                .await
+                .map_err(|detail| ControllerError::TargetUnreachable {
+                    vhost: plan.vhost.clone(),
+                    target: target.clone(),
+                    detail,
+                })?;
         let (tx, notes) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -583,13 +586,12 @@ impl EjabberdController {
     async fn check_old_server(&self, plan: &Plan) -> Result<(), ControllerError> {
         let Some(old) = &plan.old else { return Ok(()) };
         let old_name = format!("{}:{}", old.host, old.port);
-        let client = match self.db_config(old).connect(NoTls).await {
+        let client = match self.connect(old).await {
             Ok((client, connection)) => {
                 tokio::spawn(connection);
                 client
             }
-            Err(e) => {
-                let error = with_causes(&e);
+            Err(error) => {
                 info!(vhost = %plan.vhost, old = %old_name, %error, "old server unreachable, no leftover connection to check");
                 return Ok(());
             }
@@ -600,9 +602,15 @@ impl EjabberdController {
                      AND client_addr IS NOT DISTINCT FROM inet_client_addr()";
         let deadline = Instant::now() + self.config.old_connections_timeout;
         loop {
-            let count: i64 = client
-                .query_one(query, &[])
-                .await
+            // A server that stops answering (frozen, cut off) serves nobody: nothing to wait for.
+            let Ok(row) =
+                tokio::time::timeout(self.config.db_connect_timeout, client.query_one(query, &[]))
+                    .await
+            else {
+                info!(vhost = %plan.vhost, old = %old_name, "old server stopped answering, no leftover connection to check");
+                return Ok(());
+            };
+            let count: i64 = row
                 .map_err(|source| ControllerError::Db {
                     what: "counting sessions on the old server",
                     source,
@@ -640,6 +648,26 @@ impl EjabberdController {
             }
         }
         info!("last good configuration restored and reloaded");
+    }
+
+    /// A session on `params`' server, within `db_connect_timeout` for the whole of it: the TCP
+    /// connect and the startup exchange (a frozen server accepts TCP and then never answers).
+    async fn connect(
+        &self,
+        params: &DbParams,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+        ),
+        String,
+    > {
+        let timeout = self.config.db_connect_timeout;
+        match tokio::time::timeout(timeout, self.db_config(params).connect(NoTls)).await {
+            Ok(Ok(session)) => Ok(session),
+            Ok(Err(e)) => Err(with_causes(&e)),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        }
     }
 
     fn db_config(&self, params: &DbParams) -> tokio_postgres::Config {

@@ -4,7 +4,8 @@
 //! cookie), node name `ejabberd_<random>@localhost`, and its own epmd on a free loopback port
 //! (`ERL_EPMD_PORT`), so it never meets the system epmd on 4369 nor another test's node.
 //! ejabberd runs as the `ejabberd` user in its own process group; epmd is started by us, so
-//! both are ended by their PIDs.
+//! both are ended by their PIDs. A further instance may join the first one's Erlang cluster
+//! ([`PrivateInstance::start_joined`]): it shares that epmd and cookie instead of its own.
 //!
 //! Invariant: everything an instance started is stopped and its directory removed when it is
 //! stopped or dropped, even after a failed start.
@@ -90,6 +91,36 @@ impl PrivateInstance {
     /// Writes `config_yaml` as the instance's `ejabberd.yml` (owned `root:ejabberd`, mode 0640,
     /// like Debian's) and starts ejabberd on it, waiting until the application runs.
     pub async fn start(config_yaml: &str) -> Result<Self, InstanceError> {
+        Self::launch(config_yaml, None).await
+    }
+
+    /// A further node of `first`'s Erlang cluster: it uses `first`'s epmd and cookie, starts on
+    /// `config_yaml`, and joins `first` (`ejabberdctl join_cluster`, which copies Mnesia's
+    /// tables and restarts ejabberd), returning once `first` lists it as a member. Stop it
+    /// before `first`, whose epmd it uses.
+    pub async fn start_joined(
+        config_yaml: &str,
+        first: &PrivateInstance,
+    ) -> Result<Self, InstanceError> {
+        let mut instance = Self::launch(config_yaml, Some(first)).await?;
+        instance.ctl(&["join_cluster", &first.node.node]).await?;
+        instance.wait_running().await?;
+        let members = first.ctl(&["list_cluster"]).await?;
+        if !members.contains(&instance.node.node) {
+            return Err(InstanceError::Ctl {
+                args: "list_cluster".into(),
+                status: "joined node missing".into(),
+                output: members,
+            });
+        }
+        info!(node = %instance.node.node, first = %first.node.node, "private ejabberd joined the cluster");
+        Ok(instance)
+    }
+
+    async fn launch(
+        config_yaml: &str,
+        first: Option<&PrivateInstance>,
+    ) -> Result<Self, InstanceError> {
         let user = User::from_name("ejabberd")
             .map_err(|e| InstanceError::Io {
                 what: "looking up user ejabberd".into(),
@@ -98,7 +129,19 @@ impl PrivateInstance {
             .ok_or(InstanceError::NoUser)?;
         let suffix = format!("{:08x}", rand::random::<u32>());
         let root = std::env::temp_dir().join(format!("ha-ejabberd-{suffix}"));
-        let epmd_port = free_loopback_port().map_err(io_err("picking the epmd port"))?;
+        let epmd_port = match first.and_then(|f| f.node.epmd_port) {
+            Some(port) => port,
+            None => free_loopback_port().map_err(io_err("picking the epmd port"))?,
+        };
+        let cookie = match first {
+            Some(f) => {
+                let path = f.node.cookie_home.join(".erlang.cookie");
+                fs::read_to_string(&path).map_err(io_err(format!("reading {}", path.display())))?
+            }
+            None => (0..20)
+                .map(|_| char::from(b'A' + rand::random_range(0..26u8)))
+                .collect(),
+        };
         let mut instance = Self {
             node: ErlNode {
                 erl_call: ERL_CALL.into(),
@@ -114,8 +157,10 @@ impl PrivateInstance {
             ejabberd: None,
         };
         // On error `instance` is dropped, which ends whatever was started.
-        instance.prepare(config_yaml)?;
-        instance.start_epmd(epmd_port).await?;
+        instance.prepare(config_yaml, &cookie)?;
+        if first.is_none() {
+            instance.start_epmd(epmd_port).await?;
+        }
         instance.start_ejabberd().await?;
         info!(node = %instance.node.node, epmd_port, dir = %instance.root.display(), "private ejabberd started");
         Ok(instance)
@@ -189,7 +234,7 @@ impl PrivateInstance {
         // Drop removes the directory.
     }
 
-    fn prepare(&self, config_yaml: &str) -> Result<(), InstanceError> {
+    fn prepare(&self, config_yaml: &str, cookie: &str) -> Result<(), InstanceError> {
         let owned = |path: &Path, mode: u32| -> Result<(), InstanceError> {
             chown(path, Some(self.uid.into()), Some(self.gid.into())).map_err(|e| {
                 InstanceError::Io {
@@ -239,10 +284,7 @@ impl PrivateInstance {
             "{lookup,[\"file\",\"native\"]}.\n{host,{127,0,0,1}, [\"localhost\"]}.\n",
         )?;
         owned(&inetrc, 0o640)?;
-        let cookie: String = (0..20)
-            .map(|_| char::from(b'A' + rand::random_range(0..26u8)))
-            .collect();
-        let cookie_path = write("home/.erlang.cookie", &cookie)?;
+        let cookie_path = write("home/.erlang.cookie", cookie)?;
         owned(&cookie_path, 0o400)
     }
 
@@ -298,6 +340,11 @@ impl PrivateInstance {
             .spawn()
             .map_err(io_err("starting ejabberdctl foreground"))?;
         self.ejabberd = Some(child);
+        self.wait_running().await
+    }
+
+    /// Waits until the ejabberd application runs (or its process exits, or the start timeout).
+    async fn wait_running(&mut self) -> Result<(), InstanceError> {
         let started = Instant::now();
         loop {
             let health = controller::node_health(&self.node).await;

@@ -53,7 +53,10 @@ pub struct PgObservation {
     /// Primary: `pg_current_wal_lsn`; standby: WAL written by the receiver; stopped: the last
     /// checkpoint (for a clean stop, the end of WAL).
     pub write_lsn: Option<Lsn>,
-    /// Primary: `pg_current_wal_flush_lsn`; standby: `pg_last_wal_receive_lsn`.
+    /// Primary: `pg_current_wal_flush_lsn`; standby: the end of the WAL it holds durably,
+    /// `pg_last_wal_receive_lsn` or `pg_last_wal_replay_lsn` when that is further: a WAL
+    /// receiver (re)starts at the beginning of a segment, behind WAL already on disk and
+    /// replayed (after a restart or a rewind), and reports that start until new WAL arrives.
     pub flush_lsn: Option<Lsn>,
     /// Primary: as flush; standby: `pg_last_wal_replay_lsn`.
     pub replay_lsn: Option<Lsn>,
@@ -162,9 +165,9 @@ impl PgObservation {
                 )
                 .await
                 .map_err(sql("reading the standby positions"))?;
-            obs.write_lsn = lsn(row.get(0))?.or(lsn(row.get(1))?);
-            obs.flush_lsn = lsn(row.get(1))?;
             obs.replay_lsn = lsn(row.get(2))?;
+            obs.flush_lsn = lsn(row.get(1))?.max(obs.replay_lsn);
+            obs.write_lsn = lsn(row.get(0))?.max(obs.flush_lsn);
             obs.streaming = row.get(3);
             obs.timeline = timeline(row.get(4));
         } else {

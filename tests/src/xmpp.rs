@@ -1,0 +1,147 @@
+//! A real XMPP client for the tests: one logged-in user of an ejabberd node, on the `tokio-xmpp`
+//! library (plaintext c2s on loopback, SASL as the server offers it, resource binding, initial
+//! presence so that the server routes chat messages and delivers stored offline messages).
+//!
+//! Invariant: every event of the session passes through [`XmppUser::pump`], which keeps the
+//! chat messages received in an inbox and counts every interruption of the session after the
+//! first login (a stream end, or a new session): a test asserts "the session stayed up" on that
+//! count and on the bound JID, which a new session would change.
+
+use std::collections::VecDeque;
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use tokio::time::Instant;
+use tokio_xmpp::connect::DnsConfig;
+use tokio_xmpp::jid::{BareJid, Jid};
+use tokio_xmpp::parsers::message::{Lang, Message, MessageType};
+use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
+use tokio_xmpp::xmlstream::Timeouts;
+use tokio_xmpp::{Client, Event, Stanza};
+
+/// One logged-in XMPP user.
+#[derive(Debug)]
+pub struct XmppUser {
+    client: Client,
+    bound: Jid,
+    /// Chat messages received and not yet taken: (sender's bare JID, body).
+    inbox: VecDeque<(String, String)>,
+    interruptions: u32,
+}
+
+impl XmppUser {
+    /// Logs `jid` in with `password` at `127.0.0.1:port` and announces presence, within
+    /// `timeout`.
+    pub async fn login(
+        jid: &str,
+        password: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let bare = BareJid::from_str(jid).map_err(|e| format!("{jid}: {e}"))?;
+        let mut client = Client::new_plaintext(
+            bare,
+            password.to_owned(),
+            DnsConfig::addr(&format!("127.0.0.1:{port}")),
+            Timeouts::default(),
+        );
+        let deadline = Instant::now() + timeout;
+        let bound = loop {
+            match tokio::time::timeout_at(deadline, client.next()).await {
+                Err(_) => return Err(format!("{jid}: not online within {timeout:?}")),
+                Ok(None) => return Err(format!("{jid}: the client ended before it was online")),
+                Ok(Some(Event::Online { bound_jid, .. })) => break bound_jid,
+                Ok(Some(Event::Disconnected(e))) => {
+                    return Err(format!("{jid}: login failed: {e}"));
+                }
+                Ok(Some(Event::Stanza(_))) => {}
+            }
+        };
+        client
+            .send_stanza(Presence::new(PresenceType::None).into())
+            .await
+            .map_err(|e| format!("{jid}: sending presence: {e}"))?;
+        Ok(Self {
+            client,
+            bound,
+            inbox: VecDeque::new(),
+            interruptions: 0,
+        })
+    }
+
+    /// The full JID the server bound for this session.
+    pub fn bound_jid(&self) -> String {
+        self.bound.to_string()
+    }
+
+    /// Stream ends and new sessions seen since the login, once the events already received
+    /// are handled.
+    pub async fn interruptions(&mut self) -> u32 {
+        while self.pump(Instant::now()).await {}
+        self.interruptions
+    }
+
+    /// Sends a chat message with `body` to the bare JID `to`.
+    pub async fn send(&mut self, to: &str, body: &str) -> Result<(), String> {
+        let to = Jid::from_str(to).map_err(|e| format!("{to}: {e}"))?;
+        let mut message = Message::new(Some(to));
+        message.type_ = MessageType::Chat;
+        message.bodies.insert(Lang::default(), body.to_owned());
+        self.client
+            .send_stanza(message.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{}: sending: {e}", self.bound))
+    }
+
+    /// Waits for a chat message with `body` and returns its sender's bare JID.
+    pub async fn receive(&mut self, body: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.inbox.iter().position(|(_, b)| b == body) {
+                let (from, _) = self.inbox.remove(i).unwrap_or_default();
+                return Ok(from);
+            }
+            if !self.pump(deadline).await {
+                return Err(format!(
+                    "{}: no message {body:?} within {timeout:?} (inbox: {:?})",
+                    self.bound, self.inbox
+                ));
+            }
+        }
+    }
+
+    /// Handles the session's events until `deadline`: the next one, or none (false).
+    async fn pump(&mut self, deadline: Instant) -> bool {
+        match tokio::time::timeout_at(deadline, self.client.next()).await {
+            Err(_) => false,
+            Ok(None) => {
+                self.interruptions += 1;
+                false
+            }
+            Ok(Some(Event::Online { bound_jid, .. })) => {
+                self.interruptions += 1;
+                self.bound = bound_jid;
+                true
+            }
+            Ok(Some(Event::Disconnected(_))) => {
+                self.interruptions += 1;
+                true
+            }
+            Ok(Some(Event::Stanza(Stanza::Message(m)))) => {
+                if let (Some(from), Some(body)) = (&m.from, m.bodies.values().next()) {
+                    self.inbox
+                        .push_back((from.to_bare().to_string(), body.clone()));
+                }
+                true
+            }
+            Ok(Some(Event::Stanza(_))) => true,
+        }
+    }
+
+    /// Ends the session (the server then stores messages to this user as offline messages).
+    pub async fn logout(self) {
+        let _ = self.client.send_end().await;
+    }
+}
