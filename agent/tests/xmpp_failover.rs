@@ -4,7 +4,7 @@
 //! `tokio-xmpp` library. Every chat message is an SQL write (message archive), and a message to
 //! an offline user is stored in SQL until the user logs in.
 //!
-//! 1. Both frontends use psql1. alice (on e1) and bob (on e2) log in and exchange a message;
+//! 1. Both frontends use psql1 and report both Erlang nodes as their cluster. alice (on e1) and bob (on e2) log in and exchange a message;
 //!    alice leaves one for carol, who is offline. Both are stored on psql1.
 //! 2. kill -9 of psql1's postmaster and agent: psql2 is promoted and both frontends move to it.
 //! 3. alice and bob, still in the sessions they opened before (no interruption, same bound
@@ -29,7 +29,7 @@ use std::time::Duration;
 use common::{EjabberdAgent, VHOST, applied, epoch, prepare_database, psql};
 use ha_agent::ejabberd::PrivateInstance;
 use ha_proto::v1;
-use ha_tests::cluster::{Cluster, primary_of};
+use ha_tests::cluster::{Cluster, node, primary_of};
 use ha_tests::free_port;
 use ha_tests::xmpp::XmppUser;
 use tokio::time::Instant;
@@ -119,11 +119,22 @@ async fn xmpp_sessions_survive_a_primary_crash_and_write_to_the_new_primary() {
     let _a1 = EjabberdAgent::start(&cluster, "e1", &e1, c2s1).await;
     let _a2 = EjabberdAgent::start(&cluster, "e2", &e2, c2s2).await;
 
-    // 1. Both frontends on psql1; two sessions, one message each way stored there.
+    // 1. Both frontends on psql1, each reporting both Erlang nodes as its cluster; two
+    //    sessions, one message each way stored there.
+    let members = [e1.node().node.clone(), e2.node().node.clone()];
     cluster
-        .wait_for("both frontends use psql1", CONVERGE, |s| {
-            frontends_on(s, "psql1")
-        })
+        .wait_for(
+            "both frontends use psql1 and see the cluster",
+            CONVERGE,
+            |s| {
+                frontends_on(s, "psql1")
+                    && FRONTENDS.iter().all(|f| {
+                        node(s, f)
+                            .and_then(|n| n.ejabberd.as_ref())
+                            .is_some_and(|e| members.iter().all(|m| e.cluster_members.contains(m)))
+                    })
+            },
+        )
         .await;
     for (user, password) in [("alice", "pw-a"), ("bob", "pw-b"), ("carol", "pw-c")] {
         e1.ctl(&["register", user, VHOST, password]).await.unwrap();
