@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use ha_agent::ejabberd::{
     ApplyReport, ControllerError, EjabberdController, PrivateInstance, free_loopback_port,
 };
@@ -19,13 +18,14 @@ use ha_proto::types::{Endpoint, Epoch};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, User, chown};
 use std::os::unix::process::CommandExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use ha_tests::xmpp::XmppUser;
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const SCHEMA: &str = "/usr/share/ejabberd/sql/pg.sql";
 const DB: &str = "ejabberd-domain-local";
 const VHOST: &str = "domain.local";
+/// Bound on an XMPP login or ping.
+const XMPP: Duration = Duration::from_secs(10);
 
 /// A PostgreSQL 15 server in a tempdir, stopped (fast shutdown, by PID) on drop.
 struct Pg {
@@ -238,91 +238,6 @@ host_config:
     )
 }
 
-/// A raw XMPP client stream: enough to log in and ping.
-struct Xmpp {
-    stream: TcpStream,
-    buf: String,
-}
-
-impl Xmpp {
-    async fn login(port: u16, user: &str, password: &str) -> Xmpp {
-        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut x = Xmpp {
-            stream,
-            buf: String::new(),
-        };
-        x.open_stream().await;
-        x.read_until("</stream:features>").await;
-        let creds =
-            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
-        x.send(&format!(
-            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
-        ))
-        .await;
-        x.read_until("<success").await;
-        x.open_stream().await;
-        x.read_until("</stream:features>").await;
-        x.send("<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>t</resource></bind></iq>")
-            .await;
-        x.read_until("</iq>").await;
-        x
-    }
-
-    async fn open_stream(&mut self) {
-        self.buf.clear();
-        self.send(&format!(
-            "<?xml version='1.0'?><stream:stream to='{VHOST}' xmlns='jabber:client' \
-             xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
-        ))
-        .await;
-    }
-
-    async fn send(&mut self, data: &str) {
-        self.stream.write_all(data.as_bytes()).await.unwrap();
-    }
-
-    /// Reads until `needle` arrives (consuming through it); panics on close or timeout.
-    async fn read_until(&mut self, needle: &str) -> String {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(i) = self.buf.find(needle) {
-                let head = self.buf[..i + needle.len()].to_owned();
-                self.buf.drain(..i + needle.len());
-                return head;
-            }
-            assert!(
-                !self.buf.contains("</stream:stream>"),
-                "stream closed: {}",
-                self.buf
-            );
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
-                .await
-                .unwrap_or_else(|_| panic!("no {needle:?} within 10 s; got {:?}", self.buf))
-                .unwrap();
-            assert!(
-                n > 0,
-                "server closed the XMPP connection; got {:?}",
-                self.buf
-            );
-            self.buf.push_str(&String::from_utf8_lossy(&chunk[..n]));
-        }
-    }
-
-    /// An XMPP ping round trip on the open session.
-    async fn ping(&mut self, id: &str) {
-        self.send(&format!(
-            "<iq type='get' id='{id}' to='{VHOST}'><ping xmlns='urn:xmpp:ping'/></iq>"
-        ))
-        .await;
-        let reply = self.read_until("/>").await;
-        assert!(
-            reply.contains(id) && reply.contains("result"),
-            "ping reply: {reply}"
-        );
-    }
-}
-
 fn print_report(label: &str, report: &ApplyReport) {
     println!(
         "{label}: first write on target after {:?}, total {:?}, file changed: {}",
@@ -375,8 +290,11 @@ async fn controller_moves_a_real_ejabberd_between_two_postgres_servers() {
         a.ejabberd_sessions() > 0,
         "ejabberd's pool is connected to A"
     );
-    let mut session = Xmpp::login(c2s, "alice", "alice-pw").await;
-    session.ping("before").await;
+    let mut session = XmppUser::login(&format!("alice@{VHOST}"), "alice-pw", c2s, XMPP)
+        .await
+        .unwrap();
+    let bound = session.bound_jid();
+    session.ping(XMPP).await.unwrap();
 
     // A -> B.
     let report = controller.apply(&b.endpoint(), Epoch(2)).await.unwrap();
@@ -398,7 +316,7 @@ async fn controller_moves_a_real_ejabberd_between_two_postgres_servers() {
         "ejabberd's pool is connected to B"
     );
 
-    session.ping("after").await;
+    session.ping(XMPP).await.unwrap();
     println!("XMPP session opened before the move still answers pings after it");
 
     // A user-level, uncached write goes to B and only B.
@@ -457,7 +375,12 @@ async fn controller_moves_a_real_ejabberd_between_two_postgres_servers() {
     let report = controller.apply(&a.endpoint(), Epoch(4)).await.unwrap();
     print_report("B -> A", &report);
     assert_eq!(b.ejabberd_sessions(), 0, "no ejabberd connection left on B");
-    session.ping("back").await;
+    session.ping(XMPP).await.unwrap();
+    assert_eq!(
+        (session.interruptions().await, session.bound_jid()),
+        (0, bound),
+        "the same XMPP session all along"
+    );
     ejabberd
         .ctl(&["register", "dave", VHOST, "dave-pw"])
         .await
@@ -499,6 +422,6 @@ async fn controller_moves_a_real_ejabberd_between_two_postgres_servers() {
     assert!(!again.file_changed);
     print_report("re-assert", &again);
 
-    drop(session);
+    session.logout().await;
     ejabberd.stop().await;
 }

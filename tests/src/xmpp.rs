@@ -16,9 +16,10 @@ use tokio::time::Instant;
 use tokio_xmpp::connect::DnsConfig;
 use tokio_xmpp::jid::{BareJid, Jid};
 use tokio_xmpp::parsers::message::{Lang, Message, MessageType};
+use tokio_xmpp::parsers::ping::Ping;
 use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
 use tokio_xmpp::xmlstream::Timeouts;
-use tokio_xmpp::{Client, Event, Stanza};
+use tokio_xmpp::{Client, Event, IqRequest, IqResponse, Stanza};
 
 /// One logged-in XMPP user.
 #[derive(Debug)]
@@ -93,6 +94,30 @@ impl XmppUser {
             .await
             .map(|_| ())
             .map_err(|e| format!("{}: sending: {e}", self.bound))
+    }
+
+    /// An XMPP ping (XEP-0199) of the server, answered within `timeout`: the session works.
+    pub async fn ping(&mut self, timeout: Duration) -> Result<(), String> {
+        let server = Jid::from_str(self.bound.domain().as_str()).map_err(|e| e.to_string())?;
+        let token = self
+            .client
+            .send_iq(Some(server), IqRequest::Get(Ping.into()))
+            .await;
+        let mut token = std::pin::pin!(token);
+        let deadline = Instant::now() + timeout;
+        loop {
+            tokio::select! {
+                answer = &mut token => return match answer {
+                    Ok(IqResponse::Result(_)) => Ok(()),
+                    Ok(IqResponse::Error(e)) => Err(format!("{}: ping refused: {e:?}", self.bound)),
+                    Err(e) => Err(format!("{}: ping failed: {e:?}", self.bound)),
+                },
+                // Other events go on arriving meanwhile.
+                more = self.pump(deadline) => if !more {
+                    return Err(format!("{}: no ping answer within {timeout:?}", self.bound));
+                },
+            }
+        }
     }
 
     /// Waits for a chat message with `body` and returns its sender's bare JID.
