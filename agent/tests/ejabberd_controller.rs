@@ -15,10 +15,10 @@ use ha_agent::ejabberd::{
     ApplyReport, ControllerError, EjabberdController, PrivateInstance, free_loopback_port,
 };
 use ha_proto::types::{Endpoint, Epoch};
+use ha_tests::xmpp::XmppUser;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, User, chown};
 use std::os::unix::process::CommandExt;
-use ha_tests::xmpp::XmppUser;
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const SCHEMA: &str = "/usr/share/ejabberd/sql/pg.sql";

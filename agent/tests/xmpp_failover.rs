@@ -16,6 +16,8 @@
 //!    agent) for longer than the lease: psql1 is promoted, both frontends leave the frozen
 //!    server, the same sessions exchange messages stored on psql1; thawed, psql2 fences itself
 //!    and rejoins, and psql1 holds every message of the test.
+//! 6. A switchover back to psql2, psql1 demoted to its standby: both frontends move, no
+//!    ejabberd connection is found on psql1, and the sessions carry on.
 //!
 //! The times from the kill (and the freeze) to both frontends verified on the new primary, and
 //! from the kill to the first message after it archived on psql2, are printed. Every process is ended by PID, even on failure.
@@ -63,6 +65,21 @@ async fn wait_count(cluster: &Cluster, node: &str, query: &str, want: u64) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Sessions of ejabberd's role on `node`'s server.
+fn ejabberd_connections(cluster: &Cluster, node: &str) -> u64 {
+    psql(
+        cluster,
+        node,
+        "postgres",
+        &[
+            "-c",
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'ejabberd'",
+        ],
+    )
+    .parse()
+    .unwrap()
 }
 
 fn archived(body: &str) -> String {
@@ -221,6 +238,39 @@ async fn xmpp_sessions_survive_a_primary_crash_and_write_to_the_new_primary() {
     ] {
         wait_count(&cluster, "psql1", &archived(body), 1).await;
     }
+    assert_sessions_kept(&mut alice, &mut bob, &sessions).await;
+    assert_eq!(
+        ejabberd_connections(&cluster, "psql2"),
+        0,
+        "none on the thawed server"
+    );
+
+    // 6. A planned switchover back to psql2: psql1 keeps running, demoted to a standby. Both
+    //    frontends move and leave no connection on psql1; the sessions carry on.
+    let before = epoch(&cluster.status().await);
+    cluster.switchover(Some("psql2")).await.unwrap();
+    cluster
+        .wait_for(
+            "psql2 primary again and both frontends on it",
+            CONVERGE,
+            |s| primary_of(s) == Some("psql2") && epoch(s) > before && frontends_on(s, "psql2"),
+        )
+        .await;
+    cluster.wait_converged("psql2", CONVERGE).await;
+    assert_eq!(
+        ejabberd_connections(&cluster, "psql1"),
+        0,
+        "no ejabberd connection on the old primary, now a standby"
+    );
+    exchange(
+        &mut alice,
+        "alice",
+        &mut bob,
+        "bob",
+        "switched: alice to bob",
+    )
+    .await;
+    wait_count(&cluster, "psql2", &archived("switched: alice to bob"), 1).await;
     assert_sessions_kept(&mut alice, &mut bob, &sessions).await;
 
     for user in [alice, bob, carol] {
