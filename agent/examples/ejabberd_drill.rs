@@ -13,17 +13,16 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../tests/common/frontends.rs"]
+mod frontends;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{EjabberdAgent, applied, epoch, prepare_database};
-use ha_agent::ejabberd::PrivateInstance;
-use ha_proto::v1;
+use common::epoch;
+use frontends::{FRONTENDS, Frontends, frontends_on};
 use ha_tests::cluster::{node, primary_of};
-use ha_tests::free_port;
 
 const CONVERGE: Duration = Duration::from_secs(90);
-const FRONTENDS: [&str; 2] = ["e1", "e2"];
 
 fn unix_ms() -> u64 {
     u64::try_from(
@@ -55,28 +54,16 @@ async fn main() {
             .expect("the first argument is a positive number of runs")
     });
     let mut cluster = common::cluster_for_ejabberd().start().await;
-    prepare_database(&cluster, "psql1");
-    let sql_port = cluster.node("psql1").port;
-    let (c2s1, c2s2) = (free_port(), free_port());
-    let e1 = PrivateInstance::start(&common::ejabberd_yml(c2s1, sql_port))
-        .await
-        .unwrap();
-    let e2 = PrivateInstance::start_joined(&common::ejabberd_yml(c2s2, sql_port), &e1)
-        .await
-        .unwrap();
-    let agents = [
-        EjabberdAgent::start(&cluster, "e1", &e1, c2s1).await,
-        EjabberdAgent::start(&cluster, "e2", &e2, c2s2).await,
-    ];
-    let on = |s: &v1::StatusResponse, primary: &str| {
-        FRONTENDS.iter().all(|f| {
-            let (n, e, _) = applied(s, f);
-            n == primary && e == epoch(s)
-        })
-    };
+    let frontends = Frontends::start(&cluster).await;
     cluster
-        .wait_for("both frontends on psql1", CONVERGE, |s| on(s, "psql1"))
+        .wait_for("both frontends on psql1", CONVERGE, |s| {
+            frontends_on(s, "psql1")
+        })
         .await;
+    println!(
+        "ejabberd nodes up, XMPP on 127.0.0.1 ports {:?}; {runs} crash drills",
+        frontends.c2s
+    );
 
     let mut from_promotion: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     let mut from_kill: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
@@ -88,7 +75,7 @@ async fn main() {
         cluster.crash(&old);
         let s = cluster
             .wait_for("a new primary and both frontends on it", CONVERGE, |s| {
-                epoch(s) > before && primary_of(s).is_some_and(|p| p != old && on(s, p))
+                epoch(s) > before && primary_of(s).is_some_and(|p| p != old && frontends_on(s, p))
             })
             .await;
         let new = primary_of(&s).unwrap().to_owned();
@@ -127,7 +114,5 @@ async fn main() {
             from_kill[i].clone(),
         );
     }
-    drop(agents);
-    e2.stop().await;
-    e1.stop().await;
+    frontends.stop().await;
 }

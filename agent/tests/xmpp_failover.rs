@@ -25,29 +25,20 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "common/frontends.rs"]
+mod frontends;
 
 use std::time::Duration;
 
-use common::{EjabberdAgent, VHOST, applied, epoch, prepare_database, psql};
-use ha_agent::ejabberd::PrivateInstance;
-use ha_proto::v1;
+use common::{VHOST, epoch, psql};
+use frontends::{FRONTENDS, Frontends, frontends_on};
 use ha_tests::cluster::{Cluster, node, primary_of};
-use ha_tests::free_port;
 use ha_tests::xmpp::XmppUser;
 use tokio::time::Instant;
 
 const CONVERGE: Duration = Duration::from_secs(90);
 const LOGIN: Duration = Duration::from_secs(20);
 const DELIVERY: Duration = Duration::from_secs(10);
-const FRONTENDS: [&str; 2] = ["e1", "e2"];
-
-/// Every frontend verified `primary` at the group's current epoch.
-fn frontends_on(s: &v1::StatusResponse, primary: &str) -> bool {
-    FRONTENDS.iter().all(|name| {
-        let (node, applied_epoch, _) = applied(s, name);
-        node == primary && applied_epoch == epoch(s)
-    })
-}
 
 /// Waits until `query` (a count) on `node`'s ejabberd database returns `want`.
 async fn wait_count(cluster: &Cluster, node: &str, query: &str, want: u64) {
@@ -124,21 +115,13 @@ async fn exchange(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xmpp_sessions_survive_a_primary_crash_and_write_to_the_new_primary() {
     let mut cluster = common::cluster_for_ejabberd().start().await;
-    prepare_database(&cluster, "psql1");
-    let sql_port = cluster.node("psql1").port;
-    let (c2s1, c2s2) = (free_port(), free_port());
-    let e1 = PrivateInstance::start(&common::ejabberd_yml(c2s1, sql_port))
-        .await
-        .unwrap();
-    let e2 = PrivateInstance::start_joined(&common::ejabberd_yml(c2s2, sql_port), &e1)
-        .await
-        .unwrap();
-    let _a1 = EjabberdAgent::start(&cluster, "e1", &e1, c2s1).await;
-    let _a2 = EjabberdAgent::start(&cluster, "e2", &e2, c2s2).await;
+    let frontends = Frontends::start(&cluster).await;
+    let [e1, _] = &frontends.nodes;
+    let [c2s1, c2s2] = frontends.c2s;
 
     // 1. Both frontends on psql1, each reporting both Erlang nodes as its cluster; two
     //    sessions, one message each way stored there.
-    let members = [e1.node().node.clone(), e2.node().node.clone()];
+    let members = frontends.nodes.each_ref().map(|n| n.node().node.clone());
     cluster
         .wait_for(
             "both frontends use psql1 and see the cluster",
@@ -276,6 +259,5 @@ async fn xmpp_sessions_survive_a_primary_crash_and_write_to_the_new_primary() {
     for user in [alice, bob, carol] {
         user.logout().await;
     }
-    e2.stop().await;
-    e1.stop().await;
+    frontends.stop().await;
 }
