@@ -11,10 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ha_agent::ejabberd::{
-    ApplyReport, ControllerError, EjabberdController, PrivateInstance, free_loopback_port,
-};
+use ha_agent::ejabberd::{ApplyReport, ControllerError, EjabberdController, PrivateInstance};
 use ha_proto::types::{Endpoint, Epoch};
+use ha_tests::free_port;
 use ha_tests::xmpp::XmppUser;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, User, chown};
@@ -70,7 +69,7 @@ impl Pg {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = free_loopback_port().unwrap();
+        let port = free_port();
         let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
         chown(
             &dir.path().join("postgres.log"),
@@ -264,8 +263,8 @@ async fn controller_moves_a_real_ejabberd_between_two_postgres_servers() {
         tokio::task::spawn_blocking(Pg::start)
     );
     let (a, b) = (a.unwrap(), b.unwrap());
-    let c2s = free_loopback_port().unwrap();
-    let ejabberd = PrivateInstance::start(&ejabberd_yml(c2s, &a))
+    let c2s = free_port();
+    let ejabberd = PrivateInstance::start(&ejabberd_yml(c2s, &a), free_port())
         .await
         .unwrap();
     let config_path = ejabberd.config_path();
@@ -355,7 +354,7 @@ async fn controller_moves_a_real_ejabberd_between_two_postgres_servers() {
     // A dead target: clear error, the file stays the last good one, ejabberd stays on B.
     let dead = Endpoint {
         host: "127.0.0.1".into(),
-        port: free_loopback_port().unwrap(),
+        port: free_port(),
     };
     let err = controller.apply(&dead, Epoch(3)).await.unwrap_err();
     println!("dead target refused: {err}");

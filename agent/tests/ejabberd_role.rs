@@ -44,9 +44,12 @@ async fn the_ejabberd_agent_follows_the_primary_and_reports_a_refused_reload() {
     let mut cluster = common::cluster_for_ejabberd().start().await;
     prepare_database(&cluster, "psql1");
     let c2s = free_port();
-    let instance = PrivateInstance::start(&common::ejabberd_yml(c2s, cluster.node("psql1").port))
-        .await
-        .unwrap();
+    let instance = PrivateInstance::start(
+        &common::ejabberd_yml(c2s, cluster.node("psql1").port),
+        free_port(),
+    )
+    .await
+    .unwrap();
     let _agent = EjabberdAgent::start(&cluster, "e1", &instance, c2s).await;
 
     // 1. It follows psql1.

@@ -1,8 +1,9 @@
 //! A private, throw-away ejabberd for tests and drills, isolated from the system one.
 //!
 //! Each instance has its own directory (config, spool, logs, a home holding its own Erlang
-//! cookie), node name `ejabberd_<random>@localhost`, and its own epmd on a free loopback port
-//! (`ERL_EPMD_PORT`), so it never meets the system epmd on 4369 nor another test's node.
+//! cookie), node name `ejabberd_<random>@localhost`, and its own epmd on a loopback port the
+//! caller picked (`ERL_EPMD_PORT`; tests take one below the ephemeral range from
+//! `ha_tests::free_port`), so it never meets the system epmd on 4369 nor another test's node.
 //! ejabberd runs as the `ejabberd` user in its own process group; epmd is started by us, so
 //! both are ended by their PIDs. A further instance may join the first one's Erlang cluster
 //! ([`PrivateInstance::start_joined`]): it shares that epmd and cookie instead of its own.
@@ -68,12 +69,13 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> InstanceErr
     move |source| InstanceError::Io { what, source }
 }
 
-/// A free TCP port on 127.0.0.1 (bound, read, released). Another process may take it before
-/// the caller binds it; tests accept that small race.
-pub fn free_loopback_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
-        .local_addr()?
-        .port())
+/// Whose epmd a new instance registers with.
+#[derive(Clone, Copy)]
+enum Epmd<'a> {
+    /// Its own, started on this loopback port.
+    Own(u16),
+    /// The first node's, for a node joining that node's cluster.
+    SharedWith(&'a PrivateInstance),
 }
 
 /// A running private ejabberd (see the module docs).
@@ -89,9 +91,10 @@ pub struct PrivateInstance {
 
 impl PrivateInstance {
     /// Writes `config_yaml` as the instance's `ejabberd.yml` (owned `root:ejabberd`, mode 0640,
-    /// like Debian's) and starts ejabberd on it, waiting until the application runs.
-    pub async fn start(config_yaml: &str) -> Result<Self, InstanceError> {
-        Self::launch(config_yaml, None).await
+    /// like Debian's), starts its own epmd on `epmd_port` (loopback), and starts ejabberd on it,
+    /// waiting until the application runs.
+    pub async fn start(config_yaml: &str, epmd_port: u16) -> Result<Self, InstanceError> {
+        Self::launch(config_yaml, Epmd::Own(epmd_port)).await
     }
 
     /// A further node of `first`'s Erlang cluster: it uses `first`'s epmd and cookie, starts on
@@ -102,7 +105,7 @@ impl PrivateInstance {
         config_yaml: &str,
         first: &PrivateInstance,
     ) -> Result<Self, InstanceError> {
-        let mut instance = Self::launch(config_yaml, Some(first)).await?;
+        let mut instance = Self::launch(config_yaml, Epmd::SharedWith(first)).await?;
         instance.ctl(&["join_cluster", &first.node.node]).await?;
         instance.wait_running().await?;
         let members = first.ctl(&["list_cluster"]).await?;
@@ -117,10 +120,7 @@ impl PrivateInstance {
         Ok(instance)
     }
 
-    async fn launch(
-        config_yaml: &str,
-        first: Option<&PrivateInstance>,
-    ) -> Result<Self, InstanceError> {
+    async fn launch(config_yaml: &str, epmd: Epmd<'_>) -> Result<Self, InstanceError> {
         let user = User::from_name("ejabberd")
             .map_err(|e| InstanceError::Io {
                 what: "looking up user ejabberd".into(),
@@ -129,9 +129,9 @@ impl PrivateInstance {
             .ok_or(InstanceError::NoUser)?;
         let suffix = format!("{:08x}", rand::random::<u32>());
         let root = std::env::temp_dir().join(format!("ha-ejabberd-{suffix}"));
-        let epmd_port = match first.and_then(|f| f.node.epmd_port) {
-            Some(port) => port,
-            None => free_loopback_port().map_err(io_err("picking the epmd port"))?,
+        let (epmd_port, first) = match epmd {
+            Epmd::Own(port) => (port, None),
+            Epmd::SharedWith(first) => (first.node.epmd_port.unwrap_or(4369), Some(first)),
         };
         let cookie = match first {
             Some(f) => {

@@ -23,4 +23,4 @@ pub use controller::{
     StepTiming,
 };
 pub use erl::{ErlError, ErlNode};
-pub use instance::{InstanceError, PrivateInstance, free_loopback_port};
+pub use instance::{InstanceError, PrivateInstance};

@@ -25,7 +25,7 @@ impl Frontends {
         prepare_database(cluster, "psql1");
         let sql_port = cluster.node("psql1").port;
         let c2s = [free_port(), free_port()];
-        let e1 = PrivateInstance::start(&common::ejabberd_yml(c2s[0], sql_port))
+        let e1 = PrivateInstance::start(&common::ejabberd_yml(c2s[0], sql_port), free_port())
             .await
             .unwrap();
         let e2 = PrivateInstance::start_joined(&common::ejabberd_yml(c2s[1], sql_port), &e1)
