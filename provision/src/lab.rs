@@ -5,10 +5,15 @@
 //! Order of `up` (each step timed and printed):
 //! 1. material (CA, certificates, configs), recorded in the state before it is written;
 //! 2. monitor supervisors, then wait until `haclt status` shows every monitor and a leader;
-//! 3. a join token per postgres node that has none, created with `haclt token create` in the
-//!    fabric namespace (the operator host) with the stand's operator config;
-//! 4. the first postgres node, waiting until it is primary (the reference stand's psql1server),
-//!    then the other postgres nodes and the ejabberd nodes.
+//! 3. a join token per agent (postgres and ejabberd nodes) that has none, created with
+//!    `haclt token create` in the fabric namespace (the operator host) with the stand's
+//!    operator config;
+//! 4. the first postgres node, waiting until a primary exists (on a new stand the first node,
+//!    the reference stand's psql1server), then the other postgres nodes;
+//! 5. ejabberd's SQL role, database and schema on that primary (idempotent, `psql` as
+//!    `postgres` over the primary's socket; the password travels on stdin, never in argv);
+//! 6. the ejabberd nodes, waiting until every ejabberd agent has verified the primary at the
+//!    current epoch (ejabberd up, Erlang cluster joined, a write through ejabberd seen there).
 //!
 //! Invariants: a supervisor already running for a node (its PID file names a live
 //! `ha-provision ... supervise` process) is left alone, so `up` is idempotent and resumes;
@@ -18,6 +23,7 @@
 
 use std::ffi::OsString;
 use std::fs;
+use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -27,8 +33,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tracing::{info, warn};
 
-use crate::material::{GROUP, Material, MaterialError};
-use crate::netns::Layout;
+use crate::material::{EJABBERD_DB, GROUP, Material, MaterialError};
+use crate::netns::{Layout, as_node};
 use crate::state::{Resource, StateError, StateFile};
 use crate::topology::{Role, Topology};
 
@@ -36,6 +42,11 @@ use crate::topology::{Role, Topology};
 const MONITORS_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `up` waits for the first PostgreSQL node to become primary (initdb included).
 const PRIMARY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `up` waits for the ejabberd agents to verify the primary: two ejabberd boots on
+/// a loaded 2-core machine take up to a minute, the agent's first apply a few seconds more.
+const EJABBERD_TIMEOUT: Duration = Duration::from_secs(180);
+/// ejabberd's SQL schema for PostgreSQL (Debian's ejabberd package).
+const EJABBERD_SCHEMA: &str = "/usr/share/ejabberd/sql/pg.sql";
 /// How long `down` waits for a supervisor after SIGTERM (it gives its programs
 /// [`crate::supervise::STOP_GRACE`]).
 const SUPERVISOR_GRACE: Duration = Duration::from_secs(40);
@@ -60,6 +71,14 @@ pub enum LabError {
     /// A binary is missing from the bin dir.
     #[error("{0} not found: build the workspace binaries or pass --bin-dir")]
     MissingBinary(PathBuf),
+    /// `psql` failed while preparing ejabberd's database.
+    #[error("preparing ejabberd's database on {node}: {detail}")]
+    Database {
+        /// The primary.
+        node: String,
+        /// Exit status and stderr.
+        detail: String,
+    },
     /// `haclt` failed.
     #[error("haclt {args}: {detail}")]
     Haclt {
@@ -174,43 +193,163 @@ pub fn up(
     timed("monitors up, leader elected", t);
 
     let t = Instant::now();
-    let postgres: Vec<&str> = topology
-        .nodes_with_role(Role::Postgres)
-        .map(|n| n.name.as_str())
-        .collect();
-    for node in &postgres {
-        let path = material.join_token(node);
+    for node in &topology.nodes {
+        let role = match node.role {
+            Role::Postgres => "postgres",
+            Role::Ejabberd => "ejabberd",
+            Role::Monitor | Role::Gateway => continue,
+        };
+        let path = material.join_token(&node.name);
         if !path.exists() {
-            let token = haclt.run(&["token", "create", "--role", "postgres", "--group", GROUP])?;
+            let token = haclt.run(&["token", "create", "--role", role, "--group", GROUP])?;
             ha_pki::write_key_file(&path, token.trim().as_bytes()).map_err(MaterialError::from)?;
-            info!(node, path = %path.display(), "join token written");
+            info!(node = %node.name, role, path = %path.display(), "join token written");
         }
     }
     timed("join tokens", t);
 
-    if let Some((first, rest)) = postgres.split_first() {
-        let t = Instant::now();
-        start_supervisor(topology, &prefix, &material, bins, first)?;
-        haclt.wait_for(&format!("{first} becomes primary"), PRIMARY_TIMEOUT, |s| {
-            s["nodes"].as_array().is_some_and(|nodes| {
-                nodes.iter().any(|n| {
-                    n["name"] == *first && (n["state"] == "primary" || n["state"] == "single")
-                })
-            })
-        })?;
-        timed(&format!("{first} primary"), t);
-        let t = Instant::now();
-        for node in rest {
-            start_supervisor(topology, &prefix, &material, bins, node)?;
-        }
-        timed("other postgres nodes started", t);
+    let postgres: Vec<&str> = topology
+        .nodes_with_role(Role::Postgres)
+        .map(|n| n.name.as_str())
+        .collect();
+    let Some((first, rest)) = postgres.split_first() else {
+        return Ok(steps);
+    };
+    let t = Instant::now();
+    start_supervisor(topology, &prefix, &material, bins, first)?;
+    let s = haclt.wait_for("a primary", PRIMARY_TIMEOUT, |s| primary_of(s).is_some())?;
+    let primary = primary_of(&s).expect("waited for it");
+    timed(&format!("{primary} primary"), t);
+    let t = Instant::now();
+    for node in rest {
+        start_supervisor(topology, &prefix, &material, bins, node)?;
+    }
+    timed("other postgres nodes started", t);
+
+    let frontends: Vec<&str> = topology
+        .nodes_with_role(Role::Ejabberd)
+        .map(|n| n.name.as_str())
+        .collect();
+    if frontends.is_empty() {
+        return Ok(steps);
     }
     let t = Instant::now();
-    for node in topology.nodes_with_role(Role::Ejabberd) {
-        start_supervisor(topology, &prefix, &material, bins, &node.name)?;
+    let ns = Layout::new(topology, &prefix).namespace(&primary);
+    prepare_ejabberd_database(&material, &ns, &primary, topology.ports.postgres)?;
+    timed(&format!("ejabberd database on {primary}"), t);
+    let t = Instant::now();
+    for node in &frontends {
+        start_supervisor(topology, &prefix, &material, bins, node)?;
     }
-    timed("ejabberd nodes started", t);
+    haclt.wait_for(
+        "every ejabberd agent verifies the primary",
+        EJABBERD_TIMEOUT,
+        |s| frontends_applied(s, &frontends),
+    )?;
+    timed("ejabberd nodes on the primary", t);
     Ok(steps)
+}
+
+/// The group's primary in the status, once that node reports itself primary (or single).
+/// The group's record, not the node states: a crashed primary's last report still says
+/// primary after the failover.
+fn primary_of(s: &serde_json::Value) -> Option<String> {
+    let name = s["groups"][0]["primary"].as_str()?;
+    s["nodes"].as_array()?.iter().find_map(|n| {
+        (n["name"] == name && (n["state"] == "primary" || n["state"] == "single"))
+            .then(|| name.to_owned())
+    })
+}
+
+/// Whether every node of `frontends` has verified the primary at its group's current epoch.
+pub fn frontends_applied(s: &serde_json::Value, frontends: &[&str]) -> bool {
+    let (Some(nodes), Some(epoch), Some(primary)) = (
+        s["nodes"].as_array(),
+        s["groups"][0]["epoch"].as_u64(),
+        primary_of(s),
+    ) else {
+        return false;
+    };
+    frontends.iter().all(|name| {
+        nodes.iter().any(|n| {
+            let e = &n["ejabberd"];
+            n["name"] == *name
+                && e["applied_epoch"].as_u64() == Some(epoch)
+                && e["applied_node"].as_str() == Some(primary.as_str())
+        })
+    })
+}
+
+/// Creates ejabberd's SQL role (with the stand's password), database and schema on the primary
+/// unless they exist. Replication carries them to the standbys.
+fn prepare_ejabberd_database(
+    material: &Material<'_>,
+    namespace: &str,
+    primary: &str,
+    port: u16,
+) -> Result<(), LabError> {
+    let password = material.ejabberd_sql_password()?;
+    let db = EJABBERD_DB;
+    // psql variables would put the password on the command line; stdin keeps it private.
+    // The role is created or has its password (re)set; the database and the schema (owned by
+    // ejabberd: `SET ROLE`) only when missing.
+    let script = format!(
+        "SELECT 'CREATE ROLE ejabberd LOGIN' WHERE NOT EXISTS \
+           (SELECT 1 FROM pg_roles WHERE rolname = 'ejabberd') \\gexec\n\
+         ALTER ROLE ejabberd LOGIN PASSWORD '{password}';\n\
+         SELECT format('CREATE DATABASE %I OWNER ejabberd', '{db}') WHERE NOT EXISTS \
+           (SELECT 1 FROM pg_database WHERE datname = '{db}') \\gexec\n\
+         \\connect {db}\n\
+         SELECT to_regclass('public.users') IS NULL AS fresh \\gset\n\
+         \\if :fresh\n\
+         SET ROLE ejabberd;\n\
+         \\i {EJABBERD_SCHEMA}\n\
+         RESET ROLE;\n\
+         \\endif\n"
+    );
+    let socket = material.node_dir(primary).join("pg");
+    let mut child = Command::new("ip")
+        .args([
+            "netns", "exec", namespace, "runuser", "-u", "postgres", "--",
+        ])
+        .args(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(&socket)
+        .args(["-p", &port.to_string(), "-d", "postgres", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| LabError::Io {
+            what: "running psql".into(),
+            source,
+        })?;
+    let written = child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(script.as_bytes());
+    let out = child.wait_with_output().map_err(|source| LabError::Io {
+        what: "running psql".into(),
+        source,
+    })?;
+    if let Err(source) = written {
+        return Err(LabError::Io {
+            what: "sending the script to psql".into(),
+            source,
+        });
+    }
+    if !out.status.success() {
+        return Err(LabError::Database {
+            node: primary.to_owned(),
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    info!(node = primary, database = db, "ejabberd database ready");
+    Ok(())
 }
 
 fn pid_file(material: &Material<'_>, node: &str) -> PathBuf {
@@ -263,10 +402,9 @@ fn start_supervisor(
         .map_err(io(format!("opening {}", log_path.display())))?;
     let log_err = log.try_clone().map_err(io("duplicating the log".into()))?;
     let ns = Layout::new(topology, prefix).namespace(node);
-    let mut cmd = Command::new("ip");
-    // `ip netns exec` execs the supervisor in place: the child's PID is the supervisor's.
-    cmd.args(["netns", "exec", &ns])
-        .arg(&bins.provision)
+    // Exec'd in place: the child's PID is the supervisor's.
+    let mut cmd = as_node(&ns, node);
+    cmd.arg(&bins.provision)
         .arg("--state-dir")
         .arg(material.dir())
         .args(["supervise", "--bin-dir"])

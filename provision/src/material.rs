@@ -8,15 +8,19 @@
 //! S/haclt.toml, S/pki/operator.pem, .key    operator identity and haclt config
 //! S/nodes/<node>/node.pem, node.key (0600)  `monitor-<id>` for monitors, else the node name
 //! S/nodes/<node>/monitor.toml               monitors: `ha-monitor --config`
-//! S/nodes/<node>/agent.toml                 postgres nodes: `ha-agent --config`
+//! S/nodes/<node>/agent.toml                 postgres and ejabberd nodes: `ha-agent --config`
 //! S/nodes/<node>/join-token (0600)          written by `up` from a token the monitors issue
 //! S/nodes/<node>/pg/                        owned by postgres: data, socket, server log
 //! S/nodes/<node>/ejabberd/{conf,spool,logs} ejabberd nodes, owned by ejabberd
+//! S/nodes/<node>/agent-home/.erlang.cookie  ejabberd nodes: the cookie `erl_call` reads (0600)
+//! S/pki/erlang.cookie, ejabberd-sql.password   the stand's shared secrets (0600, created once)
 //! ```
 //!
-//! Invariants: keys and certificates are created only when missing, so a repeated `up` keeps
-//! every identity; configuration files are rewritten from the topology on every `up`
-//! (deterministic). Every daemon speaks mutual TLS against the stand's CA ([`tls_section`]):
+//! Invariants: keys, certificates and secrets are created only when missing, so a repeated
+//! `up` keeps every identity; configuration files are rewritten from the topology on every
+//! `up` (deterministic), except `ejabberd.yml`: it is written once, and from then on its
+//! `sql_server` belongs to the node's ejabberd agent, which points it at the current primary
+//! (rewriting it would point ejabberd back at the first PostgreSQL node after a failover). Every daemon speaks mutual TLS against the stand's CA ([`tls_section`]):
 //! gRPC between agents, monitors and the operator, and PostgreSQL replication, base backups
 //! and rewinds between the PostgreSQL peers (verify-full, `hostssl ... cert` rules the agent
 //! generates for exactly those peers). Nodes get pre-issued certificates whose SANs name every
@@ -44,6 +48,8 @@ const LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The operator certificate's name (haclt's identity, and the drill writer's database login).
 const OPERATOR: &str = "operator";
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// ejabberd's SQL database (the name the reference stand's hand-written playbooks use).
+pub const EJABBERD_DB: &str = "ejabberd-domain-local";
 /// ejabberd's control script.
 pub const EJABBERDCTL: &str = "/usr/sbin/ejabberdctl";
 
@@ -119,7 +125,7 @@ impl<'a> Material<'a> {
         self.node_dir(node).join("monitor.toml")
     }
 
-    /// `ha-agent --config` of a postgres node.
+    /// `ha-agent --config` of a postgres or ejabberd node.
     pub fn agent_config(&self, node: &str) -> PathBuf {
         self.node_dir(node).join("agent.toml")
     }
@@ -137,6 +143,11 @@ impl<'a> Material<'a> {
     /// The ejabberd config directory (`ejabberdctl --config-dir`) of an ejabberd node.
     pub fn ejabberd_conf(&self, node: &str) -> PathBuf {
         self.node_dir(node).join("ejabberd/conf")
+    }
+
+    /// The directory whose `.erlang.cookie` the ejabberd agent's `erl_call` reads.
+    fn agent_home(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("agent-home")
     }
 
     /// The Erlang node name of an ejabberd node.
@@ -204,6 +215,7 @@ impl<'a> Material<'a> {
             0o600,
         )?;
         let cookie = self.erlang_cookie()?;
+        let sql_password = self.ejabberd_sql_password()?;
         for node in &self.topology.nodes {
             let dir = self.node_dir(&node.name);
             fs::create_dir_all(&dir).map_err(io(&dir))?;
@@ -239,7 +251,14 @@ impl<'a> Material<'a> {
                         0o600,
                     )?;
                 }
-                Role::Ejabberd => self.ejabberd_files(node, &ejabberd, &cookie)?,
+                Role::Ejabberd => {
+                    self.ejabberd_files(node, &ejabberd, &cookie, &sql_password)?;
+                    write(
+                        &self.agent_config(&node.name),
+                        &self.ejabberd_agent_toml(node),
+                        0o600,
+                    )?;
+                }
                 Role::Gateway => {}
             }
         }
@@ -299,15 +318,27 @@ impl<'a> Material<'a> {
 
     /// The Erlang cookie every ejabberd node of the stand shares (created once).
     fn erlang_cookie(&self) -> Result<String, MaterialError> {
-        let path = self.pki_dir().join("erlang.cookie");
+        self.secret("erlang.cookie")
+    }
+
+    /// The password of ejabberd's SQL role (`ejabberd`), created once per stand: `up` sets it
+    /// on the role, ejabberd and its agent read it from `ejabberd.yml`.
+    pub fn ejabberd_sql_password(&self) -> Result<String, MaterialError> {
+        self.secret("ejabberd-sql.password")
+    }
+
+    /// A random 32-letter secret kept in `S/pki/<file>` (0600), created when missing. Letters
+    /// only: it is written into YAML, Erlang arguments and SQL literals unquoted or quoted.
+    fn secret(&self, file: &str) -> Result<String, MaterialError> {
+        let path = self.pki_dir().join(file);
         if path.exists() {
             return Ok(ha_pki::read_key_file(&path)?.trim().to_owned());
         }
-        let cookie: String = (0..32)
+        let secret: String = (0..32)
             .map(|_| char::from(b'A' + rand::random_range(0..26u8)))
             .collect();
-        ha_pki::write_key_file(&path, cookie.as_bytes())?;
-        Ok(cookie)
+        ha_pki::write_key_file(&path, secret.as_bytes())?;
+        Ok(secret)
     }
 
     fn tls_files(&self, node: &str) -> TlsPaths {
@@ -372,7 +403,7 @@ impl<'a> Material<'a> {
         {
             let _ = writeln!(
                 hba,
-                "  {{ type = \"host\", database = \"ejabberd-domain-local\", user = \"ejabberd\", address = \"{frontend}/32\", method = \"scram-sha-256\" }},"
+                "  {{ type = \"host\", database = \"{EJABBERD_DB}\", user = \"ejabberd\", address = \"{frontend}/32\", method = \"scram-sha-256\" }},"
             );
             // The writer of `haclt drill`, which the demo runs on a frontend (a lab stand is
             // for drills): TLS with the operator certificate, mapped to `postgres`.
@@ -426,13 +457,66 @@ impl<'a> Material<'a> {
         out
     }
 
-    fn ejabberd_files(&self, node: &Node, user: &User, cookie: &str) -> Result<(), MaterialError> {
+    fn ejabberd_agent_toml(&self, node: &Node) -> String {
+        let t = self.topology;
+        let me = self.service_address(node).unwrap_or(Ipv4Addr::LOCALHOST);
+        let mut out = format!(
+            "# ha-agent of {name} (generated by ha-provision; rewritten by every `up`).\n\
+             # It keeps ejabberd's `sql_server` on the current primary and proves each move.\n\
+             role = \"ejabberd\"\n\
+             node = {name:?}\n\
+             group = \"{GROUP}\"\n\
+             monitors = {monitors:?}\n\
+             join_token_file = {token:?}\n\
+             state_dir = {state:?}\n\
+             \n\
+             [ejabberd]\n\
+             config_file = {yml:?}\n\
+             erlang_node = \"{erl}\"\n\
+             cookie_home = {home:?}\n\
+             epmd_port = {epmd}\n\
+             vhosts = [\"{domain}\"]\n\
+             advertise_host = \"{me}\"\n\
+             xmpp_port = {c2s}\n",
+            name = node.name,
+            monitors = self.monitor_service_addresses(),
+            token = self.join_token(&node.name),
+            state = self.node_dir(&node.name).join("agent-state"),
+            yml = self.ejabberd_conf(&node.name).join("ejabberd.yml"),
+            erl = Self::erlang_node(&node.name),
+            home = self.agent_home(&node.name),
+            epmd = t.ports.epmd,
+            domain = t.domain,
+            c2s = c2s_port(t),
+        );
+        let at = out
+            .find("\n[ejabberd]")
+            .expect("the template has an [ejabberd] table");
+        out.insert_str(
+            at,
+            &format!("\n{}", tls_section(&self.tls_files(&node.name))),
+        );
+        out
+    }
+
+    fn ejabberd_files(
+        &self,
+        node: &Node,
+        user: &User,
+        cookie: &str,
+        sql_password: &str,
+    ) -> Result<(), MaterialError> {
         let root = self.node_dir(&node.name).join("ejabberd");
         for sub in ["", "conf", "spool", "logs", "home"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(io(&dir))?;
             own(&dir, user, 0o750)?;
         }
+        // The agent runs as root; its `erl_call` finds the cookie in `$HOME/.erlang.cookie`.
+        let home = self.agent_home(&node.name);
+        fs::create_dir_all(&home).map_err(io(&home))?;
+        fs::set_permissions(&home, fs::Permissions::from_mode(0o700)).map_err(io(&home))?;
+        ha_pki::write_key_file(&home.join(".erlang.cookie"), cookie.as_bytes())?;
         let conf = self.ejabberd_conf(&node.name);
         let me = self.service_address(node).unwrap_or(Ipv4Addr::LOCALHOST);
         let d = self.topology.ports.erlang_dist;
@@ -460,37 +544,49 @@ impl<'a> Material<'a> {
         let inetrc = conf.join("inetrc");
         write(&inetrc, "{lookup,[\"file\",\"native\"]}.\n", 0o644)?;
         let yml = conf.join("ejabberd.yml");
-        write(&yml, &self.ejabberd_yml(), 0o640)?;
-        chown_group(&yml, user)
+        if !yml.exists() {
+            write(&yml, &self.ejabberd_yml(sql_password), 0o640)?;
+            chown_group(&yml, user)?;
+        }
+        Ok(())
     }
 
-    fn ejabberd_yml(&self) -> String {
+    /// The first `ejabberd.yml`: SQL storage on the first PostgreSQL node (the one `up`
+    /// bootstraps), with the SQL settings `agent/README.md` recommends for failover.
+    fn ejabberd_yml(&self, sql_password: &str) -> String {
         let t = self.topology;
         let primary = t
             .nodes_with_role(Role::Postgres)
             .next()
             .and_then(|n| self.service_address(n).map(|a| (n.name.clone(), a)));
         let mut out = format!(
-            "# ejabberd of the reference stand (generated by ha-provision).\n\
+            "# ejabberd of the reference stand (generated once by ha-provision; the node's\n\
+             # ha-agent rewrites sql_server and sql_port to follow the PostgreSQL primary).\n\
              hosts:\n  - {domain}\n\n\
              loglevel: info\n\n\
+             default_db: sql\n\
+             auth_method: [sql]\n\n\
              listen:\n  -\n    port: {c2s}\n    ip: \"0.0.0.0\"\n    module: ejabberd_c2s\n    starttls_required: false\n\n\
              acl:\n  admin:\n    user: admin@{domain}\n\n\
-             modules:\n  mod_ping: {{}}\n  mod_admin_extra: {{}}\n",
+             modules:\n  mod_ping: {{}}\n  mod_admin_extra: {{}}\n  mod_private: {{}}\n  mod_offline: {{}}\n  mod_roster: {{}}\n",
             domain = t.domain,
-            c2s = t.ports.xmpp.first().copied().unwrap_or(5222),
+            c2s = c2s_port(t),
         );
         if let Some((name, address)) = primary {
-            // `sql_server` is what the ejabberd-role agent keeps pointed at the primary.
             let _ = write!(
                 out,
-                "\nhost_config:\n  {domain}:\n    sql_type: pgsql\n    sql_server: {address}   # {name}\n    sql_port: {port}\n    sql_database: \"ejabberd-domain-local\"\n    sql_username: ejabberd\n    sql_password: \"ejabberd\"\n",
+                "\nhost_config:\n  {domain}:\n    sql_type: pgsql\n    sql_server: {address}   # {name}\n    sql_port: {port}\n    sql_database: \"{EJABBERD_DB}\"\n    sql_username: ejabberd\n    sql_password: \"{sql_password}\"\n    sql_pool_size: 5\n    sql_start_interval: 1\n    sql_keepalive_interval: 10\n    sql_query_timeout: 5\n    sql_connect_timeout: 2\n",
                 domain = t.domain,
                 port = t.ports.postgres,
             );
         }
         out
     }
+}
+
+/// The XMPP client-to-server port: the first of the topology's XMPP ports.
+fn c2s_port(t: &Topology) -> u16 {
+    t.ports.xmpp.first().copied().unwrap_or(5222)
 }
 
 /// TLS file paths of one daemon.
@@ -616,8 +712,23 @@ mod tests {
         let haclt: toml::Value =
             toml::from_str(&haclt_toml(&m.monitor_management_addresses(), dir)).unwrap();
         assert_eq!(haclt["monitors"][0].as_str(), Some("192.168.121.21:7400"));
-        let yml = m.ejabberd_yml();
+        let yml = m.ejabberd_yml("SECRET");
         assert!(yml.contains("sql_server: 192.168.1.10"), "{yml}");
+        assert!(yml.contains("sql_password: \"SECRET\""), "{yml}");
+        assert!(yml.contains("sql_start_interval: 1"), "{yml}");
+        let agent = m.ejabberd_agent_toml(t.node("e2server").unwrap());
+        let parsed: toml::Value = toml::from_str(&agent).unwrap();
+        assert_eq!(parsed["role"].as_str(), Some("ejabberd"));
+        assert_eq!(parsed["node"].as_str(), Some("e2server"));
+        let e = &parsed["ejabberd"];
+        assert_eq!(e["erlang_node"].as_str(), Some("ejabberd@e2server"));
+        assert_eq!(e["epmd_port"].as_integer(), Some(4369));
+        assert_eq!(e["advertise_host"].as_str(), Some("192.168.1.3"));
+        assert_eq!(e["vhosts"][0].as_str(), Some("domain.local"));
+        assert_eq!(
+            e["config_file"].as_str(),
+            Some("/run/ha-provision/xmpp-lab/nodes/e2server/ejabberd/conf/ejabberd.yml")
+        );
     }
 
     #[test]
@@ -653,13 +764,29 @@ mod tests {
             m.pki_dir().join("operator.key"),
             m.node_dir("psql2server").join("node.key"),
             m.join_token("psql2server").with_file_name("agent.toml"),
+            m.agent_config("e1server"),
+            m.agent_home("e1server").join(".erlang.cookie"),
+            m.pki_dir().join("ejabberd-sql.password"),
         ] {
             let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", key.display());
         }
+        // Every agent config is one the agent itself accepts (paths, secret modes, roles).
+        for node in ["psql1server", "e1server"] {
+            let config = ha_agent::config::AgentConfig::load(&m.agent_config(node), false)
+                .unwrap_or_else(|e| panic!("{node}: {e}"));
+            assert_eq!(config.node.as_str(), node);
+        }
+        // ejabberd.yml belongs to the node's agent once written: a later run keeps it.
+        let yml = m.ejabberd_conf("e1server").join("ejabberd.yml");
+        let moved = fs::read_to_string(&yml)
+            .unwrap()
+            .replace("sql_server: 192.168.1.10", "sql_server: 192.168.1.11");
+        fs::write(&yml, &moved).unwrap();
         let before = fs::read(m.node_dir("mon1server").join("node.pem")).unwrap();
         m.generate().unwrap();
         let after = fs::read(m.node_dir("mon1server").join("node.pem")).unwrap();
         assert_eq!(before, after, "a second run keeps every identity");
+        assert_eq!(fs::read_to_string(&yml).unwrap(), moved);
     }
 }

@@ -363,7 +363,8 @@ pub fn status(topology: &Topology, prefix: &str) -> Vec<NamespaceStatus> {
         .collect()
 }
 
-/// A command that runs `argv` inside `node`'s namespace (with its hosts and hostname files).
+/// A command that runs `argv` inside `node`'s namespace (with its hosts and hostname files, and
+/// its host name: [`as_node`]).
 pub fn exec_command<S: AsRef<OsStr>>(
     topology: &Topology,
     prefix: &str,
@@ -374,9 +375,22 @@ pub fn exec_command<S: AsRef<OsStr>>(
         .node(node)
         .ok_or_else(|| NetnsError::UnknownNode(node.to_owned()))?;
     let ns = Layout::new(topology, prefix).namespace(&node.name);
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec"]).arg(ns).args(argv);
+    let mut cmd = as_node(&ns, &node.name);
+    cmd.args(argv);
     Ok(cmd)
+}
+
+/// `ip netns exec NS` with the node's own host name: a UTS namespace of its own whose
+/// hostname is `node`, which the node's hosts file resolves to its service address. Without
+/// it every process sees the machine's host name, which no hosts file of the stand knows, and
+/// a program that resolves its own name (`erl_call` does) waits for DNS servers the namespace
+/// cannot reach. The program is exec'd in place (`unshare` without `--fork`, then `sh -c
+/// 'exec'`): the spawned child's PID is the program's. Append the program and its arguments.
+pub fn as_node(namespace: &str, node: &str) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", namespace, "unshare", "--uts", "--"])
+        .args(["sh", "-c", "hostname \"$0\" && exec \"$@\"", node]);
+    cmd
 }
 
 /// Whether the named namespace exists (`ip netns add` creates `/run/netns/<name>`).

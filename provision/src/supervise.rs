@@ -6,8 +6,10 @@
 //! - monitor: `ha-monitor --config monitor.toml` (mutual TLS, see `material`);
 //! - postgres: `ha-agent --config agent.toml` (the agent runs PostgreSQL as `postgres`);
 //! - ejabberd: `epmd`, then, once it answers, `ejabberdctl foreground` as the `ejabberd` user
-//!   with the node's own config dir; every ejabberd node but the first joins the first one's Erlang cluster
-//!   (`join_cluster`, retried until `list_cluster` shows both).
+//!   with the node's own config dir, and `ha-agent --config agent.toml` in the ejabberd role
+//!   (it points ejabberd's `sql_server` at the current primary); every ejabberd node but the
+//!   first joins the first one's Erlang cluster (`join_cluster`, retried until `list_cluster`
+//!   shows both).
 //!
 //! Invariants: a program that exits is restarted after a backoff (5 s doubling to 30 s, reset
 //! once it ran for a minute), every exit and restart is logged; SIGTERM or SIGINT is forwarded
@@ -124,6 +126,7 @@ fn programs(
                     user: as_ejabberd,
                     after_port: Some(topology.ports.epmd),
                 },
+                daemon("ha-agent", "ha-agent", material.agent_config(node)),
             ]
         }
         Role::Gateway => return Err(SuperviseError::NothingToRun(node.to_owned())),
@@ -416,7 +419,7 @@ mod tests {
         };
         assert_eq!(names("mon1server"), ["ha-monitor"]);
         assert_eq!(names("psql1server"), ["ha-agent"]);
-        assert_eq!(names("e2server"), ["epmd", "ejabberd"]);
+        assert_eq!(names("e2server"), ["epmd", "ejabberd", "ha-agent"]);
         let agent = &programs(&t, &m, bin, "psql1server").unwrap()[0];
         assert_eq!(agent.argv[0], OsString::from("/opt/ha/bin/ha-agent"));
         assert!(programs(&t, &m, bin, "gw1server").is_err());

@@ -7,11 +7,12 @@
 //! behind.
 //!
 //! `full_stand_fails_over_and_cleans_up` runs the `ha-provision` binary: `up` starts every
-//! process (3 monitors, 2 PostgreSQL agents, 2 clustered ejabberd nodes, one supervisor per
-//! node); the test waits for a monitor leader and a synchronous primary/standby pair, checks
-//! PostgreSQL's reachability through the gateway, the ejabberd cluster, then crashes the
-//! primary: its supervisor frozen (SIGSTOP), its postmaster and agent killed with SIGKILL
-//! inside its namespace. The standby must be promoted; once the supervisor continues it
+//! process (3 monitors, 2 PostgreSQL agents, 2 clustered ejabberd nodes with their agents, one
+//! supervisor per node) and returns once both ejabberd agents verified the primary; the test
+//! waits for a synchronous primary/standby pair, checks PostgreSQL's reachability through the
+//! gateway, the ejabberd cluster, then crashes the primary: its supervisor frozen (SIGSTOP),
+//! its postmaster and agent killed with SIGKILL inside its namespace. The standby must be
+//! promoted and both ejabberd agents must verify it; once the supervisor continues it
 //! restarts the agent, and the killed node must come back as a standby. `down` must leave no namespace and none of the processes seen. Up and failover
 //! times are printed.
 //!
@@ -27,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ha_provision::lab::Haclt;
+use ha_provision::lab::{Haclt, frontends_applied};
 use ha_provision::material::Material;
 use ha_provision::netns::{self, Layout};
 use ha_provision::state::{BackendKind, StateFile};
@@ -490,7 +491,9 @@ fn full_stand_fails_over_and_cleans_up() {
         String::from_utf8_lossy(&out.stderr)
     );
     println!("{}", String::from_utf8_lossy(&out.stdout));
-    println!("up (every process started, psql1server primary): {up_time:.2?}");
+    println!(
+        "up (every process started, psql1server primary, both frontends on it): {up_time:.2?}"
+    );
 
     let status = stand.cli().args(["status", "--json"]).output().unwrap();
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
@@ -646,6 +649,21 @@ fn full_stand_fails_over_and_cleans_up() {
         .unwrap();
     let failover = killed.elapsed();
     println!("failover: {standby} primary {failover:.2?} after SIGKILL of {primary}");
+    // Both frontends follow: their agents verified a write through ejabberd on the new
+    // primary at the new epoch.
+    let frontends = ["e1server", "e2server"];
+    let s = haclt
+        .wait_for(
+            "both ejabberd agents on the new primary",
+            Duration::from_secs(60),
+            |s| frontends_applied(s, &frontends),
+        )
+        .unwrap();
+    assert_eq!(node_state(&s, &standby).unwrap(), "primary");
+    println!(
+        "ejabberd frontends verified {standby} {:.2?} after the kill",
+        killed.elapsed()
+    );
     drop(frozen);
     haclt
         .wait_for(
@@ -670,6 +688,7 @@ fn full_stand_fails_over_and_cleans_up() {
         seen.extend(pid);
     }
     seen.extend(pids_named(&stand.inner.ns("e1server"), "beam.smp"));
+    seen.extend(pids_named(&stand.inner.ns("e2server"), "ha-agent"));
     seen.extend(pids_named(&stand.inner.ns("mon1server"), "ha-monitor"));
 
     let t = Instant::now();
