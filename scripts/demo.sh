@@ -5,8 +5,12 @@
 #      monitors, two PostgreSQL nodes with their agents, two clustered ejabberd nodes, a gateway
 #      and the firewall (a stand left by a previous run is taken down first);
 #   3. waits until the primary has a synchronous standby and shows `haclt status`;
-#   4. runs the `crash-primary` drill (kill -9 of the primary's postmaster and agent) from the
-#      XMPP frontend e1server while a writer commits rows, and prints its figures;
+#   4. connects four XMPP users (two per ejabberd frontend) that keep writing through ejabberd
+#      (private XML storage, committed in PostgreSQL), runs the `crash-primary` drill (kill -9
+#      of the primary's postmaster and agent) from the XMPP frontend e1server while haclt's
+#      writer commits rows, and prints both sets of figures: write unavailability, acknowledged
+#      and lost writes, when each frontend served the new primary, and for the XMPP users the
+#      longest gap between acknowledged writes, lost writes and whether their sessions stayed up;
 #   5. shows `haclt status` after the failover and leaves the stand running.
 # Every step is announced; a failure names the step that failed and exits non-zero.
 set -euo pipefail
@@ -67,8 +71,43 @@ done
 step "haclt status, before the drill"
 haclt e1server status
 
+step "XMPP users: load1..load4 on e1server and e2server, writing through ejabberd"
+LOAD_OUT=$(mktemp)
+LOAD_ERR=$(mktemp)
+# Through ha-provision exec, which execs in place: $! is ha-xmpp-load's PID.
+"$BIN/ha-provision" exec --stand "$STAND" e1server -- "$BIN/ha-xmpp-load" \
+    --server 192.168.1.2:5222 --server 192.168.1.3:5222 --domain domain.local \
+    --password-file "$STATE/pki/xmpp-load.password" --duration 10m >"$LOAD_OUT" 2>"$LOAD_ERR" &
+LOAD=$!
+trap 'kill "$LOAD" 2>/dev/null || true; rm -f "$LOAD_OUT" "$LOAD_ERR"' EXIT
+deadline=$((SECONDS + 30))
+until grep -q 'ha-xmpp-load: writing' "$LOAD_ERR"; do
+    if ! kill -0 "$LOAD" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
+        echo "demo: the XMPP users did not start writing:" >&2
+        cat "$LOAD_ERR" "$LOAD_OUT" >&2
+        false
+    fi
+    sleep 0.2
+done
+# A few seconds of steady XMPP traffic before the fault.
+sleep 3
+
 step "drill: crash-primary (kill -9 of the primary's postmaster and agent, writer running)"
 haclt e1server drill crash-primary --wait 60s
+# A few seconds of XMPP traffic on the new primary, then the users stop, write once more and
+# read every acknowledged write back through ejabberd.
+sleep 3
+
+step "XMPP users: figures across the crash"
+kill -TERM "$LOAD"
+load_rc=0
+wait "$LOAD" || load_rc=$?
+cat "$LOAD_OUT"
+if [ "$load_rc" != 0 ]; then
+    echo "demo: the XMPP users lost writes or sessions (exit $load_rc):" >&2
+    cat "$LOAD_ERR" >&2
+    false
+fi
 
 step "haclt status, after the drill"
 haclt e1server status

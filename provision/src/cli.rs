@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -116,7 +117,8 @@ pub enum Command {
         /// Node name.
         node: String,
     },
-    /// Run a command inside a node (netns backend).
+    /// Run a command inside a node (netns backend); it replaces `ha-provision` (same PID,
+    /// signals and exit status).
     Exec {
         /// Stand name, to find its default state directory.
         #[arg(long)]
@@ -451,11 +453,11 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 );
             }
             let topology = state.topology()?;
-            let status = netns::exec_command(&topology, &state.state().prefix, &node, &command)?
-                .status()
-                .context("while starting ip netns exec")?;
-            // A signal-terminated command has no code: report the shell convention's failure.
-            Ok(status.code().map_or(1, |c| u8::try_from(c).unwrap_or(1)))
+            // Exec'd in place (as is every step of the chain): the command gets this
+            // process's PID, signals and exit status, so `kill` and `wait` in a script reach it.
+            let error =
+                netns::exec_command(&topology, &state.state().prefix, &node, &command)?.exec();
+            Err(error).context("while starting ip netns exec")
         }
     }
 }

@@ -10,10 +10,13 @@
 //!    operator config;
 //! 4. the first postgres node, waiting until a primary exists (on a new stand the first node,
 //!    the reference stand's psql1server), then the other postgres nodes;
-//! 5. ejabberd's SQL role, database and schema on that primary (idempotent, `psql` as
-//!    `postgres` over the primary's socket; the password travels on stdin, never in argv);
+//! 5. ejabberd's SQL role, database and schema, and the XMPP load accounts, on that primary
+//!    (idempotent, `psql` as `postgres` over the primary's socket; passwords travel on stdin,
+//!    never in argv);
 //! 6. the ejabberd nodes, waiting until every ejabberd agent has verified the primary at the
-//!    current epoch (ejabberd up, Erlang cluster joined, a write through ejabberd seen there).
+//!    current epoch (a write through ejabberd seen there) and reports every ejabberd node in
+//!    its Erlang cluster (joining restarts ejabberd on the joining node: sessions opened
+//!    before that would be dropped).
 //!
 //! Invariants: a supervisor already running for a node (its PID file names a live
 //! `ha-provision ... supervise` process) is left alone, so `up` is idempotent and resumes;
@@ -33,7 +36,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tracing::{info, warn};
 
-use crate::material::{EJABBERD_DB, GROUP, Material, MaterialError};
+use crate::material::{EJABBERD_DB, GROUP, LOAD_USERS, Material, MaterialError};
 use crate::netns::{Layout, as_node};
 use crate::state::{Resource, StateError, StateFile};
 use crate::topology::{Role, Topology};
@@ -241,10 +244,12 @@ pub fn up(
     for node in &frontends {
         start_supervisor(topology, &prefix, &material, bins, node)?;
     }
+    // The Erlang cluster too: joining restarts ejabberd on the joining node, which would
+    // drop the XMPP sessions of whoever connected right after `up`.
     haclt.wait_for(
-        "every ejabberd agent verifies the primary",
+        "every ejabberd agent verifies the primary, one Erlang cluster",
         EJABBERD_TIMEOUT,
-        |s| frontends_applied(s, &frontends),
+        |s| frontends_applied(s, &frontends) && one_erlang_cluster(s, &frontends),
     )?;
     timed("ejabberd nodes on the primary", t);
     Ok(steps)
@@ -280,6 +285,27 @@ pub fn frontends_applied(s: &serde_json::Value, frontends: &[&str]) -> bool {
     })
 }
 
+/// Whether every node of `frontends` runs ejabberd and reports all of them as members of its
+/// Erlang cluster.
+fn one_erlang_cluster(s: &serde_json::Value, frontends: &[&str]) -> bool {
+    let Some(nodes) = s["nodes"].as_array() else {
+        return false;
+    };
+    frontends.iter().all(|name| {
+        nodes.iter().any(|n| {
+            let e = &n["ejabberd"];
+            let members = e["cluster_members"]
+                .as_array()
+                .map_or(&[][..], Vec::as_slice);
+            n["name"] == *name
+                && e["running"] == true
+                && frontends
+                    .iter()
+                    .all(|f| members.iter().any(|m| *m == Material::erlang_node(f)))
+        })
+    })
+}
+
 /// Creates ejabberd's SQL role (with the stand's password), database and schema on the primary
 /// unless they exist. Replication carries them to the standbys.
 fn prepare_ejabberd_database(
@@ -289,10 +315,15 @@ fn prepare_ejabberd_database(
     port: u16,
 ) -> Result<(), LabError> {
     let password = material.ejabberd_sql_password()?;
+    let load_password = material.xmpp_load_password()?;
+    let accounts: Vec<String> = (1..=LOAD_USERS)
+        .map(|i| format!("('load{i}', '{load_password}')"))
+        .collect();
     let db = EJABBERD_DB;
     // psql variables would put the password on the command line; stdin keeps it private.
     // The role is created or has its password (re)set; the database and the schema (owned by
-    // ejabberd: `SET ROLE`) only when missing.
+    // ejabberd: `SET ROLE`) only when missing; the XMPP load accounts (`ha-xmpp-load`) are
+    // created or get their password back.
     let script = format!(
         "SELECT 'CREATE ROLE ejabberd LOGIN' WHERE NOT EXISTS \
            (SELECT 1 FROM pg_roles WHERE rolname = 'ejabberd') \\gexec\n\
@@ -305,7 +336,10 @@ fn prepare_ejabberd_database(
          SET ROLE ejabberd;\n\
          \\i {EJABBERD_SCHEMA}\n\
          RESET ROLE;\n\
-         \\endif\n"
+         \\endif\n\
+         INSERT INTO users (username, password) VALUES {accounts} \
+           ON CONFLICT (username) DO UPDATE SET password = EXCLUDED.password;\n",
+        accounts = accounts.join(", "),
     );
     let socket = material.node_dir(primary).join("pg");
     let mut child = Command::new("ip")

@@ -13,7 +13,8 @@
 //! S/nodes/<node>/pg/                        owned by postgres: data, socket, server log
 //! S/nodes/<node>/ejabberd/{conf,spool,logs} ejabberd nodes, owned by ejabberd
 //! S/nodes/<node>/agent-home/.erlang.cookie  ejabberd nodes: the cookie `erl_call` reads (0600)
-//! S/pki/erlang.cookie, ejabberd-sql.password   the stand's shared secrets (0600, created once)
+//! S/pki/erlang.cookie, ejabberd-sql.password, xmpp-load.password
+//!                                           the stand's secrets (0600, random, created once)
 //! ```
 //!
 //! Invariants: keys, certificates and secrets are created only when missing, so a repeated
@@ -50,6 +51,9 @@ const OPERATOR: &str = "operator";
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 /// ejabberd's SQL database (the name the reference stand's hand-written playbooks use).
 pub const EJABBERD_DB: &str = "ejabberd-domain-local";
+/// The lab's XMPP load accounts, `load1..=load4@<domain>` (`ha-xmpp-load`'s defaults), created
+/// by `up` with the password in [`Material::xmpp_load_password_file`].
+pub const LOAD_USERS: u32 = 4;
 /// ejabberd's control script.
 pub const EJABBERDCTL: &str = "/usr/sbin/ejabberdctl";
 
@@ -327,6 +331,16 @@ impl<'a> Material<'a> {
         self.secret("ejabberd-sql.password")
     }
 
+    /// The password of the XMPP load accounts ([`LOAD_USERS`]), created once per stand.
+    pub fn xmpp_load_password(&self) -> Result<String, MaterialError> {
+        self.secret("xmpp-load.password")
+    }
+
+    /// The file holding [`Material::xmpp_load_password`] (`ha-xmpp-load --password-file`).
+    pub fn xmpp_load_password_file(&self) -> PathBuf {
+        self.pki_dir().join("xmpp-load.password")
+    }
+
     /// A random 32-letter secret kept in `S/pki/<file>` (0600), created when missing. Letters
     /// only: it is written into YAML, Erlang arguments and SQL literals unquoted or quoted.
     fn secret(&self, file: &str) -> Result<String, MaterialError> {
@@ -568,7 +582,7 @@ impl<'a> Material<'a> {
              auth_method: [sql]\n\n\
              listen:\n  -\n    port: {c2s}\n    ip: \"0.0.0.0\"\n    module: ejabberd_c2s\n    starttls_required: false\n\n\
              acl:\n  admin:\n    user: admin@{domain}\n\n\
-             modules:\n  mod_ping: {{}}\n  mod_admin_extra: {{}}\n  mod_private: {{}}\n  mod_offline: {{}}\n  mod_roster: {{}}\n",
+             modules:\n  mod_ping: {{}}\n  mod_admin_extra: {{}}\n  mod_private:\n    # reads come from SQL: ha-xmpp-load checks its writes on the current primary\n    use_cache: false\n  mod_offline: {{}}\n  mod_roster: {{}}\n",
             domain = t.domain,
             c2s = c2s_port(t),
         );

@@ -12,8 +12,10 @@
 //! waits for a synchronous primary/standby pair, checks PostgreSQL's reachability through the
 //! gateway, the ejabberd cluster, then crashes the primary: its supervisor frozen (SIGSTOP),
 //! its postmaster and agent killed with SIGKILL inside its namespace. The standby must be
-//! promoted and both ejabberd agents must verify it; once the supervisor continues it
-//! restarts the agent, and the killed node must come back as a standby. `down` must leave no namespace and none of the processes seen. Up and failover
+//! promoted and both ejabberd agents must verify it, while four XMPP users (`ha-xmpp-load`, two
+//! per frontend) keep their sessions and lose none of their acknowledged writes through
+//! ejabberd; once the supervisor continues it restarts the agent, and the killed node must
+//! come back as a standby. `down` must leave no namespace and none of the processes seen. Up and failover
 //! times are printed.
 //!
 //! Needs root, iproute2, nftables, python3 (listeners and clients run as `python3 -c` inside
@@ -306,6 +308,7 @@ fn example_stand_routes_filters_resumes_and_cleans_up() {
 fn build_daemons() -> PathBuf {
     let status = Command::new(env!("CARGO"))
         .args(["build", "-p", "ha-monitor", "-p", "ha-agent", "-p", "haclt"])
+        .args(["-p", "ha-tests", "--bin", "ha-xmpp-load"])
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
         .status()
         .unwrap();
@@ -314,7 +317,7 @@ fn build_daemons() -> PathBuf {
         .parent()
         .unwrap()
         .to_owned();
-    for bin in ["ha-monitor", "ha-agent", "haclt"] {
+    for bin in ["ha-monitor", "ha-agent", "haclt", "ha-xmpp-load"] {
         assert!(
             dir.join(bin).is_file(),
             "{bin} missing in {}",
@@ -385,6 +388,70 @@ impl Drop for FullStand {
             .is_some()
         {
             let _ = self.cli().arg("down").status();
+        }
+    }
+}
+
+/// `ha-xmpp-load` run on e1server against both frontends with the stand's load accounts;
+/// killed on drop if the test fails before [`XmppLoad::finish`].
+struct XmppLoad {
+    child: Option<Child>,
+}
+
+impl XmppLoad {
+    /// Starts the load and returns once every user is writing.
+    fn start(stand: &FullStand, bin_dir: &Path) -> Self {
+        let mut child = stand
+            .cli()
+            .args(["exec", "e1server", "--"])
+            .arg(bin_dir.join("ha-xmpp-load"))
+            .args([
+                "--server",
+                "192.168.1.2:5222",
+                "--server",
+                "192.168.1.3:5222",
+            ])
+            .args(["--domain", "domain.local", "--duration", "5m", "--json"])
+            .arg("--password-file")
+            .arg(stand.material().xmpp_load_password_file())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        let load = Self { child: Some(child) };
+        assert_eq!(
+            line.trim(),
+            "ha-xmpp-load: writing",
+            "the load did not start"
+        );
+        load
+    }
+
+    /// Stops the load (SIGTERM) and returns its report.
+    fn finish(mut self) -> serde_json::Value {
+        let child = self.child.take().unwrap();
+        signal(
+            i32::try_from(child.id()).unwrap(),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let out = child.wait_with_output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ha-xmpp-load printed no report ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+impl Drop for XmppLoad {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
@@ -618,6 +685,9 @@ fn full_stand_fails_over_and_cleans_up() {
         std::thread::sleep(Duration::from_secs(1));
     }
 
+    // XMPP users on both frontends keep writing through ejabberd across the crash.
+    let load = XmppLoad::start(&stand, &bin_dir);
+
     // Crash the primary as a machine crash would: its supervisor is frozen first (a crashed
     // machine restarts nothing; left running, it restarts the agent within a second, which
     // restarts PostgreSQL before the monitors even see the node unhealthy), then its agent
@@ -663,6 +733,25 @@ fn full_stand_fails_over_and_cleans_up() {
     println!(
         "ejabberd frontends verified {standby} {:.2?} after the kill",
         killed.elapsed()
+    );
+    let xmpp = load.finish();
+    println!(
+        "XMPP load across the crash: {} acknowledged writes through ejabberd, {} failed attempts, longest gap {} ms, {} lost, {}/4 sessions kept",
+        xmpp["acknowledged_writes"],
+        xmpp["failed_writes"],
+        xmpp["longest_gap_ms"],
+        xmpp["lost_writes"],
+        xmpp["sessions_kept"]
+    );
+    assert_eq!(xmpp["lost_writes"], 0, "{xmpp}");
+    assert_eq!(xmpp["sessions_kept"], 4, "{xmpp}");
+    assert!(
+        xmpp["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|u| u["wrote_at_end"] == true),
+        "every user writes through ejabberd after the failover: {xmpp}"
     );
     drop(frozen);
     haclt

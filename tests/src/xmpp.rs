@@ -1,6 +1,10 @@
 //! A real XMPP client for the tests: one logged-in user of an ejabberd node, on the `tokio-xmpp`
-//! library (plaintext c2s on loopback, SASL as the server offers it, resource binding, initial
-//! presence so that the server routes chat messages and delivers stored offline messages).
+//! library (plaintext c2s on loopback or inside a test's network namespace, SASL as the server
+//! offers it, resource binding, initial presence so that the server routes chat messages and
+//! delivers stored offline messages). Besides chat and ping it writes and reads private XML
+//! storage (XEP-0049): with ejabberd's SQL backend, an acknowledged `set` is a row committed
+//! in PostgreSQL, so a client can count its acknowledged writes through ejabberd and check
+//! later that none is missing.
 //!
 //! Invariant: every event of the session passes through [`XmppUser::pump`], which keeps the
 //! chat messages received in an inbox and counts every interruption of the session after the
@@ -15,11 +19,15 @@ use futures::StreamExt as _;
 use tokio::time::Instant;
 use tokio_xmpp::connect::DnsConfig;
 use tokio_xmpp::jid::{BareJid, Jid};
+use tokio_xmpp::minidom::Element;
 use tokio_xmpp::parsers::message::{Lang, Message, MessageType};
 use tokio_xmpp::parsers::ping::Ping;
 use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
 use tokio_xmpp::xmlstream::Timeouts;
 use tokio_xmpp::{Client, Event, IqRequest, IqResponse, Stanza};
+
+/// XEP-0049's namespace.
+const PRIVATE: &str = "jabber:iq:private";
 
 /// One logged-in XMPP user.
 #[derive(Debug)]
@@ -40,11 +48,22 @@ impl XmppUser {
         port: u16,
         timeout: Duration,
     ) -> Result<Self, String> {
+        Self::login_at(jid, password, &format!("127.0.0.1:{port}"), timeout).await
+    }
+
+    /// Logs `jid` in with `password` at `address` (`ip:port`) and announces presence, within
+    /// `timeout`.
+    pub async fn login_at(
+        jid: &str,
+        password: &str,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<Self, String> {
         let bare = BareJid::from_str(jid).map_err(|e| format!("{jid}: {e}"))?;
         let mut client = Client::new_plaintext(
             bare,
             password.to_owned(),
-            DnsConfig::addr(&format!("127.0.0.1:{port}")),
+            DnsConfig::addr(address),
             Timeouts::default(),
         );
         let deadline = Instant::now() + timeout;
@@ -99,22 +118,69 @@ impl XmppUser {
     /// An XMPP ping (XEP-0199) of the server, answered within `timeout`: the session works.
     pub async fn ping(&mut self, timeout: Duration) -> Result<(), String> {
         let server = Jid::from_str(self.bound.domain().as_str()).map_err(|e| e.to_string())?;
-        let token = self
-            .client
-            .send_iq(Some(server), IqRequest::Get(Ping.into()))
-            .await;
+        self.iq("ping", Some(server), IqRequest::Get(Ping.into()), timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// Stores `value` under `key` (an XML namespace, one row per key) in the account's private
+    /// XML storage; `Ok` once the server acknowledged it, within `timeout`.
+    pub async fn store_private(
+        &mut self,
+        key: &str,
+        value: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let item = Element::builder("item", key).append(value).build();
+        let query = Element::builder("query", PRIVATE).append(item).build();
+        self.iq("private set", None, IqRequest::Set(query), timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// The value stored under `key` in the account's private XML storage (`None`: nothing
+    /// stored), within `timeout`.
+    pub async fn load_private(
+        &mut self,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Option<String>, String> {
+        let query = Element::builder("query", PRIVATE)
+            .append(Element::builder("item", key).build())
+            .build();
+        let answer = self
+            .iq("private get", None, IqRequest::Get(query), timeout)
+            .await?;
+        let text = answer
+            .as_ref()
+            .and_then(|q| q.get_child("item", key))
+            .map(Element::text)
+            .filter(|t| !t.is_empty());
+        Ok(text)
+    }
+
+    /// Sends an IQ request and waits for its answer (the result's payload) within `timeout`,
+    /// handling the session's other events meanwhile.
+    async fn iq(
+        &mut self,
+        what: &str,
+        to: Option<Jid>,
+        request: IqRequest,
+        timeout: Duration,
+    ) -> Result<Option<Element>, String> {
+        let token = self.client.send_iq(to, request).await;
         let mut token = std::pin::pin!(token);
         let deadline = Instant::now() + timeout;
         loop {
             tokio::select! {
                 answer = &mut token => return match answer {
-                    Ok(IqResponse::Result(_)) => Ok(()),
-                    Ok(IqResponse::Error(e)) => Err(format!("{}: ping refused: {e:?}", self.bound)),
-                    Err(e) => Err(format!("{}: ping failed: {e:?}", self.bound)),
+                    Ok(IqResponse::Result(payload)) => Ok(payload),
+                    Ok(IqResponse::Error(e)) => Err(format!("{}: {what} refused: {e:?}", self.bound)),
+                    Err(e) => Err(format!("{}: {what} failed: {e:?}", self.bound)),
                 },
                 // Other events go on arriving meanwhile.
                 more = self.pump(deadline) => if !more {
-                    return Err(format!("{}: no ping answer within {timeout:?}", self.bound));
+                    return Err(format!("{}: no {what} answer within {timeout:?}", self.bound));
                 },
             }
         }
