@@ -35,6 +35,7 @@ use ha_provision::material::Material;
 use ha_provision::netns::{self, Layout};
 use ha_provision::state::{BackendKind, StateFile};
 use ha_provision::topology::Topology;
+use ha_tests::xmpp::LoadRun;
 
 const LISTEN: &str = r#"
 import socket, sys
@@ -392,70 +393,6 @@ impl Drop for FullStand {
     }
 }
 
-/// `ha-xmpp-load` run on e1server against both frontends with the stand's load accounts;
-/// killed on drop if the test fails before [`XmppLoad::finish`].
-struct XmppLoad {
-    child: Option<Child>,
-}
-
-impl XmppLoad {
-    /// Starts the load and returns once every user is writing.
-    fn start(stand: &FullStand, bin_dir: &Path) -> Self {
-        let mut child = stand
-            .cli()
-            .args(["exec", "e1server", "--"])
-            .arg(bin_dir.join("ha-xmpp-load"))
-            .args([
-                "--server",
-                "192.168.1.2:5222",
-                "--server",
-                "192.168.1.3:5222",
-            ])
-            .args(["--domain", "domain.local", "--duration", "5m", "--json"])
-            .arg("--password-file")
-            .arg(stand.material().xmpp_load_password_file())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
-        let load = Self { child: Some(child) };
-        assert_eq!(
-            line.trim(),
-            "ha-xmpp-load: writing",
-            "the load did not start"
-        );
-        load
-    }
-
-    /// Stops the load (SIGTERM) and returns its report.
-    fn finish(mut self) -> serde_json::Value {
-        let child = self.child.take().unwrap();
-        signal(
-            i32::try_from(child.id()).unwrap(),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let out = child.wait_with_output().unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "ha-xmpp-load printed no report ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
-    }
-}
-
-impl Drop for XmppLoad {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn node_state<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     s["nodes"]
         .as_array()?
@@ -686,7 +623,10 @@ fn full_stand_fails_over_and_cleans_up() {
     }
 
     // XMPP users on both frontends keep writing through ejabberd across the crash.
-    let load = XmppLoad::start(&stand, &bin_dir);
+    let mut exec = stand.cli();
+    exec.args(["exec", "e1server", "--"])
+        .arg(bin_dir.join("ha-xmpp-load"));
+    let load = LoadRun::start(exec, &stand.material().xmpp_load_password_file());
 
     // Crash the primary as a machine crash would: its supervisor is frozen first (a crashed
     // machine restarts nothing; left running, it restarts the agent within a second, which

@@ -36,6 +36,7 @@ use tonic::transport::Channel;
 
 use crate::bins::binaries;
 use crate::pki::{LOOPBACK, PgClientTls, Pki};
+use crate::writer::TABLES;
 use crate::{ChildGuard, free_port, postmaster_pid, stop_postmasters};
 
 /// The database user of the writer's TLS sessions, and its certificate's name (`pg_hba.conf`
@@ -51,8 +52,7 @@ pub const GROUP: &str = "main";
 /// cloned.
 fn schema() -> String {
     format!(
-        "CREATE TABLE ha_drill (id bigint PRIMARY KEY, node text NOT NULL);
-CREATE TABLE ha_drill_probe (node text NOT NULL, at timestamptz NOT NULL DEFAULT now());
+        "{TABLES}
 CREATE ROLE {WRITER_USER} LOGIN;
 GRANT SELECT, INSERT ON ha_drill TO {WRITER_USER}"
     )

@@ -38,6 +38,10 @@ const RETRY_PAUSE: Duration = Duration::from_millis(10);
 /// Writes per session in TLS mode: then the session is closed and a new one opened.
 pub const TLS_SESSION_WRITES: u64 = 20;
 
+/// The tables the writer commits to and the watch probes (create them on the first primary).
+pub const TABLES: &str = "CREATE TABLE ha_drill (id bigint PRIMARY KEY, node text NOT NULL);
+CREATE TABLE ha_drill_probe (node text NOT NULL, at timestamptz NOT NULL DEFAULT now());";
+
 /// One acknowledged write.
 #[derive(Debug, Clone)]
 pub struct Ack {

@@ -236,3 +236,74 @@ impl XmppUser {
         let _ = self.client.send_end().await;
     }
 }
+
+/// A running `ha-xmpp-load` against the reference stand's two frontends (`192.168.1.2` and
+/// `.3`, port 5222, domain `domain.local`) with the stand's load accounts; killed on drop if
+/// the test fails before [`LoadRun::finish`].
+#[derive(Debug)]
+pub struct LoadRun(Option<std::process::Child>);
+
+impl LoadRun {
+    /// Runs `command` (which ends with the `ha-xmpp-load` program, for example behind
+    /// `ha-provision exec e1server --`, which execs in place) with the stand's arguments, and
+    /// returns once every user is writing.
+    pub fn start(mut command: std::process::Command, password_file: &std::path::Path) -> Self {
+        use std::io::BufRead as _;
+        let mut child = command
+            .args([
+                "--server",
+                "192.168.1.2:5222",
+                "--server",
+                "192.168.1.3:5222",
+            ])
+            .args(["--domain", "domain.local", "--duration", "24h", "--json"])
+            .arg("--password-file")
+            .arg(password_file)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting ha-xmpp-load");
+        let mut line = String::new();
+        let stderr = child.stderr.take().expect("stderr is piped");
+        // Blocks until the users are writing; EOF (it failed) fails the assertion.
+        let _ = std::io::BufReader::new(stderr).read_line(&mut line);
+        let load = Self(Some(child));
+        assert_eq!(
+            line.trim(),
+            "ha-xmpp-load: writing",
+            "the XMPP load did not start"
+        );
+        load
+    }
+
+    /// Stops the load (SIGTERM: each user writes once more and reads everything back) and
+    /// returns its JSON report (`{"error": ...}` when it printed none).
+    pub fn finish(mut self) -> serde_json::Value {
+        let Some(child) = self.0.take() else {
+            return serde_json::json!({ "error": "already finished" });
+        };
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        match child.wait_with_output() {
+            Ok(out) => serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                serde_json::json!({
+                    "error": format!("no report ({e}): {}", String::from_utf8_lossy(&out.stdout))
+                })
+            }),
+            Err(e) => serde_json::json!({ "error": format!("waiting for ha-xmpp-load: {e}") }),
+        }
+    }
+}
+
+impl Drop for LoadRun {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

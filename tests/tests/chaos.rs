@@ -1,0 +1,654 @@
+//! The chaos run: the reference stand (`examples/xmpp-lab.toml`) on network namespaces, built
+//! by the real `ha-provision`, under a random schedule of faults while writers commit through
+//! PostgreSQL and through ejabberd; after every fault the checker waits for the stand to
+//! converge, and at the end it checks what was acknowledged.
+//!
+//! Faults (one at a time, drawn from a seeded RNG; the seed is printed first, and a failure
+//! prints it again with the fault log and `haclt events` so the run can be replayed):
+//! - kill -9 of the primary's agent and postmaster (its supervisor restarts the agent after
+//!   5 s, like a machine coming back), of a standby's agent or postmaster, of an ejabberd
+//!   node's agent, of any monitor, of the monitor leader;
+//! - SIGSTOP of every process of a node (supervisor included) for 1-4 s, then SIGCONT;
+//! - a partition of a node for 1-4 s with nftables inside its namespace: symmetric, inbound
+//!   only or outbound only (loopback stays open);
+//! - loss of the monitor quorum: two of the three monitors stopped (SIGSTOP) for 1-4 s.
+//!
+//! Writers: the harness [`Writer`] commits numbered rows through whichever PostgreSQL node is
+//! primary (as `postgres` over the nodes' Unix sockets, which the partitions do not cut: a
+//! partitioned old primary keeps being offered writes), a [`Watch`] probes every node's
+//! writability every 100 ms, and `ha-xmpp-load` (four users, two per frontend) writes through
+//! ejabberd from e1server.
+//!
+//! The checker, after every fault: within [`CONVERGE`], every node has reported since the fault
+//! ended, every monitor answers, a primary with a synchronous standby, every node healthy, both
+//! ejabberd agents on the primary at the current epoch (no node stuck in a state it cannot
+//! leave). At the end: no round of the watch saw two writable primaries,
+//! no write acknowledged by PostgreSQL is missing on the final primary, no write ejabberd
+//! acknowledged is missing, and every XMPP user writes again.
+//!
+//! `HA_CHAOS_DURATION` bounds the schedule (default 60 s, the short run of the test suite; a
+//! fault that starts before the bound runs to the end), `HA_CHAOS_SEED` replays a schedule,
+//! `HA_CHAOS_FAULTS` caps the number of faults. Ejabberd's own processes are not killed: a
+//! killed ejabberd drops its XMPP sessions by design, and `ha-xmpp-load` does not reconnect.
+//!
+//! Needs root, iproute2, nftables, PostgreSQL 15 and ejabberd; every address exists only inside
+//! the namespaces this test creates, which `down` removes even when the test fails.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::fmt;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ha_provision::lab::{Haclt, frontends_applied};
+use ha_provision::material::Material;
+use ha_provision::netns::Layout;
+use ha_provision::topology::Topology;
+use ha_tests::cluster::PgAddr;
+use ha_tests::writer::{TABLES, Watch, Writer, missing_acknowledged};
+use ha_tests::xmpp::LoadRun;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use tokio::time::Instant;
+
+/// Bound for the stand to converge after a fault is undone.
+const CONVERGE: Duration = Duration::from_secs(120);
+const FRONTENDS: [&str; 2] = ["e1server", "e2server"];
+const POSTGRES: [&str; 2] = ["psql1server", "psql2server"];
+const MONITORS: [&str; 3] = ["mon1server", "mon2server", "mon3server"];
+
+/// The stand under test, taken down on drop (also when the test fails).
+struct Stand {
+    topology: Topology,
+    prefix: String,
+    state_dir: PathBuf,
+    bin_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Stand {
+    fn up(bin_dir: PathBuf) -> Self {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/xmpp-lab.toml");
+        let topology = Topology::parse(&std::fs::read_to_string(&example).unwrap()).unwrap();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let prefix = format!("hcx{:x}", (std::process::id() ^ nanos) & 0xff_ffff);
+        let tmp = tempfile::tempdir().unwrap();
+        // The daemons run as postgres and ejabberd: they must traverse to the state directory.
+        std::fs::set_permissions(
+            tmp.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let stand = Self {
+            topology,
+            prefix,
+            state_dir: tmp.path().join("state"),
+            bin_dir,
+            _tmp: tmp,
+        };
+        let out = stand
+            .cli()
+            .arg("up")
+            .arg(&example)
+            .arg("--prefix")
+            .arg(&stand.prefix)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "up failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stand
+    }
+
+    fn cli(&self) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join("ha-provision"));
+        cmd.arg("--state-dir").arg(&self.state_dir);
+        cmd
+    }
+
+    fn material(&self) -> Material<'_> {
+        Material::new(&self.topology, &self.state_dir)
+    }
+
+    fn ns(&self, node: &str) -> String {
+        Layout::new(&self.topology, &self.prefix).namespace(node)
+    }
+
+    fn haclt(&self) -> Haclt {
+        Haclt {
+            binary: self.bin_dir.join("haclt"),
+            fabric: Layout::new(&self.topology, &self.prefix).fabric(),
+            config: self.material().haclt_config(),
+        }
+    }
+
+    fn pg(&self, node: &str) -> PgAddr {
+        PgAddr {
+            name: node.to_owned(),
+            socket_dir: self.material().node_dir(node).join("pg"),
+            port: self.topology.ports.postgres,
+        }
+    }
+
+    /// Live processes in `node`'s namespace, with their command names.
+    fn processes(&self, node: &str) -> Vec<(i32, String)> {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &self.ns(node)])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .filter_map(|p: i32| {
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                let zombie = stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+                let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).ok()?;
+                (!zombie).then(|| (p, comm.trim().to_owned()))
+            })
+            .collect()
+    }
+
+    fn pids_named(&self, node: &str, comm: &str) -> Vec<i32> {
+        self.processes(node)
+            .into_iter()
+            .filter(|(_, c)| c == comm)
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// `nft -f -` inside `node`'s namespace.
+    fn nft(&self, node: &str, script: &str) -> Result<(), String> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(node), "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        }
+    }
+}
+
+impl Drop for Stand {
+    fn drop(&mut self) {
+        let _ = self.cli().arg("down").status();
+    }
+}
+
+/// Which way a partition cuts.
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    Both,
+    Inbound,
+    Outbound,
+}
+
+#[derive(Debug, Clone)]
+enum Fault {
+    CrashPrimary,
+    Kill {
+        node: String,
+        comm: &'static str,
+    },
+    KillMonitorLeader,
+    Freeze {
+        node: String,
+        hold: Duration,
+    },
+    Partition {
+        node: String,
+        direction: Direction,
+        hold: Duration,
+    },
+    QuorumLoss {
+        monitors: [String; 2],
+        hold: Duration,
+    },
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fault::CrashPrimary => write!(f, "crash the primary (kill -9 agent and postmaster)"),
+            Fault::Kill { node, comm } => write!(f, "kill -9 {comm} on {node}"),
+            Fault::KillMonitorLeader => write!(f, "kill -9 the monitor leader"),
+            Fault::Freeze { node, hold } => write!(f, "freeze {node} for {hold:?}"),
+            Fault::Partition {
+                node,
+                direction,
+                hold,
+            } => write!(f, "partition {node} ({direction:?}) for {hold:?}"),
+            Fault::QuorumLoss { monitors, hold } => {
+                write!(
+                    f,
+                    "stop monitors {} and {} for {hold:?}",
+                    monitors[0], monitors[1]
+                )
+            }
+        }
+    }
+}
+
+fn pick<'a>(rng: &mut StdRng, from: &[&'a str]) -> &'a str {
+    from[rng.random_range(0..from.len())]
+}
+
+/// The next fault of the schedule.
+fn draw(rng: &mut StdRng) -> Fault {
+    let hold = Duration::from_millis(rng.random_range(1000..4000));
+    let any: Vec<&str> = POSTGRES
+        .iter()
+        .chain(&MONITORS)
+        .chain(&FRONTENDS)
+        .copied()
+        .collect();
+    match rng.random_range(0..8) {
+        0 => Fault::CrashPrimary,
+        1 => Fault::Kill {
+            node: pick(rng, &POSTGRES).to_owned(),
+            comm: if rng.random_bool(0.5) {
+                "ha-agent"
+            } else {
+                "postgres"
+            },
+        },
+        2 => Fault::Kill {
+            node: pick(rng, &FRONTENDS).to_owned(),
+            comm: "ha-agent",
+        },
+        3 => Fault::Kill {
+            node: pick(rng, &MONITORS).to_owned(),
+            comm: "ha-monitor",
+        },
+        4 => Fault::KillMonitorLeader,
+        5 => Fault::Freeze {
+            node: pick(rng, &any).to_owned(),
+            hold,
+        },
+        6 => Fault::Partition {
+            node: pick(rng, &any).to_owned(),
+            direction: [Direction::Both, Direction::Inbound, Direction::Outbound]
+                [rng.random_range(0..3)],
+            hold,
+        },
+        _ => {
+            let spared = rng.random_range(0..3);
+            let stopped: Vec<String> = MONITORS
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != spared)
+                .map(|(_, m)| (*m).to_owned())
+                .collect();
+            Fault::QuorumLoss {
+                monitors: [stopped[0].clone(), stopped[1].clone()],
+                hold,
+            }
+        }
+    }
+}
+
+/// Processes stopped with SIGSTOP, continued on drop (also when the test fails).
+struct Stopped(Vec<i32>);
+
+impl Stopped {
+    fn new(pids: Vec<i32>) -> Self {
+        for p in &pids {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGSTOP);
+        }
+        Self(pids)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGCONT);
+        }
+    }
+}
+
+/// A partition table inside a node's namespace, deleted on drop.
+struct Partitioned<'a> {
+    stand: &'a Stand,
+    node: String,
+}
+
+impl Drop for Partitioned<'_> {
+    fn drop(&mut self) {
+        let _ = self.stand.nft(&self.node, "delete table inet ha_chaos\n");
+    }
+}
+
+fn partition<'a>(
+    stand: &'a Stand,
+    node: &str,
+    direction: Direction,
+) -> Result<Partitioned<'a>, String> {
+    let rule = |hook: &str, iface: &str| {
+        format!(
+            "  chain {hook} {{ type filter hook {hook} priority -50; policy accept; {iface} != \"lo\" drop; }}\n"
+        )
+    };
+    let mut script = String::from("table inet ha_chaos {\n");
+    if matches!(direction, Direction::Both | Direction::Inbound) {
+        script.push_str(&rule("input", "iifname"));
+    }
+    if matches!(direction, Direction::Both | Direction::Outbound) {
+        script.push_str(&rule("output", "oifname"));
+    }
+    script.push_str("}\n");
+    stand.nft(node, &script)?;
+    Ok(Partitioned {
+        stand,
+        node: node.to_owned(),
+    })
+}
+
+/// The monitor node whose id the status shows as leader.
+fn leader_node(stand: &Stand, s: &serde_json::Value) -> Option<String> {
+    let id = s["monitors"]
+        .as_array()?
+        .iter()
+        .find(|m| m["leader"] == true)?["id"]
+        .as_u64()?;
+    MONITORS
+        .iter()
+        .find(|m| stand.material().monitor_id(m) == Some(id))
+        .map(|m| (*m).to_owned())
+}
+
+fn primary(s: &serde_json::Value) -> Option<String> {
+    s["groups"][0]["primary"].as_str().map(str::to_owned)
+}
+
+/// Injects `fault`, holds it, undoes it. Returns what was done, for the log.
+async fn inject(stand: &Stand, fault: &Fault) -> Result<String, String> {
+    let kill9 = |pids: &[i32]| {
+        for p in pids {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+        }
+    };
+    match fault {
+        Fault::CrashPrimary => {
+            let s = stand.haclt().status().map_err(|e| e.to_string())?;
+            let node = primary(&s).ok_or("no primary in the status")?;
+            let agents = stand.pids_named(&node, "ha-agent");
+            let postmaster = ha_tests::postmaster_pid(&stand.material().pg_data(&node));
+            kill9(&agents);
+            kill9(&postmaster.into_iter().collect::<Vec<_>>());
+            Ok(format!(
+                "{node}: agent {agents:?}, postmaster {postmaster:?}"
+            ))
+        }
+        Fault::Kill { node, comm } => {
+            let pids = if *comm == "postgres" {
+                ha_tests::postmaster_pid(&stand.material().pg_data(node))
+                    .into_iter()
+                    .collect()
+            } else {
+                stand.pids_named(node, comm)
+            };
+            kill9(&pids);
+            Ok(format!("pids {pids:?}"))
+        }
+        Fault::KillMonitorLeader => {
+            let s = stand.haclt().status().map_err(|e| e.to_string())?;
+            let node = leader_node(stand, &s).ok_or("no monitor leader in the status")?;
+            let pids = stand.pids_named(&node, "ha-monitor");
+            kill9(&pids);
+            Ok(format!("{node}: pids {pids:?}"))
+        }
+        Fault::Freeze { node, hold } => {
+            let pids: Vec<i32> = stand.processes(node).into_iter().map(|(p, _)| p).collect();
+            let stopped = Stopped::new(pids.clone());
+            tokio::time::sleep(*hold).await;
+            drop(stopped);
+            Ok(format!("pids {pids:?}"))
+        }
+        Fault::Partition {
+            node,
+            direction,
+            hold,
+        } => {
+            let cut = partition(stand, node, *direction)?;
+            tokio::time::sleep(*hold).await;
+            drop(cut);
+            Ok(String::new())
+        }
+        Fault::QuorumLoss { monitors, hold } => {
+            let pids: Vec<i32> = monitors
+                .iter()
+                .flat_map(|m| stand.pids_named(m, "ha-monitor"))
+                .collect();
+            let stopped = Stopped::new(pids.clone());
+            tokio::time::sleep(*hold).await;
+            drop(stopped);
+            Ok(format!("pids {pids:?}"))
+        }
+    }
+}
+
+/// Healthy since `since`: every node reported after it (a status from before the fault was
+/// noticed would look healthy), every monitor reachable, a primary with a synchronous standby,
+/// every node healthy, both frontends on the primary at the current epoch.
+fn converged(s: &serde_json::Value, since: std::time::Instant) -> bool {
+    let fresh = |n: &serde_json::Value| {
+        n["last_report_age_ms"]
+            .as_u64()
+            .is_some_and(|age| u128::from(age) < since.elapsed().as_millis())
+    };
+    let monitors = s["monitors"].as_array().map_or(&[][..], Vec::as_slice);
+    let group = &s["groups"][0];
+    let nodes = s["nodes"].as_array().map_or(&[][..], Vec::as_slice);
+    let standby_ok = POSTGRES.iter().any(|n| {
+        nodes
+            .iter()
+            .any(|x| x["name"] == *n && x["state"] == "standby" && x["healthy"] == true)
+    });
+    group["synchronous"] == true
+        && standby_ok
+        && nodes.len() == POSTGRES.len() + FRONTENDS.len()
+        && nodes.iter().all(|n| n["healthy"] == true && fresh(n))
+        && monitors.len() == MONITORS.len()
+        && monitors.iter().all(|m| m["reachable"] == true)
+        && frontends_applied(s, &FRONTENDS)
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Builds every binary the stand and the load run, and returns their directory.
+fn build() -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-p",
+            "ha-provision",
+            "-p",
+            "ha-monitor",
+            "-p",
+            "ha-agent",
+        ])
+        .args(["-p", "haclt", "-p", "ha-tests", "--bins"])
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the binaries failed");
+    // target/debug/deps/chaos-<hash> -> target/debug
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_owned();
+    assert!(dir.join("ha-provision").is_file(), "{}", dir.display());
+    dir
+}
+
+/// The run's record, printed in full when a check fails.
+struct Record {
+    seed: u64,
+    log: Vec<String>,
+    started: Instant,
+}
+
+impl Record {
+    fn note(&mut self, line: String) {
+        let line = format!("{:>7.1?} {line}", self.started.elapsed());
+        println!("{line}");
+        self.log.push(line);
+    }
+
+    fn fail(&self, stand: &Stand, what: &str) -> ! {
+        let events = stand
+            .haclt()
+            .run(&["events"])
+            .unwrap_or_else(|e| format!("(haclt events failed: {e})"));
+        panic!(
+            "chaos check failed: {what}\nseed {} (replay: HA_CHAOS_SEED={} cargo nextest run -p ha-tests --test chaos)\nfaults:\n{}\nevents:\n{events}",
+            self.seed,
+            self.seed,
+            self.log.join("\n")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_faults_lose_no_acknowledged_write() {
+    let seed: u64 = env_or("HA_CHAOS_SEED", rand::random());
+    let duration = Duration::from_secs(env_or("HA_CHAOS_DURATION", 60));
+    let max_faults: usize = env_or("HA_CHAOS_FAULTS", usize::MAX);
+    println!("chaos: seed {seed}, duration {duration:?}, at most {max_faults} faults");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let bin_dir = build();
+    let stand = tokio::task::block_in_place(|| Stand::up(bin_dir));
+    let haclt = stand.haclt();
+    let mut record = Record {
+        seed,
+        log: Vec::new(),
+        started: Instant::now(),
+    };
+    let first = primary(&haclt.status().unwrap()).unwrap();
+    let client = stand
+        .pg(&first)
+        .connect(Duration::from_secs(5))
+        .await
+        .unwrap();
+    client.batch_execute(TABLES).await.unwrap();
+    drop(client);
+    let nodes: Vec<PgAddr> = POSTGRES.iter().map(|n| stand.pg(n)).collect();
+    let writer = Writer::start(nodes.clone());
+    let watch = Watch::start(nodes);
+    let mut exec = stand.cli();
+    exec.args(["exec", "e1server", "--"])
+        .arg(stand.bin_dir.join("ha-xmpp-load"));
+    let load = tokio::task::block_in_place(|| {
+        LoadRun::start(exec, &stand.material().xmpp_load_password_file())
+    });
+
+    let mut faults = 0;
+    let mut recoveries = Vec::new();
+    while record.started.elapsed() < duration && faults < max_faults {
+        let fault = draw(&mut rng);
+        faults += 1;
+        record.note(format!("fault {faults}: {fault}"));
+        match inject(&stand, &fault).await {
+            Ok(detail) if detail.is_empty() => {}
+            Ok(detail) => record.note(format!("  done: {detail}")),
+            Err(e) => record.fail(&stand, &format!("injecting {fault}: {e}")),
+        }
+        let undone = Instant::now();
+        let since = std::time::Instant::now();
+        let waited = tokio::task::block_in_place(|| {
+            haclt.wait_for("converged after the fault", CONVERGE, |s| {
+                converged(s, since)
+            })
+        });
+        match waited {
+            Ok(s) => {
+                let took = undone.elapsed();
+                recoveries.push(took);
+                record.note(format!(
+                    "  converged {took:.1?} after the fault ended: primary {}, epoch {}",
+                    primary(&s).unwrap_or_default(),
+                    s["groups"][0]["epoch"]
+                ));
+            }
+            Err(e) => record.fail(&stand, &format!("no convergence after {fault}: {e}")),
+        }
+    }
+
+    let log = writer.stop().await;
+    let watched = watch.stop().await;
+    let xmpp = tokio::task::block_in_place(|| load.finish());
+    let final_primary = primary(&haclt.status().unwrap()).unwrap();
+    let missing = missing_acknowledged(&stand.pg(&final_primary), &log)
+        .await
+        .unwrap_or_else(|e| record.fail(&stand, &format!("reading the final primary: {e}")));
+    recoveries.sort();
+    let median = recoveries
+        .get(recoveries.len() / 2)
+        .copied()
+        .unwrap_or_default();
+    let max = recoveries.last().copied().unwrap_or_default();
+    record.note(format!(
+        "{faults} faults; convergence median {median:.1?}, max {max:.1?}; PostgreSQL: {} acknowledged, {} uncertain, {} missing; watch: {} rounds, {} with two writable nodes; XMPP: {} acknowledged, {} failed attempts, {} lost, longest gap {} ms, {}/4 sessions kept",
+        log.acks.len(),
+        log.uncertain.len(),
+        missing.len(),
+        watched.rounds,
+        watched.split_brains.len(),
+        xmpp["acknowledged_writes"],
+        xmpp["failed_writes"],
+        xmpp["lost_writes"],
+        xmpp["longest_gap_ms"],
+        xmpp["sessions_kept"],
+    ));
+    if !watched.split_brains.is_empty() {
+        record.fail(
+            &stand,
+            &format!("two writable primaries: {:?}", watched.split_brains),
+        );
+    }
+    if !missing.is_empty() {
+        record.fail(
+            &stand,
+            &format!("acknowledged writes missing on {final_primary}: {missing:?}"),
+        );
+    }
+    if log.acks.is_empty() {
+        record.fail(&stand, "the PostgreSQL writer never wrote");
+    }
+    let xmpp_ok = xmpp["lost_writes"] == 0
+        && xmpp["users"]
+            .as_array()
+            .is_some_and(|u| u.len() == 4 && u.iter().all(|u| u["wrote_at_end"] == true));
+    if !xmpp_ok {
+        record.fail(&stand, &format!("XMPP writes: {xmpp}"));
+    }
+}
