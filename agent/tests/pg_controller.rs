@@ -258,6 +258,13 @@ async fn quorum_commit_waits_for_one_of_two_standbys() {
 /// Builds a diverged pair: b (was a standby of a) promoted after its stream was cut, a fenced
 /// after a write b never received. Returns the rows only a has.
 async fn diverge(a: &mut Node, b: &mut Node) {
+    cut_and_fence(a, b).await;
+    promote(b).await;
+}
+
+/// b (a standby of a) has its stream cut, a writes what b never receives and is fenced; b is
+/// not promoted yet.
+async fn cut_and_fence(a: &mut Node, b: &mut Node) {
     a.ctl.bootstrap(&SyncConfig::default()).await.unwrap();
     a.exec("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
         .await;
@@ -303,8 +310,10 @@ async fn diverge(a: &mut Node, b: &mut Node) {
         })
     );
     assert!(a.ctl.connect().await.is_err());
+}
 
-    // Promote b; promoting twice is refused (it is no longer a standby).
+/// Promotes b (twice: the second is refused) and writes a row on it.
+async fn promote(b: &mut Node) {
     b.ctl.promote().await.unwrap();
     assert!(matches!(
         b.ctl.promote().await,
@@ -316,6 +325,50 @@ async fn diverge(a: &mut Node, b: &mut Node) {
     assert_eq!(obs.role, ServerRole::Primary);
     assert_eq!(obs.timeline.unwrap().get(), 2);
     b.exec("INSERT INTO t VALUES (2)").await;
+}
+
+/// The monitor orders the old primary's rejoin as it orders the promotion: a rejoin that runs
+/// before the new primary promoted (and checkpointed) must wait. pg_rewind then finds the
+/// source on the former primary's own timeline ("no rewind required"); streaming from it would
+/// follow the old timeline, and once it promotes, its new timeline forks before the former
+/// primary's WAL end: a standby stuck for good (found by the chaos test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoin_waits_until_the_upstream_promoted() {
+    let mut h = Harness::new();
+    let mut a = h.node("a", |_| {});
+    let mut b = h.node("b", |_| {});
+    cut_and_fence(&mut a, &mut b).await;
+    let rejoin = ha_agent::pg::Action::Rejoin(b.upstream.clone());
+    let early = a.ctl.apply(&rejoin).await;
+    assert!(
+        matches!(early, Err(PgError::UpstreamNotPromoted { .. })),
+        "{early:?}"
+    );
+    // Nothing changed: still a stopped, read-only former primary.
+    assert_eq!(
+        a.ctl.observe().await.unwrap().role,
+        ServerRole::Stopped(Stopped {
+            was: WasRole::Primary,
+            clean: true,
+            standby_signal: true
+        })
+    );
+    promote(&mut b).await;
+    assert_eq!(
+        a.ctl.apply(&rejoin).await.unwrap(),
+        Outcome::Rejoined(RejoinPath::Rewound)
+    );
+    let up = b.name().clone();
+    eventually!(
+        "a streams from b",
+        Duration::from_secs(20),
+        streaming_from(&mut a, &up).await
+    );
+    caught_up(&mut b, &mut a).await;
+    assert_eq!(a.ctl.observe().await.unwrap().timeline.unwrap().get(), 2);
+    assert_eq!(a.count("SELECT count(*) FROM t WHERE x >= 100").await, 0);
+    a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
+    b.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,11 @@
 //! `HA_CHAOS_FAULTS` caps the number of faults. Ejabberd's own processes are not killed: a
 //! killed ejabberd drops its XMPP sessions by design, and `ha-xmpp-load` does not reconnect.
 //!
+//! The soak (`saturated_cpu_causes_no_failover`): the same stand and writers while busy loops in
+//! competing processes (two per core by default, `HA_SOAK_HOGS_PER_CORE`) saturate the CPU for
+//! `HA_SOAK_DURATION` seconds (default 60 in the suite, 1800 for the documented run): the
+//! primary and epoch must not change, and the end-of-run checks above must hold.
+//!
 //! Needs root, iproute2, nftables, PostgreSQL 15 and ejabberd; every address exists only inside
 //! the namespaces this test creates, which `down` removes even when the test fails.
 
@@ -512,7 +517,8 @@ fn build() -> PathBuf {
 
 /// The run's record, printed in full when a check fails.
 struct Record {
-    seed: u64,
+    /// The chaos schedule's seed (none for the soak).
+    seed: Option<u64>,
     log: Vec<String>,
     started: Instant,
 }
@@ -529,12 +535,111 @@ impl Record {
             .haclt()
             .run(&["events"])
             .unwrap_or_else(|e| format!("(haclt events failed: {e})"));
+        // The stand (and its logs) is removed when the test unwinds: keep the tails.
+        for node in POSTGRES.iter().chain(&FRONTENDS).chain(&MONITORS) {
+            let dir = stand.material().node_dir(node);
+            for log in ["ha-agent.log", "ha-monitor.log", "pg/postgresql.log"] {
+                let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                if !lines.is_empty() {
+                    let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                    eprintln!("===== {node} {log} =====\n{tail}");
+                }
+            }
+        }
+        let replay = self.seed.map_or_else(String::new, |seed| {
+            format!("seed {seed} (replay: HA_CHAOS_SEED={seed} cargo test -p ha-tests --test chaos random_faults -- --nocapture)\n")
+        });
         panic!(
-            "chaos check failed: {what}\nseed {} (replay: HA_CHAOS_SEED={} cargo nextest run -p ha-tests --test chaos)\nfaults:\n{}\nevents:\n{events}",
-            self.seed,
-            self.seed,
+            "chaos check failed: {what}\n{replay}faults:\n{}\nevents:\n{events}",
             self.log.join("\n")
         );
+    }
+}
+
+/// The writers and the watch that run through a whole test.
+struct Workload {
+    writer: Writer,
+    watch: Watch,
+    load: LoadRun,
+}
+
+impl Workload {
+    /// Creates the writer's tables on the primary, then starts the PostgreSQL writer, the
+    /// split-brain watch and the XMPP users.
+    async fn start(stand: &Stand) -> Self {
+        let first = primary(&stand.haclt().status().unwrap()).unwrap();
+        let client = stand
+            .pg(&first)
+            .connect(Duration::from_secs(5))
+            .await
+            .unwrap();
+        client.batch_execute(TABLES).await.unwrap();
+        drop(client);
+        let nodes: Vec<PgAddr> = POSTGRES.iter().map(|n| stand.pg(n)).collect();
+        let writer = Writer::start(nodes.clone());
+        let watch = Watch::start(nodes);
+        let mut exec = stand.cli();
+        exec.args(["exec", "e1server", "--"])
+            .arg(stand.bin_dir.join("ha-xmpp-load"));
+        let load = tokio::task::block_in_place(|| {
+            LoadRun::start(exec, &stand.material().xmpp_load_password_file())
+        });
+        Self {
+            writer,
+            watch,
+            load,
+        }
+    }
+
+    /// Stops everything and checks what must hold whatever happened: no two writable nodes,
+    /// no acknowledged write missing (PostgreSQL and XMPP), every XMPP user writing at the
+    /// end. Returns the figures for the record.
+    async fn finish(self, stand: &Stand, record: &Record) -> String {
+        let log = self.writer.stop().await;
+        let watched = self.watch.stop().await;
+        let xmpp = tokio::task::block_in_place(|| self.load.finish());
+        let final_primary = primary(&stand.haclt().status().unwrap()).unwrap();
+        let missing = missing_acknowledged(&stand.pg(&final_primary), &log)
+            .await
+            .unwrap_or_else(|e| record.fail(stand, &format!("reading the final primary: {e}")));
+        let longest = log.longest_gap(record.started, Instant::now());
+        let figures = format!(
+            "PostgreSQL: {} acknowledged, {} uncertain, {} missing, longest gap {longest:.2?}; watch: {} rounds, {} with two writable nodes; XMPP: {} acknowledged, {} failed attempts, {} lost, longest gap {} ms, {}/4 sessions kept",
+            log.acks.len(),
+            log.uncertain.len(),
+            missing.len(),
+            watched.rounds,
+            watched.split_brains.len(),
+            xmpp["acknowledged_writes"],
+            xmpp["failed_writes"],
+            xmpp["lost_writes"],
+            xmpp["longest_gap_ms"],
+            xmpp["sessions_kept"],
+        );
+        if !watched.split_brains.is_empty() {
+            record.fail(
+                stand,
+                &format!("two writable primaries: {:?}", watched.split_brains),
+            );
+        }
+        if !missing.is_empty() {
+            record.fail(
+                stand,
+                &format!("acknowledged writes missing on {final_primary}: {missing:?}"),
+            );
+        }
+        if log.acks.is_empty() {
+            record.fail(stand, "the PostgreSQL writer never wrote");
+        }
+        let xmpp_ok = xmpp["lost_writes"] == 0
+            && xmpp["users"]
+                .as_array()
+                .is_some_and(|u| u.len() == 4 && u.iter().all(|u| u["wrote_at_end"] == true));
+        if !xmpp_ok {
+            record.fail(stand, &format!("XMPP writes: {xmpp}"));
+        }
+        figures
     }
 }
 
@@ -545,31 +650,14 @@ async fn random_faults_lose_no_acknowledged_write() {
     let max_faults: usize = env_or("HA_CHAOS_FAULTS", usize::MAX);
     println!("chaos: seed {seed}, duration {duration:?}, at most {max_faults} faults");
     let mut rng = StdRng::seed_from_u64(seed);
-    let bin_dir = build();
-    let stand = tokio::task::block_in_place(|| Stand::up(bin_dir));
+    let stand = tokio::task::block_in_place(|| Stand::up(build()));
     let haclt = stand.haclt();
     let mut record = Record {
-        seed,
+        seed: Some(seed),
         log: Vec::new(),
         started: Instant::now(),
     };
-    let first = primary(&haclt.status().unwrap()).unwrap();
-    let client = stand
-        .pg(&first)
-        .connect(Duration::from_secs(5))
-        .await
-        .unwrap();
-    client.batch_execute(TABLES).await.unwrap();
-    drop(client);
-    let nodes: Vec<PgAddr> = POSTGRES.iter().map(|n| stand.pg(n)).collect();
-    let writer = Writer::start(nodes.clone());
-    let watch = Watch::start(nodes);
-    let mut exec = stand.cli();
-    exec.args(["exec", "e1server", "--"])
-        .arg(stand.bin_dir.join("ha-xmpp-load"));
-    let load = tokio::task::block_in_place(|| {
-        LoadRun::start(exec, &stand.material().xmpp_load_password_file())
-    });
+    let workload = Workload::start(&stand).await;
 
     let mut faults = 0;
     let mut recoveries = Vec::new();
@@ -602,14 +690,7 @@ async fn random_faults_lose_no_acknowledged_write() {
             Err(e) => record.fail(&stand, &format!("no convergence after {fault}: {e}")),
         }
     }
-
-    let log = writer.stop().await;
-    let watched = watch.stop().await;
-    let xmpp = tokio::task::block_in_place(|| load.finish());
-    let final_primary = primary(&haclt.status().unwrap()).unwrap();
-    let missing = missing_acknowledged(&stand.pg(&final_primary), &log)
-        .await
-        .unwrap_or_else(|e| record.fail(&stand, &format!("reading the final primary: {e}")));
+    let figures = workload.finish(&stand, &record).await;
     recoveries.sort();
     let median = recoveries
         .get(recoveries.len() / 2)
@@ -617,38 +698,70 @@ async fn random_faults_lose_no_acknowledged_write() {
         .unwrap_or_default();
     let max = recoveries.last().copied().unwrap_or_default();
     record.note(format!(
-        "{faults} faults; convergence median {median:.1?}, max {max:.1?}; PostgreSQL: {} acknowledged, {} uncertain, {} missing; watch: {} rounds, {} with two writable nodes; XMPP: {} acknowledged, {} failed attempts, {} lost, longest gap {} ms, {}/4 sessions kept",
-        log.acks.len(),
-        log.uncertain.len(),
-        missing.len(),
-        watched.rounds,
-        watched.split_brains.len(),
-        xmpp["acknowledged_writes"],
-        xmpp["failed_writes"],
-        xmpp["lost_writes"],
-        xmpp["longest_gap_ms"],
-        xmpp["sessions_kept"],
+        "{faults} faults; convergence median {median:.1?}, max {max:.1?}; {figures}"
     ));
-    if !watched.split_brains.is_empty() {
+}
+
+/// Busy loops in processes of their own, killed on drop.
+struct CpuHogs(Vec<std::process::Child>);
+
+impl Drop for CpuHogs {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The soak: the stand under steady load (the writers) while competing processes keep every
+/// core busy, for `HA_SOAK_DURATION` seconds (default 60 in the suite; the documented run is
+/// 1800). A loaded machine is not a dead primary: the epoch must not change, and everything
+/// the chaos run checks at its end must hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_cpu_causes_no_failover() {
+    let duration = Duration::from_secs(env_or("HA_SOAK_DURATION", 60));
+    let hogs_per_core: usize = env_or("HA_SOAK_HOGS_PER_CORE", 2);
+    let stand = tokio::task::block_in_place(|| Stand::up(build()));
+    let haclt = stand.haclt();
+    let record = Record {
+        seed: None,
+        log: Vec::new(),
+        started: Instant::now(),
+    };
+    let before = tokio::task::block_in_place(|| haclt.status()).unwrap();
+    let workload = Workload::start(&stand).await;
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    let hogs = CpuHogs(
+        (0..cores * hogs_per_core)
+            .map(|_| {
+                Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .spawn()
+                    .unwrap()
+            })
+            .collect(),
+    );
+    println!(
+        "soak: {duration:?}, {} busy loops on {cores} cores",
+        hogs.0.len()
+    );
+    tokio::time::sleep(duration).await;
+    drop(hogs);
+    let after = tokio::task::block_in_place(|| haclt.status()).unwrap();
+    let figures = workload.finish(&stand, &record).await;
+    println!("soak: {figures}");
+    let epoch = |s: &serde_json::Value| s["groups"][0]["epoch"].as_u64();
+    if epoch(&before) != epoch(&after) || primary(&before) != primary(&after) {
         record.fail(
             &stand,
-            &format!("two writable primaries: {:?}", watched.split_brains),
+            &format!(
+                "a failover under CPU load: {:?} at epoch {:?} became {:?} at epoch {:?}",
+                primary(&before),
+                epoch(&before),
+                primary(&after),
+                epoch(&after)
+            ),
         );
-    }
-    if !missing.is_empty() {
-        record.fail(
-            &stand,
-            &format!("acknowledged writes missing on {final_primary}: {missing:?}"),
-        );
-    }
-    if log.acks.is_empty() {
-        record.fail(&stand, "the PostgreSQL writer never wrote");
-    }
-    let xmpp_ok = xmpp["lost_writes"] == 0
-        && xmpp["users"]
-            .as_array()
-            .is_some_and(|u| u.len() == 4 && u.iter().all(|u| u["wrote_at_end"] == true));
-    if !xmpp_ok {
-        record.fail(&stand, &format!("XMPP writes: {xmpp}"));
     }
 }

@@ -790,6 +790,11 @@ impl PgController {
             files::remove_optional(&self.standby_signal())?;
             match self.rewind(upstream).await {
                 Ok(()) => RejoinPath::Rewound,
+                Err(e @ PgError::UpstreamNotPromoted { .. }) => {
+                    // Nothing was changed: read-only again, and the step is retried.
+                    self.configure(&RoleSettings::Standby(None)).await?;
+                    return Err(e);
+                }
                 Err(e) => {
                     warn!(node = %self.cfg.node, upstream = %upstream.node, error = %e,
                           "rewind impossible; taking a fresh base backup");
@@ -817,8 +822,23 @@ impl PgController {
             self.cfg.data_dir.clone().into(),
             format!("--source-server={}", source.render()).into(),
         ];
-        let out = self.run_as.run_tool(&self.tool("pg_rewind"), args).await?;
-        info!(node = %self.cfg.node, upstream = %upstream.node, output = out.trim(), "pg_rewind done");
+        let (out, messages) = self
+            .run_as
+            .run_tool_with_messages(&self.tool("pg_rewind"), args)
+            .await?;
+        info!(node = %self.cfg.node, upstream = %upstream.node, output = out.trim(),
+              messages = messages.trim(), "pg_rewind done");
+        // "No rewind required" because the source is still on this former primary's timeline
+        // means the source has not promoted yet (or has not checkpointed since, so its control
+        // file still names the old timeline). Streaming from it now would follow the old
+        // timeline, and once it promotes, a timeline that forked before this node's own WAL
+        // end: a standby stuck for good. The rejoin waits instead (found by the chaos test:
+        // the monitor orders the rejoin as it orders the promotion).
+        if messages.contains("on the same timeline") && self.fenced_marker().exists() {
+            return Err(PgError::UpstreamNotPromoted {
+                upstream: upstream.node.to_string(),
+            });
+        }
         Ok(())
     }
 

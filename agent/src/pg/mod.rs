@@ -70,6 +70,11 @@ pub enum PgError {
     NoData,
     #[error("pg_promote could not signal the postmaster (see the server log)")]
     PromoteNotSignalled,
+    #[error(
+        "{upstream} is still on this former primary's timeline (not promoted, or its \
+         checkpoint after the promotion is not done): waiting before rewinding from it"
+    )]
+    UpstreamNotPromoted { upstream: String },
     #[error("the server must be running as a {expected} for this step")]
     WrongRole { expected: &'static str },
     #[error("{what} not reached within {timeout:?}")]

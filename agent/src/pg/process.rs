@@ -76,6 +76,20 @@ impl RunAs {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Ok(self.run_tool_with_messages(program, args).await?.0)
+    }
+
+    /// Like [`Self::run_tool`], and also returns what the tool wrote on stderr when it
+    /// succeeded (PostgreSQL's tools log their progress and conclusions there).
+    pub async fn run_tool_with_messages<I, S>(
+        &self,
+        program: &Path,
+        args: I,
+    ) -> Result<(String, String), PgError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let tool = program
             .file_name()
             .unwrap_or_default()
@@ -89,7 +103,10 @@ impl RunAs {
             .map_err(|e| PgError::io("running", program, e))?;
         if out.status.success() {
             debug!(tool, "tool finished");
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            Ok((
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ))
         } else {
             Err(PgError::Tool {
                 tool,
