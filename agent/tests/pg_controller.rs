@@ -255,6 +255,37 @@ async fn quorum_commit_waits_for_one_of_two_standbys() {
     a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
 }
 
+/// A fenced former primary: stopped cleanly, `standby.signal` in place.
+const FENCED_PRIMARY: ServerRole = ServerRole::Stopped(Stopped {
+    was: WasRole::Primary,
+    clean: true,
+    standby_signal: true,
+});
+
+/// Applies `rejoin` on the fenced a after b promoted (see [`diverge`]): a is rewound, streams
+/// from b on timeline 2, and its diverged rows are gone. Returns a's observation.
+async fn rewound_onto(
+    a: &mut Node,
+    b: &mut Node,
+    rejoin: &ha_agent::pg::Action,
+) -> ha_agent::pg::PgObservation {
+    assert_eq!(
+        a.ctl.apply(rejoin).await.unwrap(),
+        Outcome::Rejoined(RejoinPath::Rewound)
+    );
+    let up = b.name().clone();
+    eventually!(
+        "a streams from b",
+        Duration::from_secs(20),
+        streaming_from(a, &up).await
+    );
+    caught_up(b, a).await;
+    let obs = a.ctl.observe().await.unwrap();
+    assert_eq!(obs.timeline.unwrap().get(), 2);
+    assert_eq!(a.count("SELECT count(*) FROM t WHERE x >= 100").await, 0);
+    obs
+}
+
 /// Builds a diverged pair: b (was a standby of a) promoted after its stream was cut, a fenced
 /// after a write b never received. Returns the rows only a has.
 async fn diverge(a: &mut Node, b: &mut Node) {
@@ -301,14 +332,7 @@ async fn cut_and_fence(a: &mut Node, b: &mut Node) {
     a.ctl.fence().await.unwrap();
     a.ctl.fence().await.unwrap();
     let obs = a.ctl.observe().await.unwrap();
-    assert_eq!(
-        obs.role,
-        ServerRole::Stopped(Stopped {
-            was: WasRole::Primary,
-            clean: true,
-            standby_signal: true
-        })
-    );
+    assert_eq!(obs.role, FENCED_PRIMARY);
     assert!(a.ctl.connect().await.is_err());
 }
 
@@ -345,28 +369,9 @@ async fn rejoin_waits_until_the_upstream_promoted() {
         "{early:?}"
     );
     // Nothing changed: still a stopped, read-only former primary.
-    assert_eq!(
-        a.ctl.observe().await.unwrap().role,
-        ServerRole::Stopped(Stopped {
-            was: WasRole::Primary,
-            clean: true,
-            standby_signal: true
-        })
-    );
+    assert_eq!(a.ctl.observe().await.unwrap().role, FENCED_PRIMARY);
     promote(&mut b).await;
-    assert_eq!(
-        a.ctl.apply(&rejoin).await.unwrap(),
-        Outcome::Rejoined(RejoinPath::Rewound)
-    );
-    let up = b.name().clone();
-    eventually!(
-        "a streams from b",
-        Duration::from_secs(20),
-        streaming_from(&mut a, &up).await
-    );
-    caught_up(&mut b, &mut a).await;
-    assert_eq!(a.ctl.observe().await.unwrap().timeline.unwrap().get(), 2);
-    assert_eq!(a.count("SELECT count(*) FROM t WHERE x >= 100").await, 0);
+    rewound_onto(&mut a, &mut b, &rejoin).await;
     a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
     b.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
 }
@@ -405,21 +410,8 @@ async fn failover_fences_old_primary_and_rewinds_it() {
     let action = plan(&a.ctl.observe().await.unwrap().local(), &goal);
     assert_eq!(action, ha_agent::pg::Action::Rejoin(b.upstream.clone()));
 
-    assert_eq!(
-        a.ctl.apply(&action).await.unwrap(),
-        Outcome::Rejoined(RejoinPath::Rewound)
-    );
-    let up = b.name().clone();
-    eventually!(
-        "a streams from b",
-        Duration::from_secs(20),
-        streaming_from(&mut a, &up).await
-    );
-    caught_up(&mut b, &mut a).await;
-    let obs = a.ctl.observe().await.unwrap();
-    assert_eq!(obs.timeline.unwrap().get(), 2);
-    // The diverged rows are gone, the new primary's row arrived.
-    assert_eq!(a.count("SELECT count(*) FROM t WHERE x >= 100").await, 0);
+    let obs = rewound_onto(&mut a, &mut b, &action).await;
+    // The new primary's row arrived.
     assert_eq!(a.count("SELECT count(*) FROM t WHERE x = 2").await, 1);
     assert_eq!(plan(&obs.local(), &goal), ha_agent::pg::Action::Nothing);
     a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();

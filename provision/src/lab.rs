@@ -268,18 +268,12 @@ fn primary_of(s: &serde_json::Value) -> Option<String> {
 
 /// Whether every node of `frontends` has verified the primary at its group's current epoch.
 pub fn frontends_applied(s: &serde_json::Value, frontends: &[&str]) -> bool {
-    let (Some(nodes), Some(epoch), Some(primary)) = (
-        s["nodes"].as_array(),
-        s["groups"][0]["epoch"].as_u64(),
-        primary_of(s),
-    ) else {
+    let (Some(epoch), Some(primary)) = (s["groups"][0]["epoch"].as_u64(), primary_of(s)) else {
         return false;
     };
     frontends.iter().all(|name| {
-        nodes.iter().any(|n| {
-            let e = &n["ejabberd"];
-            n["name"] == *name
-                && e["applied_epoch"].as_u64() == Some(epoch)
+        ejabberd_status(s, name).is_some_and(|e| {
+            e["applied_epoch"].as_u64() == Some(epoch)
                 && e["applied_node"].as_str() == Some(primary.as_str())
         })
     })
@@ -288,22 +282,26 @@ pub fn frontends_applied(s: &serde_json::Value, frontends: &[&str]) -> bool {
 /// Whether every node of `frontends` runs ejabberd and reports all of them as members of its
 /// Erlang cluster.
 fn one_erlang_cluster(s: &serde_json::Value, frontends: &[&str]) -> bool {
-    let Some(nodes) = s["nodes"].as_array() else {
-        return false;
-    };
     frontends.iter().all(|name| {
-        nodes.iter().any(|n| {
-            let e = &n["ejabberd"];
+        ejabberd_status(s, name).is_some_and(|e| {
             let members = e["cluster_members"]
                 .as_array()
                 .map_or(&[][..], Vec::as_slice);
-            n["name"] == *name
-                && e["running"] == true
+            e["running"] == true
                 && frontends
                     .iter()
                     .all(|f| members.iter().any(|m| *m == Material::erlang_node(f)))
         })
     })
+}
+
+/// The `ejabberd` part of node `name` in a status.
+fn ejabberd_status<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    s["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == name)
+        .map(|n| &n["ejabberd"])
 }
 
 /// Creates ejabberd's SQL role (with the stand's password), database and schema on the primary

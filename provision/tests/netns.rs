@@ -28,13 +28,14 @@
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ha_provision::lab::{Haclt, frontends_applied};
 use ha_provision::material::Material;
 use ha_provision::netns::{self, Layout};
 use ha_provision::state::{BackendKind, StateFile};
 use ha_provision::topology::Topology;
+use ha_tests::stand::{Stopped, alive, namespace_pids_named, state_tempdir, unique_prefix};
 use ha_tests::xmpp::LoadRun;
 
 const LISTEN: &str = r#"
@@ -76,12 +77,8 @@ impl Stand {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/xmpp-lab.toml");
         let text = std::fs::read_to_string(path).unwrap();
         let topology = Topology::parse(&text).unwrap();
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let prefix = format!("hpt{:x}", (std::process::id() ^ nanos) & 0xff_ffff);
-        let tmp = tempfile::tempdir().unwrap();
+        let prefix = unique_prefix("hpt");
+        let tmp = state_tempdir();
         let state_dir = tmp.path().join("state");
         Self {
             topology,
@@ -416,53 +413,8 @@ fn pair(s: &serde_json::Value, nodes: &[&str]) -> Option<(String, String)> {
     Some((with("primary")?, with("standby")?)).filter(|_| synchronous)
 }
 
-/// PIDs in `ns` whose command name is `comm` (a live process, not a zombie).
-fn pids_named(ns: &str, comm: &str) -> Vec<i32> {
-    let out = Command::new("ip")
-        .args(["netns", "pids", ns])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .filter(|p| {
-            alive(*p)
-                && std::fs::read_to_string(format!("/proc/{p}/comm"))
-                    .unwrap_or_default()
-                    .trim()
-                    == comm
-        })
-        .collect()
-}
-
-/// A process stopped with SIGSTOP; continued (SIGCONT) on drop, also when a test fails.
-struct Frozen(i32);
-
-impl Frozen {
-    fn new(pid: i32) -> Self {
-        signal(pid, nix::sys::signal::Signal::SIGSTOP);
-        Self(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        signal(self.0, nix::sys::signal::Signal::SIGCONT);
-    }
-}
-
 fn signal(pid: i32, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| !r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 #[test]
@@ -471,12 +423,6 @@ fn full_stand_fails_over_and_cleans_up() {
     let stand = FullStand {
         inner: Stand::new(),
     };
-    // The daemons run as postgres and ejabberd: they must traverse to the state directory.
-    std::fs::set_permissions(
-        stand.inner._tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/xmpp-lab.toml");
 
     let started = Instant::now();
@@ -640,8 +586,8 @@ fn full_stand_fails_over_and_cleans_up() {
             .trim()
             .parse()
             .unwrap();
-    let frozen = Frozen::new(supervisor);
-    let agents = pids_named(&primary_ns, "ha-agent");
+    let frozen = Stopped::new(vec![supervisor]);
+    let agents = namespace_pids_named(&primary_ns, "ha-agent");
     assert_eq!(agents.len(), 1, "one agent in {primary_ns}: {agents:?}");
     let postmaster = ha_tests::postmaster_pid(&stand.material().pg_data(&primary))
         .expect("the primary's postmaster runs");
@@ -705,7 +651,7 @@ fn full_stand_fails_over_and_cleans_up() {
         "{primary} rejoined as standby {:.2?} after the kill",
         killed.elapsed()
     );
-    let restarted = pids_named(&primary_ns, "ha-agent");
+    let restarted = namespace_pids_named(&primary_ns, "ha-agent");
     assert_eq!(restarted.len(), 1, "the supervisor restarted the agent");
     assert_ne!(restarted[0], agents[0]);
     seen.extend(restarted);
@@ -716,9 +662,18 @@ fn full_stand_fails_over_and_cleans_up() {
                 .and_then(|p| p.trim().parse().ok());
         seen.extend(pid);
     }
-    seen.extend(pids_named(&stand.inner.ns("e1server"), "beam.smp"));
-    seen.extend(pids_named(&stand.inner.ns("e2server"), "ha-agent"));
-    seen.extend(pids_named(&stand.inner.ns("mon1server"), "ha-monitor"));
+    seen.extend(namespace_pids_named(
+        &stand.inner.ns("e1server"),
+        "beam.smp",
+    ));
+    seen.extend(namespace_pids_named(
+        &stand.inner.ns("e2server"),
+        "ha-agent",
+    ));
+    seen.extend(namespace_pids_named(
+        &stand.inner.ns("mon1server"),
+        "ha-monitor",
+    ));
 
     let t = Instant::now();
     stand.down();

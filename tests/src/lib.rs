@@ -2,7 +2,8 @@
 //! drills: loopback ports and child processes that are always reaped (this file), the
 //! workspace binaries ([`bins`]), a whole cluster of real processes ([`cluster`]) secured with
 //! mutual TLS from its own CA ([`pki`]), the drill workload with its safety checks ([`writer`]),
-//! the named drills ([`drill`]) and a real XMPP client ([`xmpp`]).
+//! the named drills ([`drill`]), a real XMPP client ([`xmpp`]) and helpers for tests on a netns
+//! stand ([`stand`]).
 //!
 //! Tests run in parallel with other tests on the same machine, so every server a test starts
 //! listens on a port chosen at run time, and every process it starts is killed by PID when the
@@ -12,6 +13,7 @@ pub mod bins;
 pub mod cluster;
 pub mod drill;
 pub mod pki;
+pub mod stand;
 pub mod writer;
 pub mod xmpp;
 
@@ -102,11 +104,7 @@ impl Drop for ChildGuard {
 /// PID that was reused by something else.
 pub fn is_postgres(pid: i32) -> bool {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    comm.trim() == "postgres"
-        && stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    comm.trim() == "postgres" && stand::alive(pid)
 }
 
 /// The postmaster PID recorded in a data directory, if any.

@@ -45,13 +45,16 @@ use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ha_provision::lab::{Haclt, frontends_applied};
 use ha_provision::material::Material;
 use ha_provision::netns::Layout;
 use ha_provision::topology::Topology;
 use ha_tests::cluster::PgAddr;
+use ha_tests::stand::{
+    Stopped, namespace_pids_named, namespace_processes, state_tempdir, unique_prefix,
+};
 use ha_tests::writer::{TABLES, Watch, Writer, missing_acknowledged};
 use ha_tests::xmpp::LoadRun;
 use nix::sys::signal::{Signal, kill};
@@ -79,18 +82,8 @@ impl Stand {
     fn up(bin_dir: PathBuf) -> Self {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/xmpp-lab.toml");
         let topology = Topology::parse(&std::fs::read_to_string(&example).unwrap()).unwrap();
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let prefix = format!("hcx{:x}", (std::process::id() ^ nanos) & 0xff_ffff);
-        let tmp = tempfile::tempdir().unwrap();
-        // The daemons run as postgres and ejabberd: they must traverse to the state directory.
-        std::fs::set_permissions(
-            tmp.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        let prefix = unique_prefix("hcx");
+        let tmp = state_tempdir();
         let stand = Self {
             topology,
             prefix,
@@ -136,6 +129,11 @@ impl Stand {
         }
     }
 
+    /// `haclt status --json` (a blocking child process: off the async workers).
+    fn status(&self) -> Result<serde_json::Value, String> {
+        tokio::task::block_in_place(|| self.haclt().status()).map_err(|e| e.to_string())
+    }
+
     fn pg(&self, node: &str) -> PgAddr {
         PgAddr {
             name: node.to_owned(),
@@ -144,32 +142,8 @@ impl Stand {
         }
     }
 
-    /// Live processes in `node`'s namespace, with their command names.
-    fn processes(&self, node: &str) -> Vec<(i32, String)> {
-        let out = Command::new("ip")
-            .args(["netns", "pids", &self.ns(node)])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .filter_map(|p: i32| {
-                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-                let zombie = stat
-                    .rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
-                let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).ok()?;
-                (!zombie).then(|| (p, comm.trim().to_owned()))
-            })
-            .collect()
-    }
-
     fn pids_named(&self, node: &str, comm: &str) -> Vec<i32> {
-        self.processes(node)
-            .into_iter()
-            .filter(|(_, c)| c == comm)
-            .map(|(p, _)| p)
-            .collect()
+        namespace_pids_named(&self.ns(node), comm)
     }
 
     /// `nft -f -` inside `node`'s namespace.
@@ -313,26 +287,6 @@ fn draw(rng: &mut StdRng) -> Fault {
     }
 }
 
-/// Processes stopped with SIGSTOP, continued on drop (also when the test fails).
-struct Stopped(Vec<i32>);
-
-impl Stopped {
-    fn new(pids: Vec<i32>) -> Self {
-        for p in &pids {
-            let _ = kill(Pid::from_raw(*p), Signal::SIGSTOP);
-        }
-        Self(pids)
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = kill(Pid::from_raw(*p), Signal::SIGCONT);
-        }
-    }
-}
-
 /// A partition table inside a node's namespace, deleted on drop.
 struct Partitioned<'a> {
     stand: &'a Stand,
@@ -396,7 +350,7 @@ async fn inject(stand: &Stand, fault: &Fault) -> Result<String, String> {
     };
     match fault {
         Fault::CrashPrimary => {
-            let s = stand.haclt().status().map_err(|e| e.to_string())?;
+            let s = stand.status()?;
             let node = primary(&s).ok_or("no primary in the status")?;
             let agents = stand.pids_named(&node, "ha-agent");
             let postmaster = ha_tests::postmaster_pid(&stand.material().pg_data(&node));
@@ -418,14 +372,17 @@ async fn inject(stand: &Stand, fault: &Fault) -> Result<String, String> {
             Ok(format!("pids {pids:?}"))
         }
         Fault::KillMonitorLeader => {
-            let s = stand.haclt().status().map_err(|e| e.to_string())?;
+            let s = stand.status()?;
             let node = leader_node(stand, &s).ok_or("no monitor leader in the status")?;
             let pids = stand.pids_named(&node, "ha-monitor");
             kill9(&pids);
             Ok(format!("{node}: pids {pids:?}"))
         }
         Fault::Freeze { node, hold } => {
-            let pids: Vec<i32> = stand.processes(node).into_iter().map(|(p, _)| p).collect();
+            let pids: Vec<i32> = namespace_processes(&stand.ns(node))
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect();
             let stopped = Stopped::new(pids.clone());
             tokio::time::sleep(*hold).await;
             drop(stopped);
@@ -568,7 +525,7 @@ impl Workload {
     /// Creates the writer's tables on the primary, then starts the PostgreSQL writer, the
     /// split-brain watch and the XMPP users.
     async fn start(stand: &Stand) -> Self {
-        let first = primary(&stand.haclt().status().unwrap()).unwrap();
+        let first = primary(&stand.status().unwrap()).unwrap();
         let client = stand
             .pg(&first)
             .connect(Duration::from_secs(5))
@@ -599,7 +556,7 @@ impl Workload {
         let log = self.writer.stop().await;
         let watched = self.watch.stop().await;
         let xmpp = tokio::task::block_in_place(|| self.load.finish());
-        let final_primary = primary(&stand.haclt().status().unwrap()).unwrap();
+        let final_primary = primary(&stand.status().unwrap()).unwrap();
         let missing = missing_acknowledged(&stand.pg(&final_primary), &log)
             .await
             .unwrap_or_else(|e| record.fail(stand, &format!("reading the final primary: {e}")));
@@ -723,13 +680,12 @@ async fn saturated_cpu_causes_no_failover() {
     let duration = Duration::from_secs(env_or("HA_SOAK_DURATION", 60));
     let hogs_per_core: usize = env_or("HA_SOAK_HOGS_PER_CORE", 2);
     let stand = tokio::task::block_in_place(|| Stand::up(build()));
-    let haclt = stand.haclt();
     let record = Record {
         seed: None,
         log: Vec::new(),
         started: Instant::now(),
     };
-    let before = tokio::task::block_in_place(|| haclt.status()).unwrap();
+    let before = stand.status().unwrap();
     let workload = Workload::start(&stand).await;
     let cores = std::thread::available_parallelism().map_or(2, usize::from);
     let hogs = CpuHogs(
@@ -748,7 +704,7 @@ async fn saturated_cpu_causes_no_failover() {
     );
     tokio::time::sleep(duration).await;
     drop(hogs);
-    let after = tokio::task::block_in_place(|| haclt.status()).unwrap();
+    let after = stand.status().unwrap();
     let figures = workload.finish(&stand, &record).await;
     println!("soak: {figures}");
     let epoch = |s: &serde_json::Value| s["groups"][0]["epoch"].as_u64();
