@@ -10,6 +10,8 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The monitor's deliberately broken build (tests/tests/chaos.rs builds and runs it) too.
+cargo clippy -p ha-monitor --all-targets --features deliberately-broken --locked -- -D warnings
 step "cargo nextest (all crates)"
 profile=default
 [ -n "${CI:-}" ] && profile=ci

@@ -4,6 +4,7 @@
 //! probes, runs the pure decision function, and proposes goal changes; a change takes effect only
 //! once committed. Followers answer with the leader's address.
 
+pub mod broken;
 pub mod catalog;
 pub mod config;
 pub mod consensus;

@@ -34,6 +34,17 @@ fn main() -> ExitCode {
         }
     };
     ha_monitor::logging::init();
+    #[cfg(feature = "deliberately-broken")]
+    match ha_monitor::broken::init() {
+        Ok(breaks) => tracing::warn!(
+            ?breaks,
+            "DELIBERATELY BROKEN BUILD (feature deliberately-broken): safety bugs from HA_MONITOR_BREAK are active; for the chaos test only"
+        ),
+        Err(e) => {
+            eprintln!("ha-monitor: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    }
     // Before anything touches rustls (the TLS server, peer clients).
     ha_pki::install_crypto();
     if config.dev {

@@ -281,7 +281,7 @@ pub fn frontends_applied(s: &serde_json::Value, frontends: &[&str]) -> bool {
 
 /// Whether every node of `frontends` runs ejabberd and reports all of them as members of its
 /// Erlang cluster.
-fn one_erlang_cluster(s: &serde_json::Value, frontends: &[&str]) -> bool {
+pub fn one_erlang_cluster(s: &serde_json::Value, frontends: &[&str]) -> bool {
     frontends.iter().all(|name| {
         ejabberd_status(s, name).is_some_and(|e| {
             let members = e["cluster_members"]

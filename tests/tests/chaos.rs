@@ -7,11 +7,15 @@
 //! prints it again with the fault log and `haclt events` so the run can be replayed):
 //! - kill -9 of the primary's agent and postmaster (its supervisor restarts the agent after
 //!   5 s, like a machine coming back), of a standby's agent or postmaster, of an ejabberd
-//!   node's agent, of any monitor, of the monitor leader;
+//!   node's agent or of ejabberd itself (`beam.smp`; its XMPP sessions drop and the load's
+//!   clients log in again), of any monitor, of the monitor leader;
 //! - SIGSTOP of every process of a node (supervisor included) for 1-4 s, then SIGCONT;
 //! - a partition of a node for 1-4 s with nftables inside its namespace: symmetric, inbound
 //!   only or outbound only (loopback stays open);
-//! - loss of the monitor quorum: two of the three monitors stopped (SIGSTOP) for 1-4 s.
+//! - loss of the monitor quorum: two of the three monitors stopped (SIGSTOP) for 1-4 s;
+//! - a standby falling far behind: its WAL receiver stopped (SIGSTOP) for 1-4 s while a bulk
+//!   load on the primary writes WAL without waiting for it (`synchronous_commit = local`,
+//!   tens to hundreds of MiB; the harness writer's commits wait meanwhile).
 //!
 //! Writers: the harness [`Writer`] commits numbered rows through whichever PostgreSQL node is
 //! primary (as `postgres` over the nodes' Unix sockets, which the partitions do not cut: a
@@ -21,15 +25,20 @@
 //!
 //! The checker, after every fault: within [`CONVERGE`], every node has reported since the fault
 //! ended, every monitor answers, a primary with a synchronous standby, every node healthy, both
-//! ejabberd agents on the primary at the current epoch (no node stuck in a state it cannot
-//! leave). At the end: no round of the watch saw two writable primaries,
-//! no write acknowledged by PostgreSQL is missing on the final primary, no write ejabberd
-//! acknowledged is missing, and every XMPP user writes again.
+//! ejabberd agents on the primary at the current epoch, both ejabberd nodes running in one
+//! Erlang cluster (no node stuck in a state it cannot leave). At the end: no round of the watch
+//! saw two writable primaries, no write acknowledged by PostgreSQL is missing on the final
+//! primary, no write ejabberd acknowledged is missing, and every XMPP user writes again (a user
+//! whose ejabberd was killed logs in again: `tokio-xmpp` reconnects with a backoff of 1 s
+//! doubling to 30 s, which the figures show as longer XMPP gaps and sessions not kept).
+//!
+//! `a_broken_build_fails_the_checker` shows the checker can fail: with a monitor built with
+//! deliberate safety bugs (`monitor/src/broken.rs`), a partition of the primary must end in
+//! acknowledged writes reported missing.
 //!
 //! `HA_CHAOS_DURATION` bounds the schedule (default 60 s, the short run of the test suite; a
 //! fault that starts before the bound runs to the end), `HA_CHAOS_SEED` replays a schedule,
-//! `HA_CHAOS_FAULTS` caps the number of faults. Ejabberd's own processes are not killed: a
-//! killed ejabberd drops its XMPP sessions by design, and `ha-xmpp-load` does not reconnect.
+//! `HA_CHAOS_FAULTS` caps the number of faults.
 //!
 //! The soak (`saturated_cpu_causes_no_failover`): the same stand and writers while busy loops in
 //! competing processes (two per core by default, `HA_SOAK_HOGS_PER_CORE`) saturate the CPU for
@@ -47,7 +56,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ha_provision::lab::{Haclt, frontends_applied};
+use ha_provision::lab::{Haclt, frontends_applied, one_erlang_cluster};
 use ha_provision::material::Material;
 use ha_provision::netns::Layout;
 use ha_provision::topology::Topology;
@@ -65,6 +74,8 @@ use tokio::time::Instant;
 
 /// Bound for the stand to converge after a fault is undone.
 const CONVERGE: Duration = Duration::from_secs(120);
+/// Bound for an ejabberd agent to report its killed ejabberd down.
+const EJABBERD_SEEN_DOWN: Duration = Duration::from_secs(15);
 const FRONTENDS: [&str; 2] = ["e1server", "e2server"];
 const POSTGRES: [&str; 2] = ["psql1server", "psql2server"];
 const MONITORS: [&str; 3] = ["mon1server", "mon2server", "mon3server"];
@@ -79,7 +90,9 @@ struct Stand {
 }
 
 impl Stand {
-    fn up(bin_dir: PathBuf) -> Self {
+    /// Brings the stand up with the binaries in `bin_dir`; `daemons` may change how `up` runs
+    /// (where the daemons come from, their environment).
+    fn up(bin_dir: PathBuf, daemons: impl FnOnce(&mut Command)) -> Self {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/xmpp-lab.toml");
         let topology = Topology::parse(&std::fs::read_to_string(&example).unwrap()).unwrap();
         let prefix = unique_prefix("hcx");
@@ -91,14 +104,13 @@ impl Stand {
             bin_dir,
             _tmp: tmp,
         };
-        let out = stand
-            .cli()
-            .arg("up")
+        let mut up = stand.cli();
+        up.arg("up")
             .arg(&example)
             .arg("--prefix")
-            .arg(&stand.prefix)
-            .output()
-            .unwrap();
+            .arg(&stand.prefix);
+        daemons(&mut up);
+        let out = up.output().unwrap();
         assert!(
             out.status.success(),
             "up failed: {}",
@@ -204,6 +216,11 @@ enum Fault {
         monitors: [String; 2],
         hold: Duration,
     },
+    /// The standby's WAL receiver stopped while a bulk load on the primary writes WAL without
+    /// waiting for it (`synchronous_commit = local`).
+    StandbyBehind {
+        hold: Duration,
+    },
 }
 
 impl fmt::Display for Fault {
@@ -218,6 +235,10 @@ impl fmt::Display for Fault {
                 direction,
                 hold,
             } => write!(f, "partition {node} ({direction:?}) for {hold:?}"),
+            Fault::StandbyBehind { hold } => write!(
+                f,
+                "stop the standby's WAL receiver for {hold:?} under a bulk load"
+            ),
             Fault::QuorumLoss { monitors, hold } => {
                 write!(
                     f,
@@ -242,7 +263,7 @@ fn draw(rng: &mut StdRng) -> Fault {
         .chain(&FRONTENDS)
         .copied()
         .collect();
-    match rng.random_range(0..8) {
+    match rng.random_range(0..9) {
         0 => Fault::CrashPrimary,
         1 => Fault::Kill {
             node: pick(rng, &POSTGRES).to_owned(),
@@ -254,7 +275,11 @@ fn draw(rng: &mut StdRng) -> Fault {
         },
         2 => Fault::Kill {
             node: pick(rng, &FRONTENDS).to_owned(),
-            comm: "ha-agent",
+            comm: if rng.random_bool(0.5) {
+                "ha-agent"
+            } else {
+                "beam.smp"
+            },
         },
         3 => Fault::Kill {
             node: pick(rng, &MONITORS).to_owned(),
@@ -271,6 +296,7 @@ fn draw(rng: &mut StdRng) -> Fault {
                 [rng.random_range(0..3)],
             hold,
         },
+        7 => Fault::StandbyBehind { hold },
         _ => {
             let spared = rng.random_range(0..3);
             let stopped: Vec<String> = MONITORS
@@ -369,6 +395,23 @@ async fn inject(stand: &Stand, fault: &Fault) -> Result<String, String> {
                 stand.pids_named(node, comm)
             };
             kill9(&pids);
+            if *comm == "beam.smp" && !pids.is_empty() {
+                // The agent checks ejabberd's health every 2 s: wait until the status shows
+                // it down, or a "converged" status could still carry the last good check.
+                let down = |s: &serde_json::Value| {
+                    s["nodes"].as_array().is_some_and(|nodes| {
+                        nodes
+                            .iter()
+                            .any(|n| n["name"] == *node && n["ejabberd"]["running"] == false)
+                    })
+                };
+                tokio::task::block_in_place(|| {
+                    stand
+                        .haclt()
+                        .wait_for("the agent sees ejabberd down", EJABBERD_SEEN_DOWN, down)
+                })
+                .map_err(|e| e.to_string())?;
+            }
             Ok(format!("pids {pids:?}"))
         }
         Fault::KillMonitorLeader => {
@@ -398,6 +441,7 @@ async fn inject(stand: &Stand, fault: &Fault) -> Result<String, String> {
             drop(cut);
             Ok(String::new())
         }
+        Fault::StandbyBehind { hold } => standby_behind(stand, *hold).await,
         Fault::QuorumLoss { monitors, hold } => {
             let pids: Vec<i32> = monitors
                 .iter()
@@ -411,10 +455,70 @@ async fn inject(stand: &Stand, fault: &Fault) -> Result<String, String> {
     }
 }
 
+/// The bulk load's table: emptied after every [`Fault::StandbyBehind`].
+const BULK: &str = "CREATE TABLE IF NOT EXISTS ha_chaos_bulk (b text NOT NULL)";
+
+/// Stops the standby's WAL receiver (SIGSTOP) for `hold` while a bulk load on the primary
+/// writes WAL as fast as it can without waiting for the standby; returns how far behind the
+/// standby was when it resumed. The harness writer's commits wait for the standby meanwhile.
+async fn standby_behind(stand: &Stand, hold: Duration) -> Result<String, String> {
+    let s = stand.status()?;
+    let primary = primary(&s).ok_or("no primary in the status")?;
+    let standby = POSTGRES
+        .iter()
+        .find(|n| **n != primary)
+        .ok_or("no standby")?;
+    let receiver: Vec<i32> = stand
+        .pids_named(standby, "postgres")
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.contains("walreceiver"))
+        })
+        .collect();
+    if receiver.is_empty() {
+        return Err(format!("{standby} has no WAL receiver"));
+    }
+    let client = stand.pg(&primary).connect(Duration::from_secs(5)).await?;
+    let sql = |e: tokio_postgres::Error| e.to_string();
+    client
+        .batch_execute(&format!("SET synchronous_commit = local; {BULK}"))
+        .await
+        .map_err(sql)?;
+    let stopped = Stopped::new(receiver.clone());
+    let until = Instant::now() + hold;
+    while Instant::now() < until {
+        client
+            .batch_execute(
+                "INSERT INTO ha_chaos_bulk SELECT repeat('x', 2000) FROM generate_series(1, 5000)",
+            )
+            .await
+            .map_err(sql)?;
+    }
+    let behind: i64 = client
+        .query_one(
+            "SELECT coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)), 0)::bigint FROM pg_stat_replication",
+            &[],
+        )
+        .await
+        .map_err(sql)?
+        .get(0);
+    drop(stopped);
+    client
+        .batch_execute("TRUNCATE ha_chaos_bulk")
+        .await
+        .map_err(sql)?;
+    Ok(format!(
+        "{standby}'s WAL receiver {receiver:?}, {} MiB behind",
+        behind >> 20
+    ))
+}
+
 /// Healthy since `since`: every node reported after it (a status from before the fault was
-/// noticed would look healthy), every monitor reachable, a primary with a synchronous standby,
-/// every node healthy, both frontends on the primary at the current epoch.
-fn converged(s: &serde_json::Value, since: std::time::Instant) -> bool {
+/// noticed would look healthy), every monitor reachable, a primary with a synchronous standby
+/// (unless `sync` is false), every node healthy, both frontends on the primary at the current
+/// epoch, running ejabberd in one Erlang cluster.
+fn converged(s: &serde_json::Value, since: std::time::Instant, sync: bool) -> bool {
     let fresh = |n: &serde_json::Value| {
         n["last_report_age_ms"]
             .as_u64()
@@ -428,13 +532,14 @@ fn converged(s: &serde_json::Value, since: std::time::Instant) -> bool {
             .iter()
             .any(|x| x["name"] == *n && x["state"] == "standby" && x["healthy"] == true)
     });
-    group["synchronous"] == true
+    (group["synchronous"] == true || !sync)
         && standby_ok
         && nodes.len() == POSTGRES.len() + FRONTENDS.len()
         && nodes.iter().all(|n| n["healthy"] == true && fresh(n))
         && monitors.len() == MONITORS.len()
         && monitors.iter().all(|m| m["reachable"] == true)
         && frontends_applied(s, &FRONTENDS)
+        && one_erlang_cluster(s, &FRONTENDS)
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -444,23 +549,32 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// Builds every binary the stand and the load run, and returns their directory.
-fn build() -> PathBuf {
+/// `cargo build` in the workspace with `args`.
+fn cargo_build(args: &[&str]) {
     let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-p",
-            "ha-provision",
-            "-p",
-            "ha-monitor",
-            "-p",
-            "ha-agent",
-        ])
-        .args(["-p", "haclt", "-p", "ha-tests", "--bins"])
+        .arg("build")
+        .args(args)
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
         .status()
         .unwrap();
-    assert!(status.success(), "building the binaries failed");
+    assert!(status.success(), "cargo build {args:?} failed");
+}
+
+/// Builds every binary the stand and the load run, and returns their directory.
+fn build() -> PathBuf {
+    cargo_build(&[
+        "-p",
+        "ha-provision",
+        "-p",
+        "ha-monitor",
+        "-p",
+        "ha-agent",
+        "-p",
+        "haclt",
+        "-p",
+        "ha-tests",
+        "--bins",
+    ]);
     // target/debug/deps/chaos-<hash> -> target/debug
     let dir = std::env::current_exe()
         .unwrap()
@@ -516,6 +630,8 @@ impl Record {
 
 /// The writers and the watch that run through a whole test.
 struct Workload {
+    /// When the writer started.
+    started: Instant,
     writer: Writer,
     watch: Watch,
     load: LoadRun,
@@ -534,6 +650,7 @@ impl Workload {
         client.batch_execute(TABLES).await.unwrap();
         drop(client);
         let nodes: Vec<PgAddr> = POSTGRES.iter().map(|n| stand.pg(n)).collect();
+        let started = Instant::now();
         let writer = Writer::start(nodes.clone());
         let watch = Watch::start(nodes);
         let mut exec = stand.cli();
@@ -543,6 +660,7 @@ impl Workload {
             LoadRun::start(exec, &stand.material().xmpp_load_password_file())
         });
         Self {
+            started,
             writer,
             watch,
             load,
@@ -551,8 +669,9 @@ impl Workload {
 
     /// Stops everything and checks what must hold whatever happened: no two writable nodes,
     /// no acknowledged write missing (PostgreSQL and XMPP), every XMPP user writing at the
-    /// end. Returns the figures for the record.
-    async fn finish(self, stand: &Stand, record: &Record) -> String {
+    /// end. Returns the figures for the record and what did not hold.
+    async fn finish(self, stand: &Stand, record: &Record) -> Checked {
+        let stopped = Instant::now();
         let log = self.writer.stop().await;
         let watched = self.watch.stop().await;
         let xmpp = tokio::task::block_in_place(|| self.load.finish());
@@ -560,9 +679,10 @@ impl Workload {
         let missing = missing_acknowledged(&stand.pg(&final_primary), &log)
             .await
             .unwrap_or_else(|e| record.fail(stand, &format!("reading the final primary: {e}")));
-        let longest = log.longest_gap(record.started, Instant::now());
+        // Between the writer's start and its stop (reading the XMPP writes back comes after).
+        let longest = log.longest_gap(self.started, stopped);
         let figures = format!(
-            "PostgreSQL: {} acknowledged, {} uncertain, {} missing, longest gap {longest:.2?}; watch: {} rounds, {} with two writable nodes; XMPP: {} acknowledged, {} failed attempts, {} lost, longest gap {} ms, {}/4 sessions kept",
+            "PostgreSQL: {} acknowledged, {} uncertain, {} missing, longest gap {longest:.2?}; watch: {} rounds, {} with two writable nodes; XMPP: {} acknowledged, {} failed attempts, {} lost, longest gap {} ms, {}/4 sessions kept, {} interruptions",
             log.acks.len(),
             log.uncertain.len(),
             missing.len(),
@@ -573,30 +693,57 @@ impl Workload {
             xmpp["lost_writes"],
             xmpp["longest_gap_ms"],
             xmpp["sessions_kept"],
+            xmpp["interruptions"],
         );
-        if !watched.split_brains.is_empty() {
-            record.fail(
-                stand,
-                &format!("two writable primaries: {:?}", watched.split_brains),
-            );
+        let mut violations = Vec::new();
+        if let Some(first) = watched.split_brains.first() {
+            violations.push(format!(
+                "{TWO_WRITABLE} in {} rounds of the watch, the first {:.1?} into the run: {:?}",
+                watched.split_brains.len(),
+                first.at.saturating_duration_since(self.started),
+                first.nodes
+            ));
         }
-        if !missing.is_empty() {
-            record.fail(
-                stand,
-                &format!("acknowledged writes missing on {final_primary}: {missing:?}"),
-            );
+        if let (Some(first), Some(last)) = (missing.first(), missing.last()) {
+            violations.push(format!(
+                "{MISSING} on {final_primary}: {} ids (first {first}, last {last})",
+                missing.len()
+            ));
         }
         if log.acks.is_empty() {
-            record.fail(stand, "the PostgreSQL writer never wrote");
+            violations.push("the PostgreSQL writer never wrote".into());
         }
         let xmpp_ok = xmpp["lost_writes"] == 0
             && xmpp["users"]
                 .as_array()
                 .is_some_and(|u| u.len() == 4 && u.iter().all(|u| u["wrote_at_end"] == true));
         if !xmpp_ok {
-            record.fail(stand, &format!("XMPP writes: {xmpp}"));
+            violations.push(format!("XMPP writes: {xmpp}"));
         }
-        figures
+        Checked {
+            figures,
+            violations,
+        }
+    }
+}
+
+/// The end-of-run verdict.
+struct Checked {
+    figures: String,
+    /// Every check that did not hold (empty: the run passed).
+    violations: Vec<String>,
+}
+
+const TWO_WRITABLE: &str = "two writable primaries";
+const MISSING: &str = "acknowledged writes missing";
+
+impl Checked {
+    /// The figures, or the test's failure with every violation.
+    fn passed(self, stand: &Stand, record: &Record) -> String {
+        if !self.violations.is_empty() {
+            record.fail(stand, &self.violations.join("\n"));
+        }
+        self.figures
     }
 }
 
@@ -607,7 +754,7 @@ async fn random_faults_lose_no_acknowledged_write() {
     let max_faults: usize = env_or("HA_CHAOS_FAULTS", usize::MAX);
     println!("chaos: seed {seed}, duration {duration:?}, at most {max_faults} faults");
     let mut rng = StdRng::seed_from_u64(seed);
-    let stand = tokio::task::block_in_place(|| Stand::up(build()));
+    let stand = tokio::task::block_in_place(|| Stand::up(build(), |_| {}));
     let haclt = stand.haclt();
     let mut record = Record {
         seed: Some(seed),
@@ -631,7 +778,7 @@ async fn random_faults_lose_no_acknowledged_write() {
         let since = std::time::Instant::now();
         let waited = tokio::task::block_in_place(|| {
             haclt.wait_for("converged after the fault", CONVERGE, |s| {
-                converged(s, since)
+                converged(s, since, true)
             })
         });
         match waited {
@@ -647,7 +794,10 @@ async fn random_faults_lose_no_acknowledged_write() {
             Err(e) => record.fail(&stand, &format!("no convergence after {fault}: {e}")),
         }
     }
-    let figures = workload.finish(&stand, &record).await;
+    let figures = workload
+        .finish(&stand, &record)
+        .await
+        .passed(&stand, &record);
     recoveries.sort();
     let median = recoveries
         .get(recoveries.len() / 2)
@@ -679,7 +829,7 @@ impl Drop for CpuHogs {
 async fn saturated_cpu_causes_no_failover() {
     let duration = Duration::from_secs(env_or("HA_SOAK_DURATION", 60));
     let hogs_per_core: usize = env_or("HA_SOAK_HOGS_PER_CORE", 2);
-    let stand = tokio::task::block_in_place(|| Stand::up(build()));
+    let stand = tokio::task::block_in_place(|| Stand::up(build(), |_| {}));
     let record = Record {
         seed: None,
         log: Vec::new(),
@@ -705,7 +855,10 @@ async fn saturated_cpu_causes_no_failover() {
     tokio::time::sleep(duration).await;
     drop(hogs);
     let after = stand.status().unwrap();
-    let figures = workload.finish(&stand, &record).await;
+    let figures = workload
+        .finish(&stand, &record)
+        .await
+        .passed(&stand, &record);
     println!("soak: {figures}");
     let epoch = |s: &serde_json::Value| s["groups"][0]["epoch"].as_u64();
     if epoch(&before) != epoch(&after) || primary(&before) != primary(&after) {
@@ -717,6 +870,98 @@ async fn saturated_cpu_causes_no_failover() {
                 epoch(&before),
                 primary(&after),
                 epoch(&after)
+            ),
+        );
+    }
+}
+
+/// Builds `ha-monitor` with its `deliberately-broken` feature into a target directory of its
+/// own (next to the workspace's, whose binaries stay as they are) and returns the binary.
+fn build_broken_monitor(bin_dir: &Path) -> PathBuf {
+    let target = bin_dir.parent().unwrap().join("deliberately-broken");
+    cargo_build(&[
+        "-p",
+        "ha-monitor",
+        "--features",
+        "deliberately-broken",
+        "--target-dir",
+        target.to_str().unwrap(),
+    ]);
+    target.join("debug/ha-monitor")
+}
+
+/// The checker can fail. The monitors run a build with deliberate safety bugs
+/// (`HA_MONITOR_BREAK=lease,sync`, see `monitor/src/broken.rs`: promotion without waiting for
+/// the lease, no synchronous standby, every failover allowed to lose data) while the primary is
+/// cut off for 6 s. The cut-off primary keeps acknowledging the writer's commits (over its Unix
+/// socket) until it fences itself, the standby is promoted without them (and is writable
+/// before that fence: two writable primaries, when the promotion is quick enough), and the old
+/// primary rewinds them away when it rejoins. The same end-of-run checks as the chaos run must
+/// report the missing acknowledged writes.
+///
+/// (`lease` alone does not show in this stand: the promotion cuts the only synchronous
+/// stream first, so the cut-off primary cannot acknowledge anything; see `broken.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_build_fails_the_checker() {
+    let bin_dir = tokio::task::block_in_place(build);
+    let broken = tokio::task::block_in_place(|| build_broken_monitor(&bin_dir));
+    let daemons = tempfile::tempdir().unwrap();
+    for (name, binary) in [
+        ("ha-monitor", broken),
+        ("ha-agent", bin_dir.join("ha-agent")),
+        ("haclt", bin_dir.join("haclt")),
+    ] {
+        std::os::unix::fs::symlink(binary, daemons.path().join(name)).unwrap();
+    }
+    let stand = tokio::task::block_in_place(|| {
+        Stand::up(bin_dir, |up| {
+            up.arg("--bin-dir")
+                .arg(daemons.path())
+                .env("HA_MONITOR_BREAK", "lease,sync");
+        })
+    });
+    let haclt = stand.haclt();
+    let mut record = Record {
+        seed: None,
+        log: Vec::new(),
+        started: Instant::now(),
+    };
+    let wait_converged = |what: &str, since: std::time::Instant| {
+        tokio::task::block_in_place(|| {
+            haclt.wait_for(what, CONVERGE, |s| converged(s, since, false))
+        })
+    };
+    let s = wait_converged("a standby streams", std::time::Instant::now())
+        .unwrap_or_else(|e| record.fail(&stand, &e.to_string()));
+    let old = primary(&s).unwrap();
+    let workload = Workload::start(&stand).await;
+    let fault = Fault::Partition {
+        node: old.clone(),
+        direction: Direction::Both,
+        hold: Duration::from_secs(6),
+    };
+    record.note(format!("fault: {fault}"));
+    inject(&stand, &fault)
+        .await
+        .unwrap_or_else(|e| record.fail(&stand, &e));
+    let s = wait_converged("converged after the fault", std::time::Instant::now())
+        .unwrap_or_else(|e| record.fail(&stand, &e.to_string()));
+    let new = primary(&s).unwrap();
+    record.note(format!("primary {old} -> {new}"));
+    if new == old {
+        record.fail(&stand, "the broken build did not fail over");
+    }
+    let checked = workload.finish(&stand, &record).await;
+    record.note(format!(
+        "{}; caught: {:?}",
+        checked.figures, checked.violations
+    ));
+    if !checked.violations.iter().any(|v| v.starts_with(MISSING)) {
+        record.fail(
+            &stand,
+            &format!(
+                "the checker missed the lost writes of a broken build (it reported {:?})",
+                checked.violations
             ),
         );
     }

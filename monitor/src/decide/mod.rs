@@ -393,6 +393,11 @@ impl<'a> Judge<'a> {
                 "{n}'s agent is silent and its port refuses connections"
             ));
         }
+        if crate::broken::active().lease && self.failed(n) {
+            return Some(format!(
+                "{n} failed (DELIBERATELY BROKEN: not waiting for its lease)"
+            ));
+        }
         // The lease is enforced by the agent; a port that still answers means the database
         // runs (perhaps with its agent dead), so an expired lease proves nothing then.
         let wait = self.timings.lease + self.timings.lease_margin;
@@ -702,6 +707,18 @@ impl<'a> Draft<'a> {
                         "operator maintenance",
                     );
                 }
+            } else if self
+                .goal_of(&n.name)
+                .is_some_and(|g| matches!(g.state, GoalState::Fenced | GoalState::Draining))
+            {
+                // A former primary rejoins only once `p` reports itself primary on its new
+                // timeline: rewound earlier, it would find `p` still on the old timeline ("no
+                // rewind required"), stream from it, and be stranded when `p`'s timeline forks
+                // behind its own WAL end. (The agent refuses that case too.)
+                if self.primary_reached(p) {
+                    let goal = AssignedGoal::following(GoalState::Standby, self.epoch, p.clone());
+                    self.set_goal(&n.name, goal, "old primary rejoins as standby");
+                }
             } else {
                 let goal = AssignedGoal::following(GoalState::Standby, self.epoch, p.clone());
                 self.set_goal(&n.name, goal, "standby of the primary");
@@ -735,7 +752,7 @@ impl<'a> Draft<'a> {
             } else {
                 entry.is_some_and(|r| r.flush_lsn.bytes_behind(ppg.flush_lsn) <= max_lag)
             };
-            if keep {
+            if keep && !crate::broken::active().sync {
                 next.insert(n.name.clone());
             }
         }
@@ -782,6 +799,7 @@ impl<'a> Draft<'a> {
     }
 
     fn start_failover(&mut self, p: &NodeId, allow_data_loss: bool, operator: bool) {
+        let allow_data_loss = allow_data_loss || crate::broken::active().sync;
         match stop_set(self.catalog, self.judge, self.group, p, allow_data_loss) {
             Ok(stopping) => {
                 let why = if operator {
@@ -1086,7 +1104,9 @@ impl<'a> Draft<'a> {
         let goal = AssignedGoal::primary(GoalState::Primary, self.epoch, &self.sync);
         self.set_goal(c, goal, reason);
         for n in self.postgres_members() {
-            if n.name == *c {
+            // The old primary keeps its fenced (or draining) goal until `c` reports itself
+            // primary: see `steady`.
+            if n.name == *c || (Some(&n.name) == old.as_ref() && !n.maintenance) {
                 continue;
             }
             let goal = if n.maintenance {
@@ -1094,13 +1114,15 @@ impl<'a> Draft<'a> {
             } else {
                 AssignedGoal::following(GoalState::Standby, self.epoch, c.clone())
             };
-            let why = if Some(&n.name) == old.as_ref() {
-                "old primary rejoins as standby"
-            } else {
-                "follow the new primary"
-            };
-            self.set_goal(&n.name, goal, why);
+            self.set_goal(&n.name, goal, "follow the new primary");
         }
+    }
+
+    /// Whether `p` reported itself writable (primary or single) at the current epoch.
+    fn primary_reached(&self, p: &NodeId) -> bool {
+        [GoalState::Primary, GoalState::Single]
+            .into_iter()
+            .any(|s| self.judge.reached(p, s, self.epoch))
     }
 
     /// ejabberd nodes follow the primary; removed nodes are told so once nothing waits on them.
@@ -1122,10 +1144,7 @@ impl<'a> Draft<'a> {
                     // Re-point ejabberd only once the primary of this epoch accepts writes:
                     // before that its verifying write fails (the server is still in recovery)
                     // and the agent would only retry later.
-                    let writable = [GoalState::Primary, GoalState::Single]
-                        .into_iter()
-                        .any(|s| self.judge.reached(p, s, self.epoch));
-                    if !writable {
+                    if !self.primary_reached(p) {
                         continue;
                     }
                     AssignedGoal::following(GoalState::Follow, self.epoch, p.clone())

@@ -7,9 +7,10 @@
 //! committed in PostgreSQL, so the figures are those of the service users see: acknowledged
 //! writes, failed attempts, the longest time between two acknowledged writes (the service's
 //! write unavailability), whether the XMPP session stayed up (no stream end, the same bound
-//! JID), whether the service works at the end (after the stop, each user retries one last
-//! write for up to [`FINAL_WRITE`]) and, read back through ejabberd at the end, acknowledged
-//! writes that are missing.
+//! JID; `tokio-xmpp` logs a dropped stream in again, counted as interruptions), whether the
+//! service works at the end (after the stop, each user retries one last write for up to
+//! [`FINAL_WRITE`]) and, read back through ejabberd at the end, acknowledged writes that are
+//! missing.
 //! Reads must reach SQL: run ejabberd with `mod_private: {use_cache: false}`.
 //!
 //! Once every user has tried to log in it prints `ha-xmpp-load: writing` on stderr (a script
@@ -74,6 +75,8 @@ struct UserReport {
     acknowledged_writes: u64,
     failed_writes: u64,
     longest_gap_ms: u64,
+    /// Stream interruptions (disconnects and logins again: `tokio-xmpp` reconnects on its own).
+    interruptions: u32,
     session_kept: bool,
     /// The write retried after the stop was acknowledged.
     wrote_at_end: bool,
@@ -88,6 +91,7 @@ struct Report {
     lost_writes: u64,
     longest_gap_ms: u64,
     sessions_kept: usize,
+    interruptions: u32,
 }
 
 fn main() -> ExitCode {
@@ -191,6 +195,7 @@ async fn run(args: &Args, password: &str) -> Report {
         lost_writes: users.iter().map(|u| u.lost_writes).sum(),
         longest_gap_ms: users.iter().map(|u| u.longest_gap_ms).max().unwrap_or(0),
         sessions_kept: users.iter().filter(|u| u.session_kept).count(),
+        interruptions: users.iter().map(|u| u.interruptions).sum(),
         users,
     }
 }
@@ -268,7 +273,8 @@ async fn load(
             }
         }
     }
-    report.session_kept = client.interruptions().await == 0 && client.bound_jid() == bound;
+    report.interruptions = client.interruptions().await;
+    report.session_kept = report.interruptions == 0 && client.bound_jid() == bound;
 }
 
 fn millis(d: Duration) -> u64 {
@@ -302,12 +308,13 @@ fn print_table(r: &Report) {
         }
     }
     println!(
-        "total: {} acknowledged XMPP writes, {} failed attempts, {} lost, longest gap {} ms, {}/{} sessions kept",
+        "total: {} acknowledged XMPP writes, {} failed attempts, {} lost, longest gap {} ms, {}/{} sessions kept, {} interruptions",
         r.acknowledged_writes,
         r.failed_writes,
         r.lost_writes,
         r.longest_gap_ms,
         r.sessions_kept,
-        r.users.len()
+        r.users.len(),
+        r.interruptions
     );
 }
