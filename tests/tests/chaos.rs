@@ -12,6 +12,8 @@
 //! - SIGSTOP of every process of a node (supervisor included) for 1-4 s, then SIGCONT;
 //! - a partition of a node for 1-4 s with nftables inside its namespace: symmetric, inbound
 //!   only or outbound only (loopback stays open);
+//! - a single link cut for 1-4 s: every packet between two nodes dropped both ways (rules in
+//!   one node's namespace matching the other's addresses), each still reaching the rest;
 //! - loss of the monitor quorum: two of the three monitors stopped (SIGSTOP) for 1-4 s;
 //! - a standby falling far behind: its WAL receiver stopped (SIGSTOP) for 1-4 s while a bulk
 //!   load on the primary writes WAL without waiting for it (`synchronous_commit = local`,
@@ -216,6 +218,12 @@ enum Fault {
         monitors: [String; 2],
         hold: Duration,
     },
+    /// Every packet between two nodes dropped, both ways; each still reaches the others.
+    CutLink {
+        node: String,
+        peer: String,
+        hold: Duration,
+    },
     /// The standby's WAL receiver stopped while a bulk load on the primary writes WAL without
     /// waiting for it (`synchronous_commit = local`).
     StandbyBehind {
@@ -235,6 +243,9 @@ impl fmt::Display for Fault {
                 direction,
                 hold,
             } => write!(f, "partition {node} ({direction:?}) for {hold:?}"),
+            Fault::CutLink { node, peer, hold } => {
+                write!(f, "cut the link between {node} and {peer} for {hold:?}")
+            }
             Fault::StandbyBehind { hold } => write!(
                 f,
                 "stop the standby's WAL receiver for {hold:?} under a bulk load"
@@ -263,7 +274,7 @@ fn draw(rng: &mut StdRng) -> Fault {
         .chain(&FRONTENDS)
         .copied()
         .collect();
-    match rng.random_range(0..9) {
+    match rng.random_range(0..10) {
         0 => Fault::CrashPrimary,
         1 => Fault::Kill {
             node: pick(rng, &POSTGRES).to_owned(),
@@ -297,6 +308,15 @@ fn draw(rng: &mut StdRng) -> Fault {
             hold,
         },
         7 => Fault::StandbyBehind { hold },
+        8 => {
+            let node = pick(rng, &any);
+            let others: Vec<&str> = any.iter().copied().filter(|n| *n != node).collect();
+            Fault::CutLink {
+                node: node.to_owned(),
+                peer: pick(rng, &others).to_owned(),
+                hold,
+            }
+        }
         _ => {
             let spared = rng.random_range(0..3);
             let stopped: Vec<String> = MONITORS
@@ -325,29 +345,47 @@ impl Drop for Partitioned<'_> {
     }
 }
 
-fn partition<'a>(
-    stand: &'a Stand,
+/// Cuts `node` off in `direction` for `hold`: from everything but loopback, or only from
+/// `peer`'s addresses (a single link: the rest of the stand still reaches both).
+async fn partition(
+    stand: &Stand,
     node: &str,
     direction: Direction,
-) -> Result<Partitioned<'a>, String> {
-    let rule = |hook: &str, iface: &str| {
+    peer: Option<&str>,
+    hold: Duration,
+) -> Result<String, String> {
+    let peer_set = match peer {
+        None => None,
+        Some(p) => {
+            let n = stand.topology.node(p).ok_or(format!("no node {p}"))?;
+            let list: Vec<String> = n.addresses.values().map(ToString::to_string).collect();
+            Some(list.join(", "))
+        }
+    };
+    let rule = |hook: &str, iface: &str, addr: &str| {
+        let only = peer_set
+            .as_ref()
+            .map_or_else(String::new, |set| format!(" ip {addr} {{ {set} }}"));
         format!(
-            "  chain {hook} {{ type filter hook {hook} priority -50; policy accept; {iface} != \"lo\" drop; }}\n"
+            "  chain {hook} {{ type filter hook {hook} priority -50; policy accept; {iface} != \"lo\"{only} drop; }}\n"
         )
     };
     let mut script = String::from("table inet ha_chaos {\n");
     if matches!(direction, Direction::Both | Direction::Inbound) {
-        script.push_str(&rule("input", "iifname"));
+        script.push_str(&rule("input", "iifname", "saddr"));
     }
     if matches!(direction, Direction::Both | Direction::Outbound) {
-        script.push_str(&rule("output", "oifname"));
+        script.push_str(&rule("output", "oifname", "daddr"));
     }
     script.push_str("}\n");
     stand.nft(node, &script)?;
-    Ok(Partitioned {
+    let cut = Partitioned {
         stand,
         node: node.to_owned(),
-    })
+    };
+    tokio::time::sleep(hold).await;
+    drop(cut);
+    Ok(String::new())
 }
 
 /// The monitor node whose id the status shows as leader.
@@ -435,11 +473,9 @@ async fn inject(stand: &Stand, fault: &Fault) -> Result<String, String> {
             node,
             direction,
             hold,
-        } => {
-            let cut = partition(stand, node, *direction)?;
-            tokio::time::sleep(*hold).await;
-            drop(cut);
-            Ok(String::new())
+        } => partition(stand, node, *direction, None, *hold).await,
+        Fault::CutLink { node, peer, hold } => {
+            partition(stand, node, Direction::Both, Some(peer), *hold).await
         }
         Fault::StandbyBehind { hold } => standby_behind(stand, *hold).await,
         Fault::QuorumLoss { monitors, hold } => {
