@@ -598,19 +598,17 @@ fn cargo_build(args: &[&str]) {
 
 /// Builds every binary the stand and the load run, and returns their directory.
 fn build() -> PathBuf {
-    cargo_build(&[
-        "-p",
+    let mut args = vec!["--bins"];
+    for package in [
         "ha-provision",
-        "-p",
         "ha-monitor",
-        "-p",
         "ha-agent",
-        "-p",
         "haclt",
-        "-p",
         "ha-tests",
-        "--bins",
-    ]);
+    ] {
+        args.extend(["-p", package]);
+    }
+    cargo_build(&args);
     // target/debug/deps/chaos-<hash> -> target/debug
     let dir = std::env::current_exe()
         .unwrap()

@@ -23,6 +23,9 @@
 //! - Every replication stream to the old primary is cut (STOP_REPLICATION) before promotion, so
 //!   a primary alive on the far side of a partition loses its synchronous acknowledgements.
 //! - A node with candidate priority 0 is never promoted; a new primary always gets a new epoch.
+//! - The old primary is told to rejoin (rewind, follow) only once the new primary reported
+//!   itself primary at the new epoch, so it never rewinds onto a server still on the old
+//!   timeline.
 //! - A new leader judges no node on silence before `unhealthy_after` has passed since it took
 //!   office (silence is measured from `max(last report, leader_since)`).
 
