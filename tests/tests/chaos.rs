@@ -26,9 +26,9 @@
 //! ejabberd from e1server.
 //!
 //! The checker, after every fault: within [`CONVERGE`], every node has reported since the fault
-//! ended, every monitor answers, a primary with a synchronous standby, every node healthy, both
-//! ejabberd agents on the primary at the current epoch, both ejabberd nodes running in one
-//! Erlang cluster (no node stuck in a state it cannot leave). At the end: no round of the watch
+//! ended, every monitor answers, a primary with a synchronous standby it streams to, every node
+//! healthy, both ejabberd agents on the primary at the current epoch, both ejabberd nodes
+//! running in one Erlang cluster (no node stuck in a state it cannot leave). At the end: no round of the watch
 //! saw two writable primaries, no write acknowledged by PostgreSQL is missing on the final
 //! primary, no write ejabberd acknowledged is missing, and every XMPP user writes again (a user
 //! whose ejabberd was killed logs in again: `tokio-xmpp` reconnects with a backoff of 1 s
@@ -578,6 +578,49 @@ fn converged(s: &serde_json::Value, since: std::time::Instant, sync: bool) -> bo
         && one_erlang_cluster(s, &FRONTENDS)
 }
 
+/// Waits up to [`CONVERGE`] from now for [`converged`] (fresh reports counted from now) and
+/// for the primary to stream to a standby (its `pg_stat_replication`: the monitors' view of a
+/// standby can be healthy while its WAL receiver waits to reconnect, 5 s after the primary's
+/// postmaster restarted). Returns the last status.
+async fn wait_converged(stand: &Stand, sync: bool) -> Result<serde_json::Value, String> {
+    let since = std::time::Instant::now();
+    let deadline = Instant::now() + CONVERGE;
+    let haclt = stand.haclt();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let s = tokio::task::block_in_place(|| {
+            haclt.wait_for("converged after the fault", left, |s| {
+                converged(s, since, sync)
+            })
+        })
+        .map_err(|e| e.to_string())?;
+        let p = primary(&s).ok_or("no primary in the status")?;
+        if streams(&stand.pg(&p)).await {
+            return Ok(s);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{p} streams to no standby {CONVERGE:?} after the fault"
+            ));
+        }
+        tokio::time::sleep(Watch::EVERY).await;
+    }
+}
+
+/// Whether `primary` streams WAL to at least one standby now.
+async fn streams(primary: &PgAddr) -> bool {
+    let Ok(client) = primary.connect(Duration::from_secs(1)).await else {
+        return false;
+    };
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+            &[],
+        )
+        .await
+        .is_ok_and(|row| row.get::<_, i64>(0) > 0)
+}
+
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -789,7 +832,6 @@ async fn random_faults_lose_no_acknowledged_write() {
     println!("chaos: seed {seed}, duration {duration:?}, at most {max_faults} faults");
     let mut rng = StdRng::seed_from_u64(seed);
     let stand = tokio::task::block_in_place(|| Stand::up(build(), |_| {}));
-    let haclt = stand.haclt();
     let mut record = Record {
         seed: Some(seed),
         log: Vec::new(),
@@ -809,13 +851,7 @@ async fn random_faults_lose_no_acknowledged_write() {
             Err(e) => record.fail(&stand, &format!("injecting {fault}: {e}")),
         }
         let undone = Instant::now();
-        let since = std::time::Instant::now();
-        let waited = tokio::task::block_in_place(|| {
-            haclt.wait_for("converged after the fault", CONVERGE, |s| {
-                converged(s, since, true)
-            })
-        });
-        match waited {
+        match wait_converged(&stand, true).await {
             Ok(s) => {
                 let took = undone.elapsed();
                 recoveries.push(took);
@@ -954,19 +990,14 @@ async fn a_broken_build_fails_the_checker() {
                 .env("HA_MONITOR_BREAK", "lease,sync");
         })
     });
-    let haclt = stand.haclt();
     let mut record = Record {
         seed: None,
         log: Vec::new(),
         started: Instant::now(),
     };
-    let wait_converged = |what: &str, since: std::time::Instant| {
-        tokio::task::block_in_place(|| {
-            haclt.wait_for(what, CONVERGE, |s| converged(s, since, false))
-        })
-    };
-    let s = wait_converged("a standby streams", std::time::Instant::now())
-        .unwrap_or_else(|e| record.fail(&stand, &e.to_string()));
+    let s = wait_converged(&stand, false)
+        .await
+        .unwrap_or_else(|e| record.fail(&stand, &e));
     let old = primary(&s).unwrap();
     let workload = Workload::start(&stand).await;
     let fault = Fault::Partition {
@@ -978,8 +1009,9 @@ async fn a_broken_build_fails_the_checker() {
     inject(&stand, &fault)
         .await
         .unwrap_or_else(|e| record.fail(&stand, &e));
-    let s = wait_converged("converged after the fault", std::time::Instant::now())
-        .unwrap_or_else(|e| record.fail(&stand, &e.to_string()));
+    let s = wait_converged(&stand, false)
+        .await
+        .unwrap_or_else(|e| record.fail(&stand, &e));
     let new = primary(&s).unwrap();
     record.note(format!("primary {old} -> {new}"));
     if new == old {
