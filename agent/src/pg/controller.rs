@@ -3,9 +3,10 @@
 //! Invariants: each public step checks where the server is before acting, so repeating a step
 //! (after an agent crash, or because the plan asked twice) converges instead of failing or
 //! doing damage. The controller is the only writer of the files it manages and the only one
-//! that starts or stops its postmaster; it is used from one task (`&mut self`). A postmaster
-//! that exits without being asked counts as a crash; restarts after crashes are limited by
-//! [`super::RestartLimit`].
+//! that starts or stops its postmaster (except the run loop's fast-shutdown signal when the
+//! lease runs out); it is used from one task (`&mut self`). A postmaster that exits without
+//! being asked, other than by a clean shutdown (exit 0), counts as a crash; restarts after
+//! crashes are limited by [`super::RestartLimit`].
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -148,6 +149,13 @@ impl PgController {
                     self.postmaster = None;
                     if self.stopping {
                         self.stopping = false;
+                    } else if exit == Exit::Code(0) {
+                        // A shutdown someone asked for outside this controller: the run
+                        // loop's SIGINT when the lease runs out (the lease may be renewed
+                        // before the fence step runs), or an operator's `pg_ctl stop`. Not a
+                        // crash: counted as one, a primary fenced by a few short partitions
+                        // hit the restart limit and stayed down for good (chaos run).
+                        info!(node = %self.cfg.node, pid, "postmaster shut down cleanly from outside the agent's steps");
                     } else {
                         warn!(node = %self.cfg.node, pid, ?exit, "postmaster exited unexpectedly");
                         self.crashed = Some((pid, exit));
