@@ -295,13 +295,14 @@ pub fn one_erlang_cluster(s: &serde_json::Value, frontends: &[&str]) -> bool {
     })
 }
 
+/// Node `name` in a status (`haclt status --json`).
+pub fn node_status<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    s["nodes"].as_array()?.iter().find(|n| n["name"] == name)
+}
+
 /// The `ejabberd` part of node `name` in a status.
-fn ejabberd_status<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
-    s["nodes"]
-        .as_array()?
-        .iter()
-        .find(|n| n["name"] == name)
-        .map(|n| &n["ejabberd"])
+pub fn ejabberd_status<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    node_status(s, name).map(|n| &n["ejabberd"])
 }
 
 /// Creates ejabberd's SQL role (with the stand's password), database and schema on the primary

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ha_provision::lab::{Haclt, frontends_applied};
+use ha_provision::lab::{Haclt, frontends_applied, node_status};
 use ha_provision::material::Material;
 use ha_provision::netns::{self, Layout};
 use ha_provision::state::{BackendKind, StateFile};
@@ -391,11 +391,7 @@ impl Drop for FullStand {
 }
 
 fn node_state<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
-    s["nodes"]
-        .as_array()?
-        .iter()
-        .find(|n| n["name"] == name)
-        .map(|n| &n["state"])
+    node_status(s, name).map(|n| &n["state"])
 }
 
 /// Primary + synchronous standby among `nodes`: returns (primary, standby).

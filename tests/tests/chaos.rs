@@ -58,7 +58,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ha_provision::lab::{Haclt, frontends_applied, one_erlang_cluster};
+use ha_provision::lab::{Haclt, ejabberd_status, frontends_applied, one_erlang_cluster};
 use ha_provision::material::Material;
 use ha_provision::netns::Layout;
 use ha_provision::topology::Topology;
@@ -437,11 +437,7 @@ async fn inject(stand: &Stand, fault: &Fault) -> Result<String, String> {
                 // The agent checks ejabberd's health every 2 s: wait until the status shows
                 // it down, or a "converged" status could still carry the last good check.
                 let down = |s: &serde_json::Value| {
-                    s["nodes"].as_array().is_some_and(|nodes| {
-                        nodes
-                            .iter()
-                            .any(|n| n["name"] == *node && n["ejabberd"]["running"] == false)
-                    })
+                    ejabberd_status(s, node).is_some_and(|e| e["running"] == false)
                 };
                 tokio::task::block_in_place(|| {
                     stand
