@@ -11,7 +11,8 @@
 #      writer commits rows, and prints both sets of figures: write unavailability, acknowledged
 #      and lost writes, when each frontend served the new primary, and for the XMPP users the
 #      longest gap between acknowledged writes, lost writes and whether their sessions stayed up;
-#   5. shows `haclt status` after the failover and leaves the stand running.
+#   5. waits until the old primary is back as the synchronous standby (the cluster healthy
+#      again), shows `haclt status` and leaves the stand running.
 # Every step is announced; a failure names the step that failed and exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,16 +58,23 @@ fi
 step "bring up the reference stand ($TOPOLOGY, netns backend)"
 "$BIN/ha-provision" up "$TOPOLOGY" --bin-dir "$BIN"
 
-step "wait for a synchronous standby (at most ${CONVERGE_TIMEOUT} s)"
-deadline=$((SECONDS + CONVERGE_TIMEOUT))
-until haclt e1server status --json 2>/dev/null | grep -Eq '"synchronous": ?true'; do
-    if [ $SECONDS -ge $deadline ]; then
-        echo "demo: no synchronous standby after ${CONVERGE_TIMEOUT} s; status:" >&2
-        haclt e1server status >&2 || true
-        false
-    fi
-    sleep 1
-done
+# `haclt status` exits 0 only when the cluster is healthy: a primary with a synchronous
+# standby, every node serving its role, both frontends on the primary (3: degraded, with the
+# reasons on stderr).
+wait_healthy() {
+    local deadline=$((SECONDS + CONVERGE_TIMEOUT))
+    until haclt e1server status >/dev/null 2>&1; do
+        if [ $SECONDS -ge $deadline ]; then
+            echo "demo: the cluster is not healthy after ${CONVERGE_TIMEOUT} s; status:" >&2
+            haclt e1server status >&2 || true
+            false
+        fi
+        sleep 1
+    done
+}
+
+step "wait until the cluster is healthy: a synchronous standby, both frontends on the primary (at most ${CONVERGE_TIMEOUT} s)"
+wait_healthy
 
 step "haclt status, before the drill"
 haclt e1server status
@@ -108,6 +116,11 @@ if [ "$load_rc" != 0 ]; then
     cat "$LOAD_ERR" >&2
     false
 fi
+
+step "wait until the old primary is back as the synchronous standby (at most ${CONVERGE_TIMEOUT} s)"
+healed_from=$SECONDS
+wait_healthy
+echo "healed $((SECONDS - healed_from)) s after the XMPP figures"
 
 step "haclt status, after the drill"
 haclt e1server status

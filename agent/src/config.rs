@@ -32,8 +32,9 @@
 //! advertise_host = "10.0.0.10"                # what peers and monitors connect to
 //! socket_dir = "/run/postgresql"
 //! # bin_dir = "/usr/lib/postgresql/15/bin", os_user = "postgres",
-//! # replication_user = "replicator", log_file, start_timeout, stop_timeout
-//! settings = { shared_buffers = "128MB" }
+//! # replication_user = "replicator", log_file, start_timeout, stop_timeout,
+//! # replication_timeout = "5s"   (wal_sender_timeout and wal_receiver_timeout)
+//! settings = { shared_buffers = "128MB" }     # keys the agent manages are refused
 //! # With [tls]: the other PostgreSQL nodes that may replicate from this one (certificate name
 //! # and source address); they get `hostssl ... cert` rules and an ident map entry.
 //! peers = [{ node = "psql2server", address = "10.0.0.11" }]
@@ -163,9 +164,14 @@ struct PostgresFile {
     start_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     stop_timeout: Option<Duration>,
-    /// Extra settings for the managed include file (`shared_buffers = "128MB"`, ...).
+    /// Extra settings for the managed include file (`shared_buffers = "128MB"`, ...); keys the
+    /// agent manages are refused.
     #[serde(default)]
     settings: BTreeMap<String, String>,
+    /// `wal_sender_timeout` and `wal_receiver_timeout` (default 5s): how soon a dead
+    /// replication link is given up on.
+    #[serde(default, with = "humantime_serde")]
+    replication_timeout: Option<Duration>,
     /// `pg_hba.conf` rules besides local trust for the agent's superuser.
     #[serde(default)]
     hba: Vec<HbaFile>,
@@ -493,6 +499,9 @@ fn postgres_role(node: &NodeId, f: PostgresFile) -> Result<PostgresRole, ConfigE
         pg.stop_timeout = t;
     }
     pg.extra_settings = f.settings;
+    if let Some(t) = f.replication_timeout {
+        pg.replication_timeout = t;
+    }
     for (i, rule) in f.hba.into_iter().enumerate() {
         let conn_type = match rule.conn_type {
             HbaType::Local => HbaConnType::Local,
@@ -524,6 +533,10 @@ fn postgres_role(node: &NodeId, f: PostgresFile) -> Result<PostgresRole, ConfigE
             address: peer.address,
         });
     }
+    // Refuses here, before anything runs, what the controller would refuse at start (the
+    // TLS rules are checked again there, once the material is known).
+    pg.validate()
+        .map_err(|e| invalid(format!("postgres: {e}")))?;
     Ok(PostgresRole {
         pg,
         advertise: Endpoint {
@@ -817,6 +830,22 @@ method = "trust"
             (
                 GOOD.replace("start_timeout", "start_timout"),
                 "unknown field",
+            ),
+            // Keys the agent manages cannot be overridden through `settings`.
+            (
+                GOOD.replace("shared_buffers", "synchronous_commit"),
+                "\"synchronous_commit\" is managed by the agent",
+            ),
+            (
+                GOOD.replace("shared_buffers", "ssl_key_file"),
+                "\"ssl_key_file\" is managed by the agent",
+            ),
+            (
+                GOOD.replace(
+                    "socket_dir = \"/run/ha\"",
+                    "socket_dir = \"/run/ha\"\nreplication_timeout = \"100ms\"",
+                ),
+                "replication_timeout",
             ),
         ];
         for (text, want) in cases {

@@ -89,6 +89,12 @@ pub enum Cmd {
         #[command(subcommand)]
         command: NodeCmd,
     },
+    /// Group settings: the synchronous quorum, the lag a standby may have to join the
+    /// synchronous set, and what happens when a synchronous standby stops streaming.
+    Group {
+        #[command(subcommand)]
+        command: GroupCmd,
+    },
     /// Monitor membership.
     Monitor {
         #[command(subcommand)]
@@ -157,6 +163,28 @@ pub enum NodeCmd {
     },
     /// Remove a node from its group.
     Remove { node: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    /// Set one setting of a group (`status` shows them all).
+    Set {
+        setting: GroupSetting,
+        /// sync-quorum: 1 or more; max-sync-lag-bytes: bytes; on-standby-loss: async (commits
+        /// go on without a standby that stopped streaming; failover to it is refused until it
+        /// is synchronous again) or wait (commits wait for it).
+        value: String,
+        /// The group (default: the only one).
+        #[arg(long, default_value = "")]
+        group: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum GroupSetting {
+    SyncQuorum,
+    MaxSyncLagBytes,
+    OnStandbyLoss,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -290,6 +318,20 @@ impl Progress {
     }
 }
 
+/// Prints one status answer; `redraw` clears the terminal first (only when stdout is one).
+fn print_status(s: &output::Status, json: bool, redraw: bool) -> Result<(), Failure> {
+    if json {
+        let text = serde_json::to_string_pretty(s).map_err(|e| Failure::Other(e.to_string()))?;
+        println!("{text}");
+    } else {
+        if redraw && std::io::stdout().is_terminal() {
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{}", output::status_table(s, unix_ms()));
+    }
+    Ok(())
+}
+
 async fn status(m: &mut Monitors, stale_ok: bool) -> Result<v1::StatusResponse, Failure> {
     match m
         .call(|mut c| async move { c.status(v1::StatusRequest { linearizable: true }).await })
@@ -412,22 +454,27 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             watch,
             stale_ok,
         } => loop {
-            let s = output::Status::from(status(&mut m, stale_ok).await?);
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&s).map_err(|e| Failure::Other(e.to_string()))?
-                );
-            } else {
-                if watch.is_some() {
-                    print!("\x1b[2J\x1b[H");
-                }
-                print!("{}", output::status_table(&s, unix_ms()));
+            let answer = status(&mut m, stale_ok).await;
+            let Some(every) = watch else {
+                let s = output::Status::from(answer?);
+                print_status(&s, json, false)?;
+                let degraded = output::degraded(&s);
+                return if degraded.is_empty() {
+                    Ok(())
+                } else {
+                    Err(Failure::Degraded(degraded))
+                };
+            };
+            // Watching outlives a monitor election or an unreachable monitor: the failure is
+            // printed with the time and the next round tries again.
+            match answer {
+                Ok(s) => print_status(&output::Status::from(s), json, true)?,
+                Err(e) => eprintln!(
+                    "haclt: {}: {e}",
+                    humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                ),
             }
-            match watch {
-                Some(every) => tokio::time::sleep(every).await,
-                None => return Ok(()),
-            }
+            tokio::time::sleep(every).await;
         },
         Cmd::Events {
             json,
@@ -555,6 +602,55 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             })
             .await
+        }
+        Cmd::Group {
+            command:
+                GroupCmd::Set {
+                    setting,
+                    value,
+                    group,
+                },
+        } => {
+            let mut req = v1::SetGroupSettingsRequest {
+                request_id: request_id("group-set"),
+                group,
+                ..Default::default()
+            };
+            let number = |what: &str| {
+                value.parse::<u64>().map_err(|_| {
+                    Failure::Usage(format!("{what} must be a whole number, got {value:?}"))
+                })
+            };
+            match setting {
+                GroupSetting::SyncQuorum => {
+                    let k = u32::try_from(number("sync-quorum")?)
+                        .ok()
+                        .filter(|k| *k >= 1)
+                        .ok_or_else(|| {
+                            Failure::Usage(format!("sync-quorum must be 1 or more, got {value:?}"))
+                        })?;
+                    req.sync_quorum = Some(k);
+                }
+                GroupSetting::MaxSyncLagBytes => {
+                    req.max_sync_lag_bytes = Some(number("max-sync-lag-bytes")?);
+                }
+                GroupSetting::OnStandbyLoss => {
+                    if !matches!(value.as_str(), "async" | "wait") {
+                        return Err(Failure::Usage(format!(
+                            "on-standby-loss is async or wait, got {value:?}"
+                        )));
+                    }
+                    req.on_standby_loss = Some(value);
+                }
+            }
+            let r = m
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.set_group_settings(req).await }
+                })
+                .await?;
+            println!("{}", r.message);
+            Ok(())
         }
         Cmd::Node { command } => match command {
             NodeCmd::Set {

@@ -35,6 +35,9 @@ pub enum Failure {
     /// The monitors refused our credentials (77).
     #[error("permission denied: {0}")]
     Denied(String),
+    /// `status` answered, and the cluster is degraded (3): the reasons, one per line.
+    #[error("degraded: {}", .0.join("; "))]
+    Degraded(Vec<String>),
     /// Anything else (1).
     #[error("{0}")]
     Other(String),
@@ -50,6 +53,7 @@ impl Failure {
             Failure::Refused(_) => 65,
             Failure::NotFound(_) => 66,
             Failure::Denied(_) => 77,
+            Failure::Degraded(_) => 3,
             Failure::Other(_) => 1,
         }
     }

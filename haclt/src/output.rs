@@ -23,6 +23,10 @@ pub struct Group {
     pub synchronous: bool,
     /// The operation in progress (failover, switchover) or the group's notice, if any.
     pub pending: Option<String>,
+    pub sync_quorum: u32,
+    pub max_sync_lag_bytes: u64,
+    /// `async` or `wait`: what happens when a synchronous standby stops streaming.
+    pub on_standby_loss: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -39,6 +43,9 @@ pub struct Node {
     pub goal: String,
     pub epoch: u64,
     pub healthy: bool,
+    /// Why the node is not healthy (a silent agent, PostgreSQL not running, a standby not
+    /// streaming, ejabberd down); `null` when healthy.
+    pub unhealthy: Option<String>,
     pub last_report_age_ms: Option<u64>,
     pub candidate_priority: u32,
     pub replication_quorum: bool,
@@ -115,6 +122,9 @@ impl From<v1::StatusResponse> for Status {
                     epoch: g.epoch,
                     synchronous: g.synchronous,
                     pending: non_empty(g.pending),
+                    sync_quorum: g.sync_quorum,
+                    max_sync_lag_bytes: g.max_sync_lag_bytes,
+                    on_standby_loss: g.on_standby_loss,
                 })
                 .collect(),
             nodes: s
@@ -141,6 +151,7 @@ impl From<v1::StatusResponse> for Status {
                         port: endpoint.port,
                         epoch: n.epoch,
                         healthy: n.healthy,
+                        unhealthy: non_empty(n.unhealthy),
                         last_report_age_ms: n.last_report_age_ms,
                         candidate_priority: n.candidate_priority,
                         replication_quorum: n.replication_quorum,
@@ -183,6 +194,42 @@ impl From<v1::StatusResponse> for Status {
     }
 }
 
+/// Why the cluster is degraded, one line each; empty when every group has a primary with a
+/// synchronous standby (where it has standbys), nothing is pending and every node not in
+/// maintenance is healthy. `haclt status` exits 3 when this is not empty.
+pub fn degraded(s: &Status) -> Vec<String> {
+    let mut why = Vec::new();
+    if s.stale {
+        why.push("answer not confirmed by a quorum of monitors".to_owned());
+    }
+    for g in &s.groups {
+        let standbys = s
+            .nodes
+            .iter()
+            .filter(|n| n.group == g.name && n.kind == "postgres" && !n.maintenance)
+            .count()
+            > 1;
+        match &g.primary {
+            None => why.push(format!("group {}: no primary", g.name)),
+            Some(_) if standbys && !g.synchronous => {
+                why.push(format!("group {}: no synchronous standby", g.name));
+            }
+            Some(_) => {}
+        }
+        if let Some(p) = &g.pending {
+            why.push(format!("group {}: {p}", g.name));
+        }
+    }
+    for n in s.nodes.iter().filter(|n| !n.healthy && !n.maintenance) {
+        why.push(format!(
+            "{} unhealthy: {}",
+            n.name,
+            n.unhealthy.as_deref().unwrap_or("no detail")
+        ));
+    }
+    why
+}
+
 fn age(ms: Option<u64>) -> String {
     match ms {
         None => "-".into(),
@@ -203,7 +250,7 @@ pub fn status_table(s: &Status, now_unix_ms: u64) -> String {
     }
     for g in &s.groups {
         out.push_str(&format!(
-            "group {}: primary {} at {}, {}{}\n",
+            "group {}: primary {} at {}, {} (on standby loss: {}){}\n",
             g.name,
             g.primary.as_deref().unwrap_or("(none)"),
             Epoch(g.epoch),
@@ -212,6 +259,7 @@ pub fn status_table(s: &Status, now_unix_ms: u64) -> String {
             } else {
                 "asynchronous"
             },
+            g.on_standby_loss,
             g.pending
                 .as_ref()
                 .map(|p| format!(", pending: {p}"))
@@ -274,7 +322,11 @@ pub fn status_table(s: &Status, now_unix_ms: u64) -> String {
             Epoch(n.epoch).to_string(),
             tl_lsn,
             lag,
-            if n.healthy { "yes" } else { "NO" }.into(),
+            match (&n.unhealthy, n.healthy) {
+                (_, true) => "yes".into(),
+                (Some(why), false) => format!("NO: {why}"),
+                (None, false) => "NO".into(),
+            },
             age(n.last_report_age_ms),
             target,
         ]);
@@ -401,6 +453,51 @@ mod tests {
             (Some(1), Some(true))
         );
         assert_eq!(m["address"], "127.0.0.1:7400");
+    }
+
+    fn with_group(synchronous: bool, primary: &str) -> v1::StatusResponse {
+        let mut s = sample();
+        s.groups.push(v1::GroupStatus {
+            name: "main".into(),
+            primary: primary.into(),
+            epoch: 3,
+            synchronous,
+            on_standby_loss: "async".into(),
+            ..Default::default()
+        });
+        let mut standby = s.nodes[0].clone();
+        standby.name = "psql2".into();
+        standby.group = "main".into();
+        s.nodes[0].group = "main".into();
+        s.nodes.push(standby);
+        s
+    }
+
+    #[test]
+    fn degraded_names_every_reason_and_nothing_when_healthy() {
+        assert_eq!(
+            degraded(&Status::from(with_group(true, "psql1"))),
+            Vec::<String>::new()
+        );
+        let mut s = with_group(false, "");
+        s.nodes[1].healthy = false;
+        s.nodes[1].unhealthy = "agent silent: no report for 15s, probe answers".into();
+        let why = degraded(&Status::from(s.clone()));
+        assert_eq!(
+            why,
+            vec![
+                "group main: no primary".to_owned(),
+                "psql2 unhealthy: agent silent: no report for 15s, probe answers".to_owned(),
+            ]
+        );
+        let table = status_table(&Status::from(s.clone()), 0);
+        assert!(table.contains("NO: agent silent"), "{table}");
+        // A node in maintenance is expected to be down.
+        s.nodes[1].maintenance = true;
+        s.groups[0].primary = "psql1".into();
+        assert_eq!(degraded(&Status::from(s)), Vec::<String>::new());
+        let why = degraded(&Status::from(with_group(false, "psql1")));
+        assert_eq!(why, vec!["group main: no synchronous standby".to_owned()]);
     }
 
     #[test]

@@ -795,6 +795,39 @@ impl operator_service_server::OperatorService for OperatorApi {
         .map(operation)
     }
 
+    async fn set_group_settings(
+        &self,
+        request: Request<v1::SetGroupSettingsRequest>,
+    ) -> Result<Response<v1::OperationResponse>, Status> {
+        self.0.authorize(
+            &request,
+            "OperatorService/SetGroupSettings",
+            Caller::Operator,
+        )?;
+        let m = &self.0;
+        m.require_leader()?;
+        let req = request.into_inner();
+        let catalog = m.catalog();
+        let group = group_of(&catalog, &req.group)?;
+        let mut settings = catalog
+            .group(&group)
+            .ok_or_else(|| Status::not_found(format!("unknown group {group:?}")))?
+            .settings
+            .clone();
+        if let Some(k) = req.sync_quorum {
+            settings.sync_quorum = k;
+        }
+        if let Some(bytes) = req.max_sync_lag_bytes {
+            settings.max_sync_lag_bytes = bytes;
+        }
+        if let Some(policy) = &req.on_standby_loss {
+            settings.on_standby_loss = policy.parse().map_err(Status::invalid_argument)?;
+        }
+        m.propose(&req.request_id, Op::SetGroupSettings { group, settings })
+            .await
+            .map(operation)
+    }
+
     async fn remove_node(
         &self,
         request: Request<v1::RemoveNodeRequest>,

@@ -79,6 +79,9 @@ pub fn build(
                 .or_else(|| g.notice.clone())
                 .or_else(|| ejabberd_pending(catalog, obs, &g.name, g.epoch, stale))
                 .unwrap_or_default(),
+            sync_quorum: g.settings.sync_quorum,
+            max_sync_lag_bytes: g.settings.max_sync_lag_bytes,
+            on_standby_loss: g.settings.on_standby_loss.as_str().into(),
         })
         .collect();
 
@@ -103,6 +106,7 @@ pub fn build(
                 _ => 0,
             };
             let goal = n.goal.as_ref();
+            let unhealthy = decide::node_unhealthy(catalog, obs, now, &n.name);
             v1::NodeStatus {
                 name: n.name.to_string(),
                 kind: v1::NodeKind::from(n.kind).into(),
@@ -113,7 +117,8 @@ pub fn build(
                     .and_then(|r| r.reached)
                     .map_or(0, |s| v1::GoalState::from(s).into()),
                 epoch: goal.map_or(0, |g| g.epoch.get()),
-                healthy: decide::node_healthy(catalog, obs, now, &n.name),
+                healthy: unhealthy.is_none(),
+                unhealthy: unhealthy.unwrap_or_default(),
                 last_report_age_ms: o
                     .and_then(|o| o.report_at)
                     .map(|at| millis(now.saturating_sub(at))),

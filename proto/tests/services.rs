@@ -248,6 +248,13 @@ impl OperatorService for Follower {
         Err(not_leader())
     }
 
+    async fn set_group_settings(
+        &self,
+        _: Request<SetGroupSettingsRequest>,
+    ) -> Result<Response<OperationResponse>, Status> {
+        Err(not_leader())
+    }
+
     async fn remove_node(
         &self,
         _: Request<RemoveNodeRequest>,

@@ -12,7 +12,7 @@
 //! map names exactly those peers' certificate names, and [`PgConfig::validate`] refuses any
 //! plaintext `host` replication rule. Without TLS the `ssl` setting is left to the user.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -317,8 +317,17 @@ pub struct PgConfig {
     /// back to the last checkpoint it shared with a standby, which `pg_rewind` must read after a
     /// failover; without it the old primary usually needs a full base backup.
     pub wal_keep_size_mb: u32,
-    /// Further settings written into the managed file (e.g. `shared_buffers`).
+    /// Further settings written into the managed file (e.g. `shared_buffers`); a key the agent
+    /// manages itself is refused by [`Self::validate`].
     pub extra_settings: BTreeMap<String, String>,
+    /// `wal_sender_timeout` and `wal_receiver_timeout`: a replication connection that carries
+    /// nothing this long is given up on both sides, so a cut link between a primary and its
+    /// synchronous standby is noticed (and the monitors can switch synchronous replication
+    /// off) within this bound instead of PostgreSQL's default minute, while commits wait.
+    pub replication_timeout: Duration,
+    /// `wal_retrieve_retry_interval`: how soon a standby tries its upstream again after a
+    /// lost connection (PostgreSQL's default is 5 s).
+    pub reconnect_interval: Duration,
     pub start_timeout: Duration,
     pub stop_timeout: Duration,
     pub restart_limit: RestartLimit,
@@ -358,6 +367,8 @@ impl PgConfig {
             max_replication_slots: 10,
             wal_keep_size_mb: 1024,
             extra_settings: BTreeMap::new(),
+            replication_timeout: Duration::from_secs(5),
+            reconnect_interval: Duration::from_secs(1),
             start_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(60),
             restart_limit: RestartLimit {
@@ -370,6 +381,27 @@ impl PgConfig {
     /// Refuses combinations that would weaken TLS: a plaintext `host` rule for replication next
     /// to TLS, or the TLS copies inside the data directory.
     pub fn validate(&self) -> Result<(), PgError> {
+        // Written after the managed keys, a user setting would silently win over them (for
+        // example `synchronous_commit = off` under a synchronous set, or a `primary_conninfo`
+        // naming another upstream).
+        let managed = self.managed_keys();
+        if let Some(key) = self
+            .extra_settings
+            .keys()
+            .find(|k| managed.contains(k.as_str()))
+        {
+            return Err(PgError::Config(format!(
+                "setting {key:?} is managed by the agent and cannot be set in `settings` \
+                 (managed: {})",
+                managed.iter().copied().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if self.replication_timeout < Duration::from_secs(1) {
+            return Err(PgError::Config(format!(
+                "replication_timeout {:?} is too short: at least 1s (keepalives go every half of it)",
+                self.replication_timeout
+            )));
+        }
         if self.tls.is_none() {
             return Ok(());
         }
@@ -470,9 +502,36 @@ impl PgConfig {
         out
     }
 
+    /// The keys [`Self::render_managed`] writes, whatever the role (TLS keys always, so a
+    /// configuration does not become invalid when TLS is turned on).
+    fn managed_keys(&self) -> BTreeSet<&'static str> {
+        let mut keys: BTreeSet<&'static str> = self
+            .managed_settings(&RoleSettings::Standby(None))
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        keys.extend(TLS_KEYS);
+        keys
+    }
+
     /// The text of [`MANAGED_CONF`] for `role`.
     pub fn render_managed(&self, role: &RoleSettings) -> String {
-        let mut s: Vec<(&str, String)> = vec![
+        let mut out = String::from(
+            "# Managed by ha-agent: rewritten on every role change. Do not edit; put your own\n\
+             # settings in postgresql.conf (this file is included last and wins).\n",
+        );
+        for (k, v) in &self.managed_settings(role) {
+            let _ = writeln!(out, "{k} = {v}");
+        }
+        for (k, v) in &self.extra_settings {
+            let _ = writeln!(out, "{k} = {}", guc_quote(v));
+        }
+        out
+    }
+
+    fn managed_settings(&self, role: &RoleSettings) -> Vec<(&'static str, String)> {
+        let ms = |d: Duration| format!("{}ms", d.as_millis());
+        let mut s: Vec<(&'static str, String)> = vec![
             (
                 "listen_addresses",
                 guc_quote(&self.listen_addresses.join(",")),
@@ -497,17 +556,21 @@ impl PgConfig {
             ("hot_standby", "on".into()),
             ("wal_log_hints", "on".into()),
             ("recovery_target_timeline", guc_quote("latest")),
+            ("wal_sender_timeout", ms(self.replication_timeout)),
+            ("wal_receiver_timeout", ms(self.replication_timeout)),
+            ("wal_retrieve_retry_interval", ms(self.reconnect_interval)),
         ];
         if let Some(tls) = self.installed_tls() {
-            s.push(("ssl", "on".into()));
             let path = |p: &PathBuf| guc_quote(&p.display().to_string());
-            s.push(("ssl_cert_file", path(&tls.cert)));
-            s.push(("ssl_key_file", path(&tls.key)));
+            let [on, cert, key, ca, min] = TLS_KEYS;
+            s.push((on, "on".into()));
+            s.push((cert, path(&tls.cert)));
+            s.push((key, path(&tls.key)));
             // Client certificates (the `cert` rules) are verified against this bundle.
-            s.push(("ssl_ca_file", path(&tls.ca_bundle)));
+            s.push((ca, path(&tls.ca_bundle)));
             // PostgreSQL's default, pinned here because this file wins over a weaker value
             // in the user's postgresql.conf.
-            s.push(("ssl_min_protocol_version", guc_quote("TLSv1.2")));
+            s.push((min, guc_quote("TLSv1.2")));
         }
         // Without TLS nothing is written: the user's own `ssl` settings (for applications) stay.
         let (sync, upstream) = match role {
@@ -535,20 +598,19 @@ impl PgConfig {
         s.push(("primary_conninfo", guc_quote(&conninfo)));
         s.push(("primary_slot_name", guc_quote(&slot)));
         s.push((UPSTREAM_GUC, guc_quote(&up_name)));
-
-        let mut out = String::from(
-            "# Managed by ha-agent: rewritten on every role change. Do not edit; put your own\n\
-             # settings in postgresql.conf (this file is included last and wins).\n",
-        );
-        for (k, v) in &s {
-            let _ = writeln!(out, "{k} = {v}");
-        }
-        for (k, v) in &self.extra_settings {
-            let _ = writeln!(out, "{k} = {}", guc_quote(v));
-        }
-        out
+        s
     }
 }
+
+/// The TLS settings the managed file writes when the agent has TLS material, in the order
+/// [`PgConfig::render_managed`] writes them.
+const TLS_KEYS: [&str; 5] = [
+    "ssl",
+    "ssl_cert_file",
+    "ssl_key_file",
+    "ssl_ca_file",
+    "ssl_min_protocol_version",
+];
 
 /// Quotes a value for `postgresql.conf`.
 pub fn guc_quote(value: &str) -> String {

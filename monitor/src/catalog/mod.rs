@@ -101,6 +101,9 @@ pub struct GroupSettings {
     /// A standby joins the synchronous set only when its flush LSN is at most this many bytes
     /// behind the primary's.
     pub max_sync_lag_bytes: u64,
+    /// What happens when a synchronous standby stops streaming while its agent still reports.
+    #[serde(default)]
+    pub on_standby_loss: StandbyLoss,
 }
 
 impl Default for GroupSettings {
@@ -108,6 +111,46 @@ impl Default for GroupSettings {
         Self {
             sync_quorum: 1,
             max_sync_lag_bytes: 16 * 1024 * 1024,
+            on_standby_loss: StandbyLoss::default(),
+        }
+    }
+}
+
+/// The policy for a synchronous standby whose replication stream is gone (the primary's
+/// `wal_sender_timeout` and the standby's `wal_receiver_timeout` both gave up on it) while
+/// its agent still reports: a cut link between the two, or a standby whose WAL receiver
+/// cannot connect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StandbyLoss {
+    /// pg_auto_failover's behaviour: the standby leaves the synchronous set, commits go on
+    /// without it, and failover to it is refused until it has caught up and is synchronous
+    /// again.
+    #[default]
+    Async,
+    /// Commits wait until the standby streams again, so no acknowledged write ever exists on
+    /// one node only; the group's notice says that commits wait.
+    Wait,
+}
+
+impl StandbyLoss {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StandbyLoss::Async => "async",
+            StandbyLoss::Wait => "wait",
+        }
+    }
+}
+
+impl std::str::FromStr for StandbyLoss {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "async" => Ok(StandbyLoss::Async),
+            "wait" => Ok(StandbyLoss::Wait),
+            other => Err(format!(
+                "on_standby_loss must be \"async\" or \"wait\", not {other:?}"
+            )),
         }
     }
 }

@@ -39,7 +39,7 @@ use tracing::info;
 
 use crate::catalog::{
     AssignedGoal, Catalog, Decision, DecisionEvent, FailoverPhase, Group, Node, Operation,
-    SwitchoverPhase, SyncSet, Timings, join,
+    StandbyLoss, SwitchoverPhase, SyncSet, Timings, join,
 };
 pub use observe::{
     EjabberdReport, NodeObservation, Observations, PgReport, PgRole, Probe, ProbeResult, Replica,
@@ -129,9 +129,49 @@ impl Memo {
     }
 }
 
-/// Whether `node` counts as healthy for status displays: it reports, or its port answers.
-pub fn node_healthy(catalog: &Catalog, obs: &Observations, now: Duration, node: &NodeId) -> bool {
-    !Judge::new(catalog.timings(), obs, now).failed(node)
+/// Why `node` does not serve its role now, for status displays; `None` when it does. Stricter
+/// than what `decide` acts upon: an agent that is silent for `unhealthy_after` is unhealthy
+/// even while its port answers (nothing then watches the server or renews its lease), and so
+/// is a server that does not run or a standby that does not stream for `unhealthy_after`,
+/// unless its goal wants it so (fenced, draining, maintenance, replication cut).
+pub fn node_unhealthy(
+    catalog: &Catalog,
+    obs: &Observations,
+    now: Duration,
+    node: &NodeId,
+) -> Option<String> {
+    let judge = Judge::new(catalog.timings(), obs, now);
+    let bound = catalog.timings().unhealthy_after;
+    if !judge.reporting(node) || judge.crashed(node) {
+        let seen = obs.node(node).is_some_and(|o| o.report_at.is_some());
+        return Some(if seen {
+            format!("agent silent: {}", judge.describe_failure(node))
+        } else {
+            "no report since this monitor became leader".into()
+        });
+    }
+    let goal = catalog.node(node)?.goal.as_ref().map(|g| g.state);
+    let report = judge.report(node)?;
+    if let Some(e) = report.ejabberd() {
+        return (!e.running).then(|| "ejabberd is not running".into());
+    }
+    let o = obs.node(node)?;
+    let lasted = |since: Option<Duration>| {
+        since
+            .map(|t| now.saturating_sub(t.max(obs.leader_since)))
+            .filter(|d| *d >= bound)
+    };
+    let expects_running = matches!(
+        goal,
+        Some(GoalState::Single | GoalState::Primary | GoalState::Standby)
+    );
+    if let Some(d) = lasted(o.down_since).filter(|_| expects_running) {
+        return Some(format!("PostgreSQL not running for {d:?}"));
+    }
+    if let Some(d) = lasted(o.not_streaming_since).filter(|_| goal == Some(GoalState::Standby)) {
+        return Some(format!("standby not streaming for {d:?}"));
+    }
+    None
 }
 
 /// Whether every ejabberd node of `group` (not removed, not in maintenance) reported that it
@@ -259,6 +299,7 @@ pub fn check_failover(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TimeJudgements {
     reporting: bool,
+    pg_down: bool,
     missed_two: bool,
     lease_out: bool,
     probed_since_report: bool,
@@ -288,6 +329,7 @@ impl<'a> Judge<'a> {
     fn time(&self, n: &NodeId) -> TimeJudgements {
         TimeJudgements {
             reporting: self.reporting(n),
+            pg_down: self.pg_down(n),
             missed_two: self.missed_two(n),
             lease_out: self.lease_out(n),
             probed_since_report: self.probed_since_report(n),
@@ -320,6 +362,23 @@ impl<'a> Judge<'a> {
         self.silence(n) < self.timings.unhealthy_after
     }
 
+    /// How long the agent of `n`, still reporting, has said its PostgreSQL does not run
+    /// (counted from no earlier than `leader_since`); `None` while it runs or the agent is
+    /// silent (silence has rules of its own).
+    fn down_for(&self, n: &NodeId) -> Option<Duration> {
+        let since = self.obs.node(n)?.down_since?;
+        self.reporting(n)
+            .then(|| self.now.saturating_sub(since.max(self.obs.leader_since)))
+    }
+
+    /// The agent reports for a whole lease that its PostgreSQL does not run: it crashed and
+    /// cannot be restarted (restart limit, a start that fails, an unusable data directory).
+    /// As long as a silent primary is given (its lease) before it is replaced, so a restart
+    /// after a plain crash (well under a second) never turns into a failover.
+    fn pg_down(&self, n: &NodeId) -> bool {
+        self.down_for(n).is_some_and(|d| d >= self.timings.lease)
+    }
+
     /// The latest probe, if it is recent enough to say something about now.
     fn recent_probe(&self, n: &NodeId) -> Option<ProbeResult> {
         let p = self.obs.node(n)?.probe?;
@@ -348,10 +407,12 @@ impl<'a> Judge<'a> {
         })
     }
 
-    /// Crashed (positive evidence), or no report for `unhealthy_after` and the probe does not
-    /// answer Ok.
+    /// Crashed (positive evidence), no report for `unhealthy_after` and the probe does not
+    /// answer Ok, or its agent reports PostgreSQL down for a lease ([`Self::pg_down`]).
     fn failed(&self, n: &NodeId) -> bool {
-        self.crashed(n) || (!self.reporting(n) && self.recent_probe(n) != Some(ProbeResult::Ok))
+        self.crashed(n)
+            || (!self.reporting(n) && self.recent_probe(n) != Some(ProbeResult::Ok))
+            || self.pg_down(n)
     }
 
     fn report(&self, n: &NodeId) -> Option<&'a Report> {
@@ -409,6 +470,15 @@ impl<'a> Judge<'a> {
     }
 
     fn describe_failure(&self, n: &NodeId) -> String {
+        if let Some(down) = self.down_for(n).filter(|_| self.pg_down(n)) {
+            let cause = self
+                .report(n)
+                .map(|r| r.last_error.as_str())
+                .filter(|e| !e.is_empty())
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
+            return format!("its agent reports PostgreSQL not running for {down:?}{cause}");
+        }
         let probe = match self.recent_probe(n) {
             Some(ProbeResult::Ok) => "answers",
             Some(ProbeResult::Refused) => "refused",
@@ -688,8 +758,8 @@ impl<'a> Draft<'a> {
 
     /// Healthy primary, nothing in progress: keep the synchronous set and the standbys right.
     fn steady(&mut self, p: &NodeId) {
-        self.set_notice(None);
-        self.update_sync_set(p);
+        let waiting = self.update_sync_set(p);
+        self.set_notice(waiting);
         let state = match self.goal_of(p) {
             Some(g) if g.state == GoalState::Single && self.sync.standbys.is_empty() => {
                 GoalState::Single
@@ -729,15 +799,18 @@ impl<'a> Draft<'a> {
         }
     }
 
-    fn update_sync_set(&mut self, p: &NodeId) {
+    /// Keeps the synchronous set right. Returns the group's notice when commits wait for a
+    /// synchronous standby that does not stream (policy [`StandbyLoss::Wait`]).
+    fn update_sync_set(&mut self, p: &NodeId) -> Option<String> {
         if !self.judge.reporting(p) {
-            return;
+            return None;
         }
-        let Some(ppg) = self.judge.pg(p).filter(|pg| pg.role == PgRole::Primary) else {
-            return;
-        };
-        let max_lag = self.group.settings.max_sync_lag_bytes;
+        let ppg = self.judge.pg(p).filter(|pg| pg.role == PgRole::Primary)?;
+        let settings = &self.group.settings;
+        let max_lag = settings.max_sync_lag_bytes;
         let mut next = BTreeSet::new();
+        let mut lost = Vec::new();
+        let mut waiting = Vec::new();
         for n in self.postgres_members() {
             let follows_p = self
                 .goal_of(&n.name)
@@ -748,10 +821,23 @@ impl<'a> Draft<'a> {
             let entry = self.judge.streaming_entry(p, &n.name);
             let keep = if self.sync.standbys.contains(&n.name) {
                 // A member stays until both sides agree it is gone: the primary no longer
-                // streams to it, and its agent is silent or says it is not streaming.
-                let standby_gone = !self.judge.reporting(&n.name)
-                    || self.judge.pg(&n.name).is_some_and(|s| !s.streaming);
-                entry.is_some() || !standby_gone
+                // streams to it (its `wal_sender_timeout` gave up), and its agent is silent
+                // or says it is not streaming (its `wal_receiver_timeout` gave up). With the
+                // `wait` policy a member whose agent still reports stays all the same.
+                let silent = !self.judge.reporting(&n.name);
+                let standby_gone = silent || self.judge.pg(&n.name).is_some_and(|s| !s.streaming);
+                let gone = entry.is_none() && standby_gone;
+                let wait = gone && !silent && settings.on_standby_loss == StandbyLoss::Wait;
+                if wait {
+                    waiting.push(format!("{} does not stream from {p}", n.name));
+                } else if gone {
+                    lost.push(if silent {
+                        format!("{} is silent and {p} does not stream to it", n.name)
+                    } else {
+                        format!("{} does not stream from {p}", n.name)
+                    });
+                }
+                !gone || wait
             } else {
                 entry.is_some_and(|r| r.flush_lsn.bytes_behind(ppg.flush_lsn) <= max_lag)
             };
@@ -767,6 +853,13 @@ impl<'a> Draft<'a> {
                 .sync_quorum
                 .min(u32::try_from(next.len()).unwrap_or(u32::MAX))
         };
+        let lost = lost.join(", ");
+        let waiting = (!waiting.is_empty()).then(|| {
+            format!(
+                "commits wait (policy on_standby_loss = wait): {}",
+                waiting.join(", ")
+            )
+        });
         if next == self.sync.standbys && quorum == self.sync.quorum {
             if !self.sync.confirmed && !next.is_empty() && self.judge.sync_applied(p, &self.sync) {
                 self.sync.confirmed = true;
@@ -776,10 +869,15 @@ impl<'a> Draft<'a> {
                     format!("{p} applied the synchronous set ({})", join(&next)),
                 );
             }
-            return;
+            return waiting;
         }
         let was = join(&self.sync.standbys);
-        let message = if next.is_empty() {
+        let message = if next.is_empty() && !lost.is_empty() {
+            format!(
+                "dropped to asynchronous (policy on_standby_loss = async): {lost}; commits go on \
+                 without it, and failover is refused until a standby is synchronous again (was {was})"
+            )
+        } else if next.is_empty() {
             format!("dropped to asynchronous: no healthy synchronous standby (was {was})")
         } else if self.sync.standbys.is_empty() {
             format!(
@@ -787,8 +885,13 @@ impl<'a> Draft<'a> {
                 join(&next)
             )
         } else {
+            let why = if lost.is_empty() {
+                String::new()
+            } else {
+                format!(": {lost}")
+            };
             format!(
-                "synchronous set now ANY {quorum} of {} (was {was})",
+                "synchronous set now ANY {quorum} of {} (was {was}){why}",
                 join(&next)
             )
         };
@@ -799,6 +902,7 @@ impl<'a> Draft<'a> {
             confirmed: false,
         };
         self.event("sync", Some(p), message);
+        waiting
     }
 
     fn start_failover(&mut self, p: &NodeId, allow_data_loss: bool, operator: bool) {

@@ -41,6 +41,15 @@ impl Observations {
     pub fn record_report(&mut self, report: Report, at: Duration) -> bool {
         let entry = self.nodes.entry(report.node.clone()).or_default();
         entry.report_at = Some(at);
+        entry.down_since = match (report.pg_down(), entry.down_since) {
+            (false, _) => None,
+            (true, since) => since.or(Some(at)),
+        };
+        entry.not_streaming_since =
+            match (report.standby_not_streaming(), entry.not_streaming_since) {
+                (false, _) => None,
+                (true, since) => since.or(Some(at)),
+            };
         let changed = entry.report.as_ref() != Some(&report);
         if changed {
             entry.report = Some(report);
@@ -69,6 +78,13 @@ pub struct NodeObservation {
     pub report: Option<Report>,
     pub report_at: Option<Duration>,
     pub probe: Option<Probe>,
+    /// Since when the agent's reports say its PostgreSQL is not running (see
+    /// [`Report::pg_down`]); `None` while it runs. Reports change with this, so no revision
+    /// is needed: `decide` reads it through `Judge::time`.
+    pub down_since: Option<Duration>,
+    /// Since when the agent's reports show a running standby whose WAL receiver is not
+    /// streaming; `None` otherwise.
+    pub not_streaming_since: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +173,22 @@ pub struct EjabberdReport {
 }
 
 impl Report {
+    /// The agent says its PostgreSQL does not run: stopped, or no usable data directory on a
+    /// node that had reached a goal before (a node still being created has not).
+    pub fn pg_down(&self) -> bool {
+        self.pg().is_some_and(|pg| match pg.role {
+            PgRole::Stopped => true,
+            PgRole::Empty => self.reached.is_some(),
+            PgRole::Primary | PgRole::Standby => false,
+        })
+    }
+
+    /// The agent says its PostgreSQL runs as a standby whose WAL receiver does not stream.
+    pub fn standby_not_streaming(&self) -> bool {
+        self.pg()
+            .is_some_and(|pg| pg.role == PgRole::Standby && !pg.streaming)
+    }
+
     pub fn pg(&self) -> Option<&PgReport> {
         match &self.detail {
             ReportDetail::Postgres(p) => Some(p),

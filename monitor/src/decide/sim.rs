@@ -39,6 +39,11 @@ pub(super) struct SimNode {
     pub partitioned: bool,
     /// The agent reports but does not act on its goal (hung on a slow step).
     pub stuck: bool,
+    /// PostgreSQL cannot start (a bad `postgresql.conf`): the agent's starts fail.
+    pub broken: bool,
+    /// The replication link to its upstream is cut (both still reach the monitors): nothing
+    /// streams, and both sides say so once their replication timeouts gave up.
+    pub stream_cut: bool,
     pub role: PgRole,
     pub flush: Lsn,
     pub epoch: Epoch,
@@ -58,6 +63,8 @@ impl SimNode {
             frozen: false,
             partitioned: false,
             stuck: false,
+            broken: false,
+            stream_cut: false,
             role: PgRole::Empty,
             flush: Lsn::ZERO,
             epoch: Epoch::ZERO,
@@ -77,6 +84,11 @@ impl SimNode {
 
     fn serves(&self) -> bool {
         self.pg_up && !self.frozen
+    }
+
+    /// Receives WAL from `upstream` now.
+    fn streams_from(&self, upstream: &NodeId) -> bool {
+        self.serves() && !self.stream_cut && self.upstream.as_ref() == Some(upstream)
     }
 }
 
@@ -224,11 +236,7 @@ impl World {
         let followers: Vec<NodeId> = self
             .nodes
             .iter()
-            .filter(|(k, n)| {
-                n.serves()
-                    && n.upstream.as_ref() == Some(&w)
-                    && receivers.is_none_or(|r| r.contains(k))
-            })
+            .filter(|(k, n)| n.streams_from(&w) && receivers.is_none_or(|r| r.contains(k)))
             .map(|(k, _)| k.clone())
             .collect();
         for f in followers {
@@ -254,7 +262,7 @@ impl World {
                 let mut flushes: Vec<Lsn> = set
                     .iter()
                     .filter_map(|s| self.nodes.get(s))
-                    .filter(|s| s.serves() && s.upstream.as_ref() == Some(name))
+                    .filter(|s| s.streams_from(name))
                     .map(|s| s.flush.min(n.flush))
                     .collect();
                 flushes.sort_unstable_by(|a, b| b.cmp(a));
@@ -268,8 +276,8 @@ impl World {
     pub fn replicate(&mut self) {
         let snapshot = self.nodes.clone();
         for n in self.nodes.values_mut() {
-            if let Some(up) = n.upstream.as_ref().and_then(|u| snapshot.get(u))
-                && n.serves()
+            if let Some((name, up)) = n.upstream.as_ref().and_then(|u| snapshot.get_key_value(u))
+                && n.streams_from(name)
                 && up.serves()
             {
                 n.flush = n.flush.max(up.flush);
@@ -331,12 +339,18 @@ impl World {
         }
         match goal.state {
             GoalState::Single | GoalState::Primary => {
+                if n.broken && !n.pg_up {
+                    return; // every start fails; the agent reports it stopped
+                }
                 n.role = PgRole::Primary;
                 n.upstream = None;
                 n.pg_up = true;
                 n.sync_applied = (goal.synchronous_standbys.clone(), goal.synchronous_quorum);
             }
             GoalState::Standby => {
+                if n.broken && !n.pg_up {
+                    return;
+                }
                 let up_flush = upstream_flush.unwrap_or(Lsn::ZERO);
                 if n.role == PgRole::Empty {
                     n.flush = up_flush; // base backup
@@ -352,6 +366,9 @@ impl World {
                 if n.role == PgRole::Empty {
                     return; // nothing to stop: no data yet
                 }
+                if n.broken && !n.pg_up {
+                    return;
+                }
                 // Runs in recovery without a primary to stream from.
                 n.role = PgRole::Standby;
                 n.upstream = None;
@@ -362,7 +379,7 @@ impl World {
                     // A clean shutdown ships all WAL to the connected standbys.
                     let flush = n.flush;
                     for (k, s) in &snapshot {
-                        if s.serves() && s.upstream.as_ref() == Some(name) {
+                        if s.streams_from(name) {
                             self.nodes.get_mut(k).unwrap().flush = flush;
                         }
                     }
@@ -401,7 +418,7 @@ impl World {
                 let replicas = if n.pg_up && n.role == PgRole::Primary {
                     self.nodes
                         .iter()
-                        .filter(|(_, s)| s.serves() && s.upstream.as_ref() == Some(name))
+                        .filter(|(_, s)| s.streams_from(name))
                         .map(|(k, s)| Replica {
                             name: k.to_string(),
                             state: "streaming".into(),
@@ -416,11 +433,9 @@ impl World {
                 } else {
                     Vec::new()
                 };
-                let streaming = n.pg_up
-                    && n.upstream
-                        .as_ref()
-                        .and_then(|u| self.nodes.get(u))
-                        .is_some_and(SimNode::serves);
+                let streaming = n.upstream.as_ref().is_some_and(|u| {
+                    n.streams_from(u) && self.nodes.get(u).is_some_and(SimNode::serves)
+                });
                 ReportDetail::Postgres(PgReport {
                     role: if n.pg_up { n.role } else { PgRole::Stopped },
                     timeline: Timeline(u32::try_from(n.epoch.get()).unwrap()),
@@ -500,11 +515,7 @@ impl World {
         let (set, k) = &n.sync_applied;
         let streaming = set
             .iter()
-            .filter(|s| {
-                self.nodes
-                    .get(*s)
-                    .is_some_and(|s| s.serves() && s.upstream.as_ref() == Some(name))
-            })
+            .filter(|s| self.nodes.get(*s).is_some_and(|s| s.streams_from(name)))
             .count();
         n.agent_up || set.is_empty() || streaming >= *k as usize
     }
@@ -623,6 +634,8 @@ enum Action {
     Freeze(usize),
     Partition(usize, bool),
     Stuck(usize, bool),
+    Broken(usize, bool),
+    StreamCut(usize, bool),
     NewLeader,
     Switchover(Option<usize>),
     Failover(bool),
@@ -644,6 +657,8 @@ fn action() -> impl Strategy<Value = Action> {
         1 => node.clone().prop_map(Action::Freeze),
         1 => (node.clone(), any::<bool>()).prop_map(|(n, on)| Action::Partition(n, on)),
         1 => (node.clone(), any::<bool>()).prop_map(|(n, on)| Action::Stuck(n, on)),
+        1 => (node.clone(), any::<bool>()).prop_map(|(n, on)| Action::Broken(n, on)),
+        1 => (node.clone(), any::<bool>()).prop_map(|(n, on)| Action::StreamCut(n, on)),
         1 => Just(Action::NewLeader),
         1 => proptest::option::of(node.clone()).prop_map(Action::Switchover),
         1 => any::<bool>().prop_map(Action::Failover),
@@ -668,6 +683,8 @@ impl World {
             Action::Freeze(i) => self.node_mut(PG[*i]).frozen = true,
             Action::Partition(i, on) => self.node_mut(PG[*i]).partitioned = *on,
             Action::Stuck(i, on) => self.node_mut(PG[*i]).stuck = *on,
+            Action::Broken(i, on) => self.node_mut(PG[*i]).broken = *on,
+            Action::StreamCut(i, on) => self.node_mut(PG[*i]).stream_cut = *on,
             Action::NewLeader => self.new_leader(),
             Action::Switchover(to) => {
                 let to = to.map(|i| id(PG[i]));

@@ -178,6 +178,149 @@ fn a_dead_agent_with_a_live_database_is_not_a_failure() {
 }
 
 #[test]
+fn a_silent_agent_is_unhealthy_in_the_status_though_not_failed_over() {
+    let mut w = converged(&["p1", "p2"]);
+    assert_eq!(node_unhealthy(&w.cat, &w.obs, w.now, &id("p1")), None);
+    w.kill_agent("p1");
+    let t = w.cat.timings().clone();
+    let since = w.now;
+    assert!(w.run_until(STEP, 30, |w| {
+        node_unhealthy(&w.cat, &w.obs, w.now, &id("p1")).is_some()
+    }));
+    assert!(w.now - since <= t.unhealthy_after + Duration::from_millis(2 * STEP));
+    let why = node_unhealthy(&w.cat, &w.obs, w.now, &id("p1")).unwrap();
+    assert!(why.contains("agent silent"), "{why}");
+    assert!(why.contains("probe answers"), "{why}");
+    assert_eq!(w.primary().as_deref(), Some("p1"));
+    // Its standby still serves.
+    assert_eq!(node_unhealthy(&w.cat, &w.obs, w.now, &id("p2")), None);
+}
+
+#[test]
+fn a_primary_whose_postgres_cannot_start_is_failed_over_after_a_lease_and_rejoins_when_fixed() {
+    let mut w = converged(&["p1", "p2"]);
+    let t = w.cat.timings().clone();
+    // PostgreSQL dies and every start fails; the agent keeps reporting it stopped.
+    let down_at = w.now;
+    w.node_mut("p1").pg_up = false;
+    w.node_mut("p1").broken = true;
+    assert!(w.run_until(STEP, 20, |w| {
+        node_unhealthy(&w.cat, &w.obs, w.now, &id("p1"))
+            .is_some_and(|why| why.contains("PostgreSQL not running"))
+    }));
+    assert!(
+        w.run_until(STEP, 80, |w| promoted_to(w, "p2")),
+        "{}",
+        w.log.join("\n")
+    );
+    let took = w.now - down_at;
+    assert!(
+        took >= t.lease,
+        "failed over after {took:?}, before a lease"
+    );
+    assert!(
+        took < t.lease + Duration::from_millis(10 * STEP),
+        "failed over after {took:?}"
+    );
+    assert!(
+        events(&w)
+            .iter()
+            .any(|e| e.starts_with("failover")
+                && e.contains("its agent reports PostgreSQL not running")),
+        "{:#?}",
+        events(&w)
+    );
+    // It stays down while broken, then rejoins by itself once fixed.
+    assert!(!w.run_until(STEP, 30, |w| w.node("p1").reached
+        == Some(GoalState::Standby)));
+    w.node_mut("p1").broken = false;
+    assert!(w.run_until(STEP, 30, |w| w.node("p1").reached
+        == Some(GoalState::Standby)));
+    assert!(w.run_until(STEP, 30, |w| w.group().synchronous()));
+    assert_eq!(node_unhealthy(&w.cat, &w.obs, w.now, &id("p1")), None);
+}
+
+#[test]
+fn a_primary_restarted_by_its_agent_within_the_lease_is_not_failed_over() {
+    let mut w = converged(&["p1", "p2"]);
+    for _ in 0..5 {
+        // Down for one report interval, then the agent's restart works.
+        w.node_mut("p1").pg_up = false;
+        w.node_mut("p1").broken = true;
+        w.advance(STEP);
+        w.step();
+        w.node_mut("p1").broken = false;
+        for _ in 0..20 {
+            w.advance(STEP);
+            w.step();
+        }
+    }
+    assert_eq!(w.primary().as_deref(), Some("p1"), "{}", w.log.join("\n"));
+    assert_eq!(w.group().epoch, Epoch(1));
+}
+
+#[test]
+fn a_cut_replication_link_turns_synchronous_replication_off_by_default() {
+    let mut w = converged(&["p1", "p2"]);
+    w.node_mut("p2").stream_cut = true;
+    assert!(w.run_until(STEP, 20, |w| !w.group().synchronous()));
+    assert!(
+        events(&w).iter().any(|e| e
+            .contains("dropped to asynchronous (policy on_standby_loss = async)")
+            && e.contains("p2 does not stream from p1")),
+        "{:#?}",
+        events(&w)
+    );
+    let acked = w.acked;
+    assert!(w.write(100, None));
+    assert!(w.run_until(STEP, 10, |w| w.acked > acked), "commits go on");
+    // No failover to a standby that may miss acknowledged writes.
+    w.crash("p1");
+    assert!(!w.run_until(STEP, 60, |w| promoted_to(w, "p2")));
+    assert!(
+        w.group()
+            .notice
+            .as_deref()
+            .unwrap_or("")
+            .contains("refused")
+    );
+    w.restart("p1");
+    w.node_mut("p2").stream_cut = false;
+    assert!(w.run_until(STEP, 40, |w| w.group().synchronous()));
+    assert_eq!(w.primary().as_deref(), Some("p1"));
+}
+
+#[test]
+fn with_policy_wait_commits_wait_for_a_standby_that_does_not_stream() {
+    let mut w = converged(&["p1", "p2"]);
+    w.propose(Op::SetGroupSettings {
+        group: GROUP.into(),
+        settings: crate::catalog::GroupSettings {
+            on_standby_loss: StandbyLoss::Wait,
+            ..Default::default()
+        },
+    })
+    .unwrap();
+    w.node_mut("p2").stream_cut = true;
+    assert!(w.run_until(STEP, 20, |w| {
+        w.group()
+            .notice
+            .as_deref()
+            .is_some_and(|n| n.contains("commits wait"))
+    }));
+    let acked = w.acked;
+    assert!(w.write(100, None));
+    assert!(
+        !w.run_until(STEP, 30, |w| w.acked > acked),
+        "no ack without p2"
+    );
+    assert!(w.group().synchronous());
+    w.node_mut("p2").stream_cut = false;
+    assert!(w.run_until(STEP, 10, |w| w.acked > acked));
+    assert!(w.run_until(STEP, 10, |w| w.group().notice.is_none()));
+}
+
+#[test]
 fn a_new_leader_judges_nobody_before_a_full_detection_window() {
     let mut w = converged(&["p1", "p2"]);
     w.advance(2000);
@@ -568,6 +711,8 @@ mod judge {
                 report: None,
                 report_at: report_at.map(ms),
                 probe: probe.map(|(result, at)| Probe { result, at: ms(at) }),
+                down_since: None,
+                not_streaming_since: None,
             });
             let now = ms(now);
             let judge = Judge::new(&t, &obs, now);

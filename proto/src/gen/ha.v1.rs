@@ -221,6 +221,13 @@ pub struct GroupStatus {
     /// Set while a failover or switchover is in progress: what it waits for.
     #[prost(string, tag = "5")]
     pub pending: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "6")]
+    pub sync_quorum: u32,
+    #[prost(uint64, tag = "7")]
+    pub max_sync_lag_bytes: u64,
+    /// "async" or "wait": see SetGroupSettingsRequest.
+    #[prost(string, tag = "8")]
+    pub on_standby_loss: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -261,6 +268,10 @@ pub struct NodeStatus {
     /// Bytes behind the primary's flush LSN (standbys).
     #[prost(uint64, tag = "17")]
     pub lag_bytes: u64,
+    /// Why the node does not serve its role now (empty when healthy): a silent agent, a server
+    /// that does not run, a standby that does not stream, ejabberd down.
+    #[prost(string, tag = "18")]
+    pub unhealthy: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -359,6 +370,24 @@ pub struct SetNodeSettingsRequest {
     pub candidate_priority: ::core::option::Option<u32>,
     #[prost(bool, optional, tag = "4")]
     pub replication_quorum: ::core::option::Option<bool>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetGroupSettingsRequest {
+    #[prost(string, tag = "1")]
+    pub request_id: ::prost::alloc::string::String,
+    /// Empty: the only group.
+    #[prost(string, tag = "2")]
+    pub group: ::prost::alloc::string::String,
+    /// Absent fields leave the setting unchanged.
+    #[prost(uint32, optional, tag = "3")]
+    pub sync_quorum: ::core::option::Option<u32>,
+    #[prost(uint64, optional, tag = "4")]
+    pub max_sync_lag_bytes: ::core::option::Option<u64>,
+    /// "async" (default: a synchronous standby that stops streaming leaves the synchronous set
+    /// and commits go on) or "wait" (commits wait until it streams again).
+    #[prost(string, optional, tag = "5")]
+    pub on_standby_loss: ::core::option::Option<::prost::alloc::string::String>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1399,6 +1428,30 @@ pub mod operator_service_client {
                 .insert(GrpcMethod::new("ha.v1.OperatorService", "SetNodeSettings"));
             self.inner.unary(req, path, codec).await
         }
+        pub async fn set_group_settings(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetGroupSettingsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::OperationResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ha.v1.OperatorService/SetGroupSettings",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ha.v1.OperatorService", "SetGroupSettings"));
+            self.inner.unary(req, path, codec).await
+        }
         pub async fn remove_node(
             &mut self,
             request: impl tonic::IntoRequest<super::RemoveNodeRequest>,
@@ -1603,6 +1656,13 @@ pub mod operator_service_server {
         async fn set_node_settings(
             &self,
             request: tonic::Request<super::SetNodeSettingsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::OperationResponse>,
+            tonic::Status,
+        >;
+        async fn set_group_settings(
+            &self,
+            request: tonic::Request<super::SetGroupSettingsRequest>,
         ) -> std::result::Result<
             tonic::Response<super::OperationResponse>,
             tonic::Status,
@@ -2029,6 +2089,52 @@ pub mod operator_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SetNodeSettingsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ha.v1.OperatorService/SetGroupSettings" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetGroupSettingsSvc<T: OperatorService>(pub Arc<T>);
+                    impl<
+                        T: OperatorService,
+                    > tonic::server::UnaryService<super::SetGroupSettingsRequest>
+                    for SetGroupSettingsSvc<T> {
+                        type Response = super::OperationResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetGroupSettingsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as OperatorService>::set_group_settings(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetGroupSettingsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
