@@ -145,6 +145,8 @@ enum Caller<'a> {
     Node(&'a str),
     /// The monitor with this Raft id.
     Monitor(u64),
+    /// Any monitor of the cluster (a follower relaying an agent's report it authenticated).
+    AnyMonitor,
 }
 
 /// The certificate name of the monitor with Raft id `id`.
@@ -192,9 +194,92 @@ pub struct Monitor {
     allow_drills: bool,
     security: Security,
     shutdown: CancellationToken,
+    relay: Relay,
+}
+
+/// A follower's way to the leader for agents' reports: an agent that cannot reach the leader
+/// (one cut link, one rack switch) still renews its lease through any monitor that can, so a
+/// healthy primary is not fenced for a fault between it and one monitor.
+struct Relay {
+    channels: transport::ChannelFactory,
+    /// The channel to the leader last relayed to, kept while the leader stays the same.
+    leader: Mutex<Option<(String, tonic::transport::Channel)>>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    fn channel(&self, address: &str) -> Result<tonic::transport::Channel, Status> {
+        let mut slot = self.leader.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((a, ch)) = slot.as_ref()
+            && a == address
+        {
+            return Ok(ch.clone());
+        }
+        let ch = (self.channels)(address).map_err(|e| {
+            Status::unavailable(format!("cannot relay to the leader at {address}: {e}"))
+        })?;
+        *slot = Some((address.to_owned(), ch.clone()));
+        Ok(ch)
+    }
 }
 
 impl Monitor {
+    /// Relays an agent's report (already authorized) to the leader and returns its answer.
+    /// The agent's lease runs from its own send time, so the extra hop only shortens it.
+    async fn relay_report(
+        &self,
+        req: v1::ReportRequest,
+        node: &str,
+    ) -> Result<Response<v1::ReportResponse>, Status> {
+        let leader = self.raft.status().leader_address();
+        let Some((leader_id, address)) = leader.clone() else {
+            return Err(not_leader(None));
+        };
+        let channel = self.relay.channel(&address)?;
+        let mut request = Request::new(req);
+        if let Ok(v) = self.id.to_string().parse() {
+            request
+                .metadata_mut()
+                .insert(ha_proto::RELAYED_BY_METADATA, v);
+        }
+        let answer = ha_proto::v1::agent_service_client::AgentServiceClient::new(channel)
+            .report(request)
+            .await;
+        match answer {
+            Ok(r) => {
+                debug!(node, leader = leader_id, "report relayed to the leader");
+                Ok(r)
+            }
+            // The leader's own answer (a node not registered, a refusal): the agent's.
+            Err(e)
+                if !matches!(
+                    e.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unknown
+                ) =>
+            {
+                Err(e)
+            }
+            Err(e) => {
+                // The agent tries the leader (or another monitor) itself next.
+                warn!(node, leader = leader_id, code = ?e.code(), error = %e.message(), "report not relayed");
+                self.relay
+                    .leader
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                Err(not_leader(leader))
+            }
+        }
+    }
+
     /// Admits the caller of `rpc` or refuses it (logged, with the caller's identity), before the
     /// call reads or changes anything. Dev mode admits everyone.
     fn authorize<T>(
@@ -226,7 +311,7 @@ impl Monitor {
             Caller::Node(node) if peer.name() != node => {
                 refused(format!("{peer} may not act for node {node}"))
             }
-            Caller::Monitor(_) if peer.role() != Role::Monitor => {
+            Caller::Monitor(_) | Caller::AnyMonitor if peer.role() != Role::Monitor => {
                 refused(format!("{peer} is not a monitor certificate"))
             }
             Caller::Monitor(id) if peer.name() != monitor_name(id) => refused(format!(
@@ -469,7 +554,19 @@ impl agent_service_server::AgentService for AgentApi {
             .as_ref()
             .map(|o| o.node.clone())
             .unwrap_or_default();
-        m.authorize(&request, "AgentService/Report", Caller::Node(&node))?;
+        let relayed_by = request
+            .metadata()
+            .get(ha_proto::RELAYED_BY_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let caller = match relayed_by {
+            Some(_) => Caller::AnyMonitor,
+            None => Caller::Node(&node),
+        };
+        m.authorize(&request, "AgentService/Report", caller)?;
+        if !m.raft.status().is_leader && relayed_by.is_none() {
+            return m.relay_report(request.into_inner(), &node).await;
+        }
         m.require_leader()?;
         let observed = convert::required(request.into_inner().observed, "observed")?;
         let report = Report::try_from(observed.clone())?;
@@ -1399,7 +1496,7 @@ pub async fn run(
         config.id,
         incarnations.clone(),
         tokio::runtime::Handle::current(),
-        channels,
+        channels.clone(),
         config.members.clone(),
     );
     let settings = RaftSettings {
@@ -1425,6 +1522,10 @@ pub async fn run(
         allow_drills: config.allow_drills,
         security,
         shutdown: shutdown.clone(),
+        relay: Relay {
+            channels: channels.clone(),
+            leader: Mutex::new(None),
+        },
     });
     info!(id = config.id, listen = %config.listen, advertise = %config.advertise, members = ?config.members, "monitor starting");
 

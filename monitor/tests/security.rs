@@ -339,6 +339,29 @@ async fn a_node_joins_with_a_csr_and_every_unauthorized_caller_is_refused() {
         agent.report(report("psql2")).await,
         Code::PermissionDenied,
     );
+    // A follower relays a node's report to the leader and hands back the leader's lease (one
+    // cut link between a primary and the leader does not fence it) ...
+    let follower = *cluster.addrs.keys().find(|id| **id != leader).unwrap();
+    let relayed = AgentServiceClient::new(cluster.channel(follower, &psql1))
+        .report(report("psql1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(relayed.lease_ms > 0, "no lease through the follower: {relayed:?}");
+    // ... but a node cannot pass a report off as relayed, to the leader or to a follower.
+    for (id, whom) in [(leader, "the leader"), (follower, "a follower")] {
+        let mut forged = tonic::Request::new(report("psql2"));
+        forged
+            .metadata_mut()
+            .insert(ha_proto::RELAYED_BY_METADATA, "2".parse().unwrap());
+        assert_code(
+            &format!("psql1 forging a relayed report for psql2 to {whom}"),
+            AgentServiceClient::new(cluster.channel(id, &psql1))
+                .report(forged)
+                .await,
+            Code::PermissionDenied,
+        );
+    }
     let mut agent_as_op = OperatorServiceClient::new(cluster.channel(leader, &psql1));
     assert_code(
         "an agent asking for a switchover",

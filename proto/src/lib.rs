@@ -31,3 +31,6 @@ pub use types::{Epoch, Lsn, MonitorId, NodeId, NodeKind, ParseError, Term, Timel
 pub const LEADER_ADDR_METADATA: &str = "x-ha-leader";
 /// Response metadata key carrying the leader's Raft id on `UNAVAILABLE` answers from followers.
 pub const LEADER_ID_METADATA: &str = "x-ha-leader-id";
+/// Request metadata key a follower monitor sets (to its Raft id) when it relays an agent's
+/// report to the leader; the leader accepts such a report only from a monitor certificate.
+pub const RELAYED_BY_METADATA: &str = "x-ha-relayed-by";
