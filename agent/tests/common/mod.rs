@@ -113,7 +113,7 @@ pub fn epoch(s: &v1::StatusResponse) -> u64 {
 /// An `ha-agent` in the ejabberd role for `instance`, joined as `name` with a token and a CSR
 /// (mutual TLS like every agent of the cluster).
 pub struct EjabberdAgent {
-    _process: ChildGuard,
+    process: ChildGuard,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -176,10 +176,17 @@ xmpp_port = {c2s}
                 .unwrap(),
         );
         Self {
-            _process: process,
+            process,
             log,
             _dir: dir,
         }
+    }
+}
+
+impl EjabberdAgent {
+    /// The agent's PID (to stop it with SIGSTOP for a while).
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.process.id()).unwrap()
     }
 }
 
