@@ -41,7 +41,7 @@ use crate::ejabberd::{ApplyReport, EjabberdController, FileCheck, SqlCheck, cont
 /// Pause before an apply that failed is tried again for the same goal.
 pub const RETRY_APPLY: Duration = Duration::from_secs(2);
 /// How often ejabberd's health and cluster membership are read (each costs an `erl_call`).
-const HEALTH_EVERY: Duration = Duration::from_secs(2);
+pub const HEALTH_EVERY: Duration = Duration::from_secs(2);
 /// Name of the applied-target record in the state directory.
 const APPLIED_FILE: &str = "ejabberd-applied.json";
 /// Name of the last good copy of the managed file in the state directory (mode 0600).

@@ -113,7 +113,7 @@ pub fn epoch(s: &v1::StatusResponse) -> u64 {
 /// An `ha-agent` in the ejabberd role for `instance`, joined as `name` with a token and a CSR
 /// (mutual TLS like every agent of the cluster).
 pub struct EjabberdAgent {
-    process: ChildGuard,
+    _process: ChildGuard,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -176,7 +176,7 @@ xmpp_port = {c2s}
                 .unwrap(),
         );
         Self {
-            process,
+            _process: process,
             log,
             _dir: dir,
         }
@@ -185,8 +185,9 @@ xmpp_port = {c2s}
 
 impl EjabberdAgent {
     /// The agent's PID (to stop it with SIGSTOP for a while).
+    #[allow(dead_code)] // not every test binary stops its agent
     pub fn pid(&self) -> i32 {
-        i32::try_from(self.process.id()).unwrap()
+        i32::try_from(self._process.id()).unwrap()
     }
 }
 
