@@ -17,7 +17,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{EjabberdAgent, VHOST, applied, epoch, prepare_database, psql};
+use common::{EjabberdAgent, VHOST, applied, epoch, prepare_database, users};
 use ha_agent::ejabberd::PrivateInstance;
 use ha_agent::run::ejabberd::HEALTH_EVERY;
 use ha_tests::cluster::node;
@@ -30,18 +30,6 @@ const CONVERGE: Duration = Duration::from_secs(90);
 const APPLY: Duration = Duration::from_secs(10);
 /// Bound for one registration attempt through ejabberdctl (a broken pool makes it hang).
 const ATTEMPT: Duration = Duration::from_secs(3);
-
-fn users(cluster: &ha_tests::cluster::Cluster, name: &str, user: &str) -> String {
-    psql(
-        cluster,
-        name,
-        common::DB,
-        &[
-            "-c",
-            &format!("SELECT count(*) FROM users WHERE username = '{user}'"),
-        ],
-    )
-}
 
 /// Registers `prefix-N` users through ejabberd until one succeeds; returns its name. Each
 /// attempt has its own name: one that timed out may still complete later.
@@ -112,9 +100,11 @@ async fn the_ejabberd_agent_repairs_a_broken_or_tampered_file() {
     let user = register_until(&instance, "alice", Instant::now() + APPLY).await;
     assert_eq!(users(&cluster, "psql1", &user), "1", "ejabberd serves");
     cluster
-        .wait_for("e1's error cleared at the next clean check", CONVERGE, |s| {
-            applied(s, "e1").2.is_empty()
-        })
+        .wait_for(
+            "e1's error cleared at the next clean check",
+            CONVERGE,
+            |s| applied(s, "e1").2.is_empty(),
+        )
         .await;
 
     // b. sql_port changed by hand, ejabberd killed and started again from the tampered file
@@ -130,7 +120,11 @@ async fn the_ejabberd_agent_repairs_a_broken_or_tampered_file() {
         .eval(&format!("ejabberd_option:sql_port(<<\"{VHOST}\">>)."))
         .await
         .unwrap();
-    assert_eq!(port, bogus.to_string(), "ejabberd runs from the tampered file");
+    assert_eq!(
+        port,
+        bogus.to_string(),
+        "ejabberd runs from the tampered file"
+    );
     let resumed = Instant::now();
     drop(stopped);
     let user = register_until(&instance, "bob", resumed + HEALTH_EVERY + APPLY * 2).await;

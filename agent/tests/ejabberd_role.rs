@@ -18,26 +18,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{EjabberdAgent, VHOST, applied, epoch, prepare_database, psql};
+use common::{EjabberdAgent, VHOST, applied, epoch, prepare_database, users};
 use ha_agent::ejabberd::PrivateInstance;
 use ha_proto::v1;
-use ha_tests::cluster::{Cluster, node, primary_of};
+use ha_tests::cluster::{node, primary_of};
 use ha_tests::free_port;
 use tokio::time::Instant;
 
 const CONVERGE: Duration = Duration::from_secs(90);
-
-fn users(cluster: &Cluster, name: &str, user: &str) -> String {
-    psql(
-        cluster,
-        name,
-        common::DB,
-        &[
-            "-c",
-            &format!("SELECT count(*) FROM users WHERE username = '{user}'"),
-        ],
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ejabberd_agent_follows_the_primary_and_repairs_a_refused_edit() {
@@ -146,7 +134,9 @@ async fn the_ejabberd_agent_follows_the_primary_and_repairs_a_refused_edit() {
     std::fs::write(&path, &edited).unwrap();
     cluster
         .wait_for("e1 adopted the accepted edit", CONVERGE, |s| {
-            applied(s, "e1").2.contains("settings other than SQL changed")
+            applied(s, "e1")
+                .2
+                .contains("settings other than SQL changed")
         })
         .await;
     assert_eq!(std::fs::read_to_string(&path).unwrap(), edited, "kept");
