@@ -215,6 +215,9 @@ struct EjabberdFile {
     /// Bound for ejabberd's connections to the old server to disappear.
     #[serde(default = "default_verify_timeout", with = "humantime_serde")]
     old_connections_timeout: Duration,
+    /// How often an uncached write through ejabberd's pool must reach the applied target.
+    #[serde(default = "default_verify_timeout", with = "humantime_serde")]
+    sql_check_interval: Duration,
 }
 
 fn default_erl_call() -> PathBuf {
@@ -612,6 +615,7 @@ fn ejabberd_role(f: EjabberdFile) -> Result<EjabberdRole, ConfigError> {
             "ejabberd.old_connections_timeout",
             f.old_connections_timeout,
         ),
+        ("ejabberd.sql_check_interval", f.sql_check_interval),
     ] {
         check_duration(key, d, 100, 600_000)?;
     }
@@ -628,6 +632,7 @@ fn ejabberd_role(f: EjabberdFile) -> Result<EjabberdRole, ConfigError> {
         db_connect_timeout: f.db_connect_timeout,
         verify_timeout: f.verify_timeout,
         old_connections_timeout: f.old_connections_timeout,
+        sql_check_interval: f.sql_check_interval,
     };
     controller
         .validate()

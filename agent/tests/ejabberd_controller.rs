@@ -3,7 +3,8 @@
 //! loaded into both. One scenario, in order, because each ejabberd start costs seconds on
 //! this 2-core machine: move A -> B (timed), prove writes land in B and nothing is left on A,
 //! keep an XMPP session across the move, refuse an older epoch, fail cleanly on a dead
-//! target, move back B -> A.
+//! target, move back B -> A; with a file broken by hand, a failed apply restores the last
+//! good copy (not the broken file) and the next apply starts from that copy.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::os::unix::fs::PermissionsExt;
@@ -11,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ha_agent::ejabberd::{ApplyReport, ControllerError, EjabberdController, PrivateInstance};
+use ha_agent::ejabberd::{
+    ApplyReport, ControllerError, EjabberdController, PrivateInstance, Source,
+};
 use ha_proto::types::{Endpoint, Epoch};
 use ha_tests::free_port;
 use ha_tests::xmpp::XmppUser;
@@ -420,6 +423,40 @@ async fn controller_moves_a_real_ejabberd_between_two_postgres_servers() {
     let again = controller.apply(&a.endpoint(), Epoch(4)).await.unwrap();
     assert!(!again.file_changed);
     print_report("re-assert", &again);
+
+    // A file broken by hand (ejabberd refuses it) and a failing apply: the restore writes the
+    // controller's last good copy, not the broken file.
+    let good = std::fs::read_to_string(&config_path).unwrap();
+    assert_eq!(controller.last_good().await.as_deref(), Some(good.as_str()));
+    let broken = format!("{good}loglevel: not-a-level\n");
+    std::fs::write(&config_path, &broken).unwrap();
+    b.psql(DB, &["-c", "ALTER ROLE ejabberd CONNECTION LIMIT 1"]);
+    let err = controller.apply(&b.endpoint(), Epoch(5)).await.unwrap_err();
+    println!("unusable target with a broken file refused: {err}");
+    assert!(
+        matches!(err, ControllerError::VerifyTimeout { .. }),
+        "the broken file was replaced and the good copy reached the verify step: {err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&config_path).unwrap(),
+        good,
+        "the last good copy was restored, not the broken file"
+    );
+    b.psql(DB, &["-c", "ALTER ROLE ejabberd CONNECTION LIMIT -1"]);
+
+    // The same broken file at the next epoch: the apply falls back to the good copy.
+    std::fs::write(&config_path, &broken).unwrap();
+    let report = controller.apply(&b.endpoint(), Epoch(6)).await.unwrap();
+    print_report("A -> B over a broken file", &report);
+    assert_eq!(report.source, Source::LastGood);
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    assert!(!text.contains("not-a-level"), "{text}");
+    assert_eq!(controller.last_good().await.as_deref(), Some(text.as_str()));
+    ejabberd
+        .ctl(&["register", "frank", VHOST, "frank-pw"])
+        .await
+        .unwrap();
+    assert_eq!((a.users("frank"), b.users("frank")), (0, 1));
 
     session.logout().await;
     ejabberd.stop().await;

@@ -8,9 +8,19 @@
 //! notification arrives on the target; finally check on the old server, when reachable, that
 //! no connection of ours is left there.
 //!
+//! The controller keeps its own last good copy of the managed file: the exact text it last
+//! wrote and verified, with its SHA-256, in memory and (with [`EjabberdController::with_last_good`])
+//! in the agent's state directory, mode 0600 (it holds the SQL password). An apply rewrites
+//! from the sources [`sources`] picks: the last good copy, or first an operator's edit of the
+//! file when the agent can read it (sql_server/sql_port are re-pointed, every other line is
+//! kept). [`EjabberdController::check_file`] repairs a file that differs from the last good
+//! copy by applying again; [`EjabberdController::check_sql`] proves the pool still reaches the
+//! applied target.
+//!
 //! Invariants:
 //! - The file on disk is always the last one that was verified: a failure before the switch
-//!   leaves it untouched, a failure during the switch restores it (and points ejabberd back).
+//!   leaves it untouched, a failure during the switch writes back the last good copy (never
+//!   the file being repaired) and points ejabberd back.
 //! - An epoch older than the applied one is refused; the same epoch with another target too.
 //! - The SQL password is read from the managed file and never logged.
 
@@ -19,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use ha_proto::types::{Endpoint, Epoch};
+use sha2::{Digest as _, Sha256};
 use tokio::sync::{Mutex, mpsc};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 use tracing::{info, warn};
@@ -148,6 +159,9 @@ pub struct ControllerConfig {
     pub verify_timeout: Duration,
     /// Bound for ejabberd's connections on the old server to disappear.
     pub old_connections_timeout: Duration,
+    /// How often the agent proves, with an uncached write, that ejabberd's pool reaches the
+    /// applied target ([`EjabberdController::check_sql`]).
+    pub sql_check_interval: Duration,
 }
 
 impl ControllerConfig {
@@ -189,8 +203,10 @@ pub struct StepTiming {
 pub struct ApplyReport {
     pub epoch: Epoch,
     pub target: Endpoint,
-    /// False when the file already pointed at the target (ejabberd is still re-pointed).
+    /// False when the file already held the applied text (ejabberd is still re-pointed).
     pub file_changed: bool,
+    /// What the written text was rewritten from.
+    pub source: Source,
     pub steps: Vec<StepTiming>,
     /// From the start of the apply to the first probe write seen on the target.
     pub first_write: Duration,
@@ -202,15 +218,179 @@ pub struct ApplyReport {
 pub struct Health {
     /// The node answers and the ejabberd application is running.
     pub running: bool,
-    /// `{InitStatus,EjabberdRunning}` as printed by the node, or why it did not answer.
+    /// `{InitStatus,EjabberdRunning,OsPid}` as printed by the node, or why it did not answer.
     pub status: String,
+    /// The node's operating-system process id: a new one means ejabberd was restarted.
+    pub os_pid: Option<u32>,
+}
+
+/// Where the text an apply writes comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The agent's last good copy.
+    LastGood,
+    /// The file on disk, edited by hand since the last good copy (sql_server/sql_port are
+    /// re-pointed, the rest is kept when ejabberd accepts it).
+    OperatorEdit,
+    /// The file on disk, before the agent has any good copy (first apply).
+    Disk,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::LastGood => "last good copy",
+            Source::OperatorEdit => "operator's edit",
+            Source::Disk => "file on disk",
+        })
+    }
+}
+
+/// The sources an apply tries, in order: the file on disk when there is no good copy yet; the
+/// good copy when the disk holds it (or cannot be read by the agent); otherwise the operator's
+/// edit first and the good copy if that fails.
+pub fn sources<'a>(disk: Option<&'a str>, good: Option<&'a str>) -> Vec<(Source, &'a str)> {
+    match (disk, good) {
+        (Some(disk), None) => vec![(Source::Disk, disk)],
+        (None, None) => Vec::new(),
+        (None, Some(good)) => vec![(Source::LastGood, good)],
+        (Some(disk), Some(good)) if disk == good || SqlSettings::parse(disk).is_err() => {
+            vec![(Source::LastGood, good)]
+        }
+        (Some(disk), Some(good)) => vec![(Source::OperatorEdit, disk), (Source::LastGood, good)],
+    }
+}
+
+/// How the managed file differs from the last good copy (for logs and status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Difference {
+    /// The agent's scanner cannot read it (or it cannot be read at all).
+    Unparsable(String),
+    /// `sql_server`/`sql_port` of a vhost point elsewhere.
+    SqlServer { vhost: String, found: String },
+    /// Another SQL setting (database, user, password, type) changed.
+    SqlSettings,
+    /// Other settings changed.
+    Other,
+}
+
+impl Difference {
+    pub fn between(disk: &str, good: &str) -> Self {
+        let disk = match SqlSettings::parse(disk) {
+            Ok(s) => s,
+            Err(e) => return Difference::Unparsable(e.to_string()),
+        };
+        let Ok(good) = SqlSettings::parse(good) else {
+            return Difference::Other;
+        };
+        let vhosts = good.vhosts.keys().chain(disk.vhosts.keys());
+        for vhost in std::iter::once("").chain(vhosts.map(String::as_str)) {
+            let (d, g) = (disk.effective(vhost), good.effective(vhost));
+            let addr = |p: &Option<DbParams>| p.as_ref().map(|p| (p.host.clone(), p.port));
+            if addr(&d) != addr(&g) {
+                let found =
+                    d.map_or_else(|| "none".to_owned(), |d| format!("{}:{}", d.host, d.port));
+                return Difference::SqlServer {
+                    vhost: if vhost.is_empty() {
+                        "(top level)".into()
+                    } else {
+                        vhost.into()
+                    },
+                    found,
+                };
+            }
+        }
+        if disk != good {
+            Difference::SqlSettings
+        } else {
+            Difference::Other
+        }
+    }
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Difference::Unparsable(e) => write!(f, "unparsable ({e})"),
+            Difference::SqlServer { vhost, found } => {
+                write!(f, "sql_server/sql_port of {vhost} changed to {found}")
+            }
+            Difference::SqlSettings => f.write_str("SQL settings other than the server changed"),
+            Difference::Other => f.write_str("settings other than SQL changed"),
+        }
+    }
+}
+
+/// The outcome of [`EjabberdController::check_file`].
+#[derive(Debug)]
+pub enum FileCheck {
+    /// An apply runs, or nothing was applied yet.
+    Skipped,
+    /// The file is the last good copy.
+    Clean,
+    Repaired {
+        difference: Difference,
+        report: ApplyReport,
+    },
+    RepairFailed {
+        difference: Difference,
+        error: String,
+    },
+}
+
+/// The outcome of [`EjabberdController::check_sql`].
+#[derive(Debug)]
+pub enum SqlCheck {
+    /// An apply runs, or nothing was applied yet.
+    Skipped,
+    Reached {
+        target: Endpoint,
+        elapsed: Duration,
+    },
+    Failed {
+        target: Endpoint,
+        error: String,
+    },
+}
+
+/// The text last written and verified, and its SHA-256.
+#[derive(Debug, Clone)]
+struct GoodCopy {
+    text: String,
+    sum: [u8; 32],
+}
+
+impl GoodCopy {
+    fn new(text: String) -> Self {
+        Self {
+            sum: checksum(&text),
+            text,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    applied: Option<Applied>,
+    good: Option<GoodCopy>,
+}
+
+fn checksum(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+/// The first 8 bytes of a checksum in hex, for logs.
+fn hex8(sum: &[u8; 32]) -> String {
+    sum[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Points one ejabberd node at the current primary. Applies are serialized.
 #[derive(Debug)]
 pub struct EjabberdController {
     config: ControllerConfig,
-    applied: Mutex<Option<Applied>>,
+    state: Mutex<State>,
+    /// Where the last good copy is persisted, if anywhere.
+    last_good_path: Option<PathBuf>,
 }
 
 /// A connection to the target that receives the probe notifications.
@@ -238,12 +418,45 @@ impl EjabberdController {
         config.validate()?;
         Ok(Self {
             config,
-            applied: Mutex::new(applied),
+            state: Mutex::new(State {
+                applied,
+                good: None,
+            }),
+            last_good_path: None,
         })
     }
 
+    /// Persists the last good copy at `path` (mode 0600) and loads the copy stored there by a
+    /// previous run, if any.
+    pub fn with_last_good(mut self, path: PathBuf) -> Result<Self, ControllerError> {
+        let loaded = match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            _ => Some(ha_pki::read_key_file(&path).map_err(|e| {
+                ControllerError::Invalid(format!("last good copy {}: {e}", path.display()))
+            })?),
+        };
+        let state = self.state.get_mut();
+        if let Some(text) = loaded {
+            let good = GoodCopy::new(text);
+            info!(path = %path.display(), sha256 = %hex8(&good.sum), "last good copy of the managed file loaded");
+            state.good = Some(good);
+        }
+        self.last_good_path = Some(path);
+        Ok(self)
+    }
+
     pub async fn applied(&self) -> Option<Applied> {
-        self.applied.lock().await.clone()
+        self.state.lock().await.applied.clone()
+    }
+
+    /// The last good copy of the managed file, if any.
+    pub async fn last_good(&self) -> Option<String> {
+        self.state
+            .lock()
+            .await
+            .good
+            .as_ref()
+            .map(|g| g.text.clone())
     }
 
     /// Moves ejabberd to `target` for `epoch` and verifies it; see the module docs.
@@ -252,8 +465,8 @@ impl EjabberdController {
         target: &Endpoint,
         epoch: Epoch,
     ) -> Result<ApplyReport, ControllerError> {
-        let mut applied = self.applied.lock().await;
-        if let Some(prev) = applied.as_ref() {
+        let mut state = self.state.lock().await;
+        if let Some(prev) = state.applied.as_ref() {
             if epoch < prev.epoch {
                 warn!(requested = %epoch, applied = %prev.epoch, "refusing an older epoch");
                 return Err(ControllerError::StaleEpoch {
@@ -270,7 +483,202 @@ impl EjabberdController {
                 });
             }
         }
+        self.apply_locked(&mut state, target, epoch).await
+    }
+
+    /// Applies the target last applied again (rewrite from the sources, reload, pool restart,
+    /// verified write); `None` before anything was applied.
+    pub async fn reassert(&self) -> Option<Result<ApplyReport, ControllerError>> {
+        let mut state = self.state.lock().await;
+        let applied = state.applied.clone()?;
+        info!(node = %self.config.node.node, epoch = %applied.epoch, target = %applied.target, "re-asserting the applied target");
+        Some(
+            self.apply_locked(&mut state, &applied.target, applied.epoch)
+                .await,
+        )
+    }
+
+    /// Compares the managed file with the last good copy and, when they differ, repairs it by
+    /// applying the applied target again from the sources [`sources`] picks. Skipped while an
+    /// apply runs (it writes the file itself) and before anything was applied.
+    pub async fn check_file(&self) -> FileCheck {
+        let Ok(mut state) = self.state.try_lock() else {
+            return FileCheck::Skipped;
+        };
+        let (Some(good), Some(applied)) = (state.good.clone(), state.applied.clone()) else {
+            return FileCheck::Skipped;
+        };
+        let path = &self.config.config_path;
+        let disk = tokio::fs::read_to_string(path).await;
+        let difference = match &disk {
+            Ok(text) if checksum(text) == good.sum => return FileCheck::Clean,
+            Ok(text) => Difference::between(text, &good.text),
+            Err(e) => Difference::Unparsable(format!("cannot read it: {e}")),
+        };
+        warn!(node = %self.config.node.node, path = %path.display(), %difference,
+              good_sha256 = %hex8(&good.sum),
+              "the managed file differs from the last good copy; repairing");
+        let result = self
+            .apply_locked(&mut state, &applied.target, applied.epoch)
+            .await;
+        match result {
+            Ok(report) => {
+                info!(node = %self.config.node.node, path = %path.display(), %difference,
+                      source = %report.source, total_ms = report.total.as_millis() as u64,
+                      "managed file repaired, ejabberd reloaded and verified on the target");
+                FileCheck::Repaired { difference, report }
+            }
+            Err(e) => {
+                warn!(node = %self.config.node.node, path = %path.display(), %difference,
+                      error = %e, "repairing the managed file failed");
+                FileCheck::RepairFailed {
+                    difference,
+                    error: e.to_string(),
+                }
+            }
+        }
+    }
+
+    /// An uncached write through ejabberd's SQL pool (the apply's verify step) must reach the
+    /// applied target within `min(verify_timeout, sql_check_interval)`. Skipped while an apply
+    /// runs and before anything was applied.
+    pub async fn check_sql(&self) -> SqlCheck {
+        let (good, applied) = {
+            let Ok(state) = self.state.try_lock() else {
+                return SqlCheck::Skipped;
+            };
+            match (state.good.clone(), state.applied.clone()) {
+                (Some(good), Some(applied)) => (good, applied),
+                _ => return SqlCheck::Skipped,
+            }
+        };
+        let failed = |e: ControllerError| SqlCheck::Failed {
+            target: applied.target.clone(),
+            error: e.to_string(),
+        };
+        let settings = match SqlSettings::parse(&good.text) {
+            Ok(s) => s,
+            Err(source) => {
+                return failed(ControllerError::Config {
+                    path: self.config.config_path.clone(),
+                    source,
+                });
+            }
+        };
+        let plans = match self.plan(&settings, &settings) {
+            Ok(p) => p,
+            Err(e) => return failed(e),
+        };
+        let started = Instant::now();
+        let bound = self
+            .config
+            .verify_timeout
+            .min(self.config.sql_check_interval);
+        let token = format!("check-{:016x}", rand::random::<u64>());
+        for plan in &plans {
+            let mut listener = match self.listen(plan).await {
+                Ok(l) => l,
+                Err(e) => return failed(e),
+            };
+            if let Err(e) = self.verify(plan, &mut listener, &token, bound).await {
+                return failed(e);
+            }
+        }
+        SqlCheck::Reached {
+            target: applied.target,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    /// One apply with the lock held: tries each source [`sources`] picks, in order, until one
+    /// is written, reloaded and verified; a failed try restores the last good copy.
+    async fn apply_locked(
+        &self,
+        state: &mut State,
+        target: &Endpoint,
+        epoch: Epoch,
+    ) -> Result<ApplyReport, ControllerError> {
         info!(epoch = %epoch, target = %target, "applying ejabberd SQL target");
+        let path = &self.config.config_path;
+        let disk = tokio::fs::read_to_string(path).await;
+        let disk = match (disk, &state.good) {
+            (Ok(text), _) => Some(text),
+            (Err(e), Some(_)) => {
+                warn!(path = %path.display(), error = %e, "cannot read the managed file; the last good copy replaces it");
+                None
+            }
+            (Err(source), None) => {
+                return Err(ControllerError::Read {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        };
+        let good = state.good.as_ref().map(|g| g.text.as_str());
+        let picked = sources(disk.as_deref(), good);
+        // What a failed try puts back: the last good copy, or (before any) the file as it was.
+        let restore_text = good.or(disk.as_deref()).unwrap_or_default().to_owned();
+        let mut last_error = None;
+        for (i, (source, text)) in picked.iter().enumerate() {
+            if i > 0 {
+                info!(source = %source, "trying the next source");
+            }
+            match self
+                .try_apply(target, epoch, *source, text, disk.as_deref(), &restore_text)
+                .await
+            {
+                Ok((report, written)) => {
+                    state.applied = Some(Applied {
+                        epoch,
+                        target: target.clone(),
+                        at: SystemTime::now(),
+                    });
+                    self.keep_good(state, written);
+                    return Ok(report);
+                }
+                // ejabberd uses the target: another source would change nothing.
+                Err(e @ ControllerError::OldConnections { .. }) => return Err(e),
+                Err(e) => {
+                    warn!(epoch = %epoch, target = %target, source = %source, error = %e, "apply from this source failed");
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| ControllerError::Invalid("no source to apply".into())))
+    }
+
+    /// Remembers `text` as the last good copy, in memory and (when configured) in the state
+    /// directory, mode 0600: it holds the SQL password.
+    fn keep_good(&self, state: &mut State, text: String) {
+        let good = GoodCopy::new(text);
+        if state.good.as_ref().is_some_and(|g| g.sum == good.sum) {
+            return;
+        }
+        if let Some(store) = &self.last_good_path {
+            match ha_pki::write_key_file(store, good.text.as_bytes()) {
+                Ok(()) => {
+                    info!(path = %store.display(), sha256 = %hex8(&good.sum), "last good copy of the managed file stored")
+                }
+                // Kept in memory; the next apply tries again.
+                Err(e) => {
+                    warn!(path = %store.display(), error = %e, "cannot store the last good copy")
+                }
+            }
+        }
+        state.good = Some(good);
+    }
+
+    /// Rewrites `text` for `target`, writes it (when the disk differs), reloads, restarts the
+    /// pools and verifies; returns the report and the text now on disk.
+    async fn try_apply(
+        &self,
+        target: &Endpoint,
+        epoch: Epoch,
+        source: Source,
+        text: &str,
+        disk: Option<&str>,
+        restore_text: &str,
+    ) -> Result<(ApplyReport, String), ControllerError> {
         let start = Instant::now();
         let mut steps = Vec::new();
         let mut timed = |step, vhost: Option<&str>, since: Instant| {
@@ -283,19 +691,12 @@ impl EjabberdController {
 
         let t = Instant::now();
         let path = &self.config.config_path;
-        let old_text =
-            tokio::fs::read_to_string(path)
-                .await
-                .map_err(|source| ControllerError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
         let config_err = |source| ControllerError::Config {
             path: path.clone(),
             source,
         };
         let sql_target = SqlTarget::new(target.host.clone(), target.port).map_err(config_err)?;
-        let rewritten = config::rewrite(&old_text, &sql_target).map_err(config_err)?;
+        let rewritten = config::rewrite(text, &sql_target).map_err(config_err)?;
         let plans = self.plan(
             &SqlSettings::parse(&rewritten.text).map_err(config_err)?,
             &rewritten.before,
@@ -313,7 +714,8 @@ impl EjabberdController {
         }
 
         let t = Instant::now();
-        if rewritten.changed {
+        let file_changed = disk != Some(rewritten.text.as_str());
+        if file_changed {
             replace(path.clone(), rewritten.text.clone()).await?;
         }
         timed(Step::WriteFile, None, t);
@@ -326,9 +728,10 @@ impl EjabberdController {
         let first_write = match switched {
             Ok(first) => first,
             Err(err) => {
-                warn!(epoch = %epoch, target = %target, error = %err, "apply failed, restoring the last good configuration");
-                if rewritten.changed {
-                    self.restore(path.clone(), old_text, &plans).await;
+                warn!(epoch = %epoch, target = %target, source = %source, error = %err, "apply failed, restoring the last good configuration");
+                if rewritten.text != restore_text {
+                    self.restore(path.clone(), restore_text.to_owned(), &plans)
+                        .await;
                 }
                 return Err(err);
             }
@@ -341,15 +744,11 @@ impl EjabberdController {
             timed(Step::OldServerCheck, Some(&plan.vhost), t);
         }
 
-        *applied = Some(Applied {
-            epoch,
-            target: target.clone(),
-            at: SystemTime::now(),
-        });
         let report = ApplyReport {
             epoch,
             target: target.clone(),
-            file_changed: rewritten.changed,
+            file_changed,
+            source,
             steps,
             first_write,
             total: start.elapsed(),
@@ -357,12 +756,13 @@ impl EjabberdController {
         info!(
             epoch = %epoch,
             target = %target,
+            source = %source,
             file_changed = report.file_changed,
             first_write_ms = report.first_write.as_millis() as u64,
             total_ms = report.total.as_millis() as u64,
             "ejabberd moved to the new primary and verified"
         );
-        Ok(report)
+        Ok((report, rewritten.text))
     }
 
     /// Whether the node answers and runs ejabberd. Never fails: unreachable is "not running".
@@ -436,7 +836,8 @@ impl EjabberdController {
         let mut first = None;
         for (plan, listener) in plans.iter().zip(listeners.iter_mut()) {
             let t = Instant::now();
-            self.verify(plan, listener, token).await?;
+            self.verify(plan, listener, token, self.config.verify_timeout)
+                .await?;
             timed(Step::VerifyWrite, Some(&plan.vhost), t);
             first.get_or_insert(start.elapsed());
         }
@@ -530,6 +931,7 @@ impl EjabberdController {
         plan: &Plan,
         listener: &mut Listener,
         token: &str,
+        bound: Duration,
     ) -> Result<(), ControllerError> {
         let sql = format!(
             "SELECT pg_notify('{}', '{token}'), txid_current()",
@@ -539,7 +941,7 @@ impl EjabberdController {
             .ok_or_else(|| ControllerError::Invalid(format!("probe statement {sql:?}")))?;
         let expr = format!("ejabberd_sql:sql_query({}, [{sql}]).", plan.vhost_literal);
         let started = Instant::now();
-        let deadline = started + self.config.verify_timeout;
+        let deadline = started + bound;
         let mut attempts = 0u32;
         let last = loop {
             attempts += 1;
@@ -686,15 +1088,21 @@ impl EjabberdController {
 /// Whether `node` answers and runs the ejabberd application.
 pub(super) async fn node_health(node: &ErlNode) -> Health {
     let expr = "{element(1, init:get_status()), \
-                lists:keymember(ejabberd, 1, application:which_applications())}.";
+                lists:keymember(ejabberd, 1, application:which_applications()), \
+                list_to_integer(os:getpid())}.";
     match node.eval(expr).await {
         Ok(status) => Health {
-            running: status == "{started,true}",
+            running: status.starts_with("{started,true,"),
+            os_pid: status
+                .rsplit(',')
+                .next()
+                .and_then(|p| p.trim_end_matches('}').parse().ok()),
             status,
         },
         Err(e) => Health {
             running: false,
             status: e.to_string(),
+            os_pid: None,
         },
     }
 }
@@ -726,4 +1134,62 @@ fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
 async fn replace(path: PathBuf, text: String) -> Result<(), ControllerError> {
     tokio::task::spawn_blocking(move || files::replace_file(&path, text.as_bytes())).await??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const GOOD: &str = "hosts:\n  - example.org\nloglevel: info\nsql_type: pgsql\n\
+                        sql_server: 127.0.0.1\nsql_port: 5432\nsql_password: 'pw'\n";
+
+    #[test]
+    fn an_apply_never_restores_from_the_file_it_repairs() {
+        // Unreadable by the agent: only the last good copy is tried.
+        let broken = GOOD.replace("'pw'", "'pw");
+        assert_eq!(
+            sources(Some(&broken), Some(GOOD)),
+            vec![(Source::LastGood, GOOD)]
+        );
+        // Readable edit (ejabberd may still refuse it): tried first, the good copy after.
+        let edited = format!("{GOOD}loglevel: not-a-level\n");
+        assert_eq!(
+            sources(Some(&edited), Some(GOOD)),
+            vec![
+                (Source::OperatorEdit, edited.as_str()),
+                (Source::LastGood, GOOD)
+            ]
+        );
+        assert_eq!(
+            sources(Some(GOOD), Some(GOOD)),
+            vec![(Source::LastGood, GOOD)]
+        );
+        assert_eq!(sources(None, Some(GOOD)), vec![(Source::LastGood, GOOD)]);
+        // Before any verified apply the file on disk is all there is.
+        assert_eq!(sources(Some(GOOD), None), vec![(Source::Disk, GOOD)]);
+    }
+
+    #[test]
+    fn differences_are_named() {
+        let unparsable = Difference::between(&GOOD.replace("'pw'", "'pw"), GOOD);
+        assert!(
+            matches!(unparsable, Difference::Unparsable(_)),
+            "{unparsable}"
+        );
+        assert_eq!(
+            Difference::between(&GOOD.replace("5432", "5999"), GOOD),
+            Difference::SqlServer {
+                vhost: "(top level)".into(),
+                found: "127.0.0.1:5999".into()
+            }
+        );
+        assert_eq!(
+            Difference::between(&GOOD.replace("'pw'", "'other'"), GOOD),
+            Difference::SqlSettings
+        );
+        let other = Difference::between(&GOOD.replace("info", "debug"), GOOD);
+        assert_eq!(other, Difference::Other);
+        assert!(!other.to_string().contains("pw"), "no secret in the text");
+    }
 }

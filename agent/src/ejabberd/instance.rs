@@ -184,6 +184,7 @@ impl PrivateInstance {
             db_connect_timeout: Duration::from_secs(2),
             verify_timeout: Duration::from_secs(10),
             old_connections_timeout: Duration::from_secs(5),
+            sql_check_interval: Duration::from_secs(10),
         }
     }
 
@@ -209,6 +210,17 @@ impl PrivateInstance {
                 output: text,
             })
         }
+    }
+
+    /// SIGKILL of ejabberd's process group, then a new start on the same directories (what a
+    /// service manager does after a crash), waiting until the application runs.
+    pub async fn kill_and_restart(&mut self) -> Result<(), InstanceError> {
+        if let Some(mut child) = self.ejabberd.take() {
+            kill_group(&child);
+            let _ = child.wait().await;
+            info!(node = %self.node.node, "private ejabberd killed");
+        }
+        self.start_ejabberd().await
     }
 
     /// Stops ejabberd (gracefully, then by force), then epmd, then removes the directory.

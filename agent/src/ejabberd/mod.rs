@@ -4,8 +4,9 @@
 //! - [`files`]: atomic replacement of the file keeping owner, group and mode.
 //! - [`erl`]: expressions evaluated in the ejabberd node through `erl_call`.
 //! - [`controller`]: [`EjabberdController::apply`] rewrites, reloads, restarts the SQL pools and
-//!   proves with an uncached write that ejabberd now writes to the target; health and cluster
-//!   membership.
+//!   proves with an uncached write that ejabberd now writes to the target; the last good copy
+//!   of the file, its periodic comparison and repair, the periodic check that the pool reaches
+//!   the target; health and cluster membership.
 //! - [`instance`]: a private ejabberd (own directory, node name and epmd) for tests and drills.
 //!
 //! Invariant: ejabberd is reported as following an epoch only after a write through ejabberd
@@ -19,8 +20,8 @@ pub mod instance;
 
 pub use config::{ConfigError, SqlSettings, SqlTarget, rewrite};
 pub use controller::{
-    Applied, ApplyReport, ControllerConfig, ControllerError, EjabberdController, Health, Step,
-    StepTiming,
+    Applied, ApplyReport, ControllerConfig, ControllerError, Difference, EjabberdController,
+    FileCheck, Health, Source, SqlCheck, Step, StepTiming, sources,
 };
 pub use erl::{ErlError, ErlNode};
 pub use instance::{InstanceError, PrivateInstance};

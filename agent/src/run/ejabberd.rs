@@ -12,6 +12,12 @@
 //!   last good file in place (the controller restores it), is reported as `last_error`, and is
 //!   retried after [`RETRY_APPLY`];
 //! - MAINTENANCE and REMOVED change nothing in ejabberd: the node keeps its last target.
+//! - every [`HEALTH_EVERY`] the managed file is compared with the controller's last good copy
+//!   (persisted as [`LAST_GOOD_FILE`]) and repaired when it differs; every
+//!   `sql_check_interval`, and as soon as ejabberd is seen (re)started, an uncached write
+//!   through ejabberd's pool must reach the applied target, else ejabberd is reported not
+//!   running and the target is applied again. A repair or failure stays in `last_error`
+//!   until the next clean check.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,14 +36,16 @@ use super::monitors::{MonitorLink, Monitors};
 use super::state::{AgentState, StateFile};
 use super::{ReportResult, RunError, accept_goal, watch_goals};
 use crate::config::{AgentConfig, EjabberdRole};
-use crate::ejabberd::{ApplyReport, EjabberdController, controller::Applied};
+use crate::ejabberd::{ApplyReport, EjabberdController, FileCheck, SqlCheck, controller::Applied};
 
 /// Pause before an apply that failed is tried again for the same goal.
 pub const RETRY_APPLY: Duration = Duration::from_secs(2);
 /// How often ejabberd's health and cluster membership are read (each costs an `erl_call`).
-const HEALTH_EVERY: Duration = Duration::from_secs(2);
+pub const HEALTH_EVERY: Duration = Duration::from_secs(2);
 /// Name of the applied-target record in the state directory.
 const APPLIED_FILE: &str = "ejabberd-applied.json";
+/// Name of the last good copy of the managed file in the state directory (mode 0600).
+pub const LAST_GOOD_FILE: &str = "ejabberd-last-good.yml";
 
 /// The last target ejabberd verifiably used, as persisted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,13 +110,16 @@ impl AppliedFile {
     }
 }
 
-/// ejabberd as last read over Erlang distribution.
+/// ejabberd as last read over Erlang distribution, and what the checks found.
 #[derive(Debug, Clone, Default)]
 pub struct Seen {
+    /// ejabberd runs and, at the last SQL check, its pool reached the applied target.
     pub running: bool,
     pub members: Vec<String>,
     /// Why ejabberd could not be read, if it could not.
     pub problem: Option<String>,
+    /// Repairs and failures of the file and SQL checks, until their next clean check.
+    pub notes: Vec<String>,
 }
 
 /// The loop's state; handlers are synchronous, [`run`] does the I/O.
@@ -269,11 +280,13 @@ impl Follower {
             }
             _ => None,
         };
-        let last_error = match (&seen.problem, self.last_error.is_empty()) {
-            (Some(p), true) => p.clone(),
-            (Some(p), false) => format!("{}; {p}", self.last_error),
-            (None, _) => self.last_error.clone(),
-        };
+        let last_error = std::iter::once(&self.last_error)
+            .chain(&seen.problem)
+            .chain(&seen.notes)
+            .filter(|e| !e.is_empty())
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("; ");
         let a = self.applied.as_ref();
         v1::ObservedState {
             node: self.node.to_string(),
@@ -306,32 +319,121 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Reads ejabberd's health and cluster membership every [`HEALTH_EVERY`].
+/// Reads ejabberd's health and cluster membership every [`HEALTH_EVERY`], compares the
+/// managed file with the last good copy each time (repairing it when it differs), and checks
+/// every `sql_every`, and right after ejabberd was seen (re)started, that ejabberd's pool
+/// reaches the applied target (applying it again when it does not).
 async fn watch_health(
+    node: NodeId,
     ctl: Arc<EjabberdController>,
+    sql_every: Duration,
     tx: watch::Sender<Seen>,
     stop: CancellationToken,
 ) {
+    // Before the first read, a running ejabberd is not a restart (the agent just started).
+    let mut was_running: Option<bool> = None;
+    let mut last_pid: Option<u32> = None;
+    let mut file_note: Option<String> = None;
+    let mut sql_note: Option<String> = None;
+    let mut sql_failing = false;
+    let mut next_sql = Instant::now() + sql_every;
     loop {
         let health = ctl.health().await;
-        let seen = match (health.running, ctl.cluster_members().await) {
+        if health.running {
+            let restarted = was_running == Some(false)
+                || matches!((last_pid, health.os_pid), (Some(a), Some(b)) if a != b);
+            if restarted {
+                warn!(%node, old_pid = ?last_pid, new_pid = ?health.os_pid,
+                      "ejabberd was (re)started; checking its file and SQL pool now");
+                next_sql = Instant::now();
+            }
+            last_pid = health.os_pid.or(last_pid);
+        }
+        was_running = Some(health.running);
+        let mut seen = match (health.running, ctl.cluster_members().await) {
             (true, Ok(members)) => Seen {
                 running: true,
                 members,
-                problem: None,
+                ..Seen::default()
             },
             (true, Err(e)) => Seen {
                 running: true,
-                members: Vec::new(),
                 problem: Some(format!("cluster membership: {e}")),
+                ..Seen::default()
             },
             (false, _) => Seen {
-                running: false,
-                members: Vec::new(),
                 problem: Some(format!("ejabberd is not running: {}", health.status)),
+                ..Seen::default()
             },
         };
-        if tx.send(seen).is_err() {
+        let publish = |seen: &mut Seen, sql_failing: bool, notes: [&Option<String>; 2]| {
+            seen.running = health.running && !sql_failing;
+            seen.notes = notes.into_iter().flatten().cloned().collect();
+            tx.send(seen.clone()).is_ok()
+        };
+        if !publish(&mut seen, sql_failing, [&file_note, &sql_note]) {
+            return;
+        }
+
+        match ctl.check_file().await {
+            FileCheck::Skipped => {}
+            FileCheck::Clean => {
+                if let Some(previous) = file_note.take() {
+                    info!(%node, %previous, "managed file clean at this check");
+                }
+            }
+            FileCheck::Repaired { difference, report } => {
+                file_note = Some(format!(
+                    "managed file repaired: it was {difference}; rewritten from the {} and verified",
+                    report.source
+                ));
+            }
+            FileCheck::RepairFailed { difference, error } => {
+                file_note = Some(format!("managed file {difference}; repair failed: {error}"));
+            }
+        }
+
+        if health.running && Instant::now() >= next_sql {
+            next_sql = Instant::now() + sql_every;
+            match ctl.check_sql().await {
+                SqlCheck::Skipped => {}
+                SqlCheck::Reached { target, elapsed } => {
+                    if sql_failing || sql_note.is_some() {
+                        info!(%node, %target, elapsed_ms = elapsed.as_millis() as u64,
+                              "ejabberd's SQL pool reaches the applied target at this check");
+                    }
+                    sql_failing = false;
+                    sql_note = None;
+                }
+                SqlCheck::Failed { target, error } => {
+                    warn!(%node, %target, %error,
+                          "ejabberd's SQL pool does not reach the applied target; reporting ejabberd not running and applying the target again");
+                    sql_failing = true;
+                    sql_note = Some(format!("SQL pool does not reach {target}: {error}"));
+                    if !publish(&mut seen, sql_failing, [&file_note, &sql_note]) {
+                        return;
+                    }
+                    match ctl.reassert().await {
+                        Some(Ok(report)) => {
+                            info!(%node, %target, total_ms = report.total.as_millis() as u64,
+                                  "ejabberd's SQL pool repaired: target applied again and verified");
+                            sql_failing = false;
+                            sql_note = Some(format!(
+                                "SQL pool did not reach {target} ({error}); applied again and verified"
+                            ));
+                        }
+                        Some(Err(e)) => {
+                            warn!(%node, %target, error = %e, "applying the target again failed; retried at the next SQL check");
+                            sql_note = Some(format!(
+                                "SQL pool does not reach {target} ({error}); applying again failed: {e}"
+                            ));
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+        if !publish(&mut seen, sql_failing, [&file_note, &sql_note]) {
             return;
         }
         tokio::select! {
@@ -357,6 +459,7 @@ pub async fn run(
             role.controller.clone(),
             applied.as_ref().map(AppliedRecord::applied),
         )
+        .and_then(|c| c.with_last_good(cfg.state_dir.join(LAST_GOOD_FILE)))
         .map_err(|e| RunError::Applied(format!("ejabberd controller: {e}")))?,
     );
     info!(node = %cfg.node, applied = ?applied, "ejabberd role starting");
@@ -368,7 +471,13 @@ pub async fn run(
         shutdown.child_token(),
     ));
     let (seen_tx, seen_rx) = watch::channel(Seen::default());
-    let health = tokio::spawn(watch_health(ctl.clone(), seen_tx, shutdown.child_token()));
+    let health = tokio::spawn(watch_health(
+        cfg.node.clone(),
+        ctl.clone(),
+        role.controller.sql_check_interval,
+        seen_tx,
+        shutdown.child_token(),
+    ));
     let (report_tx, mut reports) = mpsc::channel::<ReportResult>(1);
     let (done_tx, mut done) = mpsc::channel(1);
     let mut f = Follower::new(cfg, state, state_file, record_file, applied);
@@ -470,6 +579,7 @@ advertise_host = "127.0.0.1"
                 port,
             },
             file_changed: true,
+            source: crate::ejabberd::Source::LastGood,
             steps: Vec::new(),
             first_write: Duration::from_millis(300),
             total: Duration::from_millis(400),

@@ -75,6 +75,20 @@ pub fn psql(cluster: &Cluster, name: &str, db: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// How many users named `user` ejabberd's database on `name` holds.
+#[allow(dead_code)] // not every test binary counts users
+pub fn users(cluster: &Cluster, name: &str, user: &str) -> String {
+    psql(
+        cluster,
+        name,
+        DB,
+        &[
+            "-c",
+            &format!("SELECT count(*) FROM users WHERE username = '{user}'"),
+        ],
+    )
+}
+
 /// ejabberd's role, database and schema on `primary` (standbys get them by replication).
 pub fn prepare_database(cluster: &Cluster, primary: &str) {
     psql(
@@ -180,6 +194,14 @@ xmpp_port = {c2s}
             log,
             _dir: dir,
         }
+    }
+}
+
+impl EjabberdAgent {
+    /// The agent's PID (to stop it with SIGSTOP for a while).
+    #[allow(dead_code)] // not every test binary stops its agent
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self._process.id()).unwrap()
     }
 }
 
