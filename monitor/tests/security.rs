@@ -347,7 +347,10 @@ async fn a_node_joins_with_a_csr_and_every_unauthorized_caller_is_refused() {
         .await
         .unwrap()
         .into_inner();
-    assert!(relayed.lease_ms > 0, "no lease through the follower: {relayed:?}");
+    assert!(
+        relayed.lease_ms > 0,
+        "no lease through the follower: {relayed:?}"
+    );
     // ... but a node cannot pass a report off as relayed, to the leader or to a follower.
     for (id, whom) in [(leader, "the leader"), (follower, "a follower")] {
         let mut forged = tonic::Request::new(report("psql2"));

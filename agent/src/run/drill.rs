@@ -553,7 +553,7 @@ fn crash(postmaster: Option<i32>) -> DrillError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     #![allow(clippy::unwrap_used)]
     use std::net::{Ipv4Addr, TcpListener, TcpStream};
 
@@ -676,7 +676,7 @@ mod tests {
     }
 
     /// Polls until `f` holds, for at most `limit`.
-    fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    pub(in crate::run) fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         let deadline = std::time::Instant::now() + limit;
         while std::time::Instant::now() < deadline {
             if f() {
@@ -735,7 +735,8 @@ mod tests {
         assert!(!d.monitors_cut_off(Instant::now() + Duration::from_millis(1500)));
     }
 
-    fn state(pid: u32) -> char {
+    /// The process state letter of `pid` (`T`: stopped), `?` when it is gone.
+    pub(in crate::run) fn state(pid: u32) -> char {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         stat.rsplit_once(')')
             .and_then(|(_, r)| r.trim_start().chars().next())

@@ -315,6 +315,35 @@ pub struct Reconciler<L> {
     /// A goal was just reached: report it now rather than at the next tick (the monitors'
     /// next decision, e.g. promoting after a drain, waits for this report).
     report_soon: bool,
+    /// PostgreSQL paused while the monitors are asked about a lease that ran out while this
+    /// agent was not running (see [`Reconciler::on_lease_expired`]).
+    paused: Option<Paused>,
+    /// A report must go out now, even with an older one still unanswered.
+    report_urgent: bool,
+    /// How long PostgreSQL may stay paused waiting for the monitors' answer.
+    pause_bound: Duration,
+}
+
+/// A lease that ran out more than this late was not watched: the agent was frozen (SIGSTOP,
+/// a stalled VM) or starved, and did not notice the expiry on time.
+const LATE_EXPIRY: Duration = Duration::from_millis(250);
+
+/// PostgreSQL's processes stopped (SIGSTOP) while the monitors are asked.
+#[derive(Debug)]
+struct Paused {
+    /// The postmaster and its children.
+    pids: Vec<i32>,
+    since: Instant,
+    until: Instant,
+}
+
+impl Paused {
+    fn resume(&self) {
+        for &pid in &self.pids {
+            // A process that exited meanwhile has nothing to resume.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        }
+    }
 }
 
 impl<L: MonitorLink> Reconciler<L> {
@@ -350,6 +379,11 @@ impl<L: MonitorLink> Reconciler<L> {
             worker_busy: false,
             want_job: true,
             report_soon: false,
+            paused: None,
+            report_urgent: false,
+            // One RPC timeout per monitor tried, capped: longer, a refusal costs more than the
+            // fence it replaces.
+            pause_bound: (cfg.rpc_timeout * 2).min(cfg.report_interval * 8),
         }
     }
 
@@ -368,6 +402,9 @@ impl<L: MonitorLink> Reconciler<L> {
     /// the lease of this run; before any report of this run is answered, what is left of the
     /// previous run's lease if PostgreSQL is found writable.
     pub fn lease_deadline(&self) -> Option<Instant> {
+        if let Some(p) = &self.paused {
+            return Some(p.until);
+        }
         if self.lease_fenced {
             return None;
         }
@@ -433,7 +470,52 @@ impl<L: MonitorLink> Reconciler<L> {
     }
 
     /// The lease ran out: stop accepting writes at once, then let the worker fence properly.
+    ///
+    /// Noticed late (this agent was frozen or starved past the expiry), the lease may well
+    /// have been renewable all along: a frozen agent alone leaves its PostgreSQL answering the
+    /// monitors' probes, and the monitors never promote away from a port that answers. So
+    /// PostgreSQL is paused instead (SIGSTOP of the postmaster and every backend: nothing is
+    /// served, nothing acknowledged) and a report goes out at once. If the monitors renew the
+    /// lease with the writable goal, PostgreSQL resumes unfenced; any other answer, or none
+    /// within the bound, fences it as before. A detached `kill -CONT` armed for the bound
+    /// resumes PostgreSQL even if this agent dies meanwhile.
     pub fn on_lease_expired(&mut self, now: Instant) {
+        if let Some(p) = self.paused.take() {
+            warn!(node = %self.node, paused_ms = now.saturating_duration_since(p.since).as_millis(),
+                  "no answer from the monitors while PostgreSQL was paused: fencing it");
+            self.fence_now();
+            p.resume();
+            return;
+        }
+        let late = self
+            .lease_deadline()
+            .map_or(Duration::ZERO, |d| now.saturating_duration_since(d));
+        if late >= LATE_EXPIRY
+            && self.lease.expires_at().is_some()
+            && self.writable_goal()
+            && let Some(pid) = self.postmaster_pid
+        {
+            match drill::freeze_tree(pid, self.pause_bound) {
+                Ok(children) => {
+                    warn!(node = %self.node, late_ms = late.as_millis(), pid,
+                          children = children.len(), bound_ms = self.pause_bound.as_millis(),
+                          "the lease ran out while this agent was not running: PostgreSQL paused \
+                           while the monitors are asked");
+                    let mut pids = vec![pid];
+                    pids.extend(children);
+                    self.paused = Some(Paused {
+                        pids,
+                        since: now,
+                        until: now + self.pause_bound,
+                    });
+                    self.report_urgent = true;
+                    return;
+                }
+                Err(e) => {
+                    warn!(node = %self.node, error = %e, "PostgreSQL could not be paused: fencing it");
+                }
+            }
+        }
         match self.lease.last_ok_send() {
             Some(t) => warn!(node = %self.node,
                              since_last_ok_send_ms = now.saturating_duration_since(t).as_millis(),
@@ -442,20 +524,52 @@ impl<L: MonitorLink> Reconciler<L> {
                           "PostgreSQL is writable, no report of this run was answered and both \
                            the previous run's lease and the restart grace are over: fencing PostgreSQL"),
         }
-        if let Some(pid) = self.postmaster_pid {
-            // Fast shutdown refuses new connections and ends sessions immediately; the worker's
-            // fence step (which waits for the exit) follows.
-            if let Err(e) = kill(Pid::from_raw(pid), Signal::SIGINT) {
-                warn!(node = %self.node, pid, error = %e, "could not signal the postmaster");
-            }
+        self.fence_now();
+    }
+
+    /// Fast shutdown of the postmaster now (it refuses new connections and ends sessions at
+    /// once; a paused one acts on it when continued); the worker's fence step, which waits for
+    /// the exit, follows.
+    fn fence_now(&mut self) {
+        if let Some(pid) = self.postmaster_pid
+            && let Err(e) = kill(Pid::from_raw(pid), Signal::SIGINT)
+        {
+            warn!(node = %self.node, pid, error = %e, "could not signal the postmaster");
         }
         self.lease_fenced = true;
         self.want_job = true;
         self.set_error("lease expired: PostgreSQL fenced".into());
     }
 
+    /// The answer to the report sent after pausing PostgreSQL decides: resume or fence.
+    fn settle_pause(&mut self, answered: bool) {
+        let Some(p) = self.paused.take() else {
+            return;
+        };
+        let paused_ms = p.since.elapsed().as_millis();
+        if answered && !self.lease.expired(Instant::now()) && self.writable_goal() {
+            info!(node = %self.node, paused_ms,
+                  "the monitors renewed the lease with the writable goal: PostgreSQL resumes unfenced");
+        } else {
+            warn!(node = %self.node, paused_ms, answered,
+                  "the monitors did not renew the writable lease: fencing PostgreSQL");
+            self.fence_now();
+        }
+        p.resume();
+    }
+
     pub fn on_report(&mut self, r: ReportResult) {
         self.report_in_flight = false;
+        // Only a report sent after PostgreSQL was paused says anything about now.
+        let settles = self.paused.as_ref().is_some_and(|p| r.sent_at >= p.since);
+        let answered = r.result.is_ok();
+        self.take_report(r);
+        if settles {
+            self.settle_pause(answered);
+        }
+    }
+
+    fn take_report(&mut self, r: ReportResult) {
         match r.result {
             Ok(resp) => {
                 if self.monitor_ok != Some(true) {
@@ -690,20 +804,32 @@ pub async fn reconcile<L: MonitorLink>(
             () = tokio::time::sleep_until(next_report) => {
                 next_report = Instant::now() + core.report_interval;
                 core.want_job = true;
-                if !core.report_in_flight && !core.drill.monitors_cut_off(Instant::now()) {
-                    core.report_in_flight = true;
-                    let link = core.link.clone();
-                    let observed = core.observed_state();
-                    let tx = report_tx.clone();
-                    tokio::spawn(async move {
-                        let sent_at = Instant::now();
-                        let result = link.report(observed).await;
-                        let _ = tx.send(ReportResult { sent_at, result }).await;
-                    });
+                if !core.report_in_flight {
+                    send_report(&mut core, &report_tx);
                 }
             }
         }
+        if std::mem::take(&mut core.report_urgent) {
+            // Not waiting for a report sent before the agent stopped running.
+            send_report(&mut core, &report_tx);
+        }
     }
+}
+
+/// Sends a report in its own task; its answer comes back on `tx` with its send time.
+fn send_report<L: MonitorLink>(core: &mut Reconciler<L>, tx: &mpsc::Sender<ReportResult>) {
+    if core.drill.monitors_cut_off(Instant::now()) {
+        return;
+    }
+    core.report_in_flight = true;
+    let link = core.link.clone();
+    let observed = core.observed_state();
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let sent_at = Instant::now();
+        let result = link.report(observed).await;
+        let _ = tx.send(ReportResult { sent_at, result }).await;
+    });
 }
 
 #[cfg(test)]
@@ -990,6 +1116,99 @@ socket_dir = "/tmp/ha-agent-unit"
         assert_eq!(c.lease_deadline(), Some(sent_at + Duration::from_secs(3)));
         let left = LeaseRecord::new(dir.path()).inherited(sent_at) - sent_at;
         assert!(left > Duration::from_secs(2), "recorded: {left:?}");
+    }
+
+    /// A reconciler whose lease of this run ran out `ago`, primary goal, and a stand-in
+    /// postmaster (a `sleep` process) it would pause or fence.
+    fn lapsed_primary(
+        dir: &Path,
+        ago: Duration,
+    ) -> (Reconciler<ScriptedMonitor>, ha_tests::ChildGuard, u32) {
+        let link = ScriptedMonitor {
+            silent_after: Instant::now(),
+            epoch: 1,
+        };
+        let mut c = core(dir, link, 1);
+        c.on_report(answer(
+            Instant::now() - Duration::from_secs(3) - ago,
+            GoalState::Primary,
+            1,
+        ));
+        assert!(c.writable_goal());
+        let pm = ha_tests::ChildGuard::new(
+            std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .unwrap(),
+        );
+        let pid = pm.id();
+        c.postmaster_pid = Some(i32::try_from(pid).unwrap());
+        (c, pm, pid)
+    }
+
+    fn answer(sent_at: Instant, state: GoalState, epoch: u64) -> ReportResult {
+        ReportResult {
+            sent_at,
+            result: Ok(v1::ReportResponse {
+                goal: Some(goal_wire(state, epoch)),
+                lease_ms: 3000,
+                report_interval_ms: 500,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_found_expired_on_resuming_pauses_postgres_until_the_monitors_answer() {
+        use drill::tests::{eventually, state};
+        let dir = tempfile::tempdir().unwrap();
+        let stopped = |pid: u32| eventually(Duration::from_secs(5), || state(pid) == 'T');
+        let gone =
+            |pid: u32| eventually(Duration::from_secs(5), || matches!(state(pid), 'Z' | '?'));
+
+        // Frozen for 10 s: the lease ran out long ago. PostgreSQL is paused, not fenced, and a
+        // report goes out at once.
+        let (mut c, _pm, pid) = lapsed_primary(dir.path(), Duration::from_secs(10));
+        c.on_lease_expired(Instant::now());
+        assert!(stopped(pid), "PostgreSQL is paused");
+        assert!(!c.lease_fenced && c.report_urgent);
+        // An answer to a report sent before the pause settles nothing.
+        c.on_report(answer(
+            Instant::now() - Duration::from_secs(5),
+            GoalState::Primary,
+            1,
+        ));
+        assert!(c.paused.is_some());
+        // The monitors renew the lease with the writable goal: it resumes, unfenced.
+        c.on_report(answer(Instant::now(), GoalState::Primary, 1));
+        assert!(c.paused.is_none() && !c.lease_fenced);
+        assert!(eventually(Duration::from_secs(5), || state(pid) == 'S'));
+
+        // Meanwhile the monitors failed over: the answer's goal is fenced at a newer epoch.
+        let (mut c, _pm, pid) = lapsed_primary(dir.path(), Duration::from_secs(10));
+        c.on_lease_expired(Instant::now());
+        assert!(stopped(pid));
+        c.on_report(answer(Instant::now(), GoalState::Fenced, 2));
+        assert!(c.lease_fenced, "fenced");
+        assert!(
+            gone(pid),
+            "the stand-in postmaster got its SIGINT once resumed"
+        );
+
+        // No answer within the bound: fenced.
+        let (mut c, _pm, pid) = lapsed_primary(dir.path(), Duration::from_secs(10));
+        c.on_lease_expired(Instant::now());
+        assert!(stopped(pid));
+        let until = c.lease_deadline().unwrap();
+        assert!(until > Instant::now() && until <= Instant::now() + c.pause_bound);
+        c.on_lease_expired(until);
+        assert!(c.lease_fenced);
+        assert!(gone(pid));
+
+        // Noticed on time (monitors unreachable, agent running): fenced at once, as always.
+        let (mut c, _pm, pid) = lapsed_primary(dir.path(), Duration::ZERO);
+        c.on_lease_expired(Instant::now());
+        assert!(c.lease_fenced && c.paused.is_none());
+        assert!(gone(pid));
     }
 
     #[tokio::test]
