@@ -415,6 +415,21 @@ impl<'a> Judge<'a> {
             || self.pg_down(n)
     }
 
+    /// Whether the primary `p` has failed: a crash on positive evidence, a silent agent whose
+    /// port refuses, PostgreSQL reported down for a lease, or silence for the whole lease and
+    /// its margin while the port does not answer. Silence shorter than that never starts a
+    /// failover, because starting one cuts the standby's stream and fences `p`: a primary
+    /// paused for less than its lease (a stalled VM, a frozen host) resumes as the primary.
+    /// Waiting costs nothing, since a silent primary whose port does not refuse can only be
+    /// replaced once its lease is out anyway (see [`Self::fence_evidence`]).
+    fn primary_failed(&self, p: &NodeId) -> bool {
+        self.crashed(p)
+            || self.pg_down(p)
+            || (!self.reporting(p) && self.recent_probe(p) == Some(ProbeResult::Refused))
+            || (self.lease_out(p) && self.recent_probe(p) != Some(ProbeResult::Ok))
+            || (crate::broken::active().lease && self.failed(p))
+    }
+
     fn report(&self, n: &NodeId) -> Option<&'a Report> {
         self.obs.node(n)?.report.as_ref()
     }
@@ -597,7 +612,9 @@ impl<'a> Draft<'a> {
     fn run(mut self) -> Option<Decision> {
         match (self.group.primary.clone(), self.group.operation.clone()) {
             (None, _) => self.bootstrap(),
-            (Some(p), None) if self.judge.failed(&p) => self.start_failover(&p, false, false),
+            (Some(p), None) if self.judge.primary_failed(&p) => {
+                self.start_failover(&p, false, false);
+            }
             (Some(p), None) => self.steady(&p),
             (
                 Some(_),
