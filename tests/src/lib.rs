@@ -2,8 +2,9 @@
 //! drills: loopback ports and child processes that are always reaped (this file), the
 //! workspace binaries ([`bins`]), a whole cluster of real processes ([`cluster`]) secured with
 //! mutual TLS from its own CA ([`pki`]), the drill workload with its safety checks ([`writer`]),
-//! the named drills ([`drill`]), a real XMPP client ([`xmpp`]) and helpers for tests on a netns
-//! stand ([`stand`]).
+//! the named drills ([`drill`]), a real XMPP client ([`xmpp`]), helpers for tests on a netns
+//! stand ([`stand`]) and the reference lab stand that the chaos and liveness tests fault
+//! ([`lab_stand`]).
 //!
 //! Tests run in parallel with other tests on the same machine, so every server a test starts
 //! listens on a port chosen at run time, and every process it starts is killed by PID when the
@@ -12,6 +13,7 @@
 pub mod bins;
 pub mod cluster;
 pub mod drill;
+pub mod lab_stand;
 pub mod pki;
 pub mod stand;
 pub mod writer;

@@ -53,20 +53,17 @@
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::fmt;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use ha_provision::lab::{Haclt, ejabberd_status, frontends_applied, one_erlang_cluster};
-use ha_provision::material::Material;
-use ha_provision::netns::Layout;
-use ha_provision::topology::Topology;
-use ha_tests::cluster::PgAddr;
-use ha_tests::stand::{
-    Stopped, namespace_pids_named, namespace_processes, state_tempdir, unique_prefix,
+use ha_provision::lab::ejabberd_status;
+use ha_tests::lab_stand::{
+    Direction, FRONTENDS, MONITORS, POSTGRES, Stand, build, cargo_build, partition, primary,
+    wait_converged,
 };
-use ha_tests::writer::{TABLES, Watch, Writer, missing_acknowledged};
+use ha_tests::stand::{Stopped, namespace_processes};
+use ha_tests::writer::{Watch, Writer, missing_acknowledged};
 use ha_tests::xmpp::LoadRun;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -74,128 +71,8 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::time::Instant;
 
-/// Bound for the stand to converge after a fault is undone.
-const CONVERGE: Duration = Duration::from_secs(120);
 /// Bound for an ejabberd agent to report its killed ejabberd down.
 const EJABBERD_SEEN_DOWN: Duration = Duration::from_secs(15);
-const FRONTENDS: [&str; 2] = ["e1server", "e2server"];
-const POSTGRES: [&str; 2] = ["psql1server", "psql2server"];
-const MONITORS: [&str; 3] = ["mon1server", "mon2server", "mon3server"];
-
-/// The stand under test, taken down on drop (also when the test fails).
-struct Stand {
-    topology: Topology,
-    prefix: String,
-    state_dir: PathBuf,
-    bin_dir: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl Stand {
-    /// Brings the stand up with the binaries in `bin_dir`; `daemons` may change how `up` runs
-    /// (where the daemons come from, their environment).
-    fn up(bin_dir: PathBuf, daemons: impl FnOnce(&mut Command)) -> Self {
-        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/xmpp-lab.toml");
-        let topology = Topology::parse(&std::fs::read_to_string(&example).unwrap()).unwrap();
-        let prefix = unique_prefix("hcx");
-        let tmp = state_tempdir();
-        let stand = Self {
-            topology,
-            prefix,
-            state_dir: tmp.path().join("state"),
-            bin_dir,
-            _tmp: tmp,
-        };
-        let mut up = stand.cli();
-        up.arg("up")
-            .arg(&example)
-            .arg("--prefix")
-            .arg(&stand.prefix);
-        daemons(&mut up);
-        let out = up.output().unwrap();
-        assert!(
-            out.status.success(),
-            "up failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stand
-    }
-
-    fn cli(&self) -> Command {
-        let mut cmd = Command::new(self.bin_dir.join("ha-provision"));
-        cmd.arg("--state-dir").arg(&self.state_dir);
-        cmd
-    }
-
-    fn material(&self) -> Material<'_> {
-        Material::new(&self.topology, &self.state_dir)
-    }
-
-    fn ns(&self, node: &str) -> String {
-        Layout::new(&self.topology, &self.prefix).namespace(node)
-    }
-
-    fn haclt(&self) -> Haclt {
-        Haclt {
-            binary: self.bin_dir.join("haclt"),
-            fabric: Layout::new(&self.topology, &self.prefix).fabric(),
-            config: self.material().haclt_config(),
-        }
-    }
-
-    /// `haclt status --json` (a blocking child process: off the async workers).
-    fn status(&self) -> Result<serde_json::Value, String> {
-        tokio::task::block_in_place(|| self.haclt().status()).map_err(|e| e.to_string())
-    }
-
-    fn pg(&self, node: &str) -> PgAddr {
-        PgAddr {
-            name: node.to_owned(),
-            socket_dir: self.material().node_dir(node).join("pg"),
-            port: self.topology.ports.postgres,
-        }
-    }
-
-    fn pids_named(&self, node: &str, comm: &str) -> Vec<i32> {
-        namespace_pids_named(&self.ns(node), comm)
-    }
-
-    /// `nft -f -` inside `node`'s namespace.
-    fn nft(&self, node: &str, script: &str) -> Result<(), String> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(node), "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .map_err(|e| e.to_string())?;
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-        }
-    }
-}
-
-impl Drop for Stand {
-    fn drop(&mut self) {
-        let _ = self.cli().arg("down").status();
-    }
-}
-
-/// Which way a partition cuts.
-#[derive(Debug, Clone, Copy)]
-enum Direction {
-    Both,
-    Inbound,
-    Outbound,
-}
 
 #[derive(Debug, Clone)]
 enum Fault {
@@ -333,61 +210,6 @@ fn draw(rng: &mut StdRng) -> Fault {
     }
 }
 
-/// A partition table inside a node's namespace, deleted on drop.
-struct Partitioned<'a> {
-    stand: &'a Stand,
-    node: String,
-}
-
-impl Drop for Partitioned<'_> {
-    fn drop(&mut self) {
-        let _ = self.stand.nft(&self.node, "delete table inet ha_chaos\n");
-    }
-}
-
-/// Cuts `node` off in `direction` for `hold`: from everything but loopback, or only from
-/// `peer`'s addresses (a single link: the rest of the stand still reaches both).
-async fn partition(
-    stand: &Stand,
-    node: &str,
-    direction: Direction,
-    peer: Option<&str>,
-    hold: Duration,
-) -> Result<String, String> {
-    let peer_set = match peer {
-        None => None,
-        Some(p) => {
-            let n = stand.topology.node(p).ok_or(format!("no node {p}"))?;
-            let list: Vec<String> = n.addresses.values().map(ToString::to_string).collect();
-            Some(list.join(", "))
-        }
-    };
-    let rule = |hook: &str, iface: &str, addr: &str| {
-        let only = peer_set
-            .as_ref()
-            .map_or_else(String::new, |set| format!(" ip {addr} {{ {set} }}"));
-        format!(
-            "  chain {hook} {{ type filter hook {hook} priority -50; policy accept; {iface} != \"lo\"{only} drop; }}\n"
-        )
-    };
-    let mut script = String::from("table inet ha_chaos {\n");
-    if matches!(direction, Direction::Both | Direction::Inbound) {
-        script.push_str(&rule("input", "iifname", "saddr"));
-    }
-    if matches!(direction, Direction::Both | Direction::Outbound) {
-        script.push_str(&rule("output", "oifname", "daddr"));
-    }
-    script.push_str("}\n");
-    stand.nft(node, &script)?;
-    let cut = Partitioned {
-        stand,
-        node: node.to_owned(),
-    };
-    tokio::time::sleep(hold).await;
-    drop(cut);
-    Ok(String::new())
-}
-
 /// The monitor node whose id the status shows as leader.
 fn leader_node(stand: &Stand, s: &serde_json::Value) -> Option<String> {
     let id = s["monitors"]
@@ -399,10 +221,6 @@ fn leader_node(stand: &Stand, s: &serde_json::Value) -> Option<String> {
         .iter()
         .find(|m| stand.material().monitor_id(m) == Some(id))
         .map(|m| (*m).to_owned())
-}
-
-fn primary(s: &serde_json::Value) -> Option<String> {
-    s["groups"][0]["primary"].as_str().map(str::to_owned)
 }
 
 /// Injects `fault`, holds it, undoes it. Returns what was done, for the log.
@@ -546,117 +364,11 @@ async fn standby_behind(stand: &Stand, hold: Duration) -> Result<String, String>
     ))
 }
 
-/// Healthy since `since`: every node reported after it (a status from before the fault was
-/// noticed would look healthy), every monitor reachable, a primary with a synchronous standby
-/// (unless `sync` is false), every node healthy, both frontends on the primary at the current
-/// epoch, running ejabberd in one Erlang cluster.
-fn converged(s: &serde_json::Value, since: std::time::Instant, sync: bool) -> bool {
-    let fresh = |n: &serde_json::Value| {
-        n["last_report_age_ms"]
-            .as_u64()
-            .is_some_and(|age| u128::from(age) < since.elapsed().as_millis())
-    };
-    let monitors = s["monitors"].as_array().map_or(&[][..], Vec::as_slice);
-    let group = &s["groups"][0];
-    let nodes = s["nodes"].as_array().map_or(&[][..], Vec::as_slice);
-    let standby_ok = POSTGRES.iter().any(|n| {
-        nodes
-            .iter()
-            .any(|x| x["name"] == *n && x["state"] == "standby" && x["healthy"] == true)
-    });
-    (group["synchronous"] == true || !sync)
-        && standby_ok
-        && nodes.len() == POSTGRES.len() + FRONTENDS.len()
-        && nodes.iter().all(|n| n["healthy"] == true && fresh(n))
-        && monitors.len() == MONITORS.len()
-        && monitors.iter().all(|m| m["reachable"] == true)
-        && frontends_applied(s, &FRONTENDS)
-        && one_erlang_cluster(s, &FRONTENDS)
-}
-
-/// Waits up to [`CONVERGE`] from now for [`converged`] (fresh reports counted from now) and
-/// for the primary to stream to a standby (its `pg_stat_replication`: the monitors' view of a
-/// standby can be healthy while its WAL receiver waits to reconnect, 5 s after the primary's
-/// postmaster restarted). Returns the last status.
-async fn wait_converged(stand: &Stand, sync: bool) -> Result<serde_json::Value, String> {
-    let since = std::time::Instant::now();
-    let deadline = Instant::now() + CONVERGE;
-    let haclt = stand.haclt();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let s = tokio::task::block_in_place(|| {
-            haclt.wait_for("converged after the fault", left, |s| {
-                converged(s, since, sync)
-            })
-        })
-        .map_err(|e| e.to_string())?;
-        let p = primary(&s).ok_or("no primary in the status")?;
-        if streams(&stand.pg(&p)).await {
-            return Ok(s);
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "{p} streams to no standby {CONVERGE:?} after the fault"
-            ));
-        }
-        tokio::time::sleep(Watch::EVERY).await;
-    }
-}
-
-/// Whether `primary` streams WAL to at least one standby now.
-async fn streams(primary: &PgAddr) -> bool {
-    let Ok(client) = primary.connect(Duration::from_secs(1)).await else {
-        return false;
-    };
-    client
-        .query_one(
-            "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
-            &[],
-        )
-        .await
-        .is_ok_and(|row| row.get::<_, i64>(0) > 0)
-}
-
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// `cargo build` in the workspace with `args`.
-fn cargo_build(args: &[&str]) {
-    let status = Command::new(env!("CARGO"))
-        .arg("build")
-        .args(args)
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-        .status()
-        .unwrap();
-    assert!(status.success(), "cargo build {args:?} failed");
-}
-
-/// Builds every binary the stand and the load run, and returns their directory.
-fn build() -> PathBuf {
-    let mut args = vec!["--bins"];
-    for package in [
-        "ha-provision",
-        "ha-monitor",
-        "ha-agent",
-        "haclt",
-        "ha-tests",
-    ] {
-        args.extend(["-p", package]);
-    }
-    cargo_build(&args);
-    // target/debug/deps/chaos-<hash> -> target/debug
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .to_owned();
-    assert!(dir.join("ha-provision").is_file(), "{}", dir.display());
-    dir
 }
 
 /// The run's record, printed in full when a check fails.
@@ -675,22 +387,8 @@ impl Record {
     }
 
     fn fail(&self, stand: &Stand, what: &str) -> ! {
-        let events = stand
-            .haclt()
-            .run(&["events"])
-            .unwrap_or_else(|e| format!("(haclt events failed: {e})"));
-        // The stand (and its logs) is removed when the test unwinds: keep the tails.
-        for node in POSTGRES.iter().chain(&FRONTENDS).chain(&MONITORS) {
-            let dir = stand.material().node_dir(node);
-            for log in ["ha-agent.log", "ha-monitor.log", "pg/postgresql.log"] {
-                let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                if !lines.is_empty() {
-                    let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-                    eprintln!("===== {node} {log} =====\n{tail}");
-                }
-            }
-        }
+        let events = stand.events_text();
+        stand.print_log_tails();
         let replay = self.seed.map_or_else(String::new, |seed| {
             format!("seed {seed} (replay: HA_CHAOS_SEED={seed} cargo test -p ha-tests --test chaos random_faults -- --nocapture)\n")
         });
@@ -714,18 +412,9 @@ impl Workload {
     /// Creates the writer's tables on the primary, then starts the PostgreSQL writer, the
     /// split-brain watch and the XMPP users.
     async fn start(stand: &Stand) -> Self {
-        let first = primary(&stand.status().unwrap()).unwrap();
-        let client = stand
-            .pg(&first)
-            .connect(Duration::from_secs(5))
-            .await
-            .unwrap();
-        client.batch_execute(TABLES).await.unwrap();
-        drop(client);
-        let nodes: Vec<PgAddr> = POSTGRES.iter().map(|n| stand.pg(n)).collect();
+        let writer = stand.start_writer().await;
         let started = Instant::now();
-        let writer = Writer::start(nodes.clone());
-        let watch = Watch::start(nodes);
+        let watch = Watch::start(stand.pg_nodes());
         let mut exec = stand.cli();
         exec.args(["exec", "e1server", "--"])
             .arg(stand.bin_dir.join("ha-xmpp-load"));
