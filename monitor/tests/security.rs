@@ -470,8 +470,9 @@ async fn a_node_joins_with_a_csr_and_every_unauthorized_caller_is_refused() {
         .args(["status", "--json"])
         .output()
         .unwrap();
+    // 3: answered, and degraded (psql1 has no agent running here).
     assert!(
-        out.status.success(),
+        matches!(out.status.code(), Some(0 | 3)),
         "haclt status over TLS: {}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -106,6 +106,28 @@ enum Fault {
     StandbyBehind {
         hold: Duration,
     },
+    /// The primary's `postgresql.conf` made unparsable and its postmaster killed (its agent
+    /// alive, every restart failing), fixed after `hold`.
+    BrokenConfig {
+        hold: Duration,
+    },
+    /// One daemon stopped (SIGSTOP), the rest of its node running: an agent frozen past its
+    /// lease must not fence a healthy primary.
+    FreezeProcess {
+        node: String,
+        comm: &'static str,
+        hold: Duration,
+    },
+}
+
+impl Fault {
+    /// Writes must resume within this long after the fault ended (for a kill: after it),
+    /// unless the status says why not. The slowest path allowed: a primary lost without
+    /// positive evidence (lease 3 s and margin 1 s), its standby's stream cut and promotion,
+    /// the writer's reconnect; a broken configuration is fixed only after its failover.
+    fn resume_within(&self) -> Duration {
+        Duration::from_secs(10)
+    }
 }
 
 impl fmt::Display for Fault {
@@ -127,6 +149,13 @@ impl fmt::Display for Fault {
                 f,
                 "stop the standby's WAL receiver for {hold:?} under a bulk load"
             ),
+            Fault::BrokenConfig { hold } => write!(
+                f,
+                "break the primary's postgresql.conf and kill its postmaster, fixed after {hold:?}"
+            ),
+            Fault::FreezeProcess { node, comm, hold } => {
+                write!(f, "freeze {comm} on {node} for {hold:?}")
+            }
             Fault::QuorumLoss { monitors, hold } => {
                 write!(
                     f,
@@ -151,7 +180,7 @@ fn draw(rng: &mut StdRng) -> Fault {
         .chain(&FRONTENDS)
         .copied()
         .collect();
-    match rng.random_range(0..10) {
+    match rng.random_range(0..12) {
         0 => Fault::CrashPrimary,
         1 => Fault::Kill {
             node: pick(rng, &POSTGRES).to_owned(),
@@ -185,6 +214,15 @@ fn draw(rng: &mut StdRng) -> Fault {
             hold,
         },
         7 => Fault::StandbyBehind { hold },
+        10 => Fault::BrokenConfig {
+            hold: Duration::from_millis(rng.random_range(4000..8000)),
+        },
+        11 => Fault::FreezeProcess {
+            node: pick(rng, &POSTGRES).to_owned(),
+            comm: "ha-agent",
+            // Past the lease (3 s) more often than not.
+            hold: Duration::from_millis(rng.random_range(1000..8000)),
+        },
         8 => {
             let node = pick(rng, &any);
             let others: Vec<&str> = any.iter().copied().filter(|n| *n != node).collect();
@@ -292,6 +330,27 @@ async fn inject(stand: &Stand, fault: &Fault) -> Result<String, String> {
             partition(stand, node, Direction::Both, Some(peer), *hold).await
         }
         Fault::StandbyBehind { hold } => standby_behind(stand, *hold).await,
+        Fault::BrokenConfig { hold } => {
+            let s = stand.status()?;
+            let node = primary(&s).ok_or("no primary in the status")?;
+            let data = stand.material().pg_data(&node);
+            let conf = data.join("postgresql.conf");
+            let original = std::fs::read_to_string(&conf).map_err(|e| e.to_string())?;
+            std::fs::write(&conf, format!("{original}this is not a setting\n"))
+                .map_err(|e| e.to_string())?;
+            let postmaster = ha_tests::postmaster_pid(&data);
+            kill9(&postmaster.into_iter().collect::<Vec<_>>());
+            tokio::time::sleep(*hold).await;
+            std::fs::write(&conf, original).map_err(|e| e.to_string())?;
+            Ok(format!("{node}: postmaster {postmaster:?}"))
+        }
+        Fault::FreezeProcess { node, comm, hold } => {
+            let pids = stand.pids_named(node, comm);
+            let stopped = Stopped::new(pids.clone());
+            tokio::time::sleep(*hold).await;
+            drop(stopped);
+            Ok(format!("pids {pids:?}"))
+        }
         Fault::QuorumLoss { monitors, hold } => {
             let pids: Vec<i32> = monitors
                 .iter()
@@ -409,6 +468,21 @@ struct Workload {
 }
 
 impl Workload {
+    /// How long after `t` the PostgreSQL writer's first acknowledgement came, if one came
+    /// within `within`.
+    async fn resumed_after(&self, t: Instant, within: Duration) -> Option<Duration> {
+        let deadline = t + within;
+        loop {
+            if let Some(a) = self.writer.snapshot().first_ack_after(t, None) {
+                return Some(a.at.saturating_duration_since(t));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Creates the writer's tables on the primary, then starts the PostgreSQL writer, the
     /// split-brain watch and the XMPP users.
     async fn start(stand: &Stand) -> Self {
@@ -536,6 +610,33 @@ async fn random_faults_lose_no_acknowledged_write() {
             Err(e) => record.fail(&stand, &format!("injecting {fault}: {e}")),
         }
         let undone = Instant::now();
+        let within = fault.resume_within();
+        match workload.resumed_after(undone, within).await {
+            Some(took) => record.note(format!("  writes resumed {took:.1?} after the fault ended")),
+            None => {
+                // Allowed only where the status says why (a failover the monitors refuse,
+                // because no standby provably holds every acknowledged write).
+                let s = stand
+                    .status()
+                    .unwrap_or_else(|e| record.fail(&stand, &format!("status: {e}")));
+                let why = s["groups"][0]["pending"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                if why.contains("refused") || why.contains("waits") {
+                    record.note(format!(
+                        "  writes did not resume within {within:?}; the status says why: {why}"
+                    ));
+                } else {
+                    record.fail(
+                        &stand,
+                        &format!(
+                            "writes did not resume within {within:?} after {fault} and the status does not say why: {s:#}"
+                        ),
+                    );
+                }
+            }
+        }
         match wait_converged(&stand, true).await {
             Ok(s) => {
                 let took = undone.elapsed();

@@ -106,6 +106,10 @@ impl LeaseRecord {
         }
     }
 
+    /// Not fsynced, on purpose: the record only counts within the boot that wrote it (its boot
+    /// id is checked), and within one boot the page cache outlives any crash of the agent. A
+    /// crash of the machine loses the file's newest content and the boot with it; the new
+    /// boot ignores the record anyway. An fsync every report interval would buy nothing.
     fn try_store(&self, end: Instant) -> Result<(), String> {
         let (boot, now) = boot_clock()?;
         let left = end.saturating_duration_since(Instant::now()).as_nanos();
