@@ -110,7 +110,7 @@ impl TlsFiles {
     }
 }
 
-/// Timings of failure detection and consensus (DESIGN.md "Timings").
+/// Timings of failure detection and consensus (monitor/README.md, `[timings]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timings {
@@ -174,7 +174,7 @@ impl Timings {
             )));
         }
         // A monitor election must not look like a database failure: the primary's lease has to
-        // outlast a leader change (DESIGN.md safety rules).
+        // outlast a leader change (monitor/README.md, `[timings]`).
         if self.lease <= self.election_timeout() * 2 {
             return Err(invalid(format!(
                 "timings.lease ({:?}) must be longer than two monitor election timeouts ({:?})",

@@ -184,8 +184,7 @@ pub fn node_firewall(topology: &Topology, node: &Node) -> NodeFirewall {
                 single(ports.postgres),
                 "PostgreSQL replication between peers",
             );
-            // DESIGN.md, "How a decision is made", step 2: the monitor leader probes every
-            // PostgreSQL node itself (connect + SELECT 1).
+            // The monitor leader probes every PostgreSQL node itself.
             push(
                 monitors.clone(),
                 single(ports.postgres),

@@ -42,7 +42,7 @@ use crate::{ChildGuard, free_port, postmaster_pid, stop_postmasters};
 /// The database user of the writer's TLS sessions, and its certificate's name (`pg_hba.conf`
 /// admits it with `cert`, which compares the two).
 pub const WRITER_USER: &str = "writer";
-/// The primary's lease under the default timings the monitors run with (DESIGN.md "Timings").
+/// The primary's lease under the default timings the monitors run with (monitor/README.md, `[timings]`).
 pub const LEASE: Duration = Duration::from_secs(3);
 /// The one group of PostgreSQL nodes.
 pub const GROUP: &str = "main";

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::monitors::{MonitorLink, Monitors};
+use super::monitors::Monitors;
 use super::state::{AgentState, StateFile};
 use super::{ReportResult, RunError, accept_goal, watch_goals};
 use crate::config::{AgentConfig, EjabberdRole};
@@ -504,13 +504,7 @@ pub async fn run(
                 if !f.report_in_flight {
                     f.report_in_flight = true;
                     let observed = f.observed_state(&seen_rx.borrow());
-                    let link = monitors.clone();
-                    let tx = report_tx.clone();
-                    tokio::spawn(async move {
-                        let sent_at = Instant::now();
-                        let result = link.report(observed).await;
-                        let _ = tx.send(ReportResult { sent_at, result }).await;
-                    });
+                    super::spawn_report(monitors.clone(), observed, report_tx.clone());
                 }
             }
         }

@@ -1,4 +1,4 @@
-//! The primary's lease, as the agent keeps it (DESIGN.md, safety rules).
+//! The primary's lease, as the agent keeps it (agent/README.md; the monitors' side: monitor/README.md).
 //!
 //! The monitor renews a writable node's lease with every answered report. The agent counts the
 //! lease from when the answered request was SENT (not when its answer arrived): the monitor may

@@ -816,15 +816,21 @@ pub async fn reconcile<L: MonitorLink>(
     }
 }
 
-/// Sends a report in its own task; its answer comes back on `tx` with its send time.
+/// Sends a report of the PostgreSQL role unless a drill cut the monitors off.
 fn send_report<L: MonitorLink>(core: &mut Reconciler<L>, tx: &mpsc::Sender<ReportResult>) {
     if core.drill.monitors_cut_off(Instant::now()) {
         return;
     }
     core.report_in_flight = true;
-    let link = core.link.clone();
-    let observed = core.observed_state();
-    let tx = tx.clone();
+    spawn_report(core.link.clone(), core.observed_state(), tx.clone());
+}
+
+/// Sends `observed` in a task of its own; the answer comes back on `tx` with its send time.
+fn spawn_report<L: MonitorLink>(
+    link: L,
+    observed: v1::ObservedState,
+    tx: mpsc::Sender<ReportResult>,
+) {
     tokio::spawn(async move {
         let sent_at = Instant::now();
         let result = link.report(observed).await;
