@@ -458,3 +458,16 @@ pub fn build() -> PathBuf {
     assert!(dir.join("ha-provision").is_file(), "{}", dir.display());
     dir
 }
+
+/// The monitor node whose id the status shows as leader.
+pub fn leader_node(stand: &Stand, s: &serde_json::Value) -> Option<String> {
+    let id = s["monitors"]
+        .as_array()?
+        .iter()
+        .find(|m| m["leader"] == true)?["id"]
+        .as_u64()?;
+    MONITORS
+        .iter()
+        .find(|m| stand.material().monitor_id(m) == Some(id))
+        .map(|m| (*m).to_owned())
+}

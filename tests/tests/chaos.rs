@@ -59,8 +59,8 @@ use std::time::Duration;
 
 use ha_provision::lab::ejabberd_status;
 use ha_tests::lab_stand::{
-    Direction, FRONTENDS, MONITORS, POSTGRES, Stand, build, cargo_build, partition, primary,
-    wait_converged,
+    Direction, FRONTENDS, MONITORS, POSTGRES, Stand, build, cargo_build, leader_node, partition,
+    primary, wait_converged,
 };
 use ha_tests::stand::{Stopped, namespace_processes};
 use ha_tests::writer::{Watch, Writer, missing_acknowledged};
@@ -246,19 +246,6 @@ fn draw(rng: &mut StdRng) -> Fault {
             }
         }
     }
-}
-
-/// The monitor node whose id the status shows as leader.
-fn leader_node(stand: &Stand, s: &serde_json::Value) -> Option<String> {
-    let id = s["monitors"]
-        .as_array()?
-        .iter()
-        .find(|m| m["leader"] == true)?["id"]
-        .as_u64()?;
-    MONITORS
-        .iter()
-        .find(|m| stand.material().monitor_id(m) == Some(id))
-        .map(|m| (*m).to_owned())
 }
 
 /// Injects `fault`, holds it, undoes it. Returns what was done, for the log.

@@ -17,6 +17,11 @@
 //!   alone stopped (SIGSTOP) for 15 s while PostgreSQL runs: the status shows the node
 //!   unhealthy at once, no failover, and the resumed agent does not interrupt the writes.
 //!
+//! - `a_cut_link_to_the_monitor_leader_does_not_fence_the_primary`: every packet between the
+//!   primary and the monitor leader dropped for 15 s (both reach everything else): the
+//!   primary's agent reports through another monitor, which relays to the leader, so the
+//!   primary keeps its lease: no failover, no write gap beyond one report's timeout.
+//!
 //! Needs root, iproute2, nftables, PostgreSQL 15 and ejabberd, like the chaos test.
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
@@ -25,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ha_provision::lab::node_status;
 use ha_tests::lab_stand::{
-    Direction, POSTGRES, Stand, build, cut, epoch, primary, streams, wait_converged,
+    Direction, POSTGRES, Stand, build, cut, epoch, leader_node, primary, streams, wait_converged,
 };
 use ha_tests::stand::Stopped;
 use ha_tests::writer::Writer;
@@ -67,6 +72,11 @@ const UNHEALTHY_SHOWN: Duration = Duration::from_secs(3);
 const FREEZE_GAP: Duration = Duration::from_secs(1);
 /// The resumed agent reports again (its node healthy in the status).
 const RESUMED: Duration = Duration::from_secs(30);
+/// How long the link between the primary and the monitor leader stays cut: several leases.
+const LEADER_CUT: Duration = Duration::from_secs(15);
+/// Longest write gap with that link cut: none is expected (the primary is never fenced); one
+/// second is the writer's own timeout for a commit, the rest margin for a loaded machine.
+const LEADER_CUT_GAP: Duration = Duration::from_secs(2);
 /// How often the tests poll the status while a fault is held.
 const POLL: Duration = Duration::from_millis(100);
 /// The first write after the stand is up.
@@ -543,6 +553,48 @@ async fn a_frozen_agent_is_shown_unhealthy_and_does_not_fence_its_primary() {
         format!(
             "writes stopped for {longest:?} (bound {FREEZE_GAP:?}) around the frozen agent: the resumed agent fenced its primary (lease expired while frozen) without first checking with the monitors, which kept it primary"
         )
+    });
+    run.finish();
+}
+
+/// Scenario 4: the link between the primary and the monitor leader is cut for [`LEADER_CUT`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_link_to_the_monitor_leader_does_not_fence_the_primary() {
+    let Started {
+        stand,
+        writer,
+        first,
+        primary: p,
+        epoch: e,
+    } = start().await;
+    let mut run = Run::new(
+        "a_cut_link_to_the_monitor_leader_does_not_fence_the_primary",
+        &stand,
+    );
+    let leader = leader_node(&stand, &stand.status().unwrap())
+        .unwrap_or_else(|| run.fatal("no monitor leader in the status".into()));
+    let started = Instant::now();
+    let guard = cut(&stand, &p, Direction::Both, Some(leader.as_str())).unwrap();
+    let mut leaders = Vec::new();
+    let failover = hold_watching(&stand, started, LEADER_CUT, (&p, e), |s, _| {
+        if let Some(l) = leader_node(&stand, s)
+            && leaders.last() != Some(&l)
+        {
+            leaders.push(l);
+        }
+    })
+    .await;
+    drop(guard);
+    let log = writer.stop().await;
+    let longest = log.longest_gap(first, Instant::now());
+    run.figure(format!(
+        "cut {p} <-> {leader} for {} ms, leaders seen {leaders:?}, gap {} ms",
+        ms(LEADER_CUT),
+        ms(longest)
+    ));
+    run.no_failover((&p, e), failover, "the cut");
+    run.check(longest < LEADER_CUT_GAP, || {
+        format!("the longest write gap was {longest:?} (bound {LEADER_CUT_GAP:?}) with the link to the leader cut")
     });
     run.finish();
 }

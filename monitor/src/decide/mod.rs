@@ -12,10 +12,13 @@
 //!   reported FENCED (or DRAINING, for a switchover), or its agent is silent and its port
 //!   refuses connections, or its lease ran out (`last report + lease + lease_margin`) while its
 //!   port does not answer (an answering port with a silent agent is a live, unfenced database).
-//! - A node is failed after `unhealthy_after` of silence with a probe that does not answer, or
-//!   sooner on positive evidence of a crash: two missed reports and a probe, taken since the
-//!   last report, that was refused. A probe that times out (frozen, partitioned) never
-//!   shortens anything: such a primary is replaced only once its lease ran out.
+//! - A primary is failed on positive evidence of a crash (two missed reports and a probe, taken
+//!   since the last report, that was refused), when its agent reports PostgreSQL not running
+//!   for a lease, or after silence for its lease and margin while its port does not answer. A
+//!   probe that times out (frozen, partitioned) never shortens anything, and silence shorter
+//!   than the lease never starts a failover: a primary paused for less resumes as primary.
+//! - For status displays a node is unhealthy sooner (`node_unhealthy`): an agent silent for
+//!   `unhealthy_after`, a server down or a standby not streaming for as long.
 //! - Promotion without `allow_data_loss` needs the committed synchronous set confirmed applied
 //!   by the old primary (`SyncSet::confirmed`, replicated), at least `n - k + 1` of its `n` members stopped with final
 //!   LSNs, and a candidate holding the most advanced of those LSNs (it catches up from the most
@@ -373,8 +376,8 @@ impl<'a> Judge<'a> {
 
     /// The agent reports for a whole lease that its PostgreSQL does not run: it crashed and
     /// cannot be restarted (restart limit, a start that fails, an unusable data directory).
-    /// As long as a silent primary is given (its lease) before it is replaced, so a restart
-    /// after a plain crash (well under a second) never turns into a failover.
+    /// The same time a silent primary gets before it is replaced, and far longer than the
+    /// agent's restart after a plain crash (under a second), which is never a failover.
     fn pg_down(&self, n: &NodeId) -> bool {
         self.down_for(n).is_some_and(|d| d >= self.timings.lease)
     }
@@ -953,7 +956,7 @@ impl<'a> Draft<'a> {
                         Some(p),
                         format!("failover refused: {reason}"),
                     );
-                    if !self.judge.failed(p) {
+                    if !self.judge.primary_failed(p) {
                         self.steady(p);
                     }
                 } else {
@@ -1144,7 +1147,7 @@ impl<'a> Draft<'a> {
     }
 
     fn switchover(&mut self, p: &NodeId, target: &NodeId, phase: SwitchoverPhase) {
-        if self.judge.failed(p) {
+        if self.judge.primary_failed(p) {
             self.operation = None;
             self.event(
                 "switchover_abandoned",
