@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use ha_agent::pg::PgConfig;
 use ha_pki::{Ca, Role, TlsFiles, Validity};
 use ha_proto::NodeId;
+use ha_tests::ChildGuard;
 use ha_tests::cluster::{Cluster, node};
 use ha_tests::pki::LOOPBACK;
 use tokio::time::Instant;
@@ -211,7 +212,8 @@ async fn a_certificate_for_another_node_is_refused_at_agent_start() {
 
 /// With no checked copy to use instead (nothing installed for PostgreSQL yet), an agent whose
 /// certificate fails its check stops at start: one line naming the file and the reason, exit
-/// 64, and no monitor is contacted with the certificate (none listens here).
+/// 64 (without the check it would retry its join with the certificate forever: nothing listens
+/// at the configured monitor address).
 #[test]
 fn a_refused_certificate_with_nothing_to_fall_back_on_exits_64() {
     let dir = tempfile::tempdir().unwrap();
@@ -250,13 +252,30 @@ socket_dir = "{dir}"
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ha-agent"))
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let stderr_path = path("stderr");
+    // Killed when dropped: an agent that does not stop (it retries the join) fails the test.
+    let mut agent = ChildGuard::new(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ha-agent"))
+            .arg("--config")
+            .arg(&config)
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = agent.child().try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not stop: {}",
+            std::fs::read_to_string(&stderr_path).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert_eq!(status.code(), Some(64), "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
     let cert = path("node.pem").display().to_string();
     assert!(
