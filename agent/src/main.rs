@@ -1,5 +1,6 @@
 //! `ha-agent --config PATH [--dev]`: parses arguments, validates the configuration (exit 64 on
-//! a bad one, before anything starts), starts logging, and runs the agent until SIGTERM or
+//! a bad one, before anything starts; also on an own certificate that fails its check at start
+//! with no checked copy to use instead), starts logging, and runs the agent until SIGTERM or
 //! SIGINT. PostgreSQL is left running on exit (the next agent adopts it) unless configured
 //! otherwise.
 
@@ -77,6 +78,11 @@ fn main() -> ExitCode {
         });
         match ha_agent::run::run(config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
+            // Its own certificate failed the check at start with no checked copy to use.
+            Err(e @ ha_agent::run::RunError::Certificate(_)) => {
+                eprintln!("ha-agent: {e}");
+                ExitCode::from(EX_USAGE)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "agent stopped");
                 eprintln!("ha-agent: {e}");

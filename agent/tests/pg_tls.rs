@@ -5,7 +5,8 @@
 //!   the distinctive row payloads appear in the captured bytes; the same run in plaintext shows
 //!   every one of them (so the capture really sees the traffic and the test can fail).
 //! - The primary refuses a certificate whose name is not in its ident map and a certificate from
-//!   another CA, and then accepts the real peer.
+//!   another CA (which the agent installs only once its own bundle trusts that CA; otherwise it
+//!   refuses it before PostgreSQL sees it), and then accepts the real peer.
 //! - A rotated server certificate (same CA) is served after a reload, with no restart, and the
 //!   standby reconnects and keeps streaming.
 //! - After a failover the old primary is rewound from the new one over TLS (`pg_rewind`'s
@@ -422,8 +423,17 @@ async fn primary_refuses_unmapped_names_and_foreign_cas_and_accepts_its_peer() {
     let err = tool_stderr(intruder.ctl.join_standby(&upstream).await);
     assert!(err.contains("certificate authentication failed"), "{err}");
 
-    // The right name, trusting the right CA, but issued by another CA.
-    let mut rogue = h.node("psql2", Some(rogue_pki.issue("psql2", &pki)), &[]);
+    // The right name, trusting the right CA, but issued by another CA: the agent refuses to
+    // install it (it does not chain to the node's CA bundle), so it never reaches PostgreSQL.
+    let rogue_files = rogue_pki.issue("psql2", &pki);
+    let mut rogue = h.node("psql2", Some(rogue_files.clone()), &[]);
+    match rogue.ctl.join_standby(&upstream).await {
+        Err(PgError::Tls(e)) => assert!(e.contains("is not signed by the cluster CA"), "{e}"),
+        other => panic!("expected the agent's refusal, got {other:?}"),
+    }
+    // A node whose bundle also trusts that CA installs it; the primary refuses it.
+    let both = format!("{}{}", pki.ca.cert_pem(), rogue_pki.ca.cert_pem());
+    ha_pki::write_public_file(&rogue_files.ca_bundle, both.as_bytes()).unwrap();
     let err = tool_stderr(rogue.ctl.join_standby(&upstream).await);
     assert!(err.contains("unknown ca"), "{err}");
 

@@ -6,8 +6,9 @@
 //! - [`ca`]: [`Ca`] creates/loads the CA, issues certificates, signs CSRs; [`generate_csr`] for a
 //!   joining node; [`CertInfo`] and [`merge_ca_bundle`] for rotation with an overlap window.
 //! - [`files`]: atomic 0600 key writes and permission-checked key reads.
-//! - [`tls`]: reloadable rustls server/client configs ([`ServerTls`], [`ClientTls`]) and the
-//!   [`ReloadWatcher`] (SIGHUP and file changes).
+//! - [`tls`]: reloadable rustls server/client configs ([`ServerTls`], [`ClientTls`]), the
+//!   [`ReloadWatcher`] (SIGHUP and file changes) and [`check_own_certificate`] (chain to the CA
+//!   bundle, validity, identity) that a holder runs before using its certificate.
 //! - [`transport`]: tonic integration: [`tls_incoming`] for servers, [`connect`] /
 //!   [`MtlsConnector`] for clients, [`require_role`] / [`require_node`] in services.
 //!
@@ -67,10 +68,13 @@ pub use ca::{
 };
 pub use files::{FileError, read_key_file, read_public_file, write_key_file, write_public_file};
 pub use identity::{IdentityError, PeerIdentity, Role};
-pub use tls::{ClientAuth, ClientTls, Reload, ReloadWatcher, ServerTls, TlsError, TlsFiles};
+pub use tls::{
+    ClientAuth, ClientTls, Reload, ReloadWatcher, ServerTls, TlsError, TlsFiles, certs_from_pem,
+    check_own_certificate,
+};
 pub use transport::{
     ConnectError, MtlsConnector, PeerInfo, TlsConn, TlsIncoming, connect, connect_lazy, endpoint,
-    peer_identity, require_node, require_role, tls_incoming,
+    error_chain, peer_identity, require_node, require_role, tls_incoming,
 };
 
 /// Installs ring as the process-wide rustls crypto provider. Idempotent: a provider already

@@ -12,6 +12,12 @@
 //!
 //! [`ReloadWatcher`] reloads on SIGHUP and when any file's identity (inode, size, mtime) changes.
 //!
+//! A holder that knows who it is ([`ClientTls::load_checked`], the agents) also checks its own
+//! certificate before using it, at load and at every reload ([`check_own_certificate`]): it must
+//! chain to the CA bundle and be valid now (the webpki verification the monitors run on every
+//! peer's certificate) and name the expected identity. A certificate that fails is never
+//! presented: peers would refuse it at every connection, with nothing but an alert to show why.
+//!
 //! The ring provider is passed explicitly to every builder, so these configs do not depend on
 //! the process default; [`crate::install_crypto`] is still needed for other rustls users
 //! (tokio-postgres-rustls).
@@ -27,7 +33,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
@@ -58,6 +64,41 @@ pub enum TlsError {
     Verifier(String),
     #[error("cannot listen for SIGHUP: {0}")]
     Signal(std::io::Error),
+    /// The certificate does not verify against the CA bundle now (foreign CA, expired, not
+    /// valid yet, ...).
+    #[error("certificate {} {}", .cert.display(), untrusted_reason(.error, .ca_bundle))]
+    Untrusted {
+        cert: PathBuf,
+        ca_bundle: PathBuf,
+        error: rustls::Error,
+    },
+    #[error("certificate {} is the certificate of {found}, not of {expected}", .cert.display())]
+    WrongIdentity {
+        cert: PathBuf,
+        found: PeerIdentity,
+        expected: PeerIdentity,
+    },
+}
+
+/// Why a certificate failed the webpki verification, in the operator's terms.
+fn untrusted_reason(error: &rustls::Error, ca_bundle: &Path) -> String {
+    use rustls::CertificateError as C;
+    let ca = ca_bundle.display();
+    match error {
+        rustls::Error::InvalidCertificate(e @ (C::UnknownIssuer | C::BadSignature)) => {
+            format!("is not signed by the cluster CA in {ca}: {e}")
+        }
+        rustls::Error::InvalidCertificate(e @ (C::Expired | C::ExpiredContext { .. })) => {
+            format!("has expired: {e}")
+        }
+        rustls::Error::InvalidCertificate(e @ (C::NotValidYet | C::NotValidYetContext { .. })) => {
+            format!("is not valid yet: {e}")
+        }
+        rustls::Error::InvalidCertificate(e) => {
+            format!("does not verify against the cluster CA in {ca}: {e}")
+        }
+        e => format!("does not verify against the cluster CA in {ca}: {e}"),
+    }
 }
 
 /// Where a daemon's TLS material lives.
@@ -89,7 +130,11 @@ fn pem_error(path: &Path) -> impl Fn(rustls_pki_types::pem::Error) -> TlsError +
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read_public_file(path)?;
+    certs_from_pem(&read_public_file(path)?, path)
+}
+
+/// Every certificate of a PEM text read from `path` (named in errors); at least one.
+pub fn certs_from_pem(pem: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(pem_error(path))?;
@@ -99,6 +144,71 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         });
     }
     Ok(certs)
+}
+
+/// The check a holder runs on its own certificate before using it (presenting it, or handing
+/// it to PostgreSQL): `chain` (end-entity first, read from `files.cert`) must verify against
+/// the CA certificates `ca` (read from `files.ca_bundle`) now, with the same webpki client
+/// verifier the servers run on every peer (issuer, signatures, validity period, client-auth
+/// usage), and carry an `ha://` identity, equal to `expected` when given. Returns the identity.
+pub fn check_own_certificate(
+    ca: &[CertificateDer<'static>],
+    chain: &[CertificateDer<'static>],
+    expected: Option<&PeerIdentity>,
+    files: &TlsFiles,
+) -> Result<PeerIdentity, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in ca {
+        roots.add(cert.clone())?;
+    }
+    verify_chain(Arc::new(roots), chain, files)?;
+    own_identity(chain, expected, files)
+}
+
+fn verify_chain(
+    roots: Arc<RootCertStore>,
+    chain: &[CertificateDer<'static>],
+    files: &TlsFiles,
+) -> Result<(), TlsError> {
+    let Some((end_entity, intermediates)) = chain.split_first() else {
+        return Err(TlsError::NoCertificate {
+            path: files.cert.clone(),
+        });
+    };
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    verifier
+        .verify_client_cert(end_entity, intermediates, UnixTime::now())
+        .map_err(|error| TlsError::Untrusted {
+            cert: files.cert.clone(),
+            ca_bundle: files.ca_bundle.clone(),
+            error,
+        })?;
+    Ok(())
+}
+
+fn own_identity(
+    chain: &[CertificateDer<'static>],
+    expected: Option<&PeerIdentity>,
+    files: &TlsFiles,
+) -> Result<PeerIdentity, TlsError> {
+    let end_entity = chain.first().ok_or_else(|| TlsError::NoCertificate {
+        path: files.cert.clone(),
+    })?;
+    let identity =
+        PeerIdentity::from_cert_der(end_entity).map_err(|source| TlsError::Identity {
+            path: files.cert.clone(),
+            source,
+        })?;
+    match expected {
+        Some(expected) if *expected != identity => Err(TlsError::WrongIdentity {
+            cert: files.cert.clone(),
+            found: identity,
+            expected: expected.clone(),
+        }),
+        _ => Ok(identity),
+    }
 }
 
 /// The parsed contents of a [`TlsFiles`] set.
@@ -117,22 +227,33 @@ fn read_roots(ca_bundle: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// How much of its own certificate a holder checks when loading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum OwnCheck {
+    /// It must carry an `ha://` identity (any).
+    Identity,
+    /// It must pass [`check_own_certificate`] for this identity.
+    Verified(PeerIdentity),
+}
+
 impl Material {
-    fn load(files: &TlsFiles) -> Result<Self, TlsError> {
-        let roots = read_roots(&files.ca_bundle)?;
+    fn load(files: &TlsFiles, check: &OwnCheck) -> Result<Self, TlsError> {
+        let roots = Arc::new(read_roots(&files.ca_bundle)?);
         let chain = read_certs(&files.cert)?;
         // Our own certificate must carry an identity: peers will refuse it otherwise, and a
         // daemon should fail at start (or keep its old config) rather than at every connection.
-        let identity =
-            PeerIdentity::from_cert_der(&chain[0]).map_err(|source| TlsError::Identity {
-                path: files.cert.clone(),
-                source,
-            })?;
+        let identity = match check {
+            OwnCheck::Identity => own_identity(&chain, None, files)?,
+            OwnCheck::Verified(expected) => {
+                verify_chain(roots.clone(), &chain, files)?;
+                own_identity(&chain, Some(expected), files)?
+            }
+        };
         let key_pem = read_key_file(&files.key)?;
         let key =
             PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(pem_error(&files.key))?;
         Ok(Self {
-            roots: Arc::new(roots),
+            roots,
             chain,
             key,
             identity,
@@ -169,7 +290,7 @@ fn build_server_config(
     files: &TlsFiles,
     client_auth: ClientAuth,
 ) -> Result<(Arc<ServerConfig>, PeerIdentity), TlsError> {
-    let m = Material::load(files)?;
+    let m = Material::load(files, &OwnCheck::Identity)?;
     let builder = WebPkiClientVerifier::builder_with_provider(m.roots, provider());
     let builder = match client_auth {
         ClientAuth::Required => builder,
@@ -235,16 +356,17 @@ impl Reload for ServerTls {
 #[derive(Debug)]
 pub struct ClientTls {
     files: TlsFiles,
-    present_certificate: bool,
+    /// `None`: presents no certificate.
+    own: Option<OwnCheck>,
     current: RwLock<Arc<ClientConfig>>,
 }
 
 fn build_client_config(
     files: &TlsFiles,
-    present_certificate: bool,
+    own: Option<&OwnCheck>,
 ) -> Result<(Arc<ClientConfig>, Option<PeerIdentity>), TlsError> {
-    let (roots, own) = if present_certificate {
-        let m = Material::load(files)?;
+    let (roots, own) = if let Some(check) = own {
+        let m = Material::load(files, check)?;
         (m.roots, Some((m.chain, m.key, m.identity)))
     } else {
         (Arc::new(read_roots(&files.ca_bundle)?), None)
@@ -270,8 +392,16 @@ fn describe(identity: Option<&PeerIdentity>) -> String {
 }
 
 impl ClientTls {
+    /// Presents the certificate in `files` if it carries any `ha://` identity, without checking
+    /// it further (tests use this to show that servers refuse bad certificates).
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
-        Self::build(files, true)
+        Self::build(files, Some(OwnCheck::Identity))
+    }
+
+    /// Presents the certificate in `files` only if it passes [`check_own_certificate`] for
+    /// `identity`, now and at every reload (a reload that fails keeps the previous config).
+    pub fn load_checked(files: TlsFiles, identity: PeerIdentity) -> Result<Self, TlsError> {
+        Self::build(files, Some(OwnCheck::Verified(identity)))
     }
 
     /// A client that verifies the server against `ca_bundle` but presents no certificate. Its
@@ -282,15 +412,16 @@ impl ClientTls {
             key: ca_bundle.clone(),
             ca_bundle,
         };
-        Self::build(files, false)
+        Self::build(files, None)
     }
 
-    fn build(files: TlsFiles, present_certificate: bool) -> Result<Self, TlsError> {
-        let (config, identity) = build_client_config(&files, present_certificate)?;
-        info!(identity = %describe(identity.as_ref()), cert = %files.cert.display(), "client TLS loaded");
+    fn build(files: TlsFiles, own: Option<OwnCheck>) -> Result<Self, TlsError> {
+        let (config, identity) = build_client_config(&files, own.as_ref())?;
+        info!(identity = %describe(identity.as_ref()), cert = %files.cert.display(),
+              verified = matches!(own, Some(OwnCheck::Verified(_))), "client TLS loaded");
         Ok(Self {
             files,
-            present_certificate,
+            own,
             current: RwLock::new(config),
         })
     }
@@ -306,7 +437,7 @@ impl ClientTls {
 
 impl Reload for ClientTls {
     fn reload(&self) -> Result<(), TlsError> {
-        let (config, identity) = build_client_config(&self.files, self.present_certificate)?;
+        let (config, identity) = build_client_config(&self.files, self.own.as_ref())?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
         info!(identity = %describe(identity.as_ref()), cert = %self.files.cert.display(), "client TLS reloaded");
         Ok(())

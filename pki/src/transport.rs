@@ -299,8 +299,8 @@ pub enum ConnectError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// An error and its sources, joined with ": ".
-fn error_chain(error: &dyn std::error::Error) -> String {
+/// An error and its sources, joined with ": " (tonic's own message is only "transport error").
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

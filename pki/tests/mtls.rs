@@ -523,3 +523,59 @@ async fn the_watcher_reloads_on_file_change_and_on_sighup() {
     let _ = stop.send(());
     task.await.unwrap();
 }
+
+/// The check a holder runs on its own certificate: chain to the bundle, validity, identity. A
+/// checked client refuses such a certificate at load and keeps its config when one is written
+/// over a good one; the unchecked `load` (what the refusal tests above present) takes it.
+#[tokio::test]
+async fn a_checked_client_refuses_a_foreign_expired_or_misnamed_certificate() {
+    let d = Dir::new();
+    let ca = new_ca("cluster-ca");
+    let rogue = new_ca("rogue-ca");
+    let me = PeerIdentity::new(Role::Postgres, "psql1").unwrap();
+    let now = SystemTime::now();
+    let expired = Validity::new(now - 2 * DAY, now - DAY).unwrap();
+    let not_yet = Validity::new(now + DAY, now + 2 * DAY).unwrap();
+    let cases = [
+        (
+            "foreign",
+            &rogue,
+            "psql1",
+            valid(),
+            "is not signed by the cluster CA in",
+        ),
+        ("expired", &ca, "psql1", expired, "has expired"),
+        ("not-yet", &ca, "psql1", not_yet, "is not valid yet"),
+        (
+            "misnamed",
+            &ca,
+            "psql2",
+            valid(),
+            "is the certificate of postgres/psql2, not of postgres/psql1",
+        ),
+    ];
+    for (prefix, issuer, name, validity, reason) in cases {
+        let files = d.files(prefix, issuer, &[&ca], Role::Postgres, name, validity);
+        let err = ClientTls::load_checked(files.clone(), me.clone())
+            .unwrap_err()
+            .to_string();
+        let cert = files.cert.display().to_string();
+        assert!(err.starts_with(&format!("certificate {cert} ")), "{err}");
+        assert!(err.contains(reason), "{prefix}: {err}");
+        ClientTls::load(files).unwrap();
+    }
+
+    let good = d.files("good", &ca, &[&ca], Role::Postgres, "psql1", valid());
+    let tls = ClientTls::load_checked(good.clone(), me.clone()).unwrap();
+    let before = tls.current();
+    let foreign = rogue.issue("psql1", Role::Postgres, &[], valid()).unwrap();
+    write_key_file(&good.key, foreign.key_pem.as_bytes()).unwrap();
+    write_public_file(&good.cert, foreign.cert_pem.as_bytes()).unwrap();
+    assert!(matches!(tls.reload(), Err(TlsError::Untrusted { .. })));
+    assert!(Arc::ptr_eq(&before, &tls.current()), "the old config stays");
+    let renewed = ca.issue("psql1", Role::Postgres, &[], valid()).unwrap();
+    write_key_file(&good.key, renewed.key_pem.as_bytes()).unwrap();
+    write_public_file(&good.cert, renewed.cert_pem.as_bytes()).unwrap();
+    tls.reload().unwrap();
+    assert!(!Arc::ptr_eq(&before, &tls.current()));
+}

@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ha_proto::types::Lsn;
@@ -101,7 +101,7 @@ pub struct PgController {
     crash_restarts: VecDeque<Instant>,
     /// TLS copies were replaced and the running server has not been reloaded since.
     tls_pending: bool,
-    /// The last refresh failure, so a lasting one is logged once rather than every tick.
+    /// Why the TLS material was last refused, until it passes again (logged once, reported).
     tls_error: Option<String>,
 }
 
@@ -197,23 +197,15 @@ impl PgController {
 
     /// Reads the server (running) or its control file (stopped). First it brings the TLS copies
     /// up to date ([`Self::refresh_tls`]): the agent observes every tick, so a rotated
-    /// certificate reaches PostgreSQL within one report interval without a plan step. A refresh
-    /// that fails is logged (once while it keeps failing) and retried next time; the server
-    /// keeps its previous material.
+    /// certificate reaches PostgreSQL within one report interval without a plan step. Material
+    /// that fails the checks is refused (see [`Self::tls_error`]) and looked at again next time;
+    /// the server keeps its previous material.
     pub async fn observe(&mut self) -> Result<PgObservation, PgError> {
         match self.refresh_tls().await {
-            Ok(_) => {
-                if self.tls_error.take().is_some() {
-                    info!(node = %self.cfg.node, "TLS material usable again");
-                }
-            }
+            // Refused material: recorded and logged by `install_tls`.
+            Ok(_) | Err(PgError::Tls(_)) => {}
             Err(e) => {
-                let e = e.to_string();
-                if self.tls_error.as_ref() != Some(&e) {
-                    warn!(node = %self.cfg.node, error = %e,
-                          "TLS material not refreshed; PostgreSQL keeps the previous files");
-                    self.tls_error = Some(e);
-                }
+                warn!(node = %self.cfg.node, error = %e, "reloading PostgreSQL for new TLS material failed; retried next time");
             }
         }
         let state = self.check_postmaster();
@@ -258,13 +250,44 @@ impl PgController {
         Ok(self.cfg.conn_to(&upstream.endpoint))
     }
 
-    /// Installs changed TLS copies and remembers that the server must reload for them.
+    /// Installs changed TLS copies and remembers that the server must reload for them. Material
+    /// that fails the checks (or cannot be copied) is refused: with installed copies (which
+    /// passed the checks) the server keeps them and this succeeds, so the steps go on with
+    /// the old certificate; the reason is kept for the agent's report ([`Self::tls_error`]) and
+    /// logged once while it lasts. Without copies there is nothing to keep: the error.
     fn install_tls(&mut self) -> Result<(), PgError> {
-        if let (Some(source), Some(installed)) = (&self.cfg.tls, self.cfg.installed_tls()) {
-            self.tls_pending |=
-                tls::install(source, &installed, &self.cfg.node, self.run_as.owner)?;
+        let (Some(source), Some(installed)) = (&self.cfg.tls, self.cfg.installed_tls()) else {
+            return Ok(());
+        };
+        match tls::install(source, &installed, &self.cfg.node, self.run_as.owner) {
+            Ok(changed) => {
+                self.tls_pending |= changed;
+                if let Some(previous) = self.tls_error.take() {
+                    info!(node = %self.cfg.node, %previous, "TLS material usable again");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let keep = tls::copies_present(&installed);
+                let e = e.to_string();
+                if self.tls_error.as_ref() != Some(&e) {
+                    let dir = installed.cert.parent().unwrap_or(Path::new("")).display();
+                    if keep {
+                        warn!(node = %self.cfg.node, %dir, "{e}; keeping the installed copy");
+                    } else {
+                        warn!(node = %self.cfg.node, %dir, "{e}; nothing installed to keep");
+                    }
+                    self.tls_error = Some(e.clone());
+                }
+                if keep { Ok(()) } else { Err(PgError::Tls(e)) }
+            }
         }
-        Ok(())
+    }
+
+    /// Why the node's TLS material was last refused (the server keeps its installed copies),
+    /// until material passes the checks again. The agent reports it.
+    pub fn tls_error(&self) -> Option<&str> {
+        self.tls_error.as_deref()
     }
 
     pub async fn controldata(&self) -> Result<ControlData, PgError> {

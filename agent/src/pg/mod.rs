@@ -29,6 +29,7 @@ pub use files::{ClusterState, ControlData, DataDirState};
 pub use observe::{PgObservation, Replica, ServerRole, SyncState};
 pub use plan::{Action, Local, Stopped, WasRole, plan};
 pub use process::Exit;
+pub use tls::copies_present as tls_copies_present;
 
 /// Why a controller step failed.
 #[derive(Debug, thiserror::Error)]

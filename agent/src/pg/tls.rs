@@ -4,16 +4,18 @@
 //! a client key).
 //!
 //! Invariants: a copy is only replaced by material that passed the checks (every PEM parses, the
-//! key belongs to the certificate, the certificate names this node with role postgres), so a
-//! half-written rotation never reaches PostgreSQL; copies are written atomically; key material
-//! never appears in a log line or an error message (errors name paths only).
+//! certificate chains to the CA bundle and is valid now, names this node with role postgres, and
+//! the key belongs to it: [`ha_pki::check_own_certificate`] plus the key match), so neither a
+//! half-written rotation nor a foreign, expired or misnamed certificate reaches PostgreSQL;
+//! copies are written atomically; key material never appears in a log line or an error message
+//! (errors name paths only).
 
 use std::path::Path;
 
 use ha_pki::{PeerIdentity, Role, TlsFiles};
 use ha_proto::NodeId;
+use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::info;
 
 use super::PgError;
@@ -61,31 +63,26 @@ fn tls_err(e: ha_pki::FileError) -> PgError {
     PgError::Tls(e.to_string())
 }
 
-fn certs(pem: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, PgError> {
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| PgError::Tls(format!("{}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(PgError::Tls(format!(
-            "{}: no certificate in the file",
-            path.display()
-        )));
-    }
-    Ok(certs)
+fn pki_err(e: ha_pki::TlsError) -> PgError {
+    PgError::Tls(e.to_string())
 }
 
-/// The checks PostgreSQL and the peers would otherwise only make at the next connection.
+/// Whether every installed copy exists (they passed [`check`] when they were written).
+pub fn copies_present(installed: &TlsFiles) -> bool {
+    [&installed.ca_bundle, &installed.cert, &installed.key]
+        .iter()
+        .all(|p| p.exists())
+}
+
+/// The checks PostgreSQL and the peers would otherwise only make at the next connection: the
+/// same as the agent's own link to the monitors makes ([`ha_pki::check_own_certificate`]),
+/// plus the key match.
 fn check(ca: &str, cert: &str, key: &str, node: &NodeId, source: &TlsFiles) -> Result<(), PgError> {
-    certs(ca, &source.ca_bundle)?;
-    let chain = certs(cert, &source.cert)?;
-    let identity = PeerIdentity::from_cert_der(&chain[0])
-        .map_err(|e| PgError::Tls(format!("{}: {e}", source.cert.display())))?;
-    if identity.role() != Role::Postgres || identity.name() != node.as_str() {
-        return Err(PgError::Tls(format!(
-            "{} is the certificate of {identity}, not of postgres node {node}",
-            source.cert.display()
-        )));
-    }
+    let roots = ha_pki::certs_from_pem(ca, &source.ca_bundle).map_err(pki_err)?;
+    let chain = ha_pki::certs_from_pem(cert, &source.cert).map_err(pki_err)?;
+    let me = PeerIdentity::new(Role::Postgres, node.as_str())
+        .map_err(|e| PgError::Tls(format!("node name {node}: {e}")))?;
+    ha_pki::check_own_certificate(&roots, &chain, Some(&me), source).map_err(pki_err)?;
     // Only the path goes into the message: a parse error must not quote the key.
     let key_der = PrivateKeyDer::from_pem_slice(key.as_bytes())
         .map_err(|_| PgError::Tls(format!("{}: not a PEM private key", source.key.display())))?;
@@ -163,13 +160,46 @@ mod tests {
         assert!(install(&src, &dst, &node, me()).unwrap());
         assert_eq!(std::fs::read_to_string(&dst.key).unwrap(), next.key_pem);
 
-        // Another node's (or an operator's) certificate is not this node's identity.
-        let other = ca.issue("psql2", Role::Postgres, &[], validity).unwrap();
-        let src = write(tmp.path(), &ca, &other.cert_pem, &other.key_pem);
-        assert!(install(&src, &dst, &node, me()).is_err());
-        let op = ca.issue("psql1", Role::Operator, &[], validity).unwrap();
-        let src = write(tmp.path(), &ca, &op.cert_pem, &op.key_pem);
-        assert!(install(&src, &dst, &node, me()).is_err());
+        // Another node's (or an operator's) certificate is not this node's identity; another
+        // CA's certificate named like the node, or an expired one, does not verify. Each is
+        // refused with its reason, and the copies stay as they were.
+        let now = std::time::SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        let expired = Validity::new(now - 2 * day, now - day).unwrap();
+        let rogue = Ca::create("rogue-ca", validity).unwrap();
+        let refused = [
+            (
+                &ca,
+                "psql2",
+                Role::Postgres,
+                validity,
+                "not of postgres/psql1",
+            ),
+            (
+                &ca,
+                "psql1",
+                Role::Operator,
+                validity,
+                "not of postgres/psql1",
+            ),
+            (
+                &rogue,
+                "psql1",
+                Role::Postgres,
+                validity,
+                "is not signed by the cluster CA",
+            ),
+            (&ca, "psql1", Role::Postgres, expired, "has expired"),
+        ];
+        for (issuer, name, role, validity, reason) in refused {
+            let bad = issuer.issue(name, role, &[], validity).unwrap();
+            let src = write(tmp.path(), &ca, &bad.cert_pem, &bad.key_pem);
+            let err = install(&src, &dst, &node, me()).unwrap_err().to_string();
+            assert!(err.contains(reason), "{name} {role}: {err}");
+            assert!(err.contains("node.pem"), "{err}");
+            assert_eq!(std::fs::read_to_string(&dst.cert).unwrap(), next.cert_pem);
+        }
+        assert!(copies_present(&dst));
 
         // A key others can read is refused before anything is copied.
         std::fs::set_permissions(&src.key, std::fs::Permissions::from_mode(0o644)).unwrap();

@@ -66,6 +66,10 @@ pub enum RunError {
     Applied(String),
     #[error("TLS: {0}")]
     Tls(String),
+    /// The agent's own certificate failed its check at start and no checked copy was there to
+    /// use instead: a configuration error (exit 64).
+    #[error("TLS: {0}")]
+    Certificate(String),
 }
 
 fn tls_error(e: impl std::fmt::Display) -> RunError {
@@ -95,7 +99,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     let link_tls = match &config.tls {
         Some(files) => {
-            let tls = Arc::new(ha_pki::ClientTls::load(files.clone()).map_err(tls_error)?);
+            let tls = Arc::new(own_client_tls(&config, files)?);
             let watcher = ha_pki::ReloadWatcher::new(
                 vec![tls.clone() as Arc<dyn ha_pki::Reload>],
                 TLS_RELOAD_POLL,
@@ -114,6 +118,46 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         RoleConfig::Ejabberd(role) => {
             ejabberd::run(&config, role, state, state_file, monitors, shutdown).await
         }
+    }
+}
+
+/// The agent's client TLS for the monitors, checked like the copies for PostgreSQL (chain to the
+/// CA bundle, validity, this node's name and role: [`ha_pki::ClientTls::load_checked`], also at
+/// every reload). A certificate that fails at start is not presented: a PostgreSQL agent uses
+/// the copies it installed for PostgreSQL instead (they passed the same checks; the reload
+/// watcher then follows them, so the agent's own files reach the link once they pass and are
+/// installed); without such copies the agent stops with the reason (exit 64).
+fn own_client_tls(
+    config: &AgentConfig,
+    files: &ha_pki::TlsFiles,
+) -> Result<ha_pki::ClientTls, RunError> {
+    let role = match config.role.kind() {
+        NodeKind::Postgres => ha_pki::Role::Postgres,
+        NodeKind::Ejabberd => ha_pki::Role::Ejabberd,
+    };
+    let me = ha_pki::PeerIdentity::new(role, config.node.as_str())
+        .map_err(|e| RunError::Certificate(format!("node name {}: {e}", config.node)))?;
+    let refused = match ha_pki::ClientTls::load_checked(files.clone(), me.clone()) {
+        Ok(tls) => return Ok(tls),
+        Err(e) => e.to_string(),
+    };
+    let installed = match &config.role {
+        RoleConfig::Postgres(pg) => pg.pg_config(Some(files)).installed_tls(),
+        RoleConfig::Ejabberd(_) => None,
+    };
+    // Without a usable copy the one line is `main`'s: the reason and exit 64.
+    let Some(installed) = installed.filter(crate::pg::tls_copies_present) else {
+        return Err(RunError::Certificate(refused));
+    };
+    match ha_pki::ClientTls::load_checked(installed.clone(), me) {
+        Ok(tls) => {
+            warn!(node = %config.node, cert = %installed.cert.display(),
+                  "{refused}; using the copy installed for PostgreSQL for the monitors instead");
+            Ok(tls)
+        }
+        Err(e) => Err(RunError::Certificate(format!(
+            "{refused}; the copy installed for PostgreSQL fails too: {e}"
+        ))),
     }
 }
 
@@ -167,7 +211,7 @@ async fn join(cfg: &AgentConfig) -> Result<(), RunError> {
             String::new(),
         ),
         Some(files) if files.cert.exists() => {
-            let tls = ha_pki::ClientTls::load(files.clone()).map_err(tls_error)?;
+            let tls = own_client_tls(cfg, files)?;
             info!(node = %cfg.node, cert = %files.cert.display(), "joining with the existing certificate");
             (
                 Monitors::new(cfg.monitors.clone(), cfg.rpc_timeout, Some(Arc::new(tls))),
@@ -299,6 +343,9 @@ pub struct Reconciler<L> {
     reached: Option<GoalState>,
     step: String,
     last_error: String,
+    /// Why PostgreSQL keeps its installed TLS copies, from the last observation: reported
+    /// beside `last_error` for as long as it lasts (steps that succeed do not clear it).
+    tls_error: Option<String>,
     observed: Option<v1::PostgresObservation>,
     postmaster_pid: Option<i32>,
     lease: Lease,
@@ -367,6 +414,7 @@ impl<L: MonitorLink> Reconciler<L> {
             reached: None,
             step: String::new(),
             last_error: String::new(),
+            tls_error: None,
             observed: None,
             postmaster_pid: None,
             lease: Lease::new(),
@@ -431,12 +479,18 @@ impl<L: MonitorLink> Reconciler<L> {
     /// The report to send now.
     pub fn observed_state(&self) -> v1::ObservedState {
         let now_ms = drill::unix_ms();
-        // A refused or failed drill must reach the operator whatever else the agent reports.
-        let last_error = match self.drill.notice(now_ms) {
-            Some(n) if self.last_error.is_empty() => n.to_owned(),
-            Some(n) => format!("{n}; {}", self.last_error),
-            None => self.last_error.clone(),
-        };
+        // A refused or failed drill and refused TLS material must reach the operator whatever
+        // else the agent reports.
+        let last_error = [
+            self.drill.notice(now_ms),
+            self.tls_error.as_deref(),
+            Some(self.last_error.as_str()),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|e| !e.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
         v1::ObservedState {
             node: self.node.to_string(),
             kind: v1::NodeKind::from(self.kind).into(),
@@ -651,8 +705,10 @@ impl<L: MonitorLink> Reconciler<L> {
             WorkerEvent::Observed {
                 obs,
                 postmaster_pid,
+                tls_error,
             } => {
                 self.postmaster_pid = postmaster_pid;
+                self.tls_error = tls_error;
                 match obs {
                     Ok(o) => self.observed = Some(v1::PostgresObservation::from(&o)),
                     Err(e) => self.set_error(format!("observing PostgreSQL: {e}")),
@@ -940,6 +996,7 @@ socket_dir = "/tmp/ha-agent-unit"
                 .send(WorkerEvent::Observed {
                     obs: Ok(PgObservation::empty()),
                     postmaster_pid: None,
+                    tls_error: None,
                 })
                 .await
                 .unwrap();
@@ -1034,6 +1091,38 @@ socket_dir = "/tmp/ha-agent-unit"
     }
 
     #[tokio::test]
+    async fn refused_tls_material_is_reported_until_an_observation_clears_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = ScriptedMonitor {
+            silent_after: Instant::now(),
+            epoch: 0,
+        };
+        let mut c = core(dir.path(), link, 1);
+        let refused = "certificate /x/node.pem is not signed by the cluster CA in /x/ca.pem";
+        let observed = |tls_error: Option<&str>| WorkerEvent::Observed {
+            obs: Ok(PgObservation::empty()),
+            postmaster_pid: None,
+            tls_error: tls_error.map(str::to_owned),
+        };
+        c.on_event(observed(Some(refused)));
+        c.on_goal(goal_wire(GoalState::Primary, 0), "report");
+        assert_eq!(
+            c.observed_state().last_error,
+            format!("{refused}; refused goal primary with stale epoch e0 (highest seen e1)")
+        );
+        // A step that succeeds clears the step's error, not the refusal.
+        let job = c.job();
+        c.on_event(WorkerEvent::Finished {
+            job,
+            action: Some(Action::Nothing),
+            result: Ok(()),
+        });
+        assert_eq!(c.observed_state().last_error, refused);
+        c.on_event(observed(None));
+        assert_eq!(c.observed_state().last_error, "");
+    }
+
+    #[tokio::test]
     async fn writable_goal_waits_for_a_lease() {
         let dir = tempfile::tempdir().unwrap();
         let link = ScriptedMonitor {
@@ -1064,6 +1153,7 @@ socket_dir = "/tmp/ha-agent-unit"
                 ..PgObservation::empty()
             }),
             postmaster_pid: None,
+            tls_error: None,
         });
     }
 

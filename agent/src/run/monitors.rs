@@ -81,7 +81,10 @@ impl Monitors {
             }
             None => endpoint.connect().await,
         };
-        connected.map_err(|e| Status::unavailable(format!("{address}: {e}")))
+        // tonic's own message is only "transport error": the cause (refused certificate,
+        // unknown CA, expired, connection refused) is in the source chain.
+        connected
+            .map_err(|e| Status::unavailable(format!("{address}: {}", ha_pki::error_chain(&e))))
     }
 
     /// Calls `f` on the leader. Gives up with the last error once every monitor (and every
@@ -120,34 +123,46 @@ impl Monitors {
                     self.remember(Some((addr, channel)));
                     return Ok(r.into_inner());
                 }
-                Err(s)
+                Err(s) => {
+                    let s = with_cause(s);
                     if matches!(
                         s.code(),
                         Code::Unavailable
                             | Code::DeadlineExceeded
                             | Code::Cancelled
                             | Code::Unknown
-                    ) =>
-                {
-                    debug!(monitor = %addr, code = ?s.code(), error = %s.message(), "not the leader or unreachable");
-                    if let Some(hint) = s
-                        .metadata()
-                        .get(ha_proto::LEADER_ADDR_METADATA)
-                        .and_then(|v| v.to_str().ok())
-                    {
-                        queue.insert(0, (hint.to_owned(), None));
+                    ) {
+                        debug!(monitor = %addr, code = ?s.code(), error = %s.message(), "not the leader or unreachable");
+                        if let Some(hint) = s
+                            .metadata()
+                            .get(ha_proto::LEADER_ADDR_METADATA)
+                            .and_then(|v| v.to_str().ok())
+                        {
+                            queue.insert(0, (hint.to_owned(), None));
+                        }
+                        last = s;
+                    } else {
+                        self.remember(Some((addr, channel)));
+                        return Err(s);
                     }
-                    last = s;
-                }
-                Err(s) => {
-                    self.remember(Some((addr, channel)));
-                    return Err(s);
                 }
             }
         }
         self.remember(None);
         Err(last)
     }
+}
+
+/// `status` with its source chain appended to the message: a call that failed on the
+/// connection (a TLS alert from the monitor after the handshake, such as an unknown or expired
+/// certificate) carries only "transport error" as its message, and every log line and report
+/// prints the message.
+fn with_cause(status: Status) -> Status {
+    let Some(source) = std::error::Error::source(&status) else {
+        return status;
+    };
+    let message = format!("{}: {}", status.message(), ha_pki::error_chain(source));
+    Status::with_metadata(status.code(), message, status.metadata().clone())
 }
 
 impl MonitorLink for Monitors {
@@ -159,5 +174,25 @@ impl MonitorLink for Monitors {
             async move { c.report(req).await }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transport_failure_names_its_cause() {
+        let alert = std::io::Error::other("received fatal alert: CertificateExpired");
+        let mut status = Status::new(Code::Unavailable, "transport error");
+        status.set_source(std::sync::Arc::new(alert));
+        let status = with_cause(status);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().starts_with("transport error: "));
+        assert!(
+            status.message().contains("CertificateExpired"),
+            "{}",
+            status.message()
+        );
     }
 }

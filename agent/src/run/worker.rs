@@ -28,6 +28,8 @@ pub enum WorkerEvent {
     Observed {
         obs: Result<PgObservation, String>,
         postmaster_pid: Option<i32>,
+        /// Why the node's TLS material is refused ([`PgController::tls_error`]), if it is.
+        tls_error: Option<String>,
     },
     /// An action started (not sent for [`Action::Nothing`]).
     Applying(Action),
@@ -60,10 +62,12 @@ async fn observe(
     let obs = ctl.observe().await.map_err(|e| e.to_string());
     let postmaster_pid = ctl.postmaster_pid();
     let local = obs.as_ref().ok().cloned();
+    let tls_error = ctl.tls_error().map(str::to_owned);
     let _ = events
         .send(WorkerEvent::Observed {
             obs,
             postmaster_pid,
+            tls_error,
         })
         .await;
     local
