@@ -503,6 +503,9 @@ async fn rejoin_falls_back_to_base_backup_when_rewind_is_impossible() {
     a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
 }
 
+/// How far apart restarts past the limit are in the crash test.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postmaster_crash_is_detected_and_restarts_are_limited() {
     let mut h = Harness::new();
@@ -510,6 +513,7 @@ async fn postmaster_crash_is_detected_and_restarts_are_limited() {
         cfg.restart_limit = RestartLimit {
             max_restarts: 2,
             window: Duration::from_secs(600),
+            retry_after: RETRY_AFTER,
         };
     });
     a.ctl.bootstrap(&SyncConfig::default()).await.unwrap();
@@ -549,6 +553,21 @@ async fn postmaster_crash_is_detected_and_restarts_are_limited() {
             assert_eq!(a.ctl.postmaster_pid(), None);
         }
     }
+    // Past the limit the next attempt comes `retry_after` after the last one, not at the end
+    // of the window: a fixed node comes back by itself.
+    let limited = std::time::Instant::now();
+    let deadline = limited + RETRY_AFTER * 3;
+    loop {
+        match a.ctl.start().await {
+            Ok(()) => break,
+            Err(PgError::RestartLimit { .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no restart within {:?} of the limit: {e}", RETRY_AFTER * 3),
+        }
+    }
+    assert!(limited.elapsed() < RETRY_AFTER * 3);
+    assert_eq!(a.count("SELECT 1::bigint").await, 1);
     // A deliberate stop is not a crash.
     a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
     a.ctl.start().await.unwrap();

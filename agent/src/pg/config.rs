@@ -87,6 +87,8 @@ pub struct ConnInfo {
     pub user: String,
     pub dbname: Option<String>,
     pub application_name: Option<String>,
+    /// libpq's `connect_timeout` in seconds (its minimum is 2). `None`: wait as long as TCP.
+    pub connect_timeout: Option<u32>,
     /// Client certificate, key and trusted CAs: `sslmode=verify-full` (the server's certificate
     /// must chain to the CA and name `host`). `None`: `sslmode=disable`.
     pub tls: Option<TlsFiles>,
@@ -105,6 +107,9 @@ impl ConnInfo {
         }
         if let Some(app) = &self.application_name {
             pairs.push(("application_name", app.clone()));
+        }
+        if let Some(secs) = self.connect_timeout {
+            pairs.push(("connect_timeout", secs.to_string()));
         }
         match &self.tls {
             Some(tls) => {
@@ -271,9 +276,13 @@ pub enum RoleSettings {
 /// Restart policy after the postmaster died without being asked to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartLimit {
-    /// Crash restarts allowed within `window`; one more is refused.
+    /// Crash restarts allowed at once within `window`; beyond, one attempt per `retry_after`.
     pub max_restarts: u32,
     pub window: Duration,
+    /// Past the limit, restarts are spaced this far apart instead of stopping for the rest of
+    /// the window: a node whose cause was fixed (a bad setting, a full disk) comes back by
+    /// itself within this bound, while a crash loop costs one attempt per bound.
+    pub retry_after: Duration,
 }
 
 /// Everything the controller needs to run one local PostgreSQL server.
@@ -374,6 +383,7 @@ impl PgConfig {
             restart_limit: RestartLimit {
                 max_restarts: 3,
                 window: Duration::from_secs(600),
+                retry_after: Duration::from_secs(30),
             },
         }
     }
@@ -442,14 +452,19 @@ impl PgConfig {
             user: self.replication.user.clone(),
             dbname: None,
             application_name: None,
+            connect_timeout: None,
             tls: self.installed_tls(),
         }
     }
 
     /// Connection string this node uses to stream from `upstream`.
+    /// A connection attempt that hangs (its SYN dropped by a cut link) is given up after 2 s,
+    /// so the WAL receiver tries again `reconnect_interval` later and streams again within a
+    /// few seconds of the link's return, instead of whenever TCP's own retransmissions land.
     pub fn primary_conninfo(&self, upstream: &Upstream) -> ConnInfo {
         ConnInfo {
             application_name: Some(self.node.to_string()),
+            connect_timeout: Some(2),
             ..self.conn_to(&upstream.endpoint)
         }
     }
@@ -651,6 +666,7 @@ mod tests {
             user: "o'brien".into(),
             dbname: Some("postgres".into()),
             application_name: None,
+            connect_timeout: None,
             tls: None,
         };
         assert_eq!(
@@ -685,7 +701,7 @@ mod tests {
         );
         assert!(standby.contains(
             "primary_conninfo = 'host=''127.0.0.1'' port=''5432'' user=''replicator'' \
-             application_name=''psql-2'' sslmode=''disable'''\n"
+             application_name=''psql-2'' connect_timeout=''2'' sslmode=''disable'''\n"
         ));
         assert!(standby.contains("ha.upstream_node = 'psql1'\n"));
         assert!(standby.contains("synchronous_commit = local\n"));

@@ -314,11 +314,20 @@ impl PgController {
                     self.crash_restarts.pop_front();
                 }
                 if self.crash_restarts.len() >= limit.max_restarts as usize {
-                    warn!(node = %self.cfg.node, pid, ?exit, "restart limit reached");
-                    return Err(PgError::RestartLimit {
-                        restarts: self.crash_restarts.len(),
-                        window: limit.window,
-                    });
+                    let next = self
+                        .crash_restarts
+                        .back()
+                        .map_or(now, |last| *last + limit.retry_after);
+                    if now < next {
+                        // Logged once by the run loop (its error changes only with the count).
+                        debug!(node = %self.cfg.node, pid, ?exit,
+                               retry_in_ms = (next - now).as_millis(), "restart limit reached");
+                        return Err(PgError::RestartLimit {
+                            restarts: self.crash_restarts.len(),
+                            window: limit.window,
+                            retry_after: limit.retry_after,
+                        });
+                    }
                 }
                 self.crash_restarts.push_back(now);
                 info!(node = %self.cfg.node, pid, ?exit, restarts = self.crash_restarts.len(),

@@ -83,8 +83,14 @@ pub enum PgError {
         what: &'static str,
         timeout: Duration,
     },
-    #[error("postmaster crashed {restarts} times within {window:?}: not restarting again")]
-    RestartLimit { restarts: usize, window: Duration },
+    #[error(
+        "postmaster crashed {restarts} times within {window:?}: one restart attempt every {retry_after:?}"
+    )]
+    RestartLimit {
+        restarts: usize,
+        window: Duration,
+        retry_after: Duration,
+    },
     #[error("the clean stop left the cluster in state {0:?}")]
     NotClean(ClusterState),
     #[error("refused: {0}")]
