@@ -19,6 +19,9 @@
 //! # dev = true                                # plaintext gRPC without [tls] (also needs --dev)
 //! # allow_drills = false, report_interval = "500ms", rpc_timeout = "1s",
 //! # stop_postgres_on_shutdown = false
+//! listen = "10.0.0.10:7410"                   # the agent port: other agents call it (vouches
+//!                                             # for the primary while no monitor answers); needs
+//!                                             # [tls] and the postgres role; none: no failsafe
 //!
 //! [tls]                                       # mutual TLS to the monitors and for replication
 //! ca = "/etc/ha/ca.pem"                       # must exist: it authenticates the monitors
@@ -119,6 +122,8 @@ struct File {
     /// adopted by the next agent process.
     #[serde(default)]
     stop_postgres_on_shutdown: bool,
+    /// The agent port (`address:port`), served to the other agents of the group.
+    listen: Option<std::net::SocketAddr>,
     tls: Option<TlsSection>,
     postgres: Option<PostgresFile>,
     ejabberd: Option<EjabberdFile>,
@@ -307,6 +312,9 @@ pub struct AgentConfig {
     pub report_interval: Duration,
     pub rpc_timeout: Duration,
     pub stop_postgres_on_shutdown: bool,
+    /// Where this agent serves its peers (the standby side of the failsafe); `None`: nowhere,
+    /// so it never vouches and its primary has no failsafe.
+    pub listen: Option<std::net::SocketAddr>,
     /// Mutual TLS to the monitors (and for replication); `None` only in dev mode.
     pub tls: Option<ha_pki::TlsFiles>,
     pub role: RoleConfig,
@@ -415,6 +423,16 @@ impl AgentConfig {
             }
         }
         check_duration("report_interval", file.report_interval, 50, 60_000)?;
+        if let Some(addr) = file.listen {
+            if tls.is_none() {
+                return Err(invalid(
+                    "listen: the agent port is served with mutual TLS only: add the [tls] section",
+                ));
+            }
+            if addr.port() == 0 {
+                return Err(invalid("listen: the port must not be 0"));
+            }
+        }
         check_duration("rpc_timeout", file.rpc_timeout, 50, 60_000)?;
         let role = match file.role {
             RoleName::Postgres => {
@@ -428,6 +446,11 @@ impl AgentConfig {
                     ));
                 }
                 RoleConfig::Postgres(role)
+            }
+            RoleName::Ejabberd if file.listen.is_some() => {
+                return Err(invalid(
+                    "listen: only a PostgreSQL node's agent serves the agent port",
+                ));
             }
             RoleName::Ejabberd => {
                 let e = file
@@ -447,6 +470,7 @@ impl AgentConfig {
             report_interval: file.report_interval,
             rpc_timeout: file.rpc_timeout,
             stop_postgres_on_shutdown: file.stop_postgres_on_shutdown,
+            listen: file.listen,
             tls,
             role,
         })

@@ -172,7 +172,9 @@ pub enum GroupCmd {
         setting: GroupSetting,
         /// sync-quorum: 1 or more; max-sync-lag-bytes: bytes; on-standby-loss: async (commits
         /// go on without a standby that stopped streaming; failover to it is refused until it
-        /// is synchronous again) or wait (commits wait for it).
+        /// is synchronous again) or wait (commits wait for it); failsafe: a duration such as
+        /// 60s or 5m, at most 1h, 0 for off (how long a primary cut off from the monitors keeps
+        /// serving while its synchronous standbys vouch for it).
         value: String,
         /// The group (default: the only one).
         #[arg(long, default_value = "")]
@@ -185,6 +187,7 @@ pub enum GroupSetting {
     SyncQuorum,
     MaxSyncLagBytes,
     OnStandbyLoss,
+    Failsafe,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -633,6 +636,23 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 GroupSetting::MaxSyncLagBytes => {
                     req.max_sync_lag_bytes = Some(number("max-sync-lag-bytes")?);
+                }
+                GroupSetting::Failsafe => {
+                    let d = if value == "0" {
+                        std::time::Duration::ZERO
+                    } else {
+                        humantime::parse_duration(&value).map_err(|e| {
+                            Failure::Usage(format!(
+                                "failsafe is a duration such as 60s or 5m (0: off), got {value:?}: {e}"
+                            ))
+                        })?
+                    };
+                    if d > std::time::Duration::from_secs(3600) {
+                        return Err(Failure::Usage(format!(
+                            "failsafe must be at most 1h, got {value:?}"
+                        )));
+                    }
+                    req.failsafe_ms = Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                 }
                 GroupSetting::OnStandbyLoss => {
                     if !matches!(value.as_str(), "async" | "wait") {

@@ -27,6 +27,8 @@ pub struct Group {
     pub max_sync_lag_bytes: u64,
     /// `async` or `wait`: what happens when a synchronous standby stops streaming.
     pub on_standby_loss: String,
+    /// How long a primary cut off from the monitors may serve on its standbys' vouches (0: off).
+    pub failsafe_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -125,6 +127,7 @@ impl From<v1::StatusResponse> for Status {
                     sync_quorum: g.sync_quorum,
                     max_sync_lag_bytes: g.max_sync_lag_bytes,
                     on_standby_loss: g.on_standby_loss,
+                    failsafe_ms: g.failsafe_ms,
                 })
                 .collect(),
             nodes: s
@@ -250,7 +253,7 @@ pub fn status_table(s: &Status, now_unix_ms: u64) -> String {
     }
     for g in &s.groups {
         out.push_str(&format!(
-            "group {}: primary {} at {}, {} (on standby loss: {}){}\n",
+            "group {}: primary {} at {}, {} (on standby loss: {}, failsafe: {}){}\n",
             g.name,
             g.primary.as_deref().unwrap_or("(none)"),
             Epoch(g.epoch),
@@ -260,6 +263,10 @@ pub fn status_table(s: &Status, now_unix_ms: u64) -> String {
                 "asynchronous"
             },
             g.on_standby_loss,
+            match g.failsafe_ms {
+                0 => "off".to_owned(),
+                ms => humantime::format_duration(std::time::Duration::from_millis(ms)).to_string(),
+            },
             g.pending
                 .as_ref()
                 .map(|p| format!(", pending: {p}"))

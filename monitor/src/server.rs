@@ -330,6 +330,43 @@ impl Monitor {
         self.catalog.borrow().clone()
     }
 
+    /// A goal as sent: with the group's failsafe bound and, for a primary, the agent endpoint
+    /// of every synchronous standby (none at all unless each one's agent port is known from
+    /// its reports: the primary needs a vouch from every one of them).
+    fn wire_goal(&self, catalog: &Catalog, goal: convert::Goal) -> v1::Goal {
+        let group = catalog
+            .node(&goal.node)
+            .and_then(|n| catalog.group(&n.group));
+        let (failsafe_ms, revision) =
+            group.map_or((0, 0), |g| (g.settings.failsafe_ms, g.revision));
+        let vouchers: Option<Vec<v1::Voucher>> =
+            if goal.state == ha_proto::types::GoalState::Primary {
+                self.soft(|s| {
+                    goal.synchronous_standbys
+                        .iter()
+                        .map(|standby| {
+                            let port = s.raw.get(standby).map(|o| o.agent_port)?;
+                            let node = catalog.node(standby)?;
+                            (port > 0).then(|| v1::Voucher {
+                                node: standby.to_string(),
+                                endpoint: Some(v1::Endpoint {
+                                    host: node.endpoint.host.clone(),
+                                    port,
+                                }),
+                            })
+                        })
+                        .collect()
+                })
+            } else {
+                None
+            };
+        let mut wire = v1::Goal::from(goal);
+        wire.failsafe_ms = failsafe_ms;
+        wire.revision = revision;
+        wire.vouchers = vouchers.unwrap_or_default();
+        wire
+    }
+
     fn soft<R>(&self, f: impl FnOnce(&mut Soft) -> R) -> R {
         f(&mut self.soft.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -593,7 +630,7 @@ impl agent_service_server::AgentService for AgentApi {
             m.decide_soon.notify_one();
         }
         let goal = catalog.goal(&name).map(|g| {
-            let mut wire = v1::Goal::from(g);
+            let mut wire = m.wire_goal(&catalog, g);
             wire.drill = drill;
             wire
         });
@@ -624,6 +661,7 @@ impl agent_service_server::AgentService for AgentApi {
         }
         let mut catalog = m.catalog.clone();
         let shutdown = m.shutdown.clone();
+        let monitor = self.0.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut last = None;
@@ -638,7 +676,7 @@ impl agent_service_server::AgentService for AgentApi {
                 };
                 if current != last {
                     if let Some((interval, g)) = current.clone() {
-                        let mut wire = v1::Goal::from(g);
+                        let mut wire = monitor.wire_goal(&catalog.borrow(), g);
                         wire.report_interval_ms =
                             u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
                         if tx.send(Ok(wire)).await.is_err() {
@@ -919,6 +957,9 @@ impl operator_service_server::OperatorService for OperatorApi {
         }
         if let Some(policy) = &req.on_standby_loss {
             settings.on_standby_loss = policy.parse().map_err(Status::invalid_argument)?;
+        }
+        if let Some(ms) = req.failsafe_ms {
+            settings.failsafe_ms = ms;
         }
         m.propose(&req.request_id, Op::SetGroupSettings { group, settings })
             .await

@@ -82,6 +82,7 @@ pub fn build(
             sync_quorum: g.settings.sync_quorum,
             max_sync_lag_bytes: g.settings.max_sync_lag_bytes,
             on_standby_loss: g.settings.on_standby_loss.as_str().into(),
+            failsafe_ms: g.settings.failsafe_ms,
         })
         .collect();
 

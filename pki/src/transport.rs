@@ -14,8 +14,9 @@
 //!
 //! Client: [`MtlsConnector`] dials TCP and runs the handshake with the [`ClientTls`] config
 //! current at connect time (so a reconnect after a reload uses the new files), verifies the
-//! server's name, and requires the server certificate's role to be [`SERVER_ROLE`]: every gRPC
-//! server of the cluster is a monitor, so a node certificate can never pose as one. tonic must
+//! server's name, and requires the server certificate's role to be [`SERVER_ROLE`] (a node
+//! certificate can never pose as a monitor), or, for a call to one node's agent on the agent port
+//! ([`MtlsConnector::to_agent`]), exactly that node's identity. tonic must
 //! not try its own TLS on top, so the channel's endpoint is given the `http://` form of the
 //! `https://` URL (see [`endpoint`]); the bytes on the wire are TLS all the same.
 
@@ -294,6 +295,11 @@ pub enum ConnectError {
     Identity(#[from] IdentityError),
     #[error("server {found} is not a {SERVER_ROLE}")]
     WrongServerRole { found: PeerIdentity },
+    #[error("server {found} is not {expected}")]
+    WrongPeer {
+        expected: PeerIdentity,
+        found: PeerIdentity,
+    },
     /// tonic's own message is only "transport error"; the cause chain is what an operator needs.
     #[error("{}", error_chain(.0))]
     Transport(#[from] tonic::transport::Error),
@@ -316,11 +322,23 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 #[derive(Debug, Clone)]
 pub struct MtlsConnector {
     tls: Arc<ClientTls>,
+    /// `None`: any monitor ([`SERVER_ROLE`]); otherwise exactly this agent.
+    peer: Option<PeerIdentity>,
 }
 
 impl MtlsConnector {
+    /// Connects to a monitor: the server must present a monitor certificate.
     pub fn new(tls: Arc<ClientTls>) -> Self {
-        Self { tls }
+        Self { tls, peer: None }
+    }
+
+    /// Connects to one node's agent (the agent port): the server must present exactly `peer`'s
+    /// certificate, so neither a monitor nor another node can answer in its place.
+    pub fn to_agent(tls: Arc<ClientTls>, peer: PeerIdentity) -> Self {
+        Self {
+            tls,
+            peer: Some(peer),
+        }
     }
 }
 
@@ -343,6 +361,7 @@ impl tower::Service<Uri> for MtlsConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let config = self.tls.current();
+        let expected = self.peer.clone();
         Box::pin(async move {
             let (host, port) = host_port(&uri)?;
             let addr = format!("{host}:{port}");
@@ -364,9 +383,19 @@ impl tower::Service<Uri> for MtlsConnector {
                     source,
                 })?;
             let server = end_entity_identity(stream.get_ref().1.peer_certificates())?;
-            if server.role() != SERVER_ROLE {
-                warn!(%addr, peer = %server, "refusing server: not a monitor certificate");
-                return Err(ConnectError::WrongServerRole { found: server });
+            match expected {
+                None if server.role() != SERVER_ROLE => {
+                    warn!(%addr, peer = %server, "refusing server: not a monitor certificate");
+                    return Err(ConnectError::WrongServerRole { found: server });
+                }
+                Some(expected) if server != expected => {
+                    warn!(%addr, peer = %server, %expected, "refusing server: not the expected agent");
+                    return Err(ConnectError::WrongPeer {
+                        expected,
+                        found: server,
+                    });
+                }
+                _ => {}
             }
             debug!(%addr, peer = %server, "mutual TLS connection established");
             Ok(TokioIo::new(stream))

@@ -198,6 +198,9 @@ impl From<Goal> for v1::Goal {
             synchronous_quorum: g.synchronous_quorum,
             drill: None,
             report_interval_ms: 0,
+            vouchers: Vec::new(),
+            failsafe_ms: 0,
+            revision: 0,
         }
     }
 }

@@ -191,6 +191,11 @@ pub fn node_firewall(topology: &Topology, node: &Node) -> NodeFirewall {
                 "PostgreSQL health probe from the monitors",
             );
             push(monitors, single(ports.agent), "agent API for the monitors");
+            push(
+                peers(topology, &[Role::Postgres], node),
+                single(ports.agent),
+                "agent port for the PostgreSQL peers (failsafe vouches)",
+            );
         }
         Role::Ejabberd => {
             let client_networks: Vec<Ipv4Cidr> = topology

@@ -447,10 +447,16 @@ impl<'a> Material<'a> {
         self.agent_config_text(
             node,
             "postgres",
-            "# `down` stops PostgreSQL through the agent rather than by signal.\n\
-             stop_postgres_on_shutdown = true\n\
-             # A lab stand is where `haclt drill` runs (off by default elsewhere).\n\
-             allow_drills = true\n",
+            &format!(
+                "# `down` stops PostgreSQL through the agent rather than by signal.\n\
+                 stop_postgres_on_shutdown = true\n\
+                 # A lab stand is where `haclt drill` runs (off by default elsewhere).\n\
+                 allow_drills = true\n\
+                 # The agent port: the PostgreSQL peers ask this agent to vouch for their primary\n\
+                 # while no monitor answers (the failsafe).\n\
+                 listen = \"{me}:{agent_port}\"\n",
+                agent_port = t.ports.agent,
+            ),
             &table,
         )
     }

@@ -21,6 +21,10 @@
 //!   primary and the monitor leader dropped for 15 s (both reach everything else): the
 //!   primary's agent reports through another monitor, which relays to the leader, so the
 //!   primary keeps its lease: no failover, no write gap beyond one report's timeout.
+//! - `monitor_quorum_loss_costs_no_writes`: two of the three monitors stopped (SIGSTOP) for
+//!   20 s, so no leader can exist: the synchronous standby, cut off from the monitors too,
+//!   vouches for the primary on the agent port (the failsafe), which keeps serving past its
+//!   lease; nothing is promoted, and once the monitors are back the group is as before.
 //!
 //! Needs root, iproute2, nftables, PostgreSQL 15 and ejabberd, like the chaos test.
 
@@ -30,7 +34,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ha_provision::lab::node_status;
 use ha_tests::lab_stand::{
-    Direction, POSTGRES, Stand, build, cut, epoch, leader_node, primary, streams, wait_converged,
+    Direction, MONITORS, POSTGRES, Stand, build, converged, cut, epoch, leader_node, primary,
+    streams, wait_converged,
 };
 use ha_tests::stand::Stopped;
 use ha_tests::writer::Writer;
@@ -77,6 +82,15 @@ const LEADER_CUT: Duration = Duration::from_secs(15);
 /// Longest write gap with that link cut: none is expected (the primary is never fenced); one
 /// second is the writer's own timeout for a commit, the rest margin for a loaded machine.
 const LEADER_CUT_GAP: Duration = Duration::from_secs(2);
+/// How long two of the three monitors stay stopped: several leases.
+const QUORUM_LOSS: Duration = Duration::from_secs(20);
+/// Longest write gap while no monitor leader can exist: none is expected (the primary serves on
+/// its standby's vouches); one second is the writer's own timeout for a commit, the rest margin
+/// for a loaded machine.
+const QUORUM_LOSS_GAP: Duration = Duration::from_secs(2);
+/// From the monitors' resumption to the group converged again (a leader elected, every agent
+/// reporting to it).
+const QUORUM_BACK: Duration = Duration::from_secs(30);
 /// How often the tests poll the status while a fault is held.
 const POLL: Duration = Duration::from_millis(100);
 /// The first write after the stand is up.
@@ -595,6 +609,71 @@ async fn a_cut_link_to_the_monitor_leader_does_not_fence_the_primary() {
     run.no_failover((&p, e), failover, "the cut");
     run.check(longest < LEADER_CUT_GAP, || {
         format!("the longest write gap was {longest:?} (bound {LEADER_CUT_GAP:?}) with the link to the leader cut")
+    });
+    run.finish();
+}
+
+/// Scenario 5: two of the three monitors stopped for [`QUORUM_LOSS`]: no leader, no lease
+/// renewal for anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_quorum_loss_costs_no_writes() {
+    let Started {
+        stand,
+        writer,
+        first,
+        primary: p,
+        epoch: e,
+    } = start().await;
+    let mut run = Run::new("monitor_quorum_loss_costs_no_writes", &stand);
+    let leader = leader_node(&stand, &stand.status().unwrap())
+        .unwrap_or_else(|| run.fatal("no monitor leader in the status".into()));
+    // The leader and one follower: the third alone is no majority.
+    let follower = MONITORS.iter().find(|m| **m != leader).unwrap();
+    let mut pids = stand.pids_named(&leader, "ha-monitor");
+    pids.extend(stand.pids_named(follower, "ha-monitor"));
+    assert_eq!(
+        pids.len(),
+        2,
+        "one ha-monitor on {leader} and on {follower}"
+    );
+    let stopped = Stopped::new(pids);
+    let started = Instant::now();
+    tokio::time::sleep(QUORUM_LOSS).await;
+    drop(stopped);
+    let resumed = Instant::now();
+    let back = stand
+        .wait_status("the monitors decide again", QUORUM_BACK, |s| {
+            converged(s, resumed.into_std(), true)
+        })
+        .await;
+    let Some(wrote) = wait_write(&writer, Instant::now(), None, FIRST_WRITE).await else {
+        run.fatal(format!(
+            "no write acknowledged within {FIRST_WRITE:?} after the monitors resumed"
+        ))
+    };
+    let log = writer.stop().await;
+    let during = log.longest_gap(started, resumed);
+    let longest = log.longest_gap(first, wrote);
+    run.figure(format!(
+        "stopped {leader} and {follower} for {} ms, gap during {} ms, gap overall {} ms{}",
+        ms(QUORUM_LOSS),
+        ms(during),
+        ms(longest),
+        back.as_ref()
+            .map(|(_, took)| format!(", converged {} ms after SIGCONT", ms(*took)))
+            .unwrap_or_default()
+    ));
+    run.no_failover((&p, e), None, "the monitors' quorum loss");
+    run.check(back.is_ok(), || {
+        format!(
+            "not converged within {QUORUM_BACK:?} of the monitors' resumption: {}",
+            back.as_ref().err().cloned().unwrap_or_default()
+        )
+    });
+    run.check(longest < QUORUM_LOSS_GAP, || {
+        format!(
+            "writes stopped for {longest:?} (bound {QUORUM_LOSS_GAP:?}) while no monitor leader could exist: the primary fenced itself at the end of its lease instead of serving on its standby's vouches"
+        )
     });
     run.finish();
 }

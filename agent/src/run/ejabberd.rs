@@ -310,6 +310,8 @@ impl Follower {
                 },
             )),
             drill: None,
+            agent_port: 0,
+            vouch_left_ms: 0,
         }
     }
 }

@@ -92,8 +92,13 @@ fn boot_clock() -> Result<(String, u128), String> {
 
 impl LeaseRecord {
     pub fn new(state_dir: &Path) -> Self {
+        Self::named(state_dir, LEASE_FILE)
+    }
+
+    /// A record of the same kind under another name (a standby's vouch, `vouch.rs`).
+    pub fn named(state_dir: &Path, file: &str) -> Self {
         Self {
-            path: state_dir.join(LEASE_FILE),
+            path: state_dir.join(file),
         }
     }
 

@@ -17,13 +17,14 @@ pub mod ejabberd;
 pub mod lease;
 pub mod monitors;
 pub mod state;
+pub mod vouch;
 pub mod worker;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ha_proto::convert::Goal;
-use ha_proto::types::{GoalState, NodeKind};
+use ha_proto::types::{Endpoint, GoalState, NodeKind};
 use ha_proto::{NodeId, v1};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -38,6 +39,7 @@ use crate::pg::{Action, PgController, PgError, StopMode};
 use lease::{Lease, LeaseRecord};
 use monitors::{MonitorLink, Monitors};
 use state::{AgentState, EpochCheck, StateError, StateFile};
+use vouch::{VouchRound, Vouchers, Vouching};
 use worker::{Job, WorkerEvent};
 
 /// Pause between attempts when no monitor answers (join, goal stream).
@@ -66,6 +68,8 @@ pub enum RunError {
     Applied(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("agent port: {0}")]
+    AgentPort(String),
     /// The agent's own certificate failed its check at start and no checked copy was there to
     /// use instead: a configuration error (exit 64).
     #[error("TLS: {0}")]
@@ -110,10 +114,21 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
         None => None,
     };
-    let monitors = Monitors::new(config.monitors.clone(), config.rpc_timeout, link_tls);
+    let monitors = Monitors::new(
+        config.monitors.clone(),
+        config.rpc_timeout,
+        link_tls.clone(),
+    );
     match &config.role {
         RoleConfig::Postgres(role) => {
-            run_postgres(&config, role, state, state_file, monitors, shutdown).await
+            let failsafe = match link_tls {
+                Some(tls) => Some(agent_port(&config, tls, &shutdown).await?),
+                None => None,
+            };
+            run_postgres(
+                &config, role, state, state_file, monitors, failsafe, shutdown,
+            )
+            .await
         }
         RoleConfig::Ejabberd(role) => {
             ejabberd::run(&config, role, state, state_file, monitors, shutdown).await
@@ -161,6 +176,47 @@ fn own_client_tls(
     }
 }
 
+/// The failsafe's two sides for a PostgreSQL agent with TLS: the client that asks the vouchers
+/// (the same certificate as for the monitors), and, with `listen`, the agent port bound now (a
+/// port that cannot be bound stops the agent with the reason) and served until shutdown.
+struct Failsafe {
+    peers: Vouchers,
+    /// The agent port's listener, served once the reconciler exists.
+    listener: Option<(tokio::net::TcpListener, Arc<ha_pki::ServerTls>)>,
+}
+
+async fn agent_port(
+    config: &AgentConfig,
+    tls: Arc<ha_pki::ClientTls>,
+    shutdown: &CancellationToken,
+) -> Result<Failsafe, RunError> {
+    use ha_pki::Reload as _;
+    let listener = match config.listen {
+        Some(addr) => {
+            let server_tls =
+                Arc::new(ha_pki::ServerTls::load(tls.files().clone()).map_err(tls_error)?);
+            let watcher = ha_pki::ReloadWatcher::new(
+                vec![server_tls.clone() as Arc<dyn ha_pki::Reload>],
+                TLS_RELOAD_POLL,
+            )
+            .map_err(tls_error)?;
+            tokio::spawn(watcher.run(shutdown.clone().cancelled_owned()));
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| RunError::AgentPort(format!("{addr}: {e}")))?;
+            Some((listener, server_tls))
+        }
+        None => {
+            info!(node = %config.node, "no agent port (listen): this node never vouches for a primary");
+            None
+        }
+    };
+    Ok(Failsafe {
+        peers: Vouchers::new(tls, config.rpc_timeout),
+        listener,
+    })
+}
+
 /// The PostgreSQL role: the reconcile loop with its worker, until shutdown.
 async fn run_postgres(
     config: &AgentConfig,
@@ -168,6 +224,7 @@ async fn run_postgres(
     state: AgentState,
     state_file: StateFile,
     monitors: Monitors,
+    failsafe: Option<Failsafe>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let ctl = PgController::new(role.pg_config(config.tls.as_ref()))?;
@@ -182,7 +239,26 @@ async fn run_postgres(
         goal_tx,
         shutdown.child_token(),
     ));
-    let core = Reconciler::new(config, state, state_file, monitors);
+    let mut core = Reconciler::new(config, state, state_file, monitors);
+    if let Some(f) = failsafe {
+        let port = f
+            .listener
+            .as_ref()
+            .map_or(Ok(0), |(l, _)| l.local_addr().map(|a| a.port()));
+        core = core.with_failsafe(
+            f.peers,
+            port.map_err(|e| RunError::AgentPort(e.to_string()))?,
+        );
+        if let Some((listener, tls)) = f.listener {
+            let vouching = core.vouching();
+            let stop = shutdown.child_token();
+            tokio::spawn(async move {
+                if let Err(e) = vouch::serve(listener, tls, vouching, stop).await {
+                    error!(error = %e, "the agent port stopped: this node no longer vouches");
+                }
+            });
+        }
+    }
     let result = reconcile(core, goal_rx, job_tx, event_rx, shutdown).await;
     watcher.abort();
     info!(node = %config.node, "reporting stopped");
@@ -369,6 +445,26 @@ pub struct Reconciler<L> {
     report_urgent: bool,
     /// How long PostgreSQL may stay paused waiting for the monitors' answer.
     pause_bound: Duration,
+    /// The standby side of the failsafe, shared with the agent port.
+    vouching: Vouching,
+    /// The primary side: how to ask the vouchers (`None`: no agent port, no TLS, or a test).
+    peers: Option<Vouchers>,
+    /// The agent port served, for the report (0: none).
+    agent_port: u16,
+    /// From the last goal: the standbys to ask for vouches, and the group's failsafe bound.
+    vouchers: Vec<(NodeId, Endpoint)>,
+    failsafe: Duration,
+    /// The lease length the monitors last granted: the length a vouch is asked for.
+    lease_length: Duration,
+    /// Until when every voucher vouched for this primary (send time of the round + grant).
+    failsafe_until: Option<Instant>,
+    vouch_in_flight: bool,
+    /// The last round's outcome, logged on change.
+    vouch_outcome: Option<Result<(), String>>,
+    /// A vouch given as a standby holds the goal back until then.
+    hold: Option<Instant>,
+    /// Epoch and catalog revision of the newest goal taken: an older one is ignored.
+    goal_revision: (u64, u64),
 }
 
 /// A lease that ran out more than this late was not watched: the agent was frozen (SIGSTOP,
@@ -432,7 +528,34 @@ impl<L: MonitorLink> Reconciler<L> {
             // One RPC timeout per monitor tried, capped: longer, a refusal costs more than the
             // fence it replaces.
             pause_bound: (cfg.rpc_timeout * 2).min(cfg.report_interval * 8),
+            vouching: {
+                let v = Vouching::new(&cfg.state_dir, &cfg.node);
+                v.set_quiet(cfg.report_interval * 2);
+                v
+            },
+            peers: None,
+            agent_port: 0,
+            vouchers: Vec::new(),
+            failsafe: Duration::ZERO,
+            lease_length: Duration::ZERO,
+            failsafe_until: None,
+            vouch_in_flight: false,
+            vouch_outcome: None,
+            hold: None,
+            goal_revision: (0, 0),
         }
+    }
+
+    /// Serves the failsafe: `peers` asks the vouchers as a primary; `agent_port` is where this
+    /// agent's own [`Vouching`] is served (the caller serves it).
+    pub fn with_failsafe(mut self, peers: Vouchers, agent_port: u16) -> Self {
+        self.peers = Some(peers);
+        self.agent_port = agent_port;
+        self
+    }
+
+    pub fn vouching(&self) -> Vouching {
+        self.vouching.clone()
     }
 
     fn writable_goal(&self) -> bool {
@@ -457,9 +580,95 @@ impl<L: MonitorLink> Reconciler<L> {
             return None;
         }
         match self.lease.expires_at() {
-            Some(end) => self.writable_goal().then_some(end),
+            Some(end) => self
+                .writable_goal()
+                .then_some(self.failsafe_until.map_or(end, |f| f.max(end))),
             None => self.observed_writable().then_some(self.inherited_lease),
         }
+    }
+
+    /// Whether a round of vouch requests should go out now: a primary under a lease of this
+    /// run, still unfenced, with no report answered for two report intervals (a call to a
+    /// stopped monitor fails only after a whole RPC timeout), with a voucher for every
+    /// synchronous standby of its goal and the failsafe on.
+    fn wants_vouch(&self) -> bool {
+        let Some(goal) = &self.goal else {
+            return false;
+        };
+        self.peers.is_some()
+            && !self.vouch_in_flight
+            && goal.state == GoalState::Primary
+            && !goal.synchronous_standbys.is_empty()
+            && goal
+                .synchronous_standbys
+                .iter()
+                .all(|s| self.vouchers.iter().any(|(v, _)| v == s))
+            && !self.failsafe.is_zero()
+            && self
+                .lease
+                .last_ok_send()
+                .is_some_and(|t| t.elapsed() >= self.report_interval * 2)
+            && !self.lease_fenced
+            && self.paused.is_none()
+            && self.lease.expires_at().is_some()
+            && !self.lease_length.is_zero()
+            && self.observed_writable()
+    }
+
+    /// A round of vouch requests came back: all granted moves the writable deadline to its
+    /// send time plus the shortest grant, if the goal is still the primary goal it was for.
+    pub fn on_vouched(&mut self, round: VouchRound) {
+        self.vouch_in_flight = false;
+        let current = self
+            .goal
+            .as_ref()
+            .is_some_and(|g| g.state == GoalState::Primary && g.epoch == round.epoch);
+        let outcome = round.result.as_ref().map(|_| ()).map_err(Clone::clone);
+        if self.vouch_outcome.as_ref() != Some(&outcome) {
+            match &outcome {
+                Ok(()) => {
+                    warn!(node = %self.node, vouchers = ?self.vouchers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+                                "no monitor leader answers: every synchronous standby vouches for this primary (failsafe); serving on")
+                }
+                Err(why) => warn!(node = %self.node, reason = %why,
+                                  "failsafe refused: the primary fences when its lease runs out"),
+            }
+            self.vouch_outcome = Some(outcome);
+        }
+        if let (Ok(length), true) = (round.result, current)
+            && !self.lease_fenced
+        {
+            let end = round.sent_at + length;
+            if self.failsafe_until.is_none_or(|f| f < end) {
+                self.failsafe_until = Some(end);
+                if let Some(lease_end) = self.lease.expires_at() {
+                    self.lease_record.store(end.max(lease_end));
+                }
+            }
+        }
+    }
+
+    /// Whether a vouch given as a standby holds the current goal back (and until when).
+    fn held(&mut self) -> bool {
+        let now = Instant::now();
+        self.hold = self
+            .goal
+            .as_ref()
+            .and_then(|g| self.vouching.hold_until(g, now));
+        if let Some(until) = self.hold {
+            let to = self.vouching.promised_to().map_or_else(
+                || "the previous run's primary".to_owned(),
+                |n| n.to_string(),
+            );
+            let step = format!("held: vouched for {to}");
+            if self.step != step {
+                info!(node = %self.node, left_ms = until.saturating_duration_since(now).as_millis(),
+                      goal = ?self.goal.as_ref().map(|g| g.state),
+                      "goal held back: this standby vouched for {to} and keeps that promise");
+                self.step = step;
+            }
+        }
+        self.hold.is_some()
     }
 
     fn set_error(&mut self, error: String) {
@@ -503,11 +712,20 @@ impl<L: MonitorLink> Reconciler<L> {
                 .clone()
                 .map(v1::observed_state::Detail::Postgres),
             drill: self.drill.status(now_ms),
+            agent_port: u32::from(self.agent_port),
+            vouch_left_ms: u64::try_from(self.vouching.left(Instant::now()).as_millis())
+                .unwrap_or(u64::MAX),
         }
     }
 
     /// The next worker job.
     fn job(&mut self) -> Job {
+        if self.held() {
+            return Job {
+                goal: None,
+                fence: false,
+            };
+        }
         let writable = self.writable_goal();
         if writable && self.lease.expires_at().is_none() {
             // Writable goals are acted upon only under a lease granted in this run.
@@ -630,8 +848,11 @@ impl<L: MonitorLink> Reconciler<L> {
                     info!(node = %self.node, "reports answered by the monitor leader");
                     self.monitor_ok = Some(true);
                 }
+                self.vouching
+                    .report_answered(r.sent_at, Duration::from_millis(resp.lease_ms));
                 // A zero lease would be a monitor bug; it grants nothing rather than fencing.
                 if resp.lease_ms > 0 {
+                    self.lease_length = Duration::from_millis(resp.lease_ms);
                     let before = self.lease.expires_at();
                     self.lease
                         .renew(r.sent_at, Duration::from_millis(resp.lease_ms));
@@ -671,6 +892,7 @@ impl<L: MonitorLink> Reconciler<L> {
             return;
         }
         info!(node = %self.node, interval_ms = interval.as_millis(), "report interval set by the monitor");
+        self.vouching.set_quiet(interval * 2);
         if interval < self.report_interval {
             self.report_soon = true;
         }
@@ -685,10 +907,22 @@ impl<L: MonitorLink> Reconciler<L> {
             let upstream = wire.upstream.as_ref().map(|e| e.host.as_str());
             self.drill.on_order(order, self.postmaster_pid, upstream);
         }
+        let revision = (wire.epoch, wire.revision);
+        if wire.node == self.node.as_str() && revision < self.goal_revision {
+            debug!(node = %self.node, ?revision, newest = ?self.goal_revision, source,
+                   "goal older than the one already taken: ignored");
+            return;
+        }
+        let failsafe = Duration::from_millis(wire.failsafe_ms);
+        let vouchers = voucher_list(&wire.vouchers);
         let goal = match accept_goal(&self.node, wire, &mut self.state, &self.state_file) {
             Ok(g) => g,
             Err(e) => return self.set_error(e),
         };
+        self.goal_revision = revision;
+        self.vouching.set_goal(&goal, failsafe);
+        self.failsafe = failsafe;
+        self.vouchers = vouchers;
         if self.goal.as_ref() != Some(&goal) {
             info!(node = %self.node, goal = %goal.state, epoch = %goal.epoch, source,
                   previous = ?self.goal.as_ref().map(|g| g.state), "goal changed");
@@ -710,7 +944,15 @@ impl<L: MonitorLink> Reconciler<L> {
                 self.postmaster_pid = postmaster_pid;
                 self.tls_error = tls_error;
                 match obs {
-                    Ok(o) => self.observed = Some(v1::PostgresObservation::from(&o)),
+                    Ok(o) => {
+                        let o = v1::PostgresObservation::from(&o);
+                        self.vouching.set_streaming(
+                            o.streaming
+                                .then(|| NodeId::new(o.upstream_node.clone()).ok())
+                                .flatten(),
+                        );
+                        self.observed = Some(o);
+                    }
                     Err(e) => self.set_error(format!("observing PostgreSQL: {e}")),
                 }
             }
@@ -796,6 +1038,18 @@ fn accept_goal(
     }
 }
 
+/// The vouchers of a goal; an entry that does not parse is left out (and with it the failsafe,
+/// which needs every synchronous standby).
+fn voucher_list(wire: &[v1::Voucher]) -> Vec<(NodeId, Endpoint)> {
+    wire.iter()
+        .filter_map(|v| {
+            let node = NodeId::new(v.node.clone()).ok()?;
+            let at = Endpoint::try_from(v.endpoint.clone()?).ok()?;
+            Some((node, at))
+        })
+        .collect()
+}
+
 fn step_name(action: &Action) -> &'static str {
     match action {
         Action::Nothing => "",
@@ -831,6 +1085,7 @@ pub async fn reconcile<L: MonitorLink>(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let (report_tx, mut reports) = mpsc::channel::<ReportResult>(1);
+    let (vouch_tx, mut vouched) = mpsc::channel::<VouchRound>(1);
     let mut next_report = Instant::now();
     loop {
         if core.report_soon && !core.report_in_flight {
@@ -850,6 +1105,11 @@ pub async fn reconcile<L: MonitorLink>(
             // Before anything else: an expired lease is acted upon at once.
             () = sleep_until_some(deadline) => core.on_lease_expired(Instant::now()),
             Some(r) = reports.recv() => core.on_report(r),
+            Some(v) = vouched.recv() => core.on_vouched(v),
+            () = sleep_until_some(core.hold) => {
+                core.hold = None;
+                core.want_job = true;
+            }
             Some(g) = goals.recv() => if !core.drill.monitors_cut_off(Instant::now()) {
                 core.on_goal(g, "watch");
             },
@@ -862,6 +1122,9 @@ pub async fn reconcile<L: MonitorLink>(
                 core.want_job = true;
                 if !core.report_in_flight {
                     send_report(&mut core, &report_tx);
+                }
+                if core.wants_vouch() {
+                    ask_vouchers(&mut core, &vouch_tx);
                 }
             }
         }
@@ -879,6 +1142,21 @@ fn send_report<L: MonitorLink>(core: &mut Reconciler<L>, tx: &mpsc::Sender<Repor
     }
     core.report_in_flight = true;
     spawn_report(core.link.clone(), core.observed_state(), tx.clone());
+}
+
+/// Asks every voucher of the goal in a task of its own; the round comes back on `tx`.
+fn ask_vouchers<L: MonitorLink>(core: &mut Reconciler<L>, tx: &mpsc::Sender<VouchRound>) {
+    let (Some(peers), Some(goal)) = (core.peers.clone(), core.goal.as_ref()) else {
+        return;
+    };
+    core.vouch_in_flight = true;
+    let (me, epoch, length) = (core.node.clone(), goal.epoch, core.lease_length);
+    let vouchers = core.vouchers.clone();
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let round = peers.round(me, epoch, length, vouchers).await;
+        let _ = tx.send(round).await;
+    });
 }
 
 /// Sends `observed` in a task of its own; the answer comes back on `tx` with its send time.
@@ -1332,5 +1610,168 @@ socket_dir = "/tmp/ha-agent-unit"
         c.report_soon = false;
         c.on_event(finished(job));
         assert!(!c.report_soon, "staying at a goal is not news");
+    }
+
+    fn answered(c: &mut Reconciler<ScriptedMonitor>, sent_at: Instant, goal: v1::Goal) {
+        c.on_report(ReportResult {
+            sent_at,
+            result: Ok(v1::ReportResponse {
+                goal: Some(goal),
+                lease_ms: 3000,
+                report_interval_ms: 500,
+            }),
+        });
+    }
+
+    fn unanswered(c: &mut Reconciler<ScriptedMonitor>) {
+        c.on_report(ReportResult {
+            sent_at: Instant::now(),
+            result: Err(Status::unavailable("no leader")),
+        });
+    }
+
+    fn primary_with_voucher(epoch: u64) -> v1::Goal {
+        v1::Goal {
+            synchronous_standbys: vec!["psql2".into()],
+            synchronous_quorum: 1,
+            vouchers: vec![v1::Voucher {
+                node: "psql2".into(),
+                endpoint: Some(v1::Endpoint {
+                    host: "127.0.0.2".into(),
+                    port: 7410,
+                }),
+            }],
+            failsafe_ms: 60_000,
+            ..goal_wire(GoalState::Primary, epoch)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_primary_serves_past_its_lease_only_on_granted_vouches_for_its_goal() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = ScriptedMonitor {
+            silent_after: Instant::now(),
+            epoch: 0,
+        };
+        let mut c = core(dir.path(), link, 1);
+        observe(&mut c, ServerRole::Primary, false);
+        let t0 = Instant::now();
+        answered(&mut c, t0, primary_with_voucher(1));
+        assert_eq!(c.vouchers.len(), 1);
+        let lease_end = t0 + Duration::from_secs(3);
+        assert_eq!(c.lease_deadline(), Some(lease_end));
+        unanswered(&mut c);
+        let round = |at: Duration, epoch: u64, result: Result<Duration, String>| VouchRound {
+            sent_at: t0 + at,
+            epoch: Epoch(epoch),
+            result,
+        };
+        c.on_vouched(round(Duration::from_secs(2), 1, Ok(Duration::from_secs(3))));
+        let vouched_end = t0 + Duration::from_secs(5);
+        assert_eq!(c.lease_deadline(), Some(vouched_end), "send time + grant");
+        let recorded = LeaseRecord::new(dir.path()).inherited(Instant::now());
+        assert!(
+            recorded > lease_end && recorded <= vouched_end,
+            "recorded for a restart: {recorded:?}"
+        );
+        c.on_vouched(round(
+            Duration::from_secs(3),
+            1,
+            Err("psql2: does not stream".into()),
+        ));
+        assert_eq!(
+            c.lease_deadline(),
+            Some(vouched_end),
+            "a refusal extends nothing"
+        );
+        c.on_vouched(round(Duration::from_secs(4), 0, Ok(Duration::from_secs(3))));
+        assert_eq!(
+            c.lease_deadline(),
+            Some(vouched_end),
+            "a round for another epoch counts for nothing"
+        );
+        c.on_lease_expired(vouched_end);
+        assert_eq!(c.lease_deadline(), None, "fenced when the vouches end");
+        c.on_vouched(round(Duration::from_secs(5), 1, Ok(Duration::from_secs(3))));
+        assert_eq!(c.lease_deadline(), None, "a vouch never lifts a fence");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_standby_that_vouched_acts_on_no_other_goal_until_the_vouch_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = ScriptedMonitor {
+            silent_after: Instant::now(),
+            epoch: 0,
+        };
+        let mut c = core(dir.path(), link, 1);
+        let standby = v1::Goal {
+            upstream: Some(v1::Endpoint {
+                host: "127.0.0.2".into(),
+                port: 5432,
+            }),
+            upstream_node: "psql2".into(),
+            failsafe_ms: 60_000,
+            ..goal_wire(GoalState::Standby, 1)
+        };
+        answered(&mut c, Instant::now(), standby);
+        c.on_event(WorkerEvent::Observed {
+            obs: Ok(PgObservation {
+                role: ServerRole::Standby,
+                streaming: true,
+                upstream_node: Some(NodeId::new("psql2").unwrap()),
+                ..PgObservation::empty()
+            }),
+            postmaster_pid: None,
+            tls_error: None,
+        });
+        unanswered(&mut c);
+        // Two report intervals without an answer: the monitors are out of reach.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let psql2 = NodeId::new("psql2").unwrap();
+        let length = c
+            .vouching()
+            .grant(&psql2, Epoch(1), Duration::from_secs(10), Instant::now())
+            .unwrap();
+        assert_eq!(length, Duration::from_secs(3), "capped at the lease");
+        assert!(c.observed_state().vouch_left_ms > 3000);
+        c.on_goal(goal_wire(GoalState::StopReplication, 1), "watch");
+        assert_eq!(c.job().goal, None, "held while the vouch binds");
+        assert_eq!(c.step, "held: vouched for psql2");
+        let until = c.hold.expect("a wake-up at the vouch's end");
+        assert!(
+            c.vouching()
+                .grant(&psql2, Epoch(1), length, Instant::now())
+                .is_err(),
+            "no new vouch once the goal left the primary"
+        );
+        tokio::time::sleep_until(until).await;
+        assert_eq!(
+            c.job().goal.map(|g| g.state),
+            Some(GoalState::StopReplication)
+        );
+        assert_eq!(c.observed_state().vouch_left_ms, 0);
+    }
+
+    #[tokio::test]
+    async fn a_goal_older_than_the_one_taken_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = ScriptedMonitor {
+            silent_after: Instant::now(),
+            epoch: 0,
+        };
+        let mut c = core(dir.path(), link, 1);
+        let at = |state, epoch, revision| v1::Goal {
+            revision,
+            ..goal_wire(state, epoch)
+        };
+        c.on_goal(at(GoalState::Fenced, 1, 7), "watch");
+        c.on_goal(at(GoalState::Primary, 1, 6), "report");
+        assert_eq!(c.goal.as_ref().map(|g| g.state), Some(GoalState::Fenced));
+        c.on_goal(at(GoalState::Maintenance, 2, 1), "report");
+        assert_eq!(
+            c.goal.as_ref().map(|g| (g.state, g.epoch)),
+            Some((GoalState::Maintenance, Epoch(2))),
+            "a newer epoch counts whatever its revision"
+        );
     }
 }

@@ -104,6 +104,28 @@ pub struct GroupSettings {
     /// What happens when a synchronous standby stops streaming while its agent still reports.
     #[serde(default)]
     pub on_standby_loss: StandbyLoss,
+    /// How long (ms) after its last answered report a synchronous standby that cannot reach a
+    /// monitor leader may still vouch for its primary, which then keeps serving past its
+    /// lease (0: off). The cost: a failover that finds every synchronous standby silent waits
+    /// this long plus a lease and its margin (see `decide`'s failsafe rule).
+    #[serde(default = "default_failsafe_ms")]
+    pub failsafe_ms: u64,
+}
+
+/// One minute: a monitor outage (two of three monitors restarting, a partition of the monitor
+/// network) costs no writes for that long; the price is paid only by a data-loss failover that
+/// finds every synchronous standby silent.
+fn default_failsafe_ms() -> u64 {
+    60_000
+}
+
+/// The longest failsafe bound accepted: one hour.
+pub const MAX_FAILSAFE_MS: u64 = 3_600_000;
+
+impl GroupSettings {
+    pub fn failsafe(&self) -> Duration {
+        Duration::from_millis(self.failsafe_ms)
+    }
 }
 
 impl Default for GroupSettings {
@@ -112,6 +134,7 @@ impl Default for GroupSettings {
             sync_quorum: 1,
             max_sync_lag_bytes: 16 * 1024 * 1024,
             on_standby_loss: StandbyLoss::default(),
+            failsafe_ms: default_failsafe_ms(),
         }
     }
 }
@@ -1092,6 +1115,12 @@ impl Catalog {
                 self.group_ref(group)?;
                 if settings.sync_quorum == 0 {
                     return Err(Rejected::Invalid("sync_quorum must be at least 1".into()));
+                }
+                if settings.failsafe_ms > MAX_FAILSAFE_MS {
+                    return Err(Rejected::Invalid(format!(
+                        "failsafe must be at most {:?}",
+                        Duration::from_millis(MAX_FAILSAFE_MS)
+                    )));
                 }
                 let g = self.groups.get_mut(group).expect("checked by group_ref");
                 g.settings = settings.clone();

@@ -112,7 +112,12 @@ impl Memo {
                 revision: g.revision,
                 nodes: catalog
                     .group_nodes(&g.name)
-                    .map(|n| (obs.node(&n.name).map(|o| o.revision), judge.time(&n.name)))
+                    .map(|n| {
+                        (
+                            obs.node(&n.name).map(|o| o.revision),
+                            judge.time(&n.name, g.settings.failsafe()),
+                        )
+                    })
                     .collect(),
             };
             if self.quiet.get(&g.name) == Some(&inputs) {
@@ -298,6 +303,15 @@ pub fn check_failover(
         .map_err(Refusal::NotPossible)
 }
 
+/// Why the old primary cannot accept writes any more.
+enum Evidence {
+    /// It stopped, or nothing listens on its port.
+    Stopped(String),
+    /// Its lease ran out: it fenced itself unless its standbys still vouch for it (the
+    /// failsafe, [`Judge::failsafe_holds`]).
+    LeaseOut(String),
+}
+
 /// The judgements of [`Judge::time`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TimeJudgements {
@@ -307,6 +321,7 @@ struct TimeJudgements {
     lease_out: bool,
     probed_since_report: bool,
     recent_probe: Option<ProbeResult>,
+    vouch_silent: bool,
 }
 
 /// Health judgements from observations at one instant.
@@ -329,8 +344,9 @@ impl<'a> Judge<'a> {
     /// Every judgement about `n` that depends on `now`, on report times or on probes: with
     /// equal judgements and equal reports, a group is decided the same way (see [`Memo`]). A
     /// new judgement that reads any of these must be added here.
-    fn time(&self, n: &NodeId) -> TimeJudgements {
+    fn time(&self, n: &NodeId, failsafe: Duration) -> TimeJudgements {
         TimeJudgements {
+            vouch_silent: self.vouch_silent(n, failsafe),
             reporting: self.reporting(n),
             pg_down: self.pg_down(n),
             missed_two: self.missed_two(n),
@@ -359,6 +375,61 @@ impl<'a> Judge<'a> {
             .unwrap_or(self.obs.leader_since)
             .max(self.obs.leader_since);
         self.now.saturating_sub(last)
+    }
+
+    /// Silent for so long that any vouch its agent may still give has ended: a standby vouches
+    /// only within `failsafe` of its last answered report, each time for at most a lease.
+    fn vouch_silent(&self, n: &NodeId, failsafe: Duration) -> bool {
+        self.silence(n) >= failsafe + self.timings.lease + self.timings.lease_margin
+    }
+
+    /// Whether standby `m` can no longer vouch for the primary of `epoch`, nor still be bound
+    /// by a vouch: it reports none binding it and has left that primary (it reached another
+    /// goal than STANDBY at this epoch, STOP_REPLICATION for a failover, which its agent does
+    /// only once its vouches ended and after which it refuses new ones, or it is on a newer
+    /// epoch), or it has been silent past [`Self::vouch_silent`].
+    fn vouch_over(&self, m: &NodeId, epoch: Epoch, failsafe: Duration) -> bool {
+        let left = self.report(m).is_some_and(|r| {
+            !r.vouching
+                && (r.epoch > epoch
+                    || (r.epoch == epoch && r.reached.is_some_and(|s| s != GoalState::Standby)))
+        });
+        (self.reporting(m) && left) || self.vouch_silent(m, failsafe)
+    }
+
+    /// Why the primary `p` of `g` may still serve under the failsafe although its lease ran
+    /// out, or `None` when it cannot. A primary serves past its lease only while every
+    /// synchronous standby of its goal vouches for it. With the committed set confirmed applied
+    /// by `p`, that is this set, so one member done with vouching ends it; otherwise `p` may
+    /// hold another set, and every other PostgreSQL node of the group must be done.
+    fn failsafe_holds(&self, catalog: &Catalog, g: &Group, p: &NodeId) -> Option<String> {
+        let failsafe = g.settings.failsafe();
+        if failsafe.is_zero() || (g.sync.confirmed && g.sync.standbys.is_empty()) {
+            return None;
+        }
+        let over = |m: &NodeId| self.vouch_over(m, g.epoch, failsafe);
+        if g.sync.confirmed {
+            if g.sync.standbys.iter().any(over) {
+                return None;
+            }
+            return Some(format!(
+                "{p} may still serve under the failsafe: none of its synchronous standbys ({}) has stopped, and a silent one may vouch for it for up to {:?} after its last report",
+                join(&g.sync.standbys),
+                failsafe + self.timings.lease + self.timings.lease_margin
+            ));
+        }
+        let pending: BTreeSet<NodeId> = catalog
+            .group_nodes(&g.name)
+            .filter(|n| n.kind == NodeKind::Postgres && n.name != *p && !over(&n.name))
+            .map(|n| n.name.clone())
+            .collect();
+        (!pending.is_empty()).then(|| {
+            format!(
+                "{p} may still serve under the failsafe: its synchronous set is unconfirmed and {} may vouch for it (silent ones for up to {:?} after their last report)",
+                join(&pending),
+                failsafe + self.timings.lease + self.timings.lease_margin
+            )
+        })
     }
 
     fn reporting(&self, n: &NodeId) -> bool {
@@ -463,28 +534,28 @@ impl<'a> Judge<'a> {
     }
 
     /// Evidence that the old primary cannot accept writes any more, or `None`.
-    fn fence_evidence(&self, n: &NodeId, epoch: Epoch) -> Option<String> {
+    fn fence_evidence(&self, n: &NodeId, epoch: Epoch) -> Option<Evidence> {
         if self.reached(n, GoalState::Fenced, epoch) || self.reached(n, GoalState::Draining, epoch)
         {
-            return Some(format!("{n} reported it stopped"));
+            return Some(Evidence::Stopped(format!("{n} reported it stopped")));
         }
         if self.crashed(n)
             || (!self.reporting(n) && self.recent_probe(n) == Some(ProbeResult::Refused))
         {
-            return Some(format!(
+            return Some(Evidence::Stopped(format!(
                 "{n}'s agent is silent and its port refuses connections"
-            ));
+            )));
         }
         if crate::broken::active().lease && self.failed(n) {
-            return Some(format!(
+            return Some(Evidence::Stopped(format!(
                 "{n} failed (DELIBERATELY BROKEN: not waiting for its lease)"
-            ));
+            )));
         }
         // The lease is enforced by the agent; a port that still answers means the database
         // runs (perhaps with its agent dead), so an expired lease proves nothing then.
         let wait = self.timings.lease + self.timings.lease_margin;
         (self.lease_out(n) && self.recent_probe(n) != Some(ProbeResult::Ok))
-            .then(|| format!("{n}'s lease expired ({wait:?} without a report)"))
+            .then(|| Evidence::LeaseOut(format!("{n}'s lease expired ({wait:?} without a report)")))
     }
 
     fn describe_failure(&self, n: &NodeId) -> String {
@@ -1073,8 +1144,15 @@ impl<'a> Draft<'a> {
         if stopped.len() < alive.len() && !enough {
             return;
         }
-        let Some(evidence) = self.judge.fence_evidence(p, self.epoch) else {
-            return;
+        let evidence = match self.judge.fence_evidence(p, self.epoch) {
+            None => return,
+            Some(Evidence::Stopped(e)) => e,
+            Some(Evidence::LeaseOut(e)) => {
+                if let Some(why) = self.judge.failsafe_holds(self.catalog, self.group, p) {
+                    return self.set_notice(Some(format!("failover waits: {why}")));
+                }
+                e
+            }
         };
         let Some(&(_, most)) = stopped.iter().max_by_key(|(_, lsn)| *lsn) else {
             return;

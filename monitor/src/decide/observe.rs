@@ -111,6 +111,9 @@ pub struct Report {
     pub reached: Option<GoalState>,
     pub last_error: String,
     pub detail: ReportDetail,
+    /// A standby still bound by a vouch for its primary (the failsafe): it acts on no other
+    /// goal until the vouch ends.
+    pub vouching: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -298,6 +301,7 @@ impl TryFrom<v1::ObservedState> for Report {
             reached,
             last_error: o.last_error,
             detail,
+            vouching: o.vouch_left_ms > 0,
         })
     }
 }

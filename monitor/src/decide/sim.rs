@@ -52,6 +52,10 @@ pub(super) struct SimNode {
     pub reached: Option<GoalState>,
     pub lease_until: Duration,
     pub applied: Option<(Epoch, NodeId)>,
+    /// When the monitors last answered this agent's report.
+    pub answered_at: Option<Duration>,
+    /// A standby's vouch (the failsafe): for which primary and epoch, and until when.
+    pub promise: Option<(NodeId, Epoch, Duration)>,
 }
 
 impl SimNode {
@@ -73,7 +77,42 @@ impl SimNode {
             reached: None,
             lease_until: Duration::ZERO,
             applied: None,
+            answered_at: None,
+            promise: None,
         }
+    }
+
+    /// Still bound by a vouch at `now`.
+    fn vouching(&self, now: Duration) -> bool {
+        self.promise
+            .as_ref()
+            .is_some_and(|(_, _, until)| now < *until)
+    }
+
+    /// The agent's vouch rule (`agent/src/run/vouch.rs`): following `primary` at `epoch` (the
+    /// goal it last acted on: a cut-off agent gets no new one), streaming from it, cut off from
+    /// the monitors, within `failsafe` of its last answered report, bound by no other vouch.
+    fn would_vouch(
+        &self,
+        primary: &NodeId,
+        epoch: Epoch,
+        now: Duration,
+        failsafe: Duration,
+    ) -> bool {
+        self.agent_up
+            && !self.frozen
+            && self.partitioned
+            && self.reached == Some(GoalState::Standby)
+            && self.upstream.as_ref() == Some(primary)
+            && self.epoch == epoch
+            && self.streams_from(primary)
+            && self
+                .answered_at
+                .is_some_and(|t| now.saturating_sub(t) <= failsafe)
+            && self
+                .promise
+                .as_ref()
+                .is_none_or(|(p, e, until)| now >= *until || (p == primary && *e == epoch))
     }
 
     /// Whether this server accepts writes now or could without being told anything new. Only a
@@ -286,8 +325,57 @@ impl World {
         self.update_acks();
     }
 
+    /// The failsafe: a primary cut off from the monitors, still under its lease, asks every
+    /// synchronous standby it applied; if all vouch, its lease runs on and each standby is
+    /// bound for as long.
+    fn failsafe_round(&mut self) {
+        let now = self.now;
+        let lease = self.cat.timings().lease;
+        let failsafe = self.group().settings.failsafe();
+        if failsafe.is_zero() {
+            return;
+        }
+        let asking: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| {
+                n.role == PgRole::Primary
+                    && n.pg_up
+                    && n.agent_up
+                    && !n.frozen
+                    && n.partitioned
+                    && now < n.lease_until
+                    && !n.sync_applied.0.is_empty()
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for p in asking {
+            let (epoch, set) = (self.nodes[&p].epoch, self.nodes[&p].sync_applied.0.clone());
+            let all = set.iter().all(|s| {
+                self.nodes
+                    .get(s)
+                    .is_some_and(|s| s.would_vouch(&p, epoch, now, failsafe))
+            });
+            if !all {
+                continue;
+            }
+            for s in &set {
+                let n = self.nodes.get_mut(s).unwrap();
+                let until = n
+                    .promise
+                    .as_ref()
+                    .map_or(now + lease, |q| q.2.max(now + lease));
+                n.promise = Some((p.clone(), epoch, until));
+            }
+            let n = self.nodes.get_mut(&p).unwrap();
+            n.lease_until = n.lease_until.max(now + lease);
+            self.log.push(format!("{now:?} {p} vouched for by {set:?}"));
+        }
+    }
+
     /// One round: leases lapse, agents act and report, the leader probes, decides, applies.
     pub fn step(&mut self) {
+        self.failsafe_round();
         let now = self.now;
         for n in self.nodes.values_mut() {
             // The agent's self-fence: a primary that could not renew stops accepting writes.
@@ -320,6 +408,14 @@ impl World {
             return;
         };
         if goal.epoch < n.epoch {
+            return;
+        }
+        // A vouch binds: no other goal than following that primary at that epoch until it ends.
+        if let Some((p, e, _)) = n.promise.as_ref().filter(|_| n.vouching(self.now))
+            && !(goal.state == GoalState::Standby
+                && goal.upstream.as_ref() == Some(p)
+                && goal.epoch == *e)
+        {
             return;
         }
         let upstream_flush = goal
@@ -459,11 +555,13 @@ impl World {
             reached: n.reached,
             last_error: String::new(),
             detail,
+            vouching: n.vouching(self.now),
         };
         self.obs.record_report(report, self.now);
         let lease = self.cat.timings().lease;
         let n = self.nodes.get_mut(name).unwrap();
         n.lease_until = self.now + lease;
+        n.answered_at = Some(self.now);
     }
 
     pub fn decide_and_apply(&mut self) {
@@ -740,12 +838,17 @@ proptest! {
     #[test]
     fn random_histories_keep_the_safety_rules(
         quorum in 1u32..3,
+        failsafe_ms in prop_oneof![Just(0u64), Just(2_000), Just(60_000)],
         actions in proptest::collection::vec(action(), 1..160),
     ) {
         let mut w = World::new(&PG, &["e1"]);
         w.propose(Op::SetGroupSettings {
             group: GROUP.into(),
-            settings: crate::catalog::GroupSettings { sync_quorum: quorum, ..Default::default() },
+            settings: crate::catalog::GroupSettings {
+                sync_quorum: quorum,
+                failsafe_ms,
+                ..Default::default()
+            },
         }).unwrap();
         // Converge first so that most histories start from a replicated, synchronous group.
         w.run_until(500, 20, |w| w.group().synchronous());

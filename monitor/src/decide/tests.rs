@@ -778,3 +778,105 @@ mod judge {
         }
     }
 }
+
+/// p1 primary with p2 its only synchronous standby, p3 an asynchronous one (replication quorum
+/// off), all converged.
+fn with_async_third() -> World {
+    let mut w = converged(&["p1", "p2", "p3"]);
+    w.propose(Op::SetNodeSettings {
+        node: id("p3"),
+        candidate_priority: None,
+        replication_quorum: Some(false),
+    })
+    .unwrap();
+    assert!(w.run_until(STEP, 30, |w| {
+        w.group().sync.confirmed && w.group().sync.standbys == [id("p2")].into()
+    }));
+    w
+}
+
+/// Steps `ms` of simulated time, a client writing on every step; counts the writes accepted.
+fn write_for(w: &mut World, ms: u64) -> usize {
+    let mut accepted = 0;
+    for _ in 0..ms / STEP {
+        w.advance(STEP);
+        w.step();
+        accepted += usize::from(w.write(5, None));
+    }
+    accepted
+}
+
+#[test]
+fn monitors_out_of_reach_cost_no_writes_while_the_sync_standby_vouches() {
+    let mut w = with_async_third();
+    // Neither the primary nor its synchronous standby reaches the monitors (two of three
+    // monitors stopped looks the same from the nodes) for 20 s: four times the lease.
+    w.node_mut("p1").partitioned = true;
+    w.node_mut("p2").partitioned = true;
+    let steps = 20_000 / STEP;
+    let accepted = write_for(&mut w, 20_000);
+    assert_eq!(
+        accepted as u64,
+        steps,
+        "every write accepted under the failsafe\n{}",
+        w.log.join("\n")
+    );
+    assert_eq!(w.primary().as_deref(), Some("p1"));
+    assert!(w.node("p1").pg_up, "never fenced");
+    w.node_mut("p1").partitioned = false;
+    w.node_mut("p2").partitioned = false;
+    write_for(&mut w, 2_000);
+    assert_eq!(w.group().epoch, Epoch(1), "nothing was promoted");
+}
+
+#[test]
+fn without_the_failsafe_the_primary_fences_when_its_lease_runs_out() {
+    let mut w = with_async_third();
+    w.propose(Op::SetGroupSettings {
+        group: GROUP.into(),
+        settings: crate::catalog::GroupSettings {
+            failsafe_ms: 0,
+            ..w.group().settings.clone()
+        },
+    })
+    .unwrap();
+    w.node_mut("p1").partitioned = true;
+    w.node_mut("p2").partitioned = true;
+    write_for(&mut w, 5_000);
+    assert!(!w.node("p1").pg_up, "fenced after its lease");
+}
+
+#[test]
+fn a_data_loss_failover_waits_until_no_silent_sync_standby_can_vouch_any_more() {
+    let mut w = with_async_third();
+    let cut = w.now;
+    w.node_mut("p1").partitioned = true;
+    w.node_mut("p2").partitioned = true;
+    write_for(&mut w, 5_000);
+    w.propose(Op::Failover {
+        group: GROUP.into(),
+        allow_data_loss: true,
+    })
+    .unwrap();
+    // p1 keeps serving under p2's vouches: promoting p3 now would make two primaries (the
+    // simulation fails the test if that happens).
+    write_for(&mut w, 30_000);
+    assert_eq!(w.primary().as_deref(), Some("p1"), "{}", w.log.join("\n"));
+    let notice = w.group().notice.clone().unwrap_or_default();
+    assert!(notice.contains("failsafe"), "{notice}");
+    // p2 stops vouching once its last answered report is older than the failsafe bound, p1
+    // fences a lease later, and p3 is promoted once p2's silence covers bound, lease, margin.
+    assert!(
+        w.run_until(STEP, 500, |w| promoted_to(w, "p3")),
+        "{}",
+        w.log.join("\n")
+    );
+    assert!(!w.node("p1").pg_up);
+    let t = w.cat.timings();
+    let bound = Duration::from_secs(60) + t.lease + t.lease_margin;
+    assert!(
+        w.now - cut >= bound && w.now - cut <= bound + Duration::from_secs(2),
+        "promoted {:?} after the cut, bound {bound:?}",
+        w.now - cut
+    );
+}

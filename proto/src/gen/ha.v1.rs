@@ -42,7 +42,7 @@ pub struct ReportRequest {
     pub observed: ::core::option::Option<ObservedState>,
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ReportResponse {
     #[prost(message, optional, tag = "1")]
     pub goal: ::core::option::Option<Goal>,
@@ -60,7 +60,7 @@ pub struct WatchGoalRequest {
     pub node: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Goal {
     #[prost(string, tag = "1")]
     pub node: ::prost::alloc::string::String,
@@ -87,6 +87,28 @@ pub struct Goal {
     /// only a periodic report carries, and restores it afterwards.
     #[prost(uint64, tag = "9")]
     pub report_interval_ms: u64,
+    /// For PRIMARY: the agents of the synchronous standbys, which the primary asks to vouch for it
+    /// while no monitor leader answers (failsafe; docs/design.md). Empty unless every synchronous
+    /// standby's agent port is known: the primary needs a vouch from each of them.
+    #[prost(message, repeated, tag = "10")]
+    pub vouchers: ::prost::alloc::vec::Vec<Voucher>,
+    /// The group's failsafe bound (0: off): a standby vouches for its primary only while its own
+    /// last answered report is at most this old.
+    #[prost(uint64, tag = "11")]
+    pub failsafe_ms: u64,
+    /// The group's catalog revision the goal was read from: it only grows, so an agent ignores a
+    /// goal older than one it already has (an answer to a report that overtook a pushed goal).
+    #[prost(uint64, tag = "12")]
+    pub revision: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Voucher {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    /// The standby agent's port, on the host of the node's PostgreSQL endpoint.
+    #[prost(message, optional, tag = "2")]
+    pub endpoint: ::core::option::Option<Endpoint>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -107,6 +129,13 @@ pub struct ObservedState {
     pub last_error: ::prost::alloc::string::String,
     #[prost(message, optional, tag = "12")]
     pub drill: ::core::option::Option<DrillStatus>,
+    /// The port this agent serves its peers on (vouches); 0: none.
+    #[prost(uint32, tag = "13")]
+    pub agent_port: u32,
+    /// Standby: how long its latest vouch for the primary still binds it (it acts on no goal but
+    /// following that primary until then); 0: none.
+    #[prost(uint64, tag = "14")]
+    pub vouch_left_ms: u64,
     #[prost(oneof = "observed_state::Detail", tags = "10, 11")]
     pub detail: ::core::option::Option<observed_state::Detail>,
 }
@@ -228,6 +257,8 @@ pub struct GroupStatus {
     /// "async" or "wait": see SetGroupSettingsRequest.
     #[prost(string, tag = "8")]
     pub on_standby_loss: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "9")]
+    pub failsafe_ms: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -388,6 +419,10 @@ pub struct SetGroupSettingsRequest {
     /// and commits go on) or "wait" (commits wait until it streams again).
     #[prost(string, optional, tag = "5")]
     pub on_standby_loss: ::core::option::Option<::prost::alloc::string::String>,
+    /// How long a synchronous standby that cannot reach a monitor leader either may keep vouching
+    /// for its primary (0: off, the primary fences when its lease runs out).
+    #[prost(uint64, optional, tag = "6")]
+    pub failsafe_ms: ::core::option::Option<u64>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -509,6 +544,23 @@ pub struct DrillStatus {
     /// When the agent will undo the fault by itself, whatever happens to the operator.
     #[prost(uint64, tag = "3")]
     pub undo_at_unix_ms: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct VouchRequest {
+    #[prost(string, tag = "1")]
+    pub primary: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub epoch: u64,
+    #[prost(uint64, tag = "3")]
+    pub length_ms: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct VouchResponse {
+    /// The length granted, counted from when the request was sent (at most the one asked for).
+    #[prost(uint64, tag = "1")]
+    pub length_ms: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -2460,6 +2512,306 @@ pub mod operator_service_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "ha.v1.OperatorService";
     impl<T> tonic::server::NamedService for OperatorServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// Generated client implementations.
+pub mod agent_peer_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    #[derive(Debug, Clone)]
+    pub struct AgentPeerServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl AgentPeerServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> AgentPeerServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> AgentPeerServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            AgentPeerServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// The primary's agent asks a synchronous standby's agent to vouch for it while neither
+        /// reaches a monitor leader. Granted only by a standby streaming from the caller under the
+        /// caller's epoch; refusals are FAILED_PRECONDITION with the reason. A granted vouch binds the
+        /// standby: it acts on no other goal until the vouch ends.
+        pub async fn vouch(
+            &mut self,
+            request: impl tonic::IntoRequest<super::VouchRequest>,
+        ) -> std::result::Result<tonic::Response<super::VouchResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ha.v1.AgentPeerService/Vouch",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ha.v1.AgentPeerService", "Vouch"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod agent_peer_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with AgentPeerServiceServer.
+    #[async_trait]
+    pub trait AgentPeerService: std::marker::Send + std::marker::Sync + 'static {
+        /// The primary's agent asks a synchronous standby's agent to vouch for it while neither
+        /// reaches a monitor leader. Granted only by a standby streaming from the caller under the
+        /// caller's epoch; refusals are FAILED_PRECONDITION with the reason. A granted vouch binds the
+        /// standby: it acts on no other goal until the vouch ends.
+        async fn vouch(
+            &self,
+            request: tonic::Request<super::VouchRequest>,
+        ) -> std::result::Result<tonic::Response<super::VouchResponse>, tonic::Status>;
+    }
+    #[derive(Debug)]
+    pub struct AgentPeerServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> AgentPeerServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for AgentPeerServiceServer<T>
+    where
+        T: AgentPeerService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/ha.v1.AgentPeerService/Vouch" => {
+                    #[allow(non_camel_case_types)]
+                    struct VouchSvc<T: AgentPeerService>(pub Arc<T>);
+                    impl<
+                        T: AgentPeerService,
+                    > tonic::server::UnaryService<super::VouchRequest> for VouchSvc<T> {
+                        type Response = super::VouchResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::VouchRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AgentPeerService>::vouch(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = VouchSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for AgentPeerServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "ha.v1.AgentPeerService";
+    impl<T> tonic::server::NamedService for AgentPeerServiceServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
