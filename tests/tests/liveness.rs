@@ -126,6 +126,13 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Records a wait that did not succeed, with what was waited for.
+    fn check_waited<T>(&mut self, waited: &Result<T, String>, what: impl FnOnce() -> String) {
+        if let Err(e) = waited {
+            self.failures.push(format!("{}: {e}", what()));
+        }
+    }
+
     fn line(&self) -> String {
         format!("liveness: {}: {}", self.name, self.figures.join(", "))
     }
@@ -355,7 +362,7 @@ async fn primary_that_cannot_start_is_failed_over() {
             node(s, &old)["healthy"] == false
         })
         .await;
-    run.check(unhealthy.is_ok(), || {
+    run.check_waited(&unhealthy, || {
         format!("{old} is not shown healthy: false while its PostgreSQL cannot start")
     });
 
@@ -472,11 +479,10 @@ async fn replication_link_cut_does_not_block_commits_for_long() {
         )
     });
     run.no_failover((&p, e), failover, "the cut");
-    run.check(sync.is_ok(), || {
+    run.check_waited(&sync, || {
         format!(
-            "not synchronous again within {SYNC_AGAIN:?} of the cut's end ({:?} ago): {}",
-            restored.elapsed(),
-            sync.as_ref().err().cloned().unwrap_or_default()
+            "not synchronous again within {SYNC_AGAIN:?} of the cut's end ({:?} ago)",
+            restored.elapsed()
         )
     });
     run.finish();
@@ -557,11 +563,8 @@ async fn a_frozen_agent_is_shown_unhealthy_and_does_not_fence_its_primary() {
         },
     );
     run.no_failover((p, e), failover, &format!("{p}'s agent frozen"));
-    run.check(back.is_ok(), || {
-        format!(
-            "{p}'s agent did not report again within {RESUMED:?} of SIGCONT: {}",
-            back.as_ref().err().cloned().unwrap_or_default()
-        )
+    run.check_waited(&back, || {
+        format!("{p}'s agent did not report again within {RESUMED:?} of SIGCONT")
     });
     run.check(longest < FREEZE_GAP, || {
         format!(
@@ -664,11 +667,8 @@ async fn monitor_quorum_loss_costs_no_writes() {
             .unwrap_or_default()
     ));
     run.no_failover((&p, e), None, "the monitors' quorum loss");
-    run.check(back.is_ok(), || {
-        format!(
-            "not converged within {QUORUM_BACK:?} of the monitors' resumption: {}",
-            back.as_ref().err().cloned().unwrap_or_default()
-        )
+    run.check_waited(&back, || {
+        format!("not converged within {QUORUM_BACK:?} of the monitors' resumption")
     });
     run.check(longest < QUORUM_LOSS_GAP, || {
         format!(

@@ -70,7 +70,15 @@ pub struct PgObservation {
     pub upstream_node: Option<NodeId>,
     /// `server_version_num`, 0 when stopped.
     pub server_version: u32,
+    /// The postmaster started less than [`RECENT_START`] ago.
+    pub recently_started: bool,
 }
+
+/// How long after its start a postmaster counts as just started: long enough for a standby's
+/// WAL receiver to reconnect (it retries every `wal_retrieve_retry_interval`, 1 s, and gives up
+/// on a connection after 2 s), as long as the replication timeout (5 s), so a restarted primary
+/// makes commits wait no longer than a cut link does.
+pub const RECENT_START: &str = "5 seconds";
 
 impl PgObservation {
     fn blank(role: ServerRole) -> Self {
@@ -87,6 +95,7 @@ impl PgObservation {
             streaming: false,
             upstream_node: None,
             server_version: 0,
+            recently_started: false,
         }
     }
 
@@ -134,8 +143,9 @@ impl PgObservation {
                  current_setting('synchronous_standby_names'), \
                  current_setting('default_transaction_read_only') = 'on', \
                  (SELECT system_identifier FROM pg_control_system()), \
-                 coalesce(current_setting($1, true), '')",
-                &[&UPSTREAM_GUC],
+                 coalesce(current_setting($1, true), ''), \
+                 pg_postmaster_start_time() > now() - $2::text::interval",
+                &[&UPSTREAM_GUC, &RECENT_START],
             )
             .await
             .map_err(sql("reading the server state"))?;
@@ -148,6 +158,7 @@ impl PgObservation {
             system_identifier: Some(row.get::<_, i64>(4).cast_unsigned()),
             server_version: u32::try_from(version).unwrap_or_default(),
             upstream_node: NodeId::new(upstream).ok(),
+            recently_started: row.get(6),
             ..Self::blank(if in_recovery {
                 ServerRole::Standby
             } else {
@@ -282,6 +293,7 @@ impl From<&PgObservation> for v1::PostgresObservation {
                 .map(ToString::to_string)
                 .unwrap_or_default(),
             server_version: o.server_version,
+            recently_started: o.recently_started,
         }
     }
 }

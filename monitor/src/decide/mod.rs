@@ -914,10 +914,14 @@ impl<'a> Draft<'a> {
                 // A member stays until both sides agree it is gone: the primary no longer
                 // streams to it (its `wal_sender_timeout` gave up), and its agent is silent
                 // or says it is not streaming (its `wal_receiver_timeout` gave up). With the
-                // `wait` policy a member whose agent still reports stays all the same.
+                // `wait` policy a member whose agent still reports stays all the same. A
+                // primary whose postmaster just (re)started streams to nobody until its
+                // standbys reconnect (a second or two): dropping them then would open a window
+                // of asynchronous commits in which a crash of the primary could not be failed
+                // over; they stay while it is recent, and commits wait as for a cut link.
                 let silent = !self.judge.reporting(&n.name);
                 let standby_gone = silent || self.judge.pg(&n.name).is_some_and(|s| !s.streaming);
-                let gone = entry.is_none() && standby_gone;
+                let gone = entry.is_none() && standby_gone && !ppg.recently_started;
                 let wait = gone && !silent && settings.on_standby_loss == StandbyLoss::Wait;
                 if wait {
                     waiting.push(format!("{} does not stream from {p}", n.name));

@@ -143,6 +143,8 @@ pub struct PgReport {
     pub synchronous_standby_names: String,
     pub streaming: bool,
     pub upstream_node: Option<NodeId>,
+    /// The postmaster started a moment ago: its standbys are still reconnecting.
+    pub recently_started: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +274,7 @@ impl TryFrom<v1::PostgresObservation> for PgReport {
             synchronous_standby_names: p.synchronous_standby_names,
             streaming: p.streaming,
             upstream_node: optional_node(&p.upstream_node, "postgres.upstream_node")?,
+            recently_started: p.recently_started,
         })
     }
 }

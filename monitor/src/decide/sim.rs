@@ -546,6 +546,7 @@ impl World {
                     ),
                     streaming,
                     upstream_node: n.upstream.clone(),
+                    recently_started: false,
                 })
             }
         };

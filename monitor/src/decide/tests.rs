@@ -880,3 +880,41 @@ fn a_data_loss_failover_waits_until_no_silent_sync_standby_can_vouch_any_more() 
         w.now - cut
     );
 }
+
+/// The reports after a restart of the primary's postmaster, before its standby reconnected:
+/// the primary streams to nobody, the standby's WAL receiver is not streaming.
+fn reconnecting(w: &mut World, recently_started: bool) {
+    let now = w.now;
+    let mut p = w.obs.node(&id("p1")).unwrap().report.clone().unwrap();
+    let ReportDetail::Postgres(pg) = &mut p.detail else {
+        panic!("a postgres report")
+    };
+    pg.replicas.clear();
+    pg.recently_started = recently_started;
+    let mut s = w.obs.node(&id("p2")).unwrap().report.clone().unwrap();
+    let ReportDetail::Postgres(pg) = &mut s.detail else {
+        panic!("a postgres report")
+    };
+    pg.streaming = false;
+    w.obs.record_report(p, now);
+    w.obs.record_report(s, now);
+    w.decide_and_apply();
+}
+
+#[test]
+fn a_restarted_primary_keeps_its_synchronous_standby_while_it_reconnects() {
+    let mut w = converged(&["p1", "p2"]);
+    let set = w.group().sync.clone();
+    assert!(set.confirmed && set.standbys.contains(&id("p2")));
+    reconnecting(&mut w, true);
+    assert_eq!(
+        w.group().sync,
+        set,
+        "kept while the primary is just started"
+    );
+    reconnecting(&mut w, false);
+    assert!(
+        w.group().sync.standbys.is_empty(),
+        "both sides say the stream is gone and the primary is not new: dropped"
+    );
+}

@@ -180,6 +180,11 @@ pub struct PostgresObservation {
     pub upstream_node: ::prost::alloc::string::String,
     #[prost(uint32, tag = "12")]
     pub server_version: u32,
+    /// The postmaster started less than a replication timeout ago (restarted after a crash, or just
+    /// started): its standbys are still reconnecting, so the monitors do not take their missing
+    /// streams for a lost link yet.
+    #[prost(bool, tag = "13")]
+    pub recently_started: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
