@@ -596,3 +596,50 @@ async fn postmaster_crash_is_detected_and_restarts_are_limited() {
     assert_eq!(again.check_postmaster(), PostmasterState::Stopped);
     assert!(again.connect().await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commit_check_reports_commits_that_hang() {
+    use ha_agent::run::commit_check::{CommitCheck, run};
+    let mut h = Harness::new();
+    let mut a = h.node("a", |_| {});
+    a.ctl.bootstrap(&SyncConfig::default()).await.unwrap();
+    h.scratch.saw_postmaster(a.ctl.postmaster_pid().unwrap());
+    let check = CommitCheck::default();
+    check.set_writable(true);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(run(a.ctl.config().clone(), check.clone(), stop.clone()));
+    eventually!(
+        "two checks commit",
+        Duration::from_secs(10),
+        check.completed() >= 2
+    );
+    assert!(!check.blocked(), "a healthy primary's commits complete");
+
+    // A synchronous standby that does not exist: every commit waits for it, a client's too.
+    let nobody = SyncConfig {
+        standbys: vec![NodeId::new("nobody").unwrap()],
+        quorum: 1,
+    };
+    a.ctl.set_synchronous(&nobody).await.unwrap();
+    let blocked_at = Instant::now();
+    eventually!(
+        "commits reported blocked",
+        Duration::from_secs(10),
+        check.blocked()
+    );
+    println!(
+        "commit check: blocked reported {:?} after the change",
+        blocked_at.elapsed()
+    );
+    let done = check.completed();
+    a.ctl.set_synchronous(&SyncConfig::default()).await.unwrap();
+    eventually!(
+        "commits complete again",
+        Duration::from_secs(10),
+        !check.blocked()
+    );
+    assert!(check.completed() > done);
+    check.set_writable(false);
+    stop.cancel();
+    task.await.unwrap();
+}

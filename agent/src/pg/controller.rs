@@ -179,20 +179,7 @@ impl PgController {
 
     /// A session as the superuser over the unix socket.
     pub async fn connect(&self) -> Result<Client, PgError> {
-        let mut c = tokio_postgres::Config::new();
-        c.host_path(&self.cfg.socket_dir)
-            .port(self.cfg.port)
-            .user(&self.cfg.superuser)
-            .dbname("postgres")
-            .application_name("ha-agent")
-            .connect_timeout(Duration::from_secs(5));
-        let (client, conn) = c.connect(NoTls).await.map_err(PgError::Connect)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "agent session ended");
-            }
-        });
-        Ok(client)
+        connect_local(&self.cfg).await
     }
 
     /// Reads the server (running) or its control file (stopped). First it brings the TLS copies
@@ -955,4 +942,22 @@ async fn in_recovery(client: &Client, what: &'static str) -> Result<bool, PgErro
 /// Quotes an SQL identifier.
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A session as the superuser over the unix socket of the server `cfg` describes.
+pub async fn connect_local(cfg: &PgConfig) -> Result<Client, PgError> {
+    let mut c = tokio_postgres::Config::new();
+    c.host_path(&cfg.socket_dir)
+        .port(cfg.port)
+        .user(&cfg.superuser)
+        .dbname("postgres")
+        .application_name("ha-agent")
+        .connect_timeout(Duration::from_secs(5));
+    let (client, conn) = c.connect(NoTls).await.map_err(PgError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "agent session ended");
+        }
+    });
+    Ok(client)
 }

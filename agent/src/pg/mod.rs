@@ -24,7 +24,7 @@ pub use config::{
     CertClient, ConnInfo, HbaConnType, HbaRule, IDENT_MAP, MANAGED_CONF, PgConfig, ReplicationAuth,
     ReplicationPeer, RestartLimit, RoleSettings, SyncCommit, SyncConfig, Upstream,
 };
-pub use controller::{Outcome, PgController, PostmasterState, RejoinPath, StopMode};
+pub use controller::{Outcome, PgController, PostmasterState, RejoinPath, StopMode, connect_local};
 pub use files::{ClusterState, ControlData, DataDirState};
 pub use observe::{PgObservation, Replica, ServerRole, SyncState};
 pub use plan::{Action, Local, Stopped, WasRole, plan};

@@ -294,6 +294,8 @@ impl From<&PgObservation> for v1::PostgresObservation {
                 .unwrap_or_default(),
             server_version: o.server_version,
             recently_started: o.recently_started,
+            // The reconcile loop's commit check fills this in.
+            commits_blocked: false,
         }
     }
 }

@@ -12,6 +12,7 @@
 //! - every transition (goal, reached goal, step, error, lease, monitor reachability) is logged
 //!   once at info or warn, with its reason.
 
+pub mod commit_check;
 pub mod drill;
 pub mod ejabberd;
 pub mod lease;
@@ -259,6 +260,11 @@ async fn run_postgres(
             });
         }
     }
+    tokio::spawn(commit_check::run(
+        role.pg_config(config.tls.as_ref()),
+        core.commit_check(),
+        shutdown.child_token(),
+    ));
     let result = reconcile(core, goal_rx, job_tx, event_rx, shutdown).await;
     watcher.abort();
     info!(node = %config.node, "reporting stopped");
@@ -465,6 +471,8 @@ pub struct Reconciler<L> {
     hold: Option<Instant>,
     /// Epoch and catalog revision of the newest goal taken: an older one is ignored.
     goal_revision: (u64, u64),
+    /// The primary's own commits, checked beside the loop ([`commit_check`]).
+    commit_check: commit_check::CommitCheck,
 }
 
 /// A lease that ran out more than this late was not watched: the agent was frozen (SIGSTOP,
@@ -543,6 +551,7 @@ impl<L: MonitorLink> Reconciler<L> {
             vouch_outcome: None,
             hold: None,
             goal_revision: (0, 0),
+            commit_check: commit_check::CommitCheck::default(),
         }
     }
 
@@ -556,6 +565,10 @@ impl<L: MonitorLink> Reconciler<L> {
 
     pub fn vouching(&self) -> Vouching {
         self.vouching.clone()
+    }
+
+    pub fn commit_check(&self) -> commit_check::CommitCheck {
+        self.commit_check.clone()
     }
 
     fn writable_goal(&self) -> bool {
@@ -707,10 +720,10 @@ impl<L: MonitorLink> Reconciler<L> {
             reached: self.reached.map_or(0, |s| v1::GoalState::from(s).into()),
             step: self.step.clone(),
             last_error,
-            detail: self
-                .observed
-                .clone()
-                .map(v1::observed_state::Detail::Postgres),
+            detail: self.observed.clone().map(|mut o| {
+                o.commits_blocked = self.commit_check.blocked();
+                v1::observed_state::Detail::Postgres(o)
+            }),
             drill: self.drill.status(now_ms),
             agent_port: u32::from(self.agent_port),
             vouch_left_ms: u64::try_from(self.vouching.left(Instant::now()).as_millis())
@@ -952,6 +965,7 @@ impl<L: MonitorLink> Reconciler<L> {
                                 .flatten(),
                         );
                         self.observed = Some(o);
+                        self.commit_check.set_writable(self.observed_writable());
                     }
                     Err(e) => self.set_error(format!("observing PostgreSQL: {e}")),
                 }

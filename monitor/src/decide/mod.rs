@@ -49,6 +49,15 @@ pub use observe::{
     Report, ReportDetail, SyncState, parse_sync_standby_names, sync_standby_names,
 };
 
+/// How long a synchronous standby whose PostgreSQL is being restarted by its agent (or whose
+/// primary's is) stays in the synchronous set although it does not stream: the agent restarts
+/// a crashed postmaster at once, and the WAL receiver reconnects within a second or two. The
+/// same as the replication timeout after which a cut link is given up, so commits wait no
+/// longer than for a cut link; dropping the standby at once instead opened a window of
+/// asynchronous commits in which a crash of the primary could not be failed over (10.9 s of
+/// stalled writes in the 200-fault chaos run, seed 14799457871922709824, fault 158).
+pub const RESTART_GRACE: Duration = Duration::from_secs(5);
+
 /// Why the leader refuses an operator request before proposing it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -178,6 +187,12 @@ pub fn node_unhealthy(
     }
     if let Some(d) = lasted(o.not_streaming_since).filter(|_| goal == Some(GoalState::Standby)) {
         return Some(format!("standby not streaming for {d:?}"));
+    }
+    if report
+        .pg()
+        .is_some_and(|pg| pg.role == PgRole::Primary && pg.commits_blocked)
+    {
+        return Some("commits do not complete (the agent's own commit check hangs)".into());
     }
     None
 }
@@ -322,6 +337,7 @@ struct TimeJudgements {
     probed_since_report: bool,
     recent_probe: Option<ProbeResult>,
     vouch_silent: bool,
+    restarting: bool,
 }
 
 /// Health judgements from observations at one instant.
@@ -347,6 +363,7 @@ impl<'a> Judge<'a> {
     fn time(&self, n: &NodeId, failsafe: Duration) -> TimeJudgements {
         TimeJudgements {
             vouch_silent: self.vouch_silent(n, failsafe),
+            restarting: self.restarting(n),
             reporting: self.reporting(n),
             pg_down: self.pg_down(n),
             missed_two: self.missed_two(n),
@@ -443,6 +460,13 @@ impl<'a> Judge<'a> {
         let since = self.obs.node(n)?.down_since?;
         self.reporting(n)
             .then(|| self.now.saturating_sub(since.max(self.obs.leader_since)))
+    }
+
+    /// The agent, still reporting, is restarting its PostgreSQL: the server is down for less
+    /// than [`RESTART_GRACE`], or it started less than that ago (the agent says so).
+    fn restarting(&self, n: &NodeId) -> bool {
+        self.down_for(n).is_some_and(|d| d < RESTART_GRACE)
+            || (self.reporting(n) && self.pg(n).is_some_and(|pg| pg.recently_started))
     }
 
     /// The agent reports for a whole lease that its PostgreSQL does not run: it crashed and
@@ -914,14 +938,15 @@ impl<'a> Draft<'a> {
                 // A member stays until both sides agree it is gone: the primary no longer
                 // streams to it (its `wal_sender_timeout` gave up), and its agent is silent
                 // or says it is not streaming (its `wal_receiver_timeout` gave up). With the
-                // `wait` policy a member whose agent still reports stays all the same. A
-                // primary whose postmaster just (re)started streams to nobody until its
-                // standbys reconnect (a second or two): dropping them then would open a window
-                // of asynchronous commits in which a crash of the primary could not be failed
-                // over; they stay while it is recent, and commits wait as for a cut link.
+                // `wait` policy a member whose agent still reports stays all the same. While
+                // the standby's or the primary's PostgreSQL is being restarted by its agent
+                // (for [`RESTART_GRACE`]), the member stays too: it reconnects in a second or
+                // two, and dropping it would open a window of asynchronous commits in which a
+                // crash of the primary could not be failed over.
                 let silent = !self.judge.reporting(&n.name);
                 let standby_gone = silent || self.judge.pg(&n.name).is_some_and(|s| !s.streaming);
-                let gone = entry.is_none() && standby_gone && !ppg.recently_started;
+                let restarting = self.judge.restarting(p) || self.judge.restarting(&n.name);
+                let gone = entry.is_none() && standby_gone && !restarting;
                 let wait = gone && !silent && settings.on_standby_loss == StandbyLoss::Wait;
                 if wait {
                     waiting.push(format!("{} does not stream from {p}", n.name));

@@ -145,6 +145,8 @@ pub struct PgReport {
     pub upstream_node: Option<NodeId>,
     /// The postmaster started a moment ago: its standbys are still reconnecting.
     pub recently_started: bool,
+    /// Primary: the agent's own commit did not complete within its bound.
+    pub commits_blocked: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,6 +277,7 @@ impl TryFrom<v1::PostgresObservation> for PgReport {
             streaming: p.streaming,
             upstream_node: optional_node(&p.upstream_node, "postgres.upstream_node")?,
             recently_started: p.recently_started,
+            commits_blocked: p.commits_blocked,
         })
     }
 }

@@ -547,6 +547,7 @@ impl World {
                     streaming,
                     upstream_node: n.upstream.clone(),
                     recently_started: false,
+                    commits_blocked: false,
                 })
             }
         };

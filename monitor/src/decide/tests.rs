@@ -881,24 +881,39 @@ fn a_data_loss_failover_waits_until_no_silent_sync_standby_can_vouch_any_more() 
     );
 }
 
+/// p1's and p2's latest reports, changed by `primary` and `standby`, recorded now; then a
+/// decision pass.
+fn reported(
+    w: &mut World,
+    primary: impl FnOnce(&mut PgReport),
+    standby: impl FnOnce(&mut PgReport),
+) {
+    let now = w.now;
+    for (name, change) in [
+        ("p1", Box::new(primary) as Box<dyn FnOnce(&mut PgReport)>),
+        ("p2", Box::new(standby)),
+    ] {
+        let mut r = w.obs.node(&id(name)).unwrap().report.clone().unwrap();
+        let ReportDetail::Postgres(pg) = &mut r.detail else {
+            panic!("a postgres report")
+        };
+        change(pg);
+        w.obs.record_report(r, now);
+    }
+    w.decide_and_apply();
+}
+
 /// The reports after a restart of the primary's postmaster, before its standby reconnected:
 /// the primary streams to nobody, the standby's WAL receiver is not streaming.
 fn reconnecting(w: &mut World, recently_started: bool) {
-    let now = w.now;
-    let mut p = w.obs.node(&id("p1")).unwrap().report.clone().unwrap();
-    let ReportDetail::Postgres(pg) = &mut p.detail else {
-        panic!("a postgres report")
-    };
-    pg.replicas.clear();
-    pg.recently_started = recently_started;
-    let mut s = w.obs.node(&id("p2")).unwrap().report.clone().unwrap();
-    let ReportDetail::Postgres(pg) = &mut s.detail else {
-        panic!("a postgres report")
-    };
-    pg.streaming = false;
-    w.obs.record_report(p, now);
-    w.obs.record_report(s, now);
-    w.decide_and_apply();
+    reported(
+        w,
+        |pg| {
+            pg.replicas.clear();
+            pg.recently_started = recently_started;
+        },
+        |pg| pg.streaming = false,
+    );
 }
 
 #[test]
@@ -916,5 +931,49 @@ fn a_restarted_primary_keeps_its_synchronous_standby_while_it_reconnects() {
     assert!(
         w.group().sync.standbys.is_empty(),
         "both sides say the stream is gone and the primary is not new: dropped"
+    );
+}
+
+#[test]
+fn a_primary_whose_commits_hang_is_shown_unhealthy() {
+    let mut w = converged(&["p1", "p2"]);
+    let p1 = id("p1");
+    assert_eq!(node_unhealthy(&w.cat, &w.obs, w.now, &p1), None);
+    let mut r = w.obs.node(&p1).unwrap().report.clone().unwrap();
+    let ReportDetail::Postgres(pg) = &mut r.detail else {
+        panic!("a postgres report")
+    };
+    pg.commits_blocked = true;
+    let now = w.now;
+    w.obs.record_report(r, now);
+    let why = node_unhealthy(&w.cat, &w.obs, now, &p1).unwrap_or_default();
+    assert!(why.contains("commits do not complete"), "{why:?}");
+}
+
+#[test]
+fn a_standby_restarted_by_its_agent_stays_synchronous_for_the_restart_grace() {
+    let mut w = converged(&["p1", "p2"]);
+    let set = w.group().sync.clone();
+    // p2's postmaster crashed: its agent reports it stopped, p1 streams to nobody.
+    let crashed = |w: &mut World| {
+        reported(
+            w,
+            |pg| pg.replicas.clear(),
+            |pg| {
+                pg.role = PgRole::Stopped;
+                pg.streaming = false;
+            },
+        );
+    };
+    crashed(&mut w);
+    assert_eq!(w.group().sync, set, "kept while its agent restarts it");
+    w.advance(u64::try_from(RESTART_GRACE.as_millis()).unwrap() - 100);
+    crashed(&mut w);
+    assert_eq!(w.group().sync, set);
+    w.advance(200);
+    crashed(&mut w);
+    assert!(
+        w.group().sync.standbys.is_empty(),
+        "down past the grace: dropped, commits go on"
     );
 }

@@ -185,6 +185,11 @@ pub struct PostgresObservation {
     /// streams for a lost link yet.
     #[prost(bool, tag = "13")]
     pub recently_started: bool,
+    /// Primary: the agent's own commit (a transaction with a transaction id, so it waits for the
+    /// synchronous standbys like any client's) has not completed within its bound: clients'
+    /// commits hang too.
+    #[prost(bool, tag = "14")]
+    pub commits_blocked: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
