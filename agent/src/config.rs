@@ -46,7 +46,7 @@
 //! clients = [{ certificate = "operator", user = "postgres", database = "postgres",
 //!              address = "10.0.0.0/24" }]
 //!
-//! [[postgres.hba]]                            # besides local trust for the agent
+//! [[postgres.hba]]                            # besides the agent's own local (peer) login
 //! type = "host"
 //! database = "replication"
 //! user = "replicator"
@@ -177,7 +177,7 @@ struct PostgresFile {
     /// replication link is given up on.
     #[serde(default, with = "humantime_serde")]
     replication_timeout: Option<Duration>,
-    /// `pg_hba.conf` rules besides local trust for the agent's superuser.
+    /// `pg_hba.conf` rules besides the local `peer` login of the agent's superuser.
     #[serde(default)]
     hba: Vec<HbaFile>,
     /// The group's other PostgreSQL nodes, until the monitor hands them to the agent.
@@ -805,7 +805,11 @@ method = "trust"
         assert_eq!(pg.pg_config(Some(&files)).tls, Some(files));
         assert_eq!(p.start_timeout, Duration::from_secs(30));
         assert_eq!(p.extra_settings["shared_buffers"], "16MB");
-        assert_eq!(p.hba.len(), 2, "local trust plus the configured rule");
+        assert_eq!(
+            p.hba.len(),
+            2,
+            "the local peer login plus the configured rule"
+        );
         assert_eq!(pg.advertise.to_string(), "127.0.0.1:5433");
     }
 

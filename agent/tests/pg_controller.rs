@@ -643,3 +643,52 @@ async fn the_commit_check_reports_commits_that_hang() {
     stop.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_agent_logs_in_as_the_superuser_over_the_socket() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut h = Harness::new();
+    // The agent's own local rule (the default), not the tests' trust.
+    let mut a = h.node("a", |cfg| {
+        cfg.hba[0] = HbaRule::local_peer("postgres");
+    });
+    a.ctl.bootstrap(&SyncConfig::default()).await.unwrap();
+    h.scratch.saw_postmaster(a.ctl.postmaster_pid().unwrap());
+    // The agent (root here) still logs in.
+    assert_eq!(a.count("SELECT 1::bigint").await, 1);
+    // A socket directory any local user can reach, as a shared /run/postgresql would be.
+    let socket_dir = a.ctl.config().socket_dir.clone();
+    std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let port = a.upstream.endpoint.port.to_string();
+    let attempt = |os_user: &str| {
+        std::process::Command::new("runuser")
+            .args([
+                "-u",
+                os_user,
+                "--",
+                "/usr/lib/postgresql/15/bin/psql",
+                "-X",
+                "-A",
+                "-t",
+            ])
+            .arg("-h")
+            .arg(&socket_dir)
+            .args([
+                "-p", &port, "-U", "postgres", "-d", "postgres", "-c", "SELECT 1",
+            ])
+            .output()
+            .unwrap()
+    };
+    let intruder = attempt("nobody");
+    let said = String::from_utf8_lossy(&intruder.stderr).into_owned();
+    assert!(
+        !intruder.status.success() && said.contains("Peer authentication failed"),
+        "a local user other than the agent's logged in as the superuser: {said}"
+    );
+    let server = attempt("postgres");
+    assert!(
+        server.status.success(),
+        "the server's own OS user: {}",
+        String::from_utf8_lossy(&server.stderr)
+    );
+}

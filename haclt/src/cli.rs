@@ -206,10 +206,18 @@ pub enum MonitorCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCmd {
-    /// Create a single-use join token; it is printed once.
+    /// Create a single-use join token for one node; it is printed once. The joining node can
+    /// choose neither its name nor its address: both come from the token.
     Create {
         #[arg(long)]
         role: Role,
+        /// The node's name (its certificate's name); operator, observer, monitor and the
+        /// database roles are reserved.
+        #[arg(long)]
+        node: String,
+        /// The address the node serves on (its endpoint's host and its certificate's name).
+        #[arg(long)]
+        address: String,
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
         #[arg(long, default_value = "")]
@@ -793,6 +801,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Token { command } => match command {
             TokenCmd::Create {
                 role,
+                node,
+                address,
                 ttl,
                 group,
                 json,
@@ -806,6 +816,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     kind: kind.into(),
                     ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
                     group,
+                    node,
+                    address,
                 };
                 let r = m
                     .call(|mut c| {

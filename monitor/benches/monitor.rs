@@ -137,6 +137,8 @@ async fn proposals(
                         kind: NodeKind::Postgres.into(),
                         ttl_ms: 60_000,
                         group: "bench".into(),
+                        node: format!("bench{c}x{i}"),
+                        address: "127.0.0.1".into(),
                     })
                     .await;
                 if r.is_ok() {
@@ -184,6 +186,8 @@ async fn register(leader: &str, from: usize, n: usize) {
                         kind: NodeKind::Postgres.into(),
                         ttl_ms: 600_000,
                         group: format!("g{}", i / 3),
+                        node: node_name(i),
+                        address: "127.0.0.1".into(),
                     })
                     .await
                     .expect("token")

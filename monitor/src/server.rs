@@ -518,12 +518,28 @@ impl agent_service_server::AgentService for AgentApi {
         let req = request.into_inner();
         let node = convert::node_id(&req.node, "node")?;
         let kind = convert::node_kind(req.kind, "kind")?;
-        let endpoint = convert::required(req.endpoint, "endpoint")?.try_into()?;
+        let endpoint: ha_proto::types::Endpoint =
+            convert::required(req.endpoint, "endpoint")?.try_into()?;
         let catalog = m.catalog();
         let grant = catalog.verify_token(&req.token, unix_ms()).map_err(|e| {
             warn!(%node, reason = %e, "join refused");
             Status::permission_denied(format!("join refused: {e}"))
         })?;
+        if grant.node != node {
+            warn!(%node, token_node = %grant.node, "join refused: the token is for another node");
+            return Err(Status::permission_denied(format!(
+                "join refused: the token is for node {}, not {node}",
+                grant.node
+            )));
+        }
+        if grant.address != endpoint.host {
+            warn!(%node, address = %endpoint.host, token_address = %grant.address,
+                  "join refused: the token is for another address");
+            return Err(Status::permission_denied(format!(
+                "join refused: the token is for address {}, not {}",
+                grant.address, endpoint.host
+            )));
+        }
         if grant.kind != kind {
             warn!(%node, "join refused: token is for another kind of node");
             return Err(Status::permission_denied(format!(
@@ -997,6 +1013,8 @@ impl operator_service_server::OperatorService for OperatorApi {
         if req.ttl_ms == 0 {
             return Err(Status::invalid_argument("ttl_ms must be above zero"));
         }
+        let node = token_node(&req.node)?;
+        let address = token_address(&req.address)?;
         let catalog = m.catalog();
         let group = if req.group.is_empty() {
             catalog
@@ -1017,6 +1035,8 @@ impl operator_service_server::OperatorService for OperatorApi {
                     kind,
                     group,
                     expires_at_unix_ms,
+                    node: Some(node),
+                    address: Some(address),
                 },
             )
             .await?;
@@ -1389,6 +1409,52 @@ async fn probe_loop(m: Arc<Monitor>) {
             // A port that stopped answering may complete the evidence of a crash.
             m.decide_soon.notify_one();
         }
+    }
+}
+
+/// Names a node may not take: they are roles of certificates (an operator's certificate named
+/// `operator` logs into PostgreSQL as its superuser through the certificate mapping) or of the
+/// database (the agent's roles).
+const RESERVED_NODE_NAMES: [&str; 7] = [
+    "operator",
+    "observer",
+    "monitor",
+    "postgres",
+    "replicator",
+    "ejabberd",
+    "root",
+];
+
+/// The node a new join token admits: a valid node name that is not reserved.
+fn token_node(name: &str) -> Result<NodeId, Status> {
+    if name.is_empty() {
+        return Err(Status::invalid_argument(
+            "a join token is made for one node: name it (node)",
+        ));
+    }
+    let node = convert::node_id(name, "node")?;
+    if RESERVED_NODE_NAMES.contains(&name) {
+        return Err(Status::invalid_argument(format!(
+            "{name:?} is reserved (a certificate or database role), not a node name"
+        )));
+    }
+    Ok(node)
+}
+
+/// The address a new join token admits: an IP address or a host name (letters, digits, `-`
+/// and `.`), the host of the node's endpoint and the name in its certificate.
+fn token_address(address: &str) -> Result<String, Status> {
+    let host_name = !address.is_empty()
+        && address.len() <= 253
+        && address
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if address.parse::<std::net::IpAddr>().is_ok() || host_name {
+        Ok(address.to_owned())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "address must be the node's IP address or host name, not {address:?}"
+        )))
     }
 }
 

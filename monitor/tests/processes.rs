@@ -119,6 +119,8 @@ fn token_request(i: usize) -> CreateJoinTokenRequest {
         kind: NodeKind::Postgres.into(),
         ttl_ms: 3_600_000,
         group: "main".into(),
+        node: format!("psql{}", i + 1),
+        address: "127.0.0.1".into(),
     }
 }
 

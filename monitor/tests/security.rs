@@ -227,14 +227,25 @@ fn report(node: &str) -> ReportRequest {
     }
 }
 
-async fn token(op: &mut OperatorServiceClient<Channel>, id: &str, ttl_ms: u64) -> (String, u64) {
+fn token_request(id: &str, node: &str, ttl_ms: u64) -> CreateJoinTokenRequest {
+    CreateJoinTokenRequest {
+        request_id: id.to_owned(),
+        kind: NodeKind::Postgres.into(),
+        ttl_ms,
+        group: String::new(),
+        node: node.to_owned(),
+        address: "127.0.0.1".to_owned(),
+    }
+}
+
+async fn token(
+    op: &mut OperatorServiceClient<Channel>,
+    id: &str,
+    node: &str,
+    ttl_ms: u64,
+) -> (String, u64) {
     let t = op
-        .create_join_token(CreateJoinTokenRequest {
-            request_id: id.to_owned(),
-            kind: NodeKind::Postgres.into(),
-            ttl_ms,
-            group: String::new(),
-        })
+        .create_join_token(token_request(id, node, ttl_ms))
         .await
         .unwrap()
         .into_inner();
@@ -256,7 +267,7 @@ async fn a_node_joins_with_a_csr_and_every_unauthorized_caller_is_refused() {
     let mut op = OperatorServiceClient::new(cluster.channel(leader, &operator));
 
     // Happy path: join without a certificate, with a CSR; get a certificate; report with it.
-    let (secret, _) = token(&mut op, "t-psql1", 3_600_000).await;
+    let (secret, _) = token(&mut op, "t-psql1", "psql1", 3_600_000).await;
     let anonymous = Arc::new(
         ClientTls::without_certificate(cluster.monitor_files(1).ca_bundle.clone()).unwrap(),
     );
@@ -282,8 +293,8 @@ async fn a_node_joins_with_a_csr_and_every_unauthorized_caller_is_refused() {
     agent.report(report("psql1")).await.unwrap();
 
     // A second token, for the refused joins below, and a short-lived one that will expire.
-    let (spare, _) = token(&mut op, "t-spare", 3_600_000).await;
-    let (short, expires_at) = token(&mut op, "t-short", 1).await;
+    let (spare, _) = token(&mut op, "t-spare", "psql2", 3_600_000).await;
+    let (short, expires_at) = token(&mut op, "t-short", "psql2", 1).await;
     let before = catalog_view(cluster.channel(leader, &operator)).await;
     assert_eq!(before.0, vec!["psql1".to_owned()]);
 
@@ -430,6 +441,46 @@ async fn a_node_joins_with_a_csr_and_every_unauthorized_caller_is_refused() {
     assert_code(
         "a CSR for another name",
         joiner.join(join_request(&spare, "psql2", &csr3)).await,
+        Code::InvalidArgument,
+    );
+    // The token names the node and its address: a joiner can choose neither. A token for a
+    // frontend or a database node never yields an `operator` certificate, whose name logs into
+    // PostgreSQL as its superuser.
+    let (csr_operator, _) = ha_pki::generate_csr("operator").unwrap();
+    assert_code(
+        "psql2's token used by a joiner calling itself operator",
+        joiner
+            .join(join_request(&spare, "operator", &csr_operator))
+            .await,
+        Code::PermissionDenied,
+    );
+    let mut elsewhere = join_request(&spare, "psql2", &csr2);
+    elsewhere.endpoint = Some(Endpoint {
+        host: "127.0.0.2".to_owned(),
+        port: 5432,
+    });
+    assert_code(
+        "psql2's token used with another address (the primary's, to impersonate it)",
+        joiner.join(elsewhere).await,
+        Code::PermissionDenied,
+    );
+    for (node, what) in [
+        ("operator", "a token for a node named operator"),
+        ("monitor", "a token for a node named monitor"),
+        ("", "a token for no node in particular"),
+    ] {
+        assert_code(
+            what,
+            op.create_join_token(token_request(&format!("t-{what}"), node, 60_000))
+                .await,
+            Code::InvalidArgument,
+        );
+    }
+    let mut bad_address = token_request("t-bad-address", "psql3", 60_000);
+    bad_address.address = "10.0.0.1/8".into();
+    assert_code(
+        "a token with a malformed address",
+        op.create_join_token(bad_address).await,
         Code::InvalidArgument,
     );
 

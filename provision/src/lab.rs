@@ -204,7 +204,19 @@ pub fn up(
         };
         let path = material.join_token(&node.name);
         if !path.exists() {
-            let token = haclt.run(&["token", "create", "--role", role, "--group", GROUP])?;
+            let address = material.advertise_address(node).to_string();
+            let token = haclt.run(&[
+                "token",
+                "create",
+                "--role",
+                role,
+                "--node",
+                &node.name,
+                "--address",
+                &address,
+                "--group",
+                GROUP,
+            ])?;
             ha_pki::write_key_file(&path, token.trim().as_bytes()).map_err(MaterialError::from)?;
             info!(node = %node.name, role, path = %path.display(), "join token written");
         }

@@ -194,6 +194,12 @@ impl<'a> Material<'a> {
         self.topology.service_addresses(node).first().copied()
     }
 
+    /// Where a node's agent says it serves (its `advertise_host`), and so the address its join
+    /// token admits: its first service address.
+    pub fn advertise_address(&self, node: &Node) -> Ipv4Addr {
+        self.service_address(node).unwrap_or(Ipv4Addr::LOCALHOST)
+    }
+
     fn management_address(&self, node: &Node) -> Option<Ipv4Addr> {
         let net = self.topology.management_network()?;
         node.addresses.get(&net.name).copied()
@@ -399,7 +405,7 @@ impl<'a> Material<'a> {
     fn agent_toml(&self, node: &Node) -> String {
         let t = self.topology;
         let pg = self.node_dir(&node.name).join("pg");
-        let me = self.service_address(node).unwrap_or(Ipv4Addr::LOCALHOST);
+        let me = self.advertise_address(node);
         // Replication, base backups and rewinds: the agent generates `hostssl ... cert` rules
         // for exactly these peers (itself excluded) from their certificate names.
         let peers: Vec<String> = t
@@ -485,7 +491,7 @@ impl<'a> Material<'a> {
 
     fn ejabberd_agent_toml(&self, node: &Node) -> String {
         let t = self.topology;
-        let me = self.service_address(node).unwrap_or(Ipv4Addr::LOCALHOST);
+        let me = self.advertise_address(node);
         let table = format!(
             "[ejabberd]\n\
              config_file = {yml:?}\n\
@@ -529,7 +535,7 @@ impl<'a> Material<'a> {
         fs::set_permissions(&home, fs::Permissions::from_mode(0o700)).map_err(io(&home))?;
         ha_pki::write_key_file(&home.join(".erlang.cookie"), cookie.as_bytes())?;
         let conf = self.ejabberd_conf(&node.name);
-        let me = self.service_address(node).unwrap_or(Ipv4Addr::LOCALHOST);
+        let me = self.advertise_address(node);
         let d = self.topology.ports.erlang_dist;
         // Sourced by ejabberdctl as root (it then su's to ejabberd) and as ejabberd: the
         // cookie is passed on the command line so both find the same one whatever HOME is.

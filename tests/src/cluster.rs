@@ -991,6 +991,8 @@ settings = {{ shared_buffers = "16MB", max_connections = "100" }}
                 kind: kind.into(),
                 ttl_ms: 600_000,
                 group: GROUP.into(),
+                node: name.into(),
+                address: LOOPBACK.into(),
             })
             .await
             .unwrap_or_else(|e| panic!("creating a join token for {name}: {e}"))

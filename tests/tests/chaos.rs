@@ -573,18 +573,19 @@ async fn random_faults_lose_no_acknowledged_write() {
         let fault = draw(&mut rng);
         faults += 1;
         record.note(format!("fault {faults}: {fault}"));
+        // The events from the fault's start on say why writes may not resume (a failover the
+        // monitors refused while the fault was held explains a stall after its end too).
+        let seq = stand
+            .events(0)
+            .ok()
+            .and_then(|e| e.last().and_then(|e| e["seq"].as_u64()))
+            .unwrap_or(0);
         match inject(&stand, &fault).await {
             Ok(detail) if detail.is_empty() => {}
             Ok(detail) => record.note(format!("  done: {detail}")),
             Err(e) => record.fail(&stand, &format!("injecting {fault}: {e}")),
         }
         let undone = Instant::now();
-        // The events from here on say why writes may not resume (a refused failover).
-        let seq = stand
-            .events(0)
-            .ok()
-            .and_then(|e| e.last().and_then(|e| e["seq"].as_u64()))
-            .unwrap_or(0);
         match wait_converged(&stand, true).await {
             Ok(s) => {
                 let took = undone.elapsed();

@@ -32,6 +32,12 @@ pub const UPSTREAM_GUC: &str = "ha.upstream_node";
 
 /// The `pg_ident.conf` map that turns a peer's certificate name into the replication role.
 pub const IDENT_MAP: &str = "ha";
+/// The `pg_ident.conf` map of the superuser's local (unix socket, `peer`) logins: only the OS
+/// users in [`LOCAL_OS_USERS`] and the server's own OS user may log in as the superuser.
+pub const LOCAL_MAP: &str = "ha_local";
+/// The OS users besides the server's own that may log in as the superuser over the socket: the
+/// agent when it runs as root.
+pub const LOCAL_OS_USERS: [&str; 1] = ["root"];
 
 /// How the walsender-side `synchronous_commit` behaves while standbys are synchronous.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +156,7 @@ pub struct HbaRule {
 }
 
 impl HbaRule {
-    /// Trust for `user` over the unix socket: the agent's own connections.
+    /// Trust for `user` over the unix socket: anyone who can reach the socket (tests only).
     pub fn local_trust(user: &str) -> Self {
         Self {
             conn_type: HbaConnType::Local,
@@ -158,6 +164,19 @@ impl HbaRule {
             user: user.into(),
             address: None,
             method: "trust".into(),
+        }
+    }
+
+    /// `user` over the unix socket for the OS users [`LOCAL_MAP`] names (`peer`: the kernel
+    /// says who is connecting): the agent's own connections. Any other local user is refused,
+    /// whatever the socket directory's mode.
+    pub fn local_peer(user: &str) -> Self {
+        Self {
+            conn_type: HbaConnType::Local,
+            database: "all".into(),
+            user: user.into(),
+            address: None,
+            method: format!("peer map={LOCAL_MAP}"),
         }
     }
 
@@ -367,7 +386,7 @@ impl PgConfig {
             replication: ReplicationAuth {
                 user: "replicator".into(),
             },
-            hba: vec![HbaRule::local_trust("postgres")],
+            hba: vec![HbaRule::local_peer("postgres")],
             tls: None,
             peers: Vec::new(),
             clients: Vec::new(),
@@ -495,13 +514,21 @@ impl PgConfig {
         rules
     }
 
-    /// The whole `pg_ident.conf`: map [`IDENT_MAP`] from each peer's certificate name to the
-    /// replication role, and from each certificate client's name to its role; literal names
-    /// only (a name never starts with `/`, which would make it a regular expression). Empty
-    /// without TLS.
+    /// The whole `pg_ident.conf`: map [`LOCAL_MAP`] from the OS users allowed to log in as the
+    /// superuser over the socket; with TLS, map [`IDENT_MAP`] from each peer's certificate name
+    /// to the replication role, and from each certificate client's name to its role; literal
+    /// names only (a name never starts with `/`, which would make it a regular expression).
     pub fn render_ident(&self) -> String {
         let mut out =
             String::from("# Managed by ha-agent: rewritten on every configuration step.\n");
+        let superuser = quote_hba(&self.superuser);
+        for os_user in LOCAL_OS_USERS
+            .iter()
+            .copied()
+            .chain([self.os_user.as_str()])
+        {
+            let _ = writeln!(out, "{LOCAL_MAP} {} {superuser}", quote_hba(os_user));
+        }
         if self.tls.is_some() {
             let peers = self
                 .other_peers()
@@ -721,6 +748,19 @@ mod tests {
     }
 
     #[test]
+    fn local_logins_are_the_agents_own() {
+        let c = cfg();
+        assert!(
+            render_hba(&c.hba).contains("\nlocal all postgres peer map=ha_local\n"),
+            "the superuser over the socket by peer authentication only"
+        );
+        let ident = c.render_ident();
+        assert!(ident.contains("\nha_local root postgres\n"), "{ident}");
+        assert!(ident.contains("\nha_local postgres postgres\n"), "{ident}");
+        assert_eq!(ident.matches("ha_local").count(), 2, "nobody else: {ident}");
+    }
+
+    #[test]
     fn hba_rules_render() {
         let text = render_hba(&[
             HbaRule::local_trust("postgres"),
@@ -782,13 +822,15 @@ mod tests {
                 "hostssl replication replicator fd00::12/128 cert map=ha",
                 "hostssl postgres replicator fd00::12/128 cert map=ha",
                 "hostssl postgres postgres 10.0.1.0/24 cert map=ha",
-                "local all postgres trust",
+                "local all postgres peer map=ha_local",
             ],
             "this node (psql-2) gets no rule"
         );
         assert_eq!(
             c.render_ident().lines().skip(1).collect::<Vec<_>>(),
             [
+                "ha_local root postgres",
+                "ha_local postgres postgres",
                 "ha psql-1 replicator",
                 "ha psql-3 replicator",
                 "ha operator postgres"
@@ -806,9 +848,10 @@ mod tests {
         c.tls_dir = c.data_dir.join("tls");
         assert!(matches!(c.validate(), Err(PgError::Config(_))));
 
-        // Without TLS: no generated rules, an empty map, the configured rules as they are.
+        // Without TLS: no generated rules, only the local logins in the map, the configured
+        // rules as they are.
         let plain = cfg();
         assert_eq!(plain.hba_rules(), plain.hba);
-        assert_eq!(plain.render_ident().lines().count(), 1);
+        assert!(!plain.render_ident().contains("\nha "));
     }
 }

@@ -450,7 +450,8 @@ impl PgController {
                 "-U",
                 &self.cfg.superuser,
                 "--data-checksums",
-                "--auth-local=trust",
+                // Never live: the agent writes its own pg_hba.conf before the first start.
+                "--auth-local=peer",
                 "--auth-host=reject",
                 "--encoding=UTF8",
                 "--locale=C",

@@ -416,14 +416,22 @@ pub struct JoinToken {
     pub group: String,
     pub expires_at_unix_ms: u64,
     pub used: bool,
+    /// The node the token admits, and the address it serves on. `None` only in tokens made
+    /// before tokens were bound to a node: such a token admits nobody.
+    #[serde(default)]
+    pub node: Option<NodeId>,
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
-/// What a valid token allows.
+/// What a valid token allows: one node, of one kind, in one group, at one address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenGrant {
     pub id: String,
     pub kind: NodeKind,
     pub group: String,
+    pub node: NodeId,
+    pub address: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -438,6 +446,10 @@ pub enum TokenError {
     Used,
     #[error("join token expired")]
     Expired,
+    #[error(
+        "join token names no node (made before tokens were bound to one): create a new one with --node and --address"
+    )]
+    Unbound,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -520,6 +532,11 @@ pub enum Op {
         kind: NodeKind,
         group: String,
         expires_at_unix_ms: u64,
+        /// The node the token admits and its address (checked by the leader before proposing).
+        #[serde(default)]
+        node: Option<NodeId>,
+        #[serde(default)]
+        address: Option<String>,
     },
     RevokeToken {
         token_id: String,
@@ -798,10 +815,15 @@ impl Catalog {
             return Err(TokenError::Mismatch);
         }
         Self::token_usable(t, now_unix_ms)?;
+        let (Some(node), Some(address)) = (&t.node, &t.address) else {
+            return Err(TokenError::Unbound);
+        };
         Ok(TokenGrant {
             id: t.id.clone(),
             kind: t.kind,
             group: t.group.clone(),
+            node: node.clone(),
+            address: address.clone(),
         })
     }
 
@@ -975,6 +997,8 @@ impl Catalog {
                 kind,
                 group,
                 expires_at_unix_ms,
+                node,
+                address,
             } => {
                 if self.tokens.contains_key(token_id) {
                     return Err(Rejected::TokenExists(token_id.clone()));
@@ -995,6 +1019,8 @@ impl Catalog {
                         group: group.clone(),
                         expires_at_unix_ms: *expires_at_unix_ms,
                         used: false,
+                        node: node.clone(),
+                        address: address.clone(),
                     },
                 );
                 self.push_event(

@@ -89,6 +89,8 @@ fn token_op(t: &token::NewToken, expires: u64) -> Op {
         kind: NodeKind::Postgres,
         group: "g".into(),
         expires_at_unix_ms: expires,
+        node: Some(id("p9")),
+        address: Some("10.0.0.9".into()),
     }
 }
 
@@ -137,6 +139,23 @@ fn join_tokens_are_single_use_expire_and_resist_forgery() {
     assert_eq!(
         (grant.id.as_str(), grant.kind, grant.group.as_str()),
         (t.id.as_str(), NodeKind::Postgres, "g")
+    );
+    assert_eq!(
+        (grant.node.as_str(), grant.address.as_str()),
+        ("p9", "10.0.0.9"),
+        "the token names the node it admits"
+    );
+    // A token made before tokens named their node (an older catalog) admits nobody.
+    let old = token::generate();
+    let mut unbound = token_op(&old, T0 + 60_000);
+    if let Op::CreateToken { node, address, .. } = &mut unbound {
+        *node = None;
+        *address = None;
+    }
+    f.run(unbound).unwrap();
+    assert_eq!(
+        f.cat.verify_token(&old.plaintext, T0),
+        Err(TokenError::Unbound)
     );
 
     let forged = format!("hajt_{}_{}", t.id, "A".repeat(43));

@@ -464,6 +464,12 @@ pub struct CreateJoinTokenRequest {
     pub ttl_ms: u64,
     #[prost(string, tag = "4")]
     pub group: ::prost::alloc::string::String,
+    /// The one node the token admits: its name and the address it serves on (the host of its
+    /// endpoint and its certificate's name). A joiner can choose neither.
+    #[prost(string, tag = "5")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub address: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
