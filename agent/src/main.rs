@@ -74,6 +74,10 @@ fn main() -> ExitCode {
                 _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
                 _ = int.recv() => tracing::info!("SIGINT: shutting down"),
             }
+            // systemd shows the unit as stopping (no effect outside systemd).
+            if let Err(e) = ha_agent::notify::Notifier::from_env().send("STOPPING=1") {
+                tracing::warn!(error = %e, "cannot tell systemd the agent is stopping");
+            }
             on_signal.cancel();
         });
         match ha_agent::run::run(config, shutdown).await {
