@@ -138,12 +138,18 @@ pub enum Cmd {
     /// Print a systemd unit file.
     Systemd {
         unit: crate::systemd::Unit,
-        /// The configuration path the unit passes to the daemon.
+        /// The daemon's configuration: the unit passes it to the daemon, and the agent's unit
+        /// is derived from it (user, writable paths). Default: /etc/ha/monitor.toml or
+        /// /etc/ha/agent.toml (`--role ejabberd`: /etc/ha/agent-ejabberd.toml).
         #[arg(long)]
         config_path: Option<PathBuf>,
         /// Where the binary is installed.
         #[arg(long, default_value = "/usr/local/bin")]
         bin_dir: PathBuf,
+        /// Agent only: write the unit for this role's default paths without reading the
+        /// configuration (the packages' units).
+        #[arg(long)]
+        role: Option<crate::systemd::Role>,
     },
 }
 
@@ -435,12 +441,12 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         unit,
         config_path,
         bin_dir,
+        role,
     } = &cli.command
     {
-        print!(
-            "{}",
-            crate::systemd::render(*unit, config_path.as_deref(), bin_dir)
-        );
+        let text = crate::systemd::render(*unit, config_path.as_deref(), bin_dir, *role)
+            .map_err(Failure::Usage)?;
+        print!("{text}");
         return Ok(());
     }
     let file = load_config(&cli)?;
