@@ -6,6 +6,7 @@
 //! [`pg`] drives the local PostgreSQL server and [`ejabberd`] a local ejabberd;
 //! [`notify`] tells systemd when the agent is ready and feeds its watchdog.
 
+pub mod cli;
 pub mod config;
 pub mod ejabberd;
 pub mod notify;

@@ -4,25 +4,13 @@
 //! SIGINT. PostgreSQL is left running on exit (the next agent adopts it) unless configured
 //! otherwise.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use ha_agent::cli::Args;
 use ha_agent::config::AgentConfig;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-
-/// The agent of one PostgreSQL node: reports to the monitors and follows their goals.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// The agent's TOML configuration file.
-    #[arg(long, env = "HA_AGENT_CONFIG")]
-    config: PathBuf,
-    /// Allow plaintext gRPC to the monitors (the file must also say `dev = true`).
-    #[arg(long)]
-    dev: bool,
-}
 
 const EX_USAGE: u8 = 64;
 const EX_SOFTWARE: u8 = 70;

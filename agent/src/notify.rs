@@ -161,11 +161,19 @@ mod tests {
         // 2 s watchdog: fed at most every second.
         let mut n = Notifier::new(Some(path.as_os_str()), Some("2000000"), None, 1);
         n.tick(false);
-        assert_eq!(receive(&systemd), "WATCHDOG=1", "first turn feeds the watchdog");
+        assert_eq!(
+            receive(&systemd),
+            "WATCHDOG=1",
+            "first turn feeds the watchdog"
+        );
         assert_eq!(pending(&systemd), None, "no READY=1 before an observation");
         n.tick(true);
         assert_eq!(receive(&systemd), "READY=1");
-        assert_eq!(pending(&systemd), None, "the watchdog was fed less than 1 s ago");
+        assert_eq!(
+            pending(&systemd),
+            None,
+            "the watchdog was fed less than 1 s ago"
+        );
         n.last_fed = Instant::now().checked_sub(Duration::from_secs(1));
         n.tick(true);
         assert_eq!(receive(&systemd), "WATCHDOG=1", "half the period passed");
