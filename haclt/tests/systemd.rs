@@ -96,6 +96,19 @@ fn every_unit_passes_systemd_analyze_verify_and_a_broken_one_fails() {
     }
 }
 
+/// `haclt systemd agent` for the configuration at `config`.
+fn agent_unit(config: &Path, bin: &str) -> String {
+    let config = config.to_str().unwrap();
+    haclt(&[
+        "systemd",
+        "agent",
+        "--config-path",
+        config,
+        "--bin-dir",
+        bin,
+    ])
+}
+
 #[test]
 fn agent_units_follow_a_configuration_with_non_default_paths() {
     let dir = tempfile::tempdir().unwrap();
@@ -122,14 +135,7 @@ log_file = "/srv/pg/logs/postgres.log"
 "#,
     )
     .unwrap();
-    let text = haclt(&[
-        "systemd",
-        "agent",
-        "--config-path",
-        pg.to_str().unwrap(),
-        "--bin-dir",
-        &bin,
-    ]);
+    let text = agent_unit(&pg, &bin);
     for needed in [
         "User=postgres\n",
         "ReadWritePaths=-/srv/pg/cluster\n",
@@ -167,14 +173,7 @@ advertise_host = "127.0.0.1"
 "#,
     )
     .unwrap();
-    let text = haclt(&[
-        "systemd",
-        "agent",
-        "--config-path",
-        ej.to_str().unwrap(),
-        "--bin-dir",
-        &bin,
-    ]);
+    let text = agent_unit(&ej, &bin);
     for needed in [
         "User=ejabberd\n",
         "ReadWritePaths=-/srv/xmpp/conf\n",
