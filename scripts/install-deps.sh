@@ -22,6 +22,8 @@ packages=(
   iproute2 nftables procps
   # regenerating the checked-in gRPC code in the proto freshness test
   protobuf-compiler
+  # systemd-analyze: haclt's test verifies every unit `haclt systemd` prints
+  systemd
   # building crates that compile C
   build-essential ca-certificates curl
 )

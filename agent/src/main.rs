@@ -4,25 +4,13 @@
 //! SIGINT. PostgreSQL is left running on exit (the next agent adopts it) unless configured
 //! otherwise.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use ha_agent::cli::Args;
 use ha_agent::config::AgentConfig;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-
-/// The agent of one PostgreSQL node: reports to the monitors and follows their goals.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// The agent's TOML configuration file.
-    #[arg(long, env = "HA_AGENT_CONFIG")]
-    config: PathBuf,
-    /// Allow plaintext gRPC to the monitors (the file must also say `dev = true`).
-    #[arg(long)]
-    dev: bool,
-}
 
 const EX_USAGE: u8 = 64;
 const EX_SOFTWARE: u8 = 70;
@@ -73,6 +61,10 @@ fn main() -> ExitCode {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
                 _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+            // systemd shows the unit as stopping (no effect outside systemd).
+            if let Err(e) = ha_agent::notify::Notifier::from_env().send("STOPPING=1") {
+                tracing::warn!(error = %e, "cannot tell systemd the agent is stopping");
             }
             on_signal.cancel();
         });

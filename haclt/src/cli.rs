@@ -18,7 +18,8 @@ use crate::output;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Cli {
-    /// Configuration file (monitor addresses, credentials).
+    /// Configuration file (monitor addresses, credentials). Default: /etc/ha/haclt.toml, then
+    /// $XDG_CONFIG_HOME/ha/haclt.toml (~/.config/ha/haclt.toml), the first that exists.
     #[arg(long, env = "HACLT_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Monitor addresses (host:port), comma separated; overrides the file.
@@ -138,12 +139,18 @@ pub enum Cmd {
     /// Print a systemd unit file.
     Systemd {
         unit: crate::systemd::Unit,
-        /// The configuration path the unit passes to the daemon.
+        /// The daemon's configuration: the unit passes it to the daemon, and the agent's unit
+        /// is derived from it (user, writable paths). Default: /etc/ha/monitor.toml or
+        /// /etc/ha/agent.toml (`--role ejabberd`: /etc/ha/agent-ejabberd.toml).
         #[arg(long)]
         config_path: Option<PathBuf>,
         /// Where the binary is installed.
         #[arg(long, default_value = "/usr/local/bin")]
         bin_dir: PathBuf,
+        /// Agent only: write the unit for this role's default paths without reading the
+        /// configuration (the packages' units).
+        #[arg(long)]
+        role: Option<crate::systemd::Role>,
     },
 }
 
@@ -278,9 +285,59 @@ fn transport(file: &ConfigFile, dev_flag: bool) -> Result<Transport, Failure> {
     Ok(Transport::Tls(std::sync::Arc::new(client)))
 }
 
+/// The system-wide configuration, looked for first when `--config` is not given.
+pub const SYSTEM_CONFIG: &str = "/etc/ha/haclt.toml";
+
+/// Where `haclt` looks for its configuration without `--config`, in order: the system file,
+/// then the user's (`$XDG_CONFIG_HOME/ha/haclt.toml`, else `~/.config/ha/haclt.toml`).
+pub fn config_candidates(
+    xdg_config_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> Vec<PathBuf> {
+    let mut places = vec![PathBuf::from(SYSTEM_CONFIG)];
+    let user = xdg_config_home
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            home.filter(|h| !h.is_empty())
+                .map(|h| PathBuf::from(h).join(".config"))
+        });
+    if let Some(dir) = user {
+        places.push(dir.join("ha/haclt.toml"));
+    }
+    places
+}
+
+/// The first of `places` that exists.
+pub fn find_config(places: &[PathBuf]) -> Option<&PathBuf> {
+    places.iter().find(|p| p.exists())
+}
+
+/// `--config` when given (it must be readable); else the first file of [`config_candidates`];
+/// else, with monitors on the command line, no file (today's `--monitors ... --dev`); else an
+/// error naming every place tried.
 fn load_config(cli: &Cli) -> Result<ConfigFile, Failure> {
-    let Some(path) = &cli.config else {
-        return Ok(ConfigFile::default());
+    let places;
+    let path = match &cli.config {
+        Some(path) => path,
+        None => {
+            places = config_candidates(
+                std::env::var_os("XDG_CONFIG_HOME"),
+                std::env::var_os("HOME"),
+            );
+            match find_config(&places) {
+                Some(p) => p,
+                None if !cli.monitors.is_empty() => return Ok(ConfigFile::default()),
+                None => {
+                    let tried: Vec<String> =
+                        places.iter().map(|p| p.display().to_string()).collect();
+                    return Err(Failure::Usage(format!(
+                        "no haclt configuration: tried {}; pass --config FILE (or --monitors)",
+                        tried.join(", ")
+                    )));
+                }
+            }
+        }
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?;
@@ -443,12 +500,12 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         unit,
         config_path,
         bin_dir,
+        role,
     } = &cli.command
     {
-        print!(
-            "{}",
-            crate::systemd::render(*unit, config_path.as_deref(), bin_dir)
-        );
+        let text = crate::systemd::render(*unit, config_path.as_deref(), bin_dir, *role)
+            .map_err(Failure::Usage)?;
+        print!("{text}");
         return Ok(());
     }
     let file = load_config(&cli)?;

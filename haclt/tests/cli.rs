@@ -265,3 +265,62 @@ fn systemd_unit_restarts_always() {
         "{unit}"
     );
 }
+
+#[test]
+fn config_is_looked_for_in_etc_then_the_users_config_dir() {
+    use haclt::cli::{config_candidates, find_config};
+    use std::path::PathBuf;
+    let xdg = config_candidates(Some("/x".into()), Some("/home/u".into()));
+    assert_eq!(
+        xdg,
+        [
+            PathBuf::from("/etc/ha/haclt.toml"),
+            PathBuf::from("/x/ha/haclt.toml")
+        ]
+    );
+    let home = config_candidates(None, Some("/home/u".into()));
+    assert_eq!(home[1], PathBuf::from("/home/u/.config/ha/haclt.toml"));
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (dir.path().join("a.toml"), dir.path().join("b.toml"));
+    let places = [first.clone(), second.clone()];
+    assert_eq!(find_config(&places), None);
+    std::fs::write(&second, "").unwrap();
+    assert_eq!(find_config(&places), Some(&second));
+    std::fs::write(&first, "").unwrap();
+    assert_eq!(find_config(&places), Some(&first), "the earlier place wins");
+}
+
+#[test]
+fn without_config_the_users_file_is_read_and_a_missing_one_named() {
+    assert!(
+        !Path::new(haclt::cli::SYSTEM_CONFIG).exists(),
+        "this test needs a machine without {}",
+        haclt::cli::SYSTEM_CONFIG
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_haclt"))
+            .args(["--timeout", "200ms", "status"])
+            .env_remove("HACLT_CONFIG")
+            .env_remove("HACLT_MONITORS")
+            .env_remove("HACLT_DEV")
+            .env("XDG_CONFIG_HOME", dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let user_file = dir.path().join("ha/haclt.toml");
+    assert!(
+        stderr.contains("/etc/ha/haclt.toml") && stderr.contains(user_file.to_str().unwrap()),
+        "every place tried is named: {stderr}"
+    );
+    // A closed loopback port: reading the file shows as "unreachable", not a usage error.
+    std::fs::create_dir_all(user_file.parent().unwrap()).unwrap();
+    std::fs::write(&user_file, "monitors = [\"127.0.0.1:9\"]\ndev = true\n").unwrap();
+    let out = run();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("127.0.0.1:9"), "{stderr}");
+}

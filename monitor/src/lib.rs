@@ -6,6 +6,7 @@
 
 pub mod broken;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod consensus;
 pub mod decide;

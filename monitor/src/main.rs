@@ -2,24 +2,12 @@
 //! on a bad one, before any port is bound), starts logging, and runs the monitor until SIGTERM
 //! or SIGINT (SIGHUP reloads the TLS certificates).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use ha_monitor::cli::Args;
 use ha_monitor::config::MonitorConfig;
 use tokio_util::sync::CancellationToken;
-
-/// One member of the Raft group that decides failovers for PostgreSQL and ejabberd nodes.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// The monitor's TOML configuration file.
-    #[arg(long, env = "HA_MONITOR_CONFIG")]
-    config: PathBuf,
-    /// Allow plaintext gRPC or fewer than three monitors (the file must also say `dev = true`).
-    #[arg(long)]
-    dev: bool,
-}
 
 const EX_USAGE: u8 = 64;
 const EX_SOFTWARE: u8 = 70;

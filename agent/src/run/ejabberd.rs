@@ -484,7 +484,9 @@ pub async fn run(
     let (done_tx, mut done) = mpsc::channel(1);
     let mut f = Follower::new(cfg, state, state_file, record_file, applied);
     let mut next_report = Instant::now();
+    let mut systemd = crate::notify::Notifier::from_env();
     loop {
+        systemd.tick(seen_rx.has_changed().unwrap_or(true));
         if let Some((epoch, node, endpoint)) = f.next_apply(Instant::now()) {
             f.applying = Some(epoch);
             let ctl = ctl.clone();

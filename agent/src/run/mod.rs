@@ -1101,7 +1101,9 @@ pub async fn reconcile<L: MonitorLink>(
     let (report_tx, mut reports) = mpsc::channel::<ReportResult>(1);
     let (vouch_tx, mut vouched) = mpsc::channel::<VouchRound>(1);
     let mut next_report = Instant::now();
+    let mut systemd = crate::notify::Notifier::from_env();
     loop {
+        systemd.tick(core.observed.is_some());
         if core.report_soon && !core.report_in_flight {
             core.report_soon = false;
             next_report = Instant::now();
