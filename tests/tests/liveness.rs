@@ -133,6 +133,14 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Records a write gap of `longest` that was not within `bound`; `during` names the fault
+    /// and what the gap means.
+    fn check_gap(&mut self, longest: Duration, bound: Duration, during: &str) {
+        self.check(longest < bound, || {
+            format!("writes stopped for {longest:?} (bound {bound:?}) {during}")
+        });
+    }
+
     fn line(&self) -> String {
         format!("liveness: {}: {}", self.name, self.figures.join(", "))
     }
@@ -332,11 +340,7 @@ async fn primary_that_cannot_start_is_failed_over() {
         ms(failover_gap),
         ms(resumed - killed)
     ));
-    run.check(failover_gap < FAILOVER_GAP, || {
-        format!(
-            "the writer's gap across the failover was {failover_gap:?} (bound {FAILOVER_GAP:?})"
-        )
-    });
+    run.check_gap(failover_gap, FAILOVER_GAP, "across the failover");
 
     let events = stand.events(seq).unwrap_or_default();
     let reason = events.iter().find(|e| {
@@ -469,9 +473,7 @@ async fn replication_link_cut_does_not_block_commits_for_long() {
         ));
     }
 
-    run.check(longest < LINK_CUT_GAP, || {
-        format!("the longest commit gap was {longest:?} (bound {LINK_CUT_GAP:?}) with the replication link cut")
-    });
+    run.check_gap(longest, LINK_CUT_GAP, "with the replication link cut");
     run.check(dropped_after.is_some_and(|d| d < SYNC_DROPPED), || {
         format!(
             "no sync event dropping the synchronous standby within {SYNC_DROPPED:?} of the cut (found {dropped_after:?}); events: {}",
@@ -566,11 +568,11 @@ async fn a_frozen_agent_is_shown_unhealthy_and_does_not_fence_its_primary() {
     run.check_waited(&back, || {
         format!("{p}'s agent did not report again within {RESUMED:?} of SIGCONT")
     });
-    run.check(longest < FREEZE_GAP, || {
-        format!(
-            "writes stopped for {longest:?} (bound {FREEZE_GAP:?}) around the frozen agent: the resumed agent fenced its primary (lease expired while frozen) without first checking with the monitors, which kept it primary"
-        )
-    });
+    run.check_gap(
+        longest,
+        FREEZE_GAP,
+        "around the frozen agent: the resumed agent fenced its primary (lease expired while frozen) without first checking with the monitors, which kept it primary",
+    );
     run.finish();
 }
 
@@ -610,9 +612,7 @@ async fn a_cut_link_to_the_monitor_leader_does_not_fence_the_primary() {
         ms(longest)
     ));
     run.no_failover((&p, e), failover, "the cut");
-    run.check(longest < LEADER_CUT_GAP, || {
-        format!("the longest write gap was {longest:?} (bound {LEADER_CUT_GAP:?}) with the link to the leader cut")
-    });
+    run.check_gap(longest, LEADER_CUT_GAP, "with the link to the leader cut");
     run.finish();
 }
 
@@ -670,10 +670,10 @@ async fn monitor_quorum_loss_costs_no_writes() {
     run.check_waited(&back, || {
         format!("not converged within {QUORUM_BACK:?} of the monitors' resumption")
     });
-    run.check(longest < QUORUM_LOSS_GAP, || {
-        format!(
-            "writes stopped for {longest:?} (bound {QUORUM_LOSS_GAP:?}) while no monitor leader could exist: the primary fenced itself at the end of its lease instead of serving on its standby's vouches"
-        )
-    });
+    run.check_gap(
+        longest,
+        QUORUM_LOSS_GAP,
+        "while no monitor leader could exist: the primary fenced itself at the end of its lease instead of serving on its standby's vouches",
+    );
     run.finish();
 }
