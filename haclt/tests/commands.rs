@@ -4,7 +4,8 @@
 //! `events --json`; refusals through the exit code and the one-line reason on stderr:
 //!
 //! - `status --json` (and how long it takes: printed, median of 10), `events --json [--after]`;
-//! - `token create --json`, `token revoke` (twice: the second is not found, 66);
+//! - `token create --json` for one node and address, `token revoke` (twice: the second is not
+//!   found, 66), a token for a reserved name (64);
 //! - a wrong monitor address (69), an unknown node (66), a bad setting (64), a switchover to a
 //!   node with candidate priority 0 and a failover with no eligible standby (65), a wait that
 //!   runs out (75);
@@ -159,7 +160,17 @@ async fn every_command_against_a_live_cluster() {
         &ok(
             &c,
             &[
-                "token", "create", "--role", "postgres", "--ttl", "1h", "--json",
+                "token",
+                "create",
+                "--role",
+                "postgres",
+                "--node",
+                "psql9",
+                "--address",
+                "10.0.0.9",
+                "--ttl",
+                "1h",
+                "--json",
             ],
         )
         .await,
@@ -170,6 +181,22 @@ async fn every_command_against_a_live_cluster() {
     assert!(t["expires_at_unix_ms"].as_u64().unwrap() > 0);
     ok(&c, &["token", "revoke", &id]).await;
     fails(&c, &["token", "revoke", &id], 66, &id).await;
+    fails(
+        &c,
+        &[
+            "token",
+            "create",
+            "--role",
+            "postgres",
+            "--node",
+            "replicator",
+            "--address",
+            "10.0.0.9",
+        ],
+        64,
+        "reserved",
+    )
+    .await;
 
     // Refusals: nothing changes, each with its own exit code.
     fails(
