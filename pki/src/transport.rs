@@ -12,6 +12,26 @@
 //! each request's extensions: read it with [`peer_identity`], [`require_role`] or
 //! [`require_node`].
 //!
+//! What one client can hold is bounded: at most [`MAX_HANDSHAKES`] handshakes at a time, at
+//! most [`MAX_ANONYMOUS_CONNECTIONS`] connections without a certificate, each closed after
+//! [`ANONYMOUS_LIFETIME`], and at most [`MAX_CONNECTIONS_PER_IDENTITY`] connections per
+//! certificate identity. A connection beyond a bound is closed at once, never queued, and the
+//! refusal is logged at warn at most once per [`REFUSAL_LOG_INTERVAL`] per kind, with the count
+//! of the ones not logged.
+//!
+//! Why these bounds keep Raft and lease renewals working under a flood: the monitors' Raft
+//! channels and the agents' report channels are long-lived HTTP/2 connections, opened once and
+//! reused for every call, and they authenticate with a certificate. So (1) an established
+//! connection is never closed to make room, the bounds only refuse new ones; (2) connections
+//! without a certificate have their own bound, which a flood of them fills without touching the
+//! certificate holders' connections; (3) certificate holders are bounded per identity, not all
+//! together, so one stolen or misbehaving node certificate exhausts only its own share. The
+//! bounds are not per source address: monitors, agents and `haclt` may share one address (a NAT,
+//! one host running several of them), and an attacker with many addresses would defeat it
+//! anyway. What a flood can still delay is a *new* connection's handshake while
+//! [`MAX_HANDSHAKES`] silent connections hold the slots, for at most [`HANDSHAKE_TIMEOUT`] each;
+//! tonic channels reconnect by themselves, and a peer with an open connection needs none.
+//!
 //! Client: [`MtlsConnector`] dials TCP and runs the handshake with the [`ClientTls`] config
 //! current at connect time (so a reconnect after a reload uses the new files), verifies the
 //! server's name, and requires the server certificate's role to be [`SERVER_ROLE`] (a node
@@ -20,12 +40,14 @@
 //! not try its own TLS on top, so the channel's endpoint is given the `http://` form of the
 //! `https://` URL (see [`endpoint`]); the bytes on the wire are TLS all the same.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
@@ -43,8 +65,29 @@ use tracing::{debug, info, warn};
 use crate::identity::{IdentityError, PeerIdentity, Role};
 use crate::tls::{ClientAuth, ClientTls, ServerTls};
 
-/// Longest a TLS handshake may take on the server before the connection is dropped.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a TLS handshake may take on the server before the connection is dropped (a real
+/// client finishes in milliseconds, a few round trips; this only bounds how long a silent
+/// connection holds a handshake slot).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most TLS handshakes in progress at once; a connection accepted beyond it is closed at once.
+pub const MAX_HANDSHAKES: usize = 128;
+
+/// Most established connections without a client certificate (on a [`ClientAuth::Optional`]
+/// server: joiners), all addresses together.
+pub const MAX_ANONYMOUS_CONNECTIONS: usize = 32;
+
+/// How long a connection without a client certificate may stay open: its only use is one
+/// `Join` call.
+pub const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Most established connections of one certificate identity (`ha://<role>/<name>`). A monitor
+/// holds two or three to each peer, an agent one or two to each monitor, every `haclt` command
+/// one while it runs; operators sharing one certificate share this bound.
+pub const MAX_CONNECTIONS_PER_IDENTITY: usize = 64;
+
+/// At most one warning per kind of refused connection in this interval.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The role every gRPC server certificate must carry.
 pub const SERVER_ROLE: Role = Role::Monitor;
@@ -69,6 +112,25 @@ pub struct PeerInfo {
 pub struct TlsConn {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    /// When a connection without a certificate is closed ([`ANONYMOUS_LIFETIME`]).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Its place under [`MAX_ANONYMOUS_CONNECTIONS`] or [`MAX_CONNECTIONS_PER_IDENTITY`],
+    /// given back when tonic drops the connection.
+    _slot: Slot,
+}
+
+impl TlsConn {
+    /// An error once the connection outlived its deadline; polling registers the timer, so an
+    /// idle connection is woken and closed too.
+    fn expired(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection without a client certificate outlived its lifetime",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Connected for TlsConn {
@@ -84,6 +146,7 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.expired(cx)?;
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -94,6 +157,7 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.expired(cx)?;
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -110,6 +174,7 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.expired(cx)?;
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -141,14 +206,115 @@ impl tokio_stream::Stream for TlsIncoming {
     }
 }
 
-/// Accepts mutual-TLS connections on `listener`. Must be called inside a tokio runtime.
+/// Accepts mutual-TLS connections on `listener` within the bounds of [`IncomingLimits`]. Must be
+/// called inside a tokio runtime.
 pub fn tls_incoming(listener: TcpListener, tls: Arc<ServerTls>) -> TlsIncoming {
     let (tx, ready) = mpsc::channel(READY_QUEUE);
     let accept_loop = tokio::spawn(accept_loop(listener, tls, tx));
     TlsIncoming { ready, accept_loop }
 }
 
+/// What the bounds of [`tls_incoming`] hold now.
+#[derive(Debug, Default)]
+struct IncomingLimits {
+    handshakes: Counter,
+    anonymous: Counter,
+    per_identity: Mutex<HashMap<String, usize>>,
+    refusals: Mutex<HashMap<&'static str, Throttle>>,
+}
+
+#[derive(Debug, Default)]
+struct Counter(AtomicUsize);
+
+impl Counter {
+    fn take(&self, max: usize) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn give(&self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+/// A place under one of the bounds, given back on drop.
+#[derive(Debug)]
+enum Slot {
+    Handshake(Arc<IncomingLimits>),
+    Anonymous(Arc<IncomingLimits>),
+    Identity(Arc<IncomingLimits>, String),
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        match self {
+            Slot::Handshake(l) => l.handshakes.give(),
+            Slot::Anonymous(l) => l.anonymous.give(),
+            Slot::Identity(l, who) => {
+                let mut map = l.per_identity.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(n) = map.get_mut(who) {
+                    *n -= 1;
+                    if *n == 0 {
+                        map.remove(who);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl IncomingLimits {
+    fn handshake(self: &Arc<Self>) -> Option<Slot> {
+        self.handshakes
+            .take(MAX_HANDSHAKES)
+            .then(|| Slot::Handshake(self.clone()))
+    }
+
+    fn anonymous(self: &Arc<Self>) -> Option<Slot> {
+        self.anonymous
+            .take(MAX_ANONYMOUS_CONNECTIONS)
+            .then(|| Slot::Anonymous(self.clone()))
+    }
+
+    fn identity(self: &Arc<Self>, who: &PeerIdentity) -> Option<Slot> {
+        let who = who.to_string();
+        let mut map = self.per_identity.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(who.clone()).or_default();
+        if *n >= MAX_CONNECTIONS_PER_IDENTITY {
+            return None;
+        }
+        *n += 1;
+        Some(Slot::Identity(self.clone(), who))
+    }
+
+    /// Logs a refused connection at warn, at most once per [`REFUSAL_LOG_INTERVAL`] per `kind`.
+    fn refused(&self, kind: &'static str, remote_addr: SocketAddr, detail: &dyn std::fmt::Display) {
+        let mut map = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let t = map.entry(kind).or_default();
+        let now = Instant::now();
+        if t.last
+            .is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_INTERVAL)
+        {
+            t.suppressed += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut t.suppressed);
+        t.last = Some(now);
+        warn!(%remote_addr, %detail, suppressed, interval = ?REFUSAL_LOG_INTERVAL, "{kind}; connection closed (the count of others not logged since the last such warning: suppressed)");
+    }
+}
+
 async fn accept_loop(listener: TcpListener, tls: Arc<ServerTls>, tx: mpsc::Sender<TlsConn>) {
+    let limits = Arc::new(IncomingLimits::default());
     loop {
         let accepted = tokio::select! {
             () = tx.closed() => return,
@@ -162,6 +328,14 @@ async fn accept_loop(listener: TcpListener, tls: Arc<ServerTls>, tx: mpsc::Sende
                 continue;
             }
         };
+        let Some(slot) = limits.handshake() else {
+            limits.refused(
+                "too many TLS handshakes in progress",
+                remote_addr,
+                &format_args!("limit {MAX_HANDSHAKES}"),
+            );
+            continue;
+        };
         // gRPC sends small frames; Nagle would add latency to every report.
         if let Err(error) = tcp.set_nodelay(true) {
             debug!(%remote_addr, %error, "cannot set TCP_NODELAY");
@@ -169,8 +343,11 @@ async fn accept_loop(listener: TcpListener, tls: Arc<ServerTls>, tx: mpsc::Sende
         let acceptor = TlsAcceptor::from(tls.current());
         let client_auth = tls.client_auth();
         let tx = tx.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
-            if let Some(conn) = handshake(acceptor, client_auth, tcp, remote_addr).await {
+            let conn = handshake(acceptor, client_auth, tcp, remote_addr, &limits).await;
+            drop(slot);
+            if let Some(conn) = conn {
                 // The receiver is gone only when the server stopped; the connection just closes.
                 let _ = tx.send(conn).await;
             }
@@ -183,20 +360,33 @@ async fn handshake(
     client_auth: ClientAuth,
     tcp: TcpStream,
     remote_addr: SocketAddr,
+    limits: &Arc<IncomingLimits>,
 ) -> Option<TlsConn> {
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Err(_) => {
-            warn!(%remote_addr, "TLS handshake timed out; connection dropped");
+            limits.refused(
+                "TLS handshake timed out",
+                remote_addr,
+                &format_args!("after {HANDSHAKE_TIMEOUT:?}"),
+            );
             return None;
         }
         Ok(Err(error)) => {
-            warn!(%remote_addr, %error, "TLS handshake failed; connection dropped");
+            limits.refused("TLS handshake failed", remote_addr, &error);
             return None;
         }
         Ok(Ok(stream)) => stream,
     };
     let certs = stream.get_ref().1.peer_certificates();
     if certs.is_none_or(<[_]>::is_empty) && client_auth == ClientAuth::Optional {
+        let Some(slot) = limits.anonymous() else {
+            limits.refused(
+                "too many connections without a client certificate",
+                remote_addr,
+                &format_args!("limit {MAX_ANONYMOUS_CONNECTIONS}"),
+            );
+            return None;
+        };
         debug!(%remote_addr, "TLS connection without a client certificate accepted");
         return Some(TlsConn {
             stream,
@@ -204,10 +394,20 @@ async fn handshake(
                 remote_addr,
                 identity: None,
             },
+            deadline: Some(Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME))),
+            _slot: slot,
         });
     }
     match end_entity_identity(certs) {
         Ok(identity) => {
+            let Some(slot) = limits.identity(&identity) else {
+                limits.refused(
+                    "too many connections of one certificate identity",
+                    remote_addr,
+                    &format_args!("{identity}, limit {MAX_CONNECTIONS_PER_IDENTITY}"),
+                );
+                return None;
+            };
             debug!(%remote_addr, peer = %identity, "mutual TLS connection accepted");
             Some(TlsConn {
                 stream,
@@ -215,10 +415,16 @@ async fn handshake(
                     remote_addr,
                     identity: Some(identity),
                 },
+                deadline: None,
+                _slot: slot,
             })
         }
         Err(error) => {
-            warn!(%remote_addr, %error, "client certificate has no usable identity; connection dropped");
+            limits.refused(
+                "client certificate has no usable identity",
+                remote_addr,
+                &error,
+            );
             None
         }
     }
