@@ -11,6 +11,7 @@ pub mod config;
 pub mod consensus;
 pub mod decide;
 pub mod incarnation;
+pub mod limits;
 pub mod logging;
 pub mod machine;
 pub mod server;

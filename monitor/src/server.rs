@@ -45,6 +45,7 @@ use crate::config::{self, MonitorConfig};
 use crate::consensus::{self, ProposeError, RaftHandle, RaftSettings};
 use crate::decide::{self, Observations, ProbeResult, Report};
 use crate::incarnation::{self, Incarnations};
+use crate::limits;
 
 use crate::machine::{self, CatalogMachine};
 use crate::signer::CaSigner;
@@ -161,6 +162,11 @@ fn role_for(kind: NodeKind) -> Role {
     }
 }
 
+/// Whom a per-caller limit counts: the certificate identity, or in dev mode the address.
+fn caller<T>(request: &Request<T>) -> String {
+    ha_pki::peer_identity(request).map_or_else(|| remote(request), |p| p.to_string())
+}
+
 fn remote<T>(request: &Request<T>) -> String {
     request
         .extensions()
@@ -195,6 +201,8 @@ pub struct Monitor {
     security: Security,
     shutdown: CancellationToken,
     relay: Relay,
+    /// Open `WatchGoal` and `FollowEvents` streams per caller ([`limits`]).
+    streams: limits::Streams,
 }
 
 /// A follower's way to the leader for agents' reports: an agent that cannot reach the leader
@@ -671,6 +679,11 @@ impl agent_service_server::AgentService for AgentApi {
             Caller::Node(&request.get_ref().node),
         )?;
         m.require_leader()?;
+        let slot = m.streams.open(
+            "AgentService/WatchGoal",
+            caller(&request),
+            limits::MAX_WATCH_GOAL_PER_IDENTITY,
+        )?;
         let node = convert::node_id(&request.into_inner().node, "node")?;
         if m.catalog().node(&node).is_none() {
             return Err(Status::not_found(format!("node {node} is not registered")));
@@ -680,6 +693,7 @@ impl agent_service_server::AgentService for AgentApi {
         let monitor = self.0.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            let _slot = slot;
             let mut last = None;
             loop {
                 // The goal, and the report interval of the node's group: a switchover or
@@ -804,11 +818,17 @@ impl operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<Self::FollowEventsStream>, Status> {
         self.0
             .authorize(&request, "OperatorService/FollowEvents", Caller::Operator)?;
+        let slot = self.0.streams.open(
+            "OperatorService/FollowEvents",
+            caller(&request),
+            limits::MAX_FOLLOW_EVENTS_PER_IDENTITY,
+        )?;
         let mut after = request.into_inner().after_seq;
         let mut catalog = self.0.catalog.clone();
         let shutdown = self.0.shutdown.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
+            let _slot = slot;
             loop {
                 let fresh: Vec<v1::Event> = catalog
                     .borrow_and_update()
@@ -1633,6 +1653,7 @@ pub async fn run(
             channels: channels.clone(),
             leader: Mutex::new(None),
         },
+        streams: limits::Streams::default(),
     });
     info!(id = config.id, listen = %config.listen, advertise = %config.advertise, members = ?config.members, "monitor starting");
 
@@ -1648,16 +1669,32 @@ pub async fn run(
         result.is_err()
     });
 
-    let router = tonic::transport::Server::builder()
-        .add_service(agent_service_server::AgentServiceServer::new(AgentApi(
-            monitor.clone(),
-        )))
-        .add_service(operator_service_server::OperatorServiceServer::new(
-            OperatorApi(monitor.clone()),
-        ))
-        .add_service(peer_service_server::PeerServiceServer::new(PeerApi(
-            monitor.clone(),
-        )));
+    // Only monitors may send Raft's large batches: anyone else is refused before the body is
+    // read (the call itself checks the monitor's name).
+    let plaintext = matches!(monitor.security, Security::Plaintext);
+    let monitors_only = move |request: Request<()>| {
+        if !plaintext {
+            ha_pki::require_role(&request, &[Role::Monitor])?;
+        }
+        Ok(request)
+    };
+    let router = limits::server_builder()
+        .add_service(
+            agent_service_server::AgentServiceServer::new(AgentApi(monitor.clone()))
+                .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
+                .max_encoding_message_size(limits::MAX_RESPONSE_BYTES),
+        )
+        .add_service(
+            operator_service_server::OperatorServiceServer::new(OperatorApi(monitor.clone()))
+                .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
+                .max_encoding_message_size(limits::MAX_RESPONSE_BYTES),
+        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            peer_service_server::PeerServiceServer::new(PeerApi(monitor.clone()))
+                .max_decoding_message_size(limits::MAX_RAFT_BATCH_BYTES)
+                .max_encoding_message_size(limits::MAX_RESPONSE_BYTES),
+            monitors_only,
+        ));
     let served = match tls {
         None => {
             router
