@@ -31,6 +31,8 @@ pub struct Cli {
     /// Per-call timeout.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, global = true)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub log: ha_log::LogArgs,
     #[command(subcommand)]
     pub command: Cmd,
 }

@@ -302,6 +302,10 @@ pub struct RestartLimit {
     /// the window: a node whose cause was fixed (a bad setting, a full disk) comes back by
     /// itself within this bound, while a crash loop costs one attempt per bound.
     pub retry_after: Duration,
+    /// A server that ran this long before it crashed was not in a crash loop: the crash count
+    /// starts afresh (as the stand's supervisor and systemd's start limit do), so crashes
+    /// spread over a long window never hold a healthy node back.
+    pub stable_after: Duration,
 }
 
 /// Everything the controller needs to run one local PostgreSQL server.
@@ -403,6 +407,7 @@ impl PgConfig {
                 max_restarts: 3,
                 window: Duration::from_secs(600),
                 retry_after: Duration::from_secs(30),
+                stable_after: Duration::from_secs(60),
             },
         }
     }
