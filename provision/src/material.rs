@@ -649,9 +649,9 @@ fn system_user(name: &str) -> Result<User, MaterialError> {
         .ok_or_else(|| MaterialError::NoUser(name.to_owned()))
 }
 
+/// Writes `text` with exactly `mode`, atomically (never briefly readable by others).
 fn write(path: &Path, text: &str, mode: u32) -> Result<(), MaterialError> {
-    fs::write(path, text).map_err(io(path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io(path))
+    Ok(ha_pki::write_file(path, text.as_bytes(), mode)?)
 }
 
 fn own(path: &Path, user: &User, mode: u32) -> Result<(), MaterialError> {
