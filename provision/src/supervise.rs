@@ -105,12 +105,7 @@ fn programs(
         )],
         Role::Postgres => vec![daemon("ha-agent", "ha-agent", material.agent_config(node))],
         Role::Ejabberd => {
-            let user = User::from_name("ejabberd")
-                .ok()
-                .flatten()
-                .ok_or(SuperviseError::NoUser)?;
-            let home = material.node_dir(node).join("ejabberd/home");
-            let as_ejabberd = Some((user.uid.as_raw(), user.gid.as_raw(), home));
+            let as_ejabberd = Some(as_ejabberd(material, node)?);
             vec![
                 Program {
                     name: "epmd",
@@ -135,8 +130,31 @@ fn programs(
     })
 }
 
-/// `ejabberdctl` for `node`'s own config dir followed by `args`. As root it switches to the
-/// `ejabberd` user itself; the cookie is in the node's `ejabberdctl.cfg`.
+/// The `ejabberd` user with `node`'s ejabberd home, whose `.erlang.cookie` holds the stand's
+/// cookie: every `ejabberdctl` runs so (as root, `ejabberdctl` would switch user with `su`,
+/// which resets `HOME` to the system's ejabberd home and its other cookie).
+fn as_ejabberd(material: &Material<'_>, node: &str) -> Result<(u32, u32, PathBuf), SuperviseError> {
+    let user = User::from_name("ejabberd")
+        .ok()
+        .flatten()
+        .ok_or(SuperviseError::NoUser)?;
+    let home = material.ejabberd_home(node);
+    Ok((user.uid.as_raw(), user.gid.as_raw(), home))
+}
+
+impl Program {
+    /// The program's command: its argv, as its user with its `HOME` and working directory.
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..]);
+        if let Some((uid, gid, home)) = &self.user {
+            cmd.uid(*uid).gid(*gid).env("HOME", home).current_dir(home);
+        }
+        cmd
+    }
+}
+
+/// `ejabberdctl` for `node`'s own config dir followed by `args`.
 pub fn ejabberdctl_argv(material: &Material<'_>, node: &str, args: &[&str]) -> Vec<OsString> {
     let mut argv: Vec<OsString> = vec![
         EJABBERDCTL.into(),
@@ -206,7 +224,7 @@ pub async fn run(
     let mut term = sig(SignalKind::terminate(), "SIGTERM")?;
     let mut int = sig(SignalKind::interrupt(), "SIGINT")?;
     // Each ejabberdctl call takes seconds: the join runs beside the restart loop.
-    let joiner = cluster_join(&material, topology, node).map(|(first, ctl)| {
+    let joiner = cluster_join(&material, topology, node)?.map(|(first, ctl)| {
         let node = node.to_owned();
         tokio::spawn(async move {
             while !try_join(&ctl, &first, &node).await {
@@ -319,46 +337,45 @@ fn spawn(program: &Program, log_dir: &Path) -> Result<Child, SuperviseError> {
     let log_err = log
         .try_clone()
         .map_err(io(format!("duplicating {}", log_path.display())))?;
-    let mut cmd = Command::new(&program.argv[0]);
-    cmd.args(&program.argv[1..])
-        .env("RUST_LOG", "info")
+    let mut cmd = program.command();
+    cmd.env("RUST_LOG", "info")
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
-    if let Some((uid, gid, home)) = &program.user {
-        cmd.uid(*uid).gid(*gid).env("HOME", home).current_dir(home);
-    }
     cmd.spawn().map_err(io(format!(
         "starting {}",
         program.argv[0].to_string_lossy()
     )))
 }
 
-/// For an ejabberd node other than the first: the first node's Erlang name and `ejabberdctl`.
+/// For an ejabberd node other than the first: the first node's Erlang name and `ejabberdctl`
+/// (its arguments follow).
 fn cluster_join(
     material: &Material<'_>,
     topology: &Topology,
     node: &str,
-) -> Option<(String, Vec<OsString>)> {
-    let n = topology.node(node)?;
-    let first = material.first_ejabberd()?;
-    (n.role == Role::Ejabberd && first.name != node).then(|| {
-        (
-            Material::erlang_node(&first.name),
-            ejabberdctl_argv(material, node, &[]),
-        )
-    })
+) -> Result<Option<(String, Program)>, SuperviseError> {
+    let (Some(n), Some(first)) = (topology.node(node), material.first_ejabberd()) else {
+        return Ok(None);
+    };
+    if n.role != Role::Ejabberd || first.name == node {
+        return Ok(None);
+    }
+    let ctl = Program {
+        name: "ejabberdctl",
+        argv: ejabberdctl_argv(material, node, &[]),
+        user: Some(as_ejabberd(material, node)?),
+        after_port: None,
+    };
+    Ok(Some((Material::erlang_node(&first.name), ctl)))
 }
 
 /// One attempt to join `first`'s cluster; true once `list_cluster` shows it.
-async fn try_join(ctl: &[OsString], first: &str, node: &str) -> bool {
+async fn try_join(ctl: &Program, first: &str, node: &str) -> bool {
     let run = |args: &[&str]| {
-        let mut cmd = Command::new(&ctl[0]);
-        cmd.args(&ctl[1..])
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
+        let mut cmd = ctl.command();
+        cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
         async move { cmd.output().await }
     };
     match run(&["list_cluster"]).await {
@@ -457,8 +474,14 @@ mod tests {
         let agent = &programs(&t, &m, bin, "psql1server").unwrap()[0];
         assert_eq!(agent.argv[0], OsString::from("/opt/ha/bin/ha-agent"));
         assert!(programs(&t, &m, bin, "gw1server").is_err());
-        assert!(cluster_join(&m, &t, "e1server").is_none(), "first node");
-        let (first, _) = cluster_join(&m, &t, "e2server").unwrap();
+        assert!(
+            cluster_join(&m, &t, "e1server").unwrap().is_none(),
+            "first node"
+        );
+        let (first, ctl) = cluster_join(&m, &t, "e2server").unwrap().unwrap();
         assert_eq!(first, "ejabberd@e1server");
+        // As ejabberd with the node's home, where its cookie is: never as root.
+        let (_, _, home) = ctl.user.unwrap();
+        assert_eq!(home, m.ejabberd_home("e2server"));
     }
 }

@@ -569,12 +569,13 @@ fn full_stand_fails_over_and_cleans_up() {
         let out = stand
             .cli()
             .args([
-                "exec",
-                "e1server",
-                "--",
-                "/usr/sbin/ejabberdctl",
-                "--config-dir",
+                "exec", "e1server", "--", "runuser", "-u", "ejabberd", "--", "env",
             ])
+            .arg(format!(
+                "HOME={}",
+                stand.material().ejabberd_home("e1server").display()
+            ))
+            .args(["/usr/sbin/ejabberdctl", "--config-dir"])
             .arg(&conf)
             .arg("list_cluster")
             .output()
@@ -590,6 +591,18 @@ fn full_stand_fails_over_and_cleans_up() {
             String::from_utf8_lossy(&out.stderr)
         );
         std::thread::sleep(Duration::from_secs(1));
+    }
+    // The cookie is in no process's command line (every local user can read those).
+    let cookie = std::fs::read_to_string(stand.inner.state_dir.join("pki/erlang.cookie")).unwrap();
+    let cookie = cookie.trim();
+    assert!(cookie.len() >= 16, "a real cookie");
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains(cookie),
+            "the Erlang cookie is on the command line of {:?}",
+            entry.file_name()
+        );
     }
 
     // XMPP users on both frontends keep writing through ejabberd across the crash.
