@@ -14,4 +14,6 @@ pub struct Args {
     /// Allow plaintext gRPC to the monitors (the file must also say `dev = true`).
     #[arg(long)]
     pub dev: bool,
+    #[command(flatten)]
+    pub log: ha_log::LogArgs,
 }

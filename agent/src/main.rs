@@ -25,15 +25,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    // Logs go to stderr (journald keeps both streams; stdout stays free for tools).
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    ha_log::init(&args.log, "RUST_LOG", "info");
     if config.dev {
         tracing::warn!("DEV MODE: plaintext gRPC to the monitors; never use this in production");
     }

@@ -31,6 +31,8 @@ pub struct Cli {
     /// Per-call timeout.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, global = true)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub log: ha_log::LogArgs,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -105,6 +107,11 @@ pub enum Cmd {
     Token {
         #[command(subcommand)]
         command: TokenCmd,
+    },
+    /// What applications need to reach the cluster.
+    Show {
+        #[command(subcommand)]
+        command: ShowCmd,
     },
     /// The cluster CA and certificates (local files only; no monitor is contacted).
     Pki {
@@ -209,6 +216,38 @@ pub enum MonitorCmd {
     Add { id: u64, address: String },
     /// Remove a monitor; it stops by itself.
     Remove { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShowCmd {
+    /// A multi-host libpq URI of the group's PostgreSQL nodes: with
+    /// `target_session_attrs=read-write` libpq connects to whichever node is the writable
+    /// primary, so an application follows a failover by reconnecting.
+    Uri {
+        /// The group.
+        #[arg(long, default_value = "main")]
+        group: String,
+        /// A URI for reads that may lag: a standby if one answers, else the primary
+        /// (`target_session_attrs=prefer-standby`).
+        #[arg(long)]
+        standby: bool,
+        /// The database.
+        #[arg(long, default_value = "postgres")]
+        dbname: String,
+        /// The database user (default: libpq's, the OS user or the certificate's).
+        #[arg(long)]
+        user: Option<String>,
+        /// The cluster CA bundle: `sslmode=verify-full` checks each node's certificate and
+        /// host name against it. Without it the URI says `sslmode=require`.
+        #[arg(long)]
+        sslrootcert: Option<PathBuf>,
+        /// A client certificate for `cert` authentication (its name is the database user).
+        #[arg(long, requires = "sslkey")]
+        sslcert: Option<PathBuf>,
+        /// The key of `--sslcert`.
+        #[arg(long, requires = "sslcert")]
+        sslkey: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -854,6 +893,35 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             result
+        }
+        Cmd::Show {
+            command:
+                ShowCmd::Uri {
+                    group,
+                    standby,
+                    dbname,
+                    user,
+                    sslrootcert,
+                    sslcert,
+                    sslkey,
+                },
+        } => {
+            let s = output::Status::from(status(&mut m, false).await?);
+            let opts = crate::uri::UriOptions {
+                group: &group,
+                target: if standby {
+                    crate::uri::Target::Standby
+                } else {
+                    crate::uri::Target::Primary
+                },
+                dbname: &dbname,
+                user: user.as_deref(),
+                sslrootcert: sslrootcert.as_deref(),
+                sslcert: sslcert.as_deref(),
+                sslkey: sslkey.as_deref(),
+            };
+            println!("{}", crate::uri::uri(&s, &opts)?);
+            Ok(())
         }
         Cmd::Token { command } => match command {
             TokenCmd::Create {

@@ -8,3 +8,4 @@ pub mod drill;
 pub mod output;
 pub mod pki;
 pub mod systemd;
+pub mod uri;

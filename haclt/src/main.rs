@@ -6,12 +6,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = haclt::cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HACLT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    ha_log::init(&cli.log, "HACLT_LOG", "warn");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

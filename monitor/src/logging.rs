@@ -1,16 +1,11 @@
-//! Process plumbing shared by the daemons' `main`: structured logs to stderr (`RUST_LOG`
-//! filters, default `info`) and graceful shutdown on SIGTERM or SIGINT.
+//! Process plumbing of the monitor's `main`: logs (see `ha_log`: `RUST_LOG` filters, default
+//! `info` with raft's own chatter at `warn`) and graceful shutdown on SIGTERM or SIGINT.
 
 use tokio_util::sync::CancellationToken;
 
 /// Installs the global `tracing` subscriber; a second call is a no-op.
-pub fn init() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,raft=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+pub fn init(args: &ha_log::LogArgs) {
+    ha_log::init(args, "RUST_LOG", "info,raft=warn");
 }
 
 /// Cancels `token` on the first SIGTERM or SIGINT.

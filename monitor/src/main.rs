@@ -21,7 +21,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    ha_monitor::logging::init();
+    ha_monitor::logging::init(&args.log);
     #[cfg(feature = "deliberately-broken")]
     match ha_monitor::broken::init() {
         Ok(breaks) => tracing::warn!(

@@ -20,10 +20,16 @@ struct Monitors {
     dir: tempfile::TempDir,
     addrs: BTreeMap<u64, String>,
     children: BTreeMap<u64, ChildGuard>,
+    /// Extra command-line arguments of every monitor.
+    args: Vec<&'static str>,
 }
 
 impl Monitors {
     fn new(n: u64) -> Self {
+        Self::with_args(n, Vec::new())
+    }
+
+    fn with_args(n: u64, args: Vec<&'static str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let addrs: BTreeMap<u64, String> = (1..=n)
             .map(|id| (id, format!("127.0.0.1:{}", free_port())))
@@ -32,6 +38,7 @@ impl Monitors {
             dir,
             addrs,
             children: BTreeMap::new(),
+            args,
         };
         for id in 1..=n {
             m.start(id);
@@ -56,7 +63,7 @@ impl Monitors {
             members.join(", ")
         );
         std::fs::write(self.config_path(id), config).unwrap();
-        let child = spawn_monitor(&self.config_path(id), self.dir.path(), id);
+        let child = spawn_monitor(&self.config_path(id), self.dir.path(), id, &self.args);
         self.children.insert(id, ChildGuard::new(child));
     }
 
@@ -95,7 +102,7 @@ impl Monitors {
     }
 }
 
-fn spawn_monitor(config: &Path, dir: &Path, id: u64) -> Child {
+fn spawn_monitor(config: &Path, dir: &Path, id: u64, args: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -105,12 +112,47 @@ fn spawn_monitor(config: &Path, dir: &Path, id: u64) -> Child {
         .arg("--config")
         .arg(config)
         .arg("--dev")
+        .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .unwrap()
+}
+
+/// The log of monitor 1 once it has answered as leader (the election is logged).
+async fn leader_log(monitors: &Monitors) -> String {
+    monitors.leader(Duration::from_secs(10)).await;
+    std::fs::read_to_string(monitors.dir.path().join("m1.log")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_lines_with_log_format_json_and_plain_text_in_a_file() {
+    let json = Monitors::with_args(1, vec!["--log-format", "json"]);
+    let text = Monitors::new(1);
+    let json_log = leader_log(&json).await;
+    let lines: Vec<serde_json::Value> = json_log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 2, "{json_log}");
+    for line in &lines {
+        assert!(
+            line["timestamp"].is_string()
+                && line["level"].is_string()
+                && line["target"].is_string()
+                && line["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+    let text_log = leader_log(&text).await;
+    assert!(text_log.lines().count() >= 2, "{text_log}");
+    assert!(
+        !text_log.contains('\x1b'),
+        "no colour escapes in a file: {text_log:?}"
+    );
+    assert!(text_log.lines().all(|l| !l.starts_with('{')), "{text_log}");
 }
 
 fn token_request(i: usize) -> CreateJoinTokenRequest {

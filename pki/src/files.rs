@@ -50,6 +50,13 @@ pub fn write_public_file(path: &Path, contents: &[u8]) -> Result<(), FileError> 
     write_atomic(path, contents, PUBLIC_FILE_MODE)
 }
 
+/// Writes any file with exactly `mode`, atomically: it never exists with wider permissions
+/// (a configuration holding a password is never briefly world-readable), and an existing
+/// file of another mode is replaced, not reused.
+pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), FileError> {
+    write_atomic(path, contents, mode)
+}
+
 /// Reads a secret file as text, refusing it when group or others have any access.
 pub fn read_key_file(path: &Path) -> Result<String, FileError> {
     let mut file = File::open(path).map_err(io_error(path))?;

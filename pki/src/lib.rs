@@ -66,7 +66,9 @@ pub use ca::{
     CLOCK_SKEW_ALLOWANCE, Ca, CaError, CertInfo, IssuedCert, Validity, generate_csr,
     merge_ca_bundle,
 };
-pub use files::{FileError, read_key_file, read_public_file, write_key_file, write_public_file};
+pub use files::{
+    FileError, read_key_file, read_public_file, write_file, write_key_file, write_public_file,
+};
 pub use identity::{IdentityError, PeerIdentity, Role};
 pub use tls::{
     ClientAuth, ClientTls, Reload, ReloadWatcher, ServerTls, TlsError, TlsFiles, certs_from_pem,

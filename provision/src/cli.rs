@@ -18,10 +18,12 @@ use serde::Serialize;
 use tracing::info;
 
 use crate::bootstrap::{self, Guests};
+use crate::daemons::{self, DaemonState};
 use crate::firewall::node_firewall;
 use crate::image::{BaseImage, ImageRecipe};
 use crate::lab;
 use crate::libvirt::{self, LibvirtBackend};
+use crate::material::Material;
 use crate::netns::{self, Layout};
 use crate::state::{BackendKind, StateFile};
 use crate::supervise;
@@ -32,6 +34,9 @@ const STATE_ROOT: &str = "/run/ha-provision";
 
 /// Exit status for an invalid topology file (EX_DATAERR-style "bad input" of sysexits).
 pub const EXIT_INVALID_TOPOLOGY: u8 = 64;
+/// Exit status of `status` when a node or one of its daemons does not run (as `systemctl
+/// is-active` does for a unit that is not active).
+pub const EXIT_NOT_RUNNING: u8 = 3;
 
 /// Builds the stand described by a topology file.
 #[derive(Debug, Parser)]
@@ -44,6 +49,8 @@ pub struct Cli {
     /// recorded in the state and refuse a different one.
     #[arg(long, global = true, value_enum)]
     pub backend: Option<BackendKind>,
+    #[command(flatten)]
+    pub log: ha_log::LogArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -93,7 +100,8 @@ pub enum Command {
         #[arg(long)]
         stand: Option<String>,
     },
-    /// Show what exists.
+    /// Show what exists and what runs: every node, and on netns every daemon as `/proc` shows
+    /// it now. Exits 3 when a node or one of its daemons does not run.
     Status {
         /// Stand name, to find its default state directory.
         #[arg(long)]
@@ -179,8 +187,12 @@ pub struct NodeReport {
     pub target: String,
     /// Whether the namespace or domain exists.
     pub present: bool,
-    /// Whether it runs (a namespace that exists always does).
+    /// Whether it serves: a libvirt domain is active; a netns node's namespace exists and
+    /// every daemon of it runs (a gateway runs no daemon).
     pub running: bool,
+    /// netns: the node's supervisor, its programs and (PostgreSQL nodes) the postmaster, each
+    /// as `/proc` shows it now. Empty for gateways and on libvirt (not checked over SSH yet).
+    pub daemons: Vec<daemons::DaemonReport>,
     /// Addresses by network.
     pub addresses: BTreeMap<String, Ipv4Addr>,
     /// netns: PID of the node's running supervisor (none for gateways or when stopped).
@@ -195,10 +207,12 @@ pub struct InvalidTopology {
     message: String,
 }
 
+/// The topology file of `plan` and `up`: valid, and a cluster ([`Topology::check_cluster`]).
 fn load_topology(path: &Path) -> anyhow::Result<(String, Topology)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("while reading {}", path.display()))?;
-    let topology = Topology::parse(&text).map_err(|e| InvalidTopology {
+    let parsed = Topology::parse(&text).and_then(|t| t.check_cluster().map(|()| t));
+    let topology = parsed.map_err(|e| InvalidTopology {
         path: path.to_owned(),
         message: e.to_string(),
     })?;
@@ -393,25 +407,44 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                         .iter()
                         .map(|(k, v)| format!("{k}={v}"))
                         .collect();
+                    let state = match (n.present, n.running) {
+                        (_, true) => "up",
+                        // A namespace whose daemons do not all run; a domain that is not active.
+                        (true, false) if !n.daemons.is_empty() => "degraded",
+                        (true, false) => "defined",
+                        (false, _) => "missing",
+                    };
                     println!(
-                        "{:<16} {:<9} {:<28} {:<8} {:<16} {}",
+                        "{:<16} {:<9} {:<28} {:<8} {}",
                         n.name,
                         n.role,
                         n.target,
-                        if n.running {
-                            "up"
-                        } else if n.present {
-                            "defined"
-                        } else {
-                            "missing"
-                        },
-                        n.supervisor_pid
-                            .map_or_else(String::new, |p| format!("supervisor {p}")),
+                        state,
                         addrs.join(" ")
                     );
+                    for d in &n.daemons {
+                        println!(
+                            "    {:<12} {:<10} {:<8} {}",
+                            d.name,
+                            d.state,
+                            d.pid.map_or_else(String::new, |p| p.to_string()),
+                            d.detail.as_deref().unwrap_or("")
+                        );
+                    }
                 }
             }
-            Ok(0)
+            let down: Vec<&str> = report
+                .nodes
+                .iter()
+                .filter(|n| !n.running)
+                .map(|n| n.name.as_str())
+                .collect();
+            if down.is_empty() {
+                Ok(0)
+            } else {
+                eprintln!("not running: {}", down.join(", "));
+                Ok(EXIT_NOT_RUNNING)
+            }
         }
         Command::Image {
             action:
@@ -483,22 +516,31 @@ pub fn status(state: &StateFile) -> anyhow::Result<StatusReport> {
                 .collect()
         }
     };
+    let material = Material::new(&topology, state.dir());
     let nodes = nodes
         .into_iter()
-        .map(|(name, target, present, running)| {
+        .map(|(name, target, present, active)| {
             let node = topology
                 .node(&name)
                 .expect("status lists exactly the topology's nodes");
+            let netns = s.backend == BackendKind::Netns;
+            let supervisor_pid = netns
+                .then(|| lab::supervisor_pid(&topology, state.dir(), &name))
+                .flatten();
+            let daemons = if netns && present {
+                daemons::node_daemons(&material, &name, node.role, supervisor_pid)
+            } else {
+                Vec::new()
+            };
             NodeReport {
-                supervisor_pid: (s.backend == BackendKind::Netns)
-                    .then(|| lab::supervisor_pid(&topology, state.dir(), &name))
-                    .flatten(),
+                running: active && daemons.iter().all(|d| d.state == DaemonState::Running),
+                supervisor_pid,
                 role: node.role.to_string(),
                 addresses: node.addresses.clone(),
+                daemons,
                 name,
                 target,
                 present,
-                running,
             }
         })
         .collect();

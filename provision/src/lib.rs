@@ -14,6 +14,7 @@
 pub mod bootstrap;
 pub mod cidr;
 pub mod cli;
+pub mod daemons;
 pub mod firewall;
 pub mod image;
 pub mod lab;

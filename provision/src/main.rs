@@ -5,16 +5,10 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use ha_provision::cli::{Cli, EXIT_INVALID_TOPOLOGY, InvalidTopology, run};
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    ha_log::init(&cli.log, "RUST_LOG", "info");
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

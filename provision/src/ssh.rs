@@ -103,32 +103,19 @@ fn key_err(path: &Path) -> impl FnOnce(String) -> SshError {
     move |message| SshError::Key { path, message }
 }
 
-/// Writes `key` in OpenSSH format with mode 0600 (and `<path>.pub` with 0644).
+/// Writes `key` in OpenSSH format with mode 0600 (and `<path>.pub` with 0644), atomically:
+/// a file left with other permissions is replaced, never reused with them.
 pub fn write_private_key(path: &Path, key: &PrivateKey) -> Result<(), SshError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     let pem = key
         .to_openssh(russh::keys::ssh_key::LineEnding::LF)
         .map_err(|e| key_err(path)(e.to_string()))?;
-    let write = |p: &Path, mode: u32, data: &[u8]| -> Result<(), SshError> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(p)
-            .map_err(|e| key_err(p)(e.to_string()))?;
-        f.write_all(data).map_err(|e| key_err(p)(e.to_string()))
-    };
-    write(path, 0o600, pem.as_bytes())?;
+    ha_pki::write_key_file(path, pem.as_bytes()).map_err(|e| key_err(path)(e.to_string()))?;
     let public = public_openssh(key.public_key())?;
     let mut pub_path = path.as_os_str().to_owned();
     pub_path.push(".pub");
-    write(
-        Path::new(&pub_path),
-        0o644,
-        format!("{public}\n").as_bytes(),
-    )
+    let pub_path = Path::new(&pub_path);
+    ha_pki::write_public_file(pub_path, format!("{public}\n").as_bytes())
+        .map_err(|e| key_err(pub_path)(e.to_string()))
 }
 
 /// Reads an OpenSSH private key.
@@ -371,6 +358,9 @@ mod tests {
         let other = generate_key("other");
         assert_ne!(key.public_key().key_data(), other.public_key().key_data());
         let path = dir.path().join("id_ed25519");
+        // A file left world-readable (by hand, by an older version) does not keep its mode.
+        std::fs::write(&path, "old").expect("old key file");
+        std::fs::write(dir.path().join("id_ed25519.pub"), "old").expect("old public file");
         write_private_key(&path, &key).expect("write");
         let back = read_private_key(&path).expect("read");
         assert_eq!(back.public_key().key_data(), key.public_key().key_data());

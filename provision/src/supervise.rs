@@ -12,7 +12,8 @@
 //!   shows both).
 //!
 //! Invariants: a program that exits is restarted after a backoff (5 s doubling to 30 s, reset
-//! once it ran for a minute), every exit and restart is logged; SIGTERM or SIGINT is forwarded
+//! once it ran for a minute), every exit and restart is logged and recorded in
+//! `S/nodes/<node>/programs.json` (see [`crate::daemons`], read by `status`); SIGTERM or SIGINT is forwarded
 //! to every program's process group, the supervisor waits for them (SIGKILL after
 //! [`STOP_GRACE`]) and exits. It never signals anything it did not start.
 
@@ -28,6 +29,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::daemons::{self, ProgramRecord};
 use crate::material::{EJABBERDCTL, Material};
 use crate::topology::{Role, Topology};
 
@@ -103,12 +105,7 @@ fn programs(
         )],
         Role::Postgres => vec![daemon("ha-agent", "ha-agent", material.agent_config(node))],
         Role::Ejabberd => {
-            let user = User::from_name("ejabberd")
-                .ok()
-                .flatten()
-                .ok_or(SuperviseError::NoUser)?;
-            let home = material.node_dir(node).join("ejabberd/home");
-            let as_ejabberd = Some((user.uid.as_raw(), user.gid.as_raw(), home));
+            let as_ejabberd = Some(as_ejabberd(material, node)?);
             vec![
                 Program {
                     name: "epmd",
@@ -133,8 +130,31 @@ fn programs(
     })
 }
 
-/// `ejabberdctl` for `node`'s own config dir followed by `args`. As root it switches to the
-/// `ejabberd` user itself; the cookie is in the node's `ejabberdctl.cfg`.
+/// The `ejabberd` user with `node`'s ejabberd home, whose `.erlang.cookie` holds the stand's
+/// cookie: every `ejabberdctl` runs so (as root, `ejabberdctl` would switch user with `su`,
+/// which resets `HOME` to the system's ejabberd home and its other cookie).
+fn as_ejabberd(material: &Material<'_>, node: &str) -> Result<(u32, u32, PathBuf), SuperviseError> {
+    let user = User::from_name("ejabberd")
+        .ok()
+        .flatten()
+        .ok_or(SuperviseError::NoUser)?;
+    let home = material.ejabberd_home(node);
+    Ok((user.uid.as_raw(), user.gid.as_raw(), home))
+}
+
+impl Program {
+    /// The program's command: its argv, as its user with its `HOME` and working directory.
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..]);
+        if let Some((uid, gid, home)) = &self.user {
+            cmd.uid(*uid).gid(*gid).env("HOME", home).current_dir(home);
+        }
+        cmd
+    }
+}
+
+/// `ejabberdctl` for `node`'s own config dir followed by `args`.
 pub fn ejabberdctl_argv(material: &Material<'_>, node: &str, args: &[&str]) -> Vec<OsString> {
     let mut argv: Vec<OsString> = vec![
         EJABBERDCTL.into(),
@@ -152,6 +172,25 @@ struct Slot {
     started: Instant,
     backoff: Duration,
     restart_at: Option<Instant>,
+    /// Starts after the first one.
+    restarts: u32,
+    /// How the last run ended, or why the program could not start.
+    last_exit: Option<String>,
+}
+
+impl Slot {
+    fn record(&self) -> ProgramRecord {
+        let now = Instant::now();
+        ProgramRecord {
+            name: self.program.name.to_owned(),
+            pid: self.child.as_ref().and_then(Child::id),
+            restarts: self.restarts,
+            last_exit: self.last_exit.clone(),
+            restart_at_unix_ms: self.restart_at.map(|at| {
+                daemons::unix_ms(std::time::SystemTime::now() + at.saturating_duration_since(now))
+            }),
+        }
+    }
 }
 
 /// Runs the supervisor of `node` until SIGTERM or SIGINT.
@@ -171,8 +210,11 @@ pub async fn run(
             started: Instant::now(),
             backoff: BACKOFF_MIN,
             restart_at: Some(Instant::now()),
+            restarts: 0,
+            last_exit: None,
         })
         .collect();
+    let record_path = daemons::record_path(&material, node);
     let sig = |kind: SignalKind, what: &str| {
         signal(kind).map_err(|source| SuperviseError::Io {
             what: format!("installing the {what} handler"),
@@ -182,7 +224,7 @@ pub async fn run(
     let mut term = sig(SignalKind::terminate(), "SIGTERM")?;
     let mut int = sig(SignalKind::interrupt(), "SIGINT")?;
     // Each ejabberdctl call takes seconds: the join runs beside the restart loop.
-    let joiner = cluster_join(&material, topology, node).map(|(first, ctl)| {
+    let joiner = cluster_join(&material, topology, node)?.map(|(first, ctl)| {
         let node = node.to_owned();
         tokio::spawn(async move {
             while !try_join(&ctl, &first, &node).await {
@@ -190,10 +232,15 @@ pub async fn run(
             }
         })
     });
+    record(&slots, &record_path, node);
     info!(node, programs = slots.len(), "supervisor started");
     loop {
+        let mut changed = false;
         for slot in &mut slots {
-            tend(slot, &log_dir, node);
+            changed |= tend(slot, &log_dir, node);
+        }
+        if changed {
+            record(&slots, &record_path, node);
         }
         tokio::select! {
             _ = term.recv() => break,
@@ -206,16 +253,31 @@ pub async fn run(
     }
     info!(node, "supervisor stopping its programs");
     stop_all(&mut slots, node).await;
+    for slot in &mut slots {
+        slot.last_exit = Some("stopped with the supervisor".into());
+    }
+    record(&slots, &record_path, node);
     info!(node, "supervisor stopped");
     Ok(())
 }
 
-/// Reaps an exited program, schedules its restart with backoff, starts it when due.
-fn tend(slot: &mut Slot, log_dir: &Path, node: &str) {
+/// Replaces the node's program record; a failure is logged (`status` then reports from the
+/// previous record, checked against `/proc`).
+fn record(slots: &[Slot], path: &Path, node: &str) {
+    let records: Vec<ProgramRecord> = slots.iter().map(Slot::record).collect();
+    if let Err(e) = daemons::write_record(path, &records) {
+        warn!(node, path = %path.display(), error = %e, "cannot record the programs' state");
+    }
+}
+
+/// Reaps an exited program, schedules its restart with backoff, starts it when due. True if
+/// the program started, exited or failed to start.
+fn tend(slot: &mut Slot, log_dir: &Path, node: &str) -> bool {
     let name = slot.program.name;
+    let mut changed = false;
     if let Some(child) = slot.child.as_mut() {
         match child.try_wait() {
-            Ok(None) => return,
+            Ok(None) => return false,
             Ok(Some(status)) => {
                 let ran = slot.started.elapsed();
                 if ran >= STABLE_AFTER {
@@ -223,12 +285,14 @@ fn tend(slot: &mut Slot, log_dir: &Path, node: &str) {
                 }
                 warn!(node, program = name, %status, ran_ms = ran.as_millis(), restart_in_ms = slot.backoff.as_millis(), "program exited; restarting after backoff");
                 slot.child = None;
+                slot.last_exit = Some(status.to_string());
                 slot.restart_at = Some(Instant::now() + slot.backoff);
                 slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
+                changed = true;
             }
             Err(e) => {
                 warn!(node, program = name, error = %e, "cannot poll program");
-                return;
+                return false;
             }
         }
     }
@@ -243,17 +307,23 @@ fn tend(slot: &mut Slot, log_dir: &Path, node: &str) {
         match spawn(&slot.program, log_dir) {
             Ok(child) => {
                 info!(node, program = name, pid = child.id(), "program started");
+                if slot.last_exit.is_some() {
+                    slot.restarts += 1;
+                }
                 slot.child = Some(child);
                 slot.started = Instant::now();
                 slot.restart_at = None;
             }
             Err(e) => {
                 warn!(node, program = name, error = %e, retry_in_ms = slot.backoff.as_millis(), "cannot start program");
+                slot.last_exit = Some(format!("cannot start: {e}"));
                 slot.restart_at = Some(Instant::now() + slot.backoff);
                 slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
             }
         }
+        changed = true;
     }
+    changed
 }
 
 fn spawn(program: &Program, log_dir: &Path) -> Result<Child, SuperviseError> {
@@ -267,46 +337,45 @@ fn spawn(program: &Program, log_dir: &Path) -> Result<Child, SuperviseError> {
     let log_err = log
         .try_clone()
         .map_err(io(format!("duplicating {}", log_path.display())))?;
-    let mut cmd = Command::new(&program.argv[0]);
-    cmd.args(&program.argv[1..])
-        .env("RUST_LOG", "info")
+    let mut cmd = program.command();
+    cmd.env("RUST_LOG", "info")
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
-    if let Some((uid, gid, home)) = &program.user {
-        cmd.uid(*uid).gid(*gid).env("HOME", home).current_dir(home);
-    }
     cmd.spawn().map_err(io(format!(
         "starting {}",
         program.argv[0].to_string_lossy()
     )))
 }
 
-/// For an ejabberd node other than the first: the first node's Erlang name and `ejabberdctl`.
+/// For an ejabberd node other than the first: the first node's Erlang name and `ejabberdctl`
+/// (its arguments follow).
 fn cluster_join(
     material: &Material<'_>,
     topology: &Topology,
     node: &str,
-) -> Option<(String, Vec<OsString>)> {
-    let n = topology.node(node)?;
-    let first = material.first_ejabberd()?;
-    (n.role == Role::Ejabberd && first.name != node).then(|| {
-        (
-            Material::erlang_node(&first.name),
-            ejabberdctl_argv(material, node, &[]),
-        )
-    })
+) -> Result<Option<(String, Program)>, SuperviseError> {
+    let (Some(n), Some(first)) = (topology.node(node), material.first_ejabberd()) else {
+        return Ok(None);
+    };
+    if n.role != Role::Ejabberd || first.name == node {
+        return Ok(None);
+    }
+    let ctl = Program {
+        name: "ejabberdctl",
+        argv: ejabberdctl_argv(material, node, &[]),
+        user: Some(as_ejabberd(material, node)?),
+        after_port: None,
+    };
+    Ok(Some((Material::erlang_node(&first.name), ctl)))
 }
 
 /// One attempt to join `first`'s cluster; true once `list_cluster` shows it.
-async fn try_join(ctl: &[OsString], first: &str, node: &str) -> bool {
+async fn try_join(ctl: &Program, first: &str, node: &str) -> bool {
     let run = |args: &[&str]| {
-        let mut cmd = Command::new(&ctl[0]);
-        cmd.args(&ctl[1..])
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
+        let mut cmd = ctl.command();
+        cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
         async move { cmd.output().await }
     };
     match run(&["list_cluster"]).await {
@@ -355,7 +424,7 @@ async fn stop_all(slots: &mut [Slot], node: &str) {
         // wait for the whole group.
         let exited = async {
             let _ = child.wait().await;
-            while group_alive(pid) {
+            while daemons::group_state(pid).is_some() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
@@ -371,24 +440,6 @@ async fn stop_all(slots: &mut [Slot], node: &str) {
         }
         slot.child = None;
     }
-}
-
-/// Whether a live (not zombie) process is in process group `pgid`.
-fn group_alive(pgid: u32) -> bool {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    entries.flatten().any(|e| {
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        // After the `(comm)` field: state, ppid, pgrp.
-        let mut fields = stat
-            .rsplit_once(')')
-            .map_or("", |(_, rest)| rest)
-            .split_whitespace();
-        let state = fields.next();
-        let pgrp = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
-        pgrp == Some(pgid) && state.is_some_and(|s| s != "Z")
-    })
 }
 
 fn signal_group(pid: u32, signal: Signal) {
@@ -423,8 +474,14 @@ mod tests {
         let agent = &programs(&t, &m, bin, "psql1server").unwrap()[0];
         assert_eq!(agent.argv[0], OsString::from("/opt/ha/bin/ha-agent"));
         assert!(programs(&t, &m, bin, "gw1server").is_err());
-        assert!(cluster_join(&m, &t, "e1server").is_none(), "first node");
-        let (first, _) = cluster_join(&m, &t, "e2server").unwrap();
+        assert!(
+            cluster_join(&m, &t, "e1server").unwrap().is_none(),
+            "first node"
+        );
+        let (first, ctl) = cluster_join(&m, &t, "e2server").unwrap().unwrap();
         assert_eq!(first, "ejabberd@e1server");
+        // As ejabberd with the node's home, where its cookie is: never as root.
+        let (_, _, home) = ctl.user.unwrap();
+        assert_eq!(home, m.ejabberd_home("e2server"));
     }
 }

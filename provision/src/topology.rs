@@ -148,6 +148,9 @@ pub enum TopologyError {
     /// Not exactly one management network.
     #[error("{0}")]
     ManagementNetwork(String),
+    /// A well-formed file whose nodes cannot make a cluster (see [`Topology::check_cluster`]).
+    #[error("not a cluster: {0}")]
+    NotACluster(String),
     /// A gateway that joins fewer than two service (non-management) networks routes nothing.
     #[error("gateway `{node}` must join at least two service networks, it joins {count}")]
     GatewayNetworks {
@@ -636,6 +639,34 @@ impl Topology {
     }
 
     /// Nodes with `role`, in file order.
+    /// Whether the nodes can make a highly available cluster, which `plan` and `up` require: an
+    /// odd number of monitors (Raft needs a majority; an even count tolerates no more
+    /// failures than one fewer and can split evenly) and at least one PostgreSQL node. The
+    /// parser accepts other shapes, so a file can describe a partial stand for other uses.
+    pub fn check_cluster(&self) -> Result<(), TopologyError> {
+        let monitors = self.nodes_with_role(Role::Monitor).count();
+        if monitors == 0 {
+            return Err(TopologyError::NotACluster(
+                "no monitor node: add 1, 3 or 5 nodes with role = \"monitor\"".into(),
+            ));
+        }
+        if monitors.is_multiple_of(2) {
+            return Err(TopologyError::NotACluster(format!(
+                "{monitors} monitor nodes: use an odd number (1, 3 or 5); {monitors} survive no \
+                 more monitor failures than {} and can split into two halves with no majority",
+                monitors - 1
+            )));
+        }
+        if self.nodes_with_role(Role::Postgres).next().is_none() {
+            return Err(TopologyError::NotACluster(
+                "no PostgreSQL node: add at least one node with role = \"postgres\" (two for \
+                 failover)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn nodes_with_role(&self, role: Role) -> impl Iterator<Item = &Node> {
         self.nodes.iter().filter(move |n| n.role == role)
     }
@@ -782,6 +813,31 @@ pub(crate) mod tests {
     #[test]
     fn small_is_valid() {
         Topology::parse(SMALL).unwrap();
+    }
+
+    #[test]
+    fn a_cluster_needs_an_odd_number_of_monitors_and_a_postgres_node() {
+        let mut t = example();
+        t.check_cluster().unwrap();
+        let e = Topology::parse(SMALL).unwrap().check_cluster().unwrap_err();
+        assert!(e.to_string().contains("no monitor node"), "{e}");
+        let first_monitor = t
+            .nodes
+            .iter()
+            .position(|n| n.role == Role::Monitor)
+            .unwrap();
+        t.nodes.remove(first_monitor);
+        let e = t.check_cluster().unwrap_err().to_string();
+        assert!(e.contains("2 monitor nodes: use an odd number"), "{e}");
+        t.nodes.retain(|n| n.role != Role::Postgres);
+        t.nodes.remove(
+            t.nodes
+                .iter()
+                .position(|n| n.role == Role::Monitor)
+                .unwrap(),
+        );
+        let e = t.check_cluster().unwrap_err().to_string();
+        assert!(e.contains("no PostgreSQL node"), "{e}");
     }
 
     #[test]

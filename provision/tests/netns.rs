@@ -441,8 +441,36 @@ fn full_stand_fails_over_and_cleans_up() {
         "up (every process started, psql1server primary, both frontends on it): {up_time:.2?}"
     );
 
-    let status = stand.cli().args(["status", "--json"]).output().unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let out = stand.cli().args(["status", "--json"]).output().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "every daemon runs: {status}");
+    let daemons_of = |status: &serde_json::Value, node: &str| -> Vec<(String, String)> {
+        node_status(status, node).unwrap()["daemons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["name"].as_str().unwrap().to_owned(),
+                    d["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let running = |names: &[&str]| -> Vec<(String, String)> {
+        names
+            .iter()
+            .map(|n| ((*n).to_owned(), "running".to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        daemons_of(&status, "psql1server"),
+        running(&["supervisor", "ha-agent", "postgres"])
+    );
+    assert_eq!(
+        daemons_of(&status, "e1server"),
+        running(&["supervisor", "epmd", "ejabberd", "ha-agent"])
+    );
     let haclt_config = stand.material().haclt_config();
     assert_eq!(status["haclt_config"], haclt_config.to_str().unwrap());
     assert!(haclt_config.is_file());
@@ -541,12 +569,13 @@ fn full_stand_fails_over_and_cleans_up() {
         let out = stand
             .cli()
             .args([
-                "exec",
-                "e1server",
-                "--",
-                "/usr/sbin/ejabberdctl",
-                "--config-dir",
+                "exec", "e1server", "--", "runuser", "-u", "ejabberd", "--", "env",
             ])
+            .arg(format!(
+                "HOME={}",
+                stand.material().ejabberd_home("e1server").display()
+            ))
+            .args(["/usr/sbin/ejabberdctl", "--config-dir"])
             .arg(&conf)
             .arg("list_cluster")
             .output()
@@ -562,6 +591,18 @@ fn full_stand_fails_over_and_cleans_up() {
             String::from_utf8_lossy(&out.stderr)
         );
         std::thread::sleep(Duration::from_secs(1));
+    }
+    // The cookie is in no process's command line (every local user can read those).
+    let cookie = std::fs::read_to_string(stand.inner.state_dir.join("pki/erlang.cookie")).unwrap();
+    let cookie = cookie.trim();
+    assert!(cookie.len() >= 16, "a real cookie");
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains(cookie),
+            "the Erlang cookie is on the command line of {:?}",
+            entry.file_name()
+        );
     }
 
     // XMPP users on both frontends keep writing through ejabberd across the crash.
@@ -601,6 +642,24 @@ fn full_stand_fails_over_and_cleans_up() {
         .unwrap();
     let failover = killed.elapsed();
     println!("failover: {standby} primary {failover:.2?} after SIGKILL of {primary}");
+    // `ha-provision status` tells what died although the frozen supervisor cannot record it.
+    let out = stand.cli().args(["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert_eq!(out.status.code(), Some(3), "a node does not run: {text}");
+    let out = stand.cli().args(["status", "--json"]).output().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        daemons_of(&status, &primary),
+        [
+            ("supervisor", "frozen"),
+            ("ha-agent", "down"),
+            ("postgres", "down")
+        ]
+        .map(|(n, s)| (n.to_owned(), s.to_owned()))
+    );
+    assert_eq!(node_status(&status, &primary).unwrap()["running"], false);
+    assert_eq!(node_status(&status, &standby).unwrap()["running"], true);
     // Both frontends follow: their agents verified a write through ejabberd on the new
     // primary at the new epoch.
     let frontends = ["e1server", "e2server"];

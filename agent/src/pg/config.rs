@@ -95,6 +95,12 @@ pub struct ConnInfo {
     pub application_name: Option<String>,
     /// libpq's `connect_timeout` in seconds (its minimum is 2). `None`: wait as long as TCP.
     pub connect_timeout: Option<u32>,
+    /// libpq's `tcp_user_timeout` in milliseconds: how long sent data (a SYN included) may stay
+    /// unacknowledged before the kernel drops the connection. The WAL receiver connects with
+    /// libpq's asynchronous calls, which ignore `connect_timeout`; without this an attempt
+    /// whose SYN a cut link dropped waits for TCP's doubling retransmissions (1, 2, 4, 8, 16 s)
+    /// and streams again up to 16 s after the link's return. `None`: the kernel's default.
+    pub tcp_user_timeout_ms: Option<u32>,
     /// Client certificate, key and trusted CAs: `sslmode=verify-full` (the server's certificate
     /// must chain to the CA and name `host`). `None`: `sslmode=disable`.
     pub tls: Option<TlsFiles>,
@@ -116,6 +122,9 @@ impl ConnInfo {
         }
         if let Some(secs) = self.connect_timeout {
             pairs.push(("connect_timeout", secs.to_string()));
+        }
+        if let Some(ms) = self.tcp_user_timeout_ms {
+            pairs.push(("tcp_user_timeout", ms.to_string()));
         }
         match &self.tls {
             Some(tls) => {
@@ -302,6 +311,10 @@ pub struct RestartLimit {
     /// the window: a node whose cause was fixed (a bad setting, a full disk) comes back by
     /// itself within this bound, while a crash loop costs one attempt per bound.
     pub retry_after: Duration,
+    /// A server that ran this long before it crashed was not in a crash loop: the crash count
+    /// starts afresh (as the stand's supervisor and systemd's start limit do), so crashes
+    /// spread over a long window never hold a healthy node back.
+    pub stable_after: Duration,
 }
 
 /// Everything the controller needs to run one local PostgreSQL server.
@@ -403,6 +416,7 @@ impl PgConfig {
                 max_restarts: 3,
                 window: Duration::from_secs(600),
                 retry_after: Duration::from_secs(30),
+                stable_after: Duration::from_secs(60),
             },
         }
     }
@@ -472,18 +486,24 @@ impl PgConfig {
             dbname: None,
             application_name: None,
             connect_timeout: None,
+            tcp_user_timeout_ms: None,
             tls: self.installed_tls(),
         }
     }
 
     /// Connection string this node uses to stream from `upstream`.
-    /// A connection attempt that hangs (its SYN dropped by a cut link) is given up after 2 s,
-    /// so the WAL receiver tries again `reconnect_interval` later and streams again within a
-    /// few seconds of the link's return, instead of whenever TCP's own retransmissions land.
+    /// A connection attempt that hangs (its SYN dropped by a cut link) is given up after 2 s
+    /// (`tcp_user_timeout`: the WAL receiver ignores `connect_timeout`), so the WAL receiver
+    /// tries again `reconnect_interval` later and streams again within about 3 s of the
+    /// link's return, instead of whenever TCP's own retransmissions land. On an established
+    /// stream the same bound drops a connection whose data stays unacknowledged for 2 s; the
+    /// receiver then reconnects at once, and `wal_receiver_timeout` (5 s) stays the bound for
+    /// a silent one.
     pub fn primary_conninfo(&self, upstream: &Upstream) -> ConnInfo {
         ConnInfo {
             application_name: Some(self.node.to_string()),
             connect_timeout: Some(2),
+            tcp_user_timeout_ms: Some(2000),
             ..self.conn_to(&upstream.endpoint)
         }
     }
@@ -694,6 +714,7 @@ mod tests {
             dbname: Some("postgres".into()),
             application_name: None,
             connect_timeout: None,
+            tcp_user_timeout_ms: None,
             tls: None,
         };
         assert_eq!(
@@ -728,7 +749,8 @@ mod tests {
         );
         assert!(standby.contains(
             "primary_conninfo = 'host=''127.0.0.1'' port=''5432'' user=''replicator'' \
-             application_name=''psql-2'' connect_timeout=''2'' sslmode=''disable'''\n"
+             application_name=''psql-2'' connect_timeout=''2'' tcp_user_timeout=''2000'' \
+             sslmode=''disable'''\n"
         ));
         assert!(standby.contains("ha.upstream_node = 'psql1'\n"));
         assert!(standby.contains("synchronous_commit = local\n"));

@@ -99,6 +99,8 @@ pub struct PgController {
     /// The unhandled crash, cleared by a successful start or a deliberate stop.
     crashed: Option<(i32, Exit)>,
     crash_restarts: VecDeque<Instant>,
+    /// When the running server last became ready (started or adopted by this controller).
+    ready_since: Option<Instant>,
     /// TLS copies were replaced and the running server has not been reloaded since.
     tls_pending: bool,
     /// Why the TLS material was last refused, until it passes again (logged once, reported).
@@ -118,6 +120,8 @@ impl PgController {
         Ok(Self {
             cfg,
             run_as,
+            // An adopted server's age is unknown: counted from now.
+            ready_since: postmaster.is_some().then(Instant::now),
             postmaster,
             stopping: false,
             crashed: None,
@@ -293,6 +297,15 @@ impl PgController {
             PostmasterState::Crashed { pid, exit } => {
                 let limit = self.cfg.restart_limit;
                 let now = Instant::now();
+                if let Some(ran) = self.ready_since.map(|t| now.duration_since(t))
+                    && ran >= limit.stable_after
+                    && !self.crash_restarts.is_empty()
+                {
+                    info!(node = %self.cfg.node, ran_ms = ran.as_millis(),
+                          "server ran stable before this crash: crash count starts afresh");
+                    self.crash_restarts.clear();
+                }
+                self.ready_since = None;
                 while self
                     .crash_restarts
                     .front()
@@ -324,9 +337,10 @@ impl PgController {
                 if let Some(pid) = Postmaster::find_running(&self.cfg.data_dir) {
                     info!(node = %self.cfg.node, pid = pid.as_raw(), "adopting running postmaster");
                     self.postmaster = Some(Postmaster::adopt(pid));
-                    return self
-                        .wait_ready(Instant::now() + self.cfg.start_timeout)
-                        .await;
+                    self.wait_ready(Instant::now() + self.cfg.start_timeout)
+                        .await?;
+                    self.ready_since = Some(Instant::now());
+                    return Ok(());
                 }
             }
         }
@@ -350,6 +364,7 @@ impl PgController {
             match self.wait_ready(deadline).await {
                 Ok(()) => {
                     self.crashed = None;
+                    self.ready_since = Some(Instant::now());
                     return Ok(());
                 }
                 // Children of a killed postmaster may still hold its shared memory for a moment.
