@@ -195,4 +195,54 @@ mod tests {
         };
         assert_eq!(due(&info), signed + Duration::from_secs(200));
     }
+
+    /// A node's files with a certificate from `ca` and its key, plus a second key and a
+    /// certificate for it (what a renewal writes).
+    fn files_with_renewal(dir: &Path) -> (TlsFiles, PeerIdentity, ha_pki::IssuedCert) {
+        ha_pki::install_crypto();
+        let ca = ha_pki::Ca::create(
+            "ca",
+            ha_pki::Validity::starting_now(Duration::from_secs(86_400)).unwrap(),
+        )
+        .unwrap();
+        let files = TlsFiles {
+            ca_bundle: dir.join("ca.pem"),
+            cert: dir.join("node.pem"),
+            key: dir.join("node.key"),
+        };
+        ha_pki::write_public_file(&files.ca_bundle, ca.cert_pem().as_bytes()).unwrap();
+        let validity = || ha_pki::Validity::starting_now(Duration::from_secs(3_600)).unwrap();
+        let old = ca
+            .issue("n1", ha_pki::Role::Postgres, &[], validity())
+            .unwrap();
+        ha_pki::write_public_file(&files.cert, old.cert_pem.as_bytes()).unwrap();
+        ha_pki::write_key_file(&files.key, old.key_pem.as_bytes()).unwrap();
+        let new = ca
+            .issue("n1", ha_pki::Role::Postgres, &[], validity())
+            .unwrap();
+        ha_pki::write_key_file(&pending_key(&files), new.key_pem.as_bytes()).unwrap();
+        let me = PeerIdentity::new(ha_pki::Role::Postgres, "n1").unwrap();
+        (files, me, new)
+    }
+
+    #[test]
+    fn a_renewal_cut_after_the_certificate_is_completed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, me, new) = files_with_renewal(dir.path());
+        ha_pki::write_public_file(&files.cert, new.cert_pem.as_bytes()).unwrap();
+        recover(&files, &me).unwrap();
+        assert!(!pending_key(&files).exists());
+        assert_eq!(std::fs::read_to_string(&files.key).unwrap(), new.key_pem);
+        ClientTls::load_checked(files, me).unwrap();
+    }
+
+    #[test]
+    fn a_renewal_cut_before_the_certificate_is_undone_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, me, new) = files_with_renewal(dir.path());
+        recover(&files, &me).unwrap();
+        assert!(!pending_key(&files).exists());
+        assert_ne!(std::fs::read_to_string(&files.key).unwrap(), new.key_pem);
+        ClientTls::load_checked(files, me).unwrap();
+    }
 }
