@@ -715,14 +715,14 @@ fn node_client(cluster: &Cluster, prefix: &str, cert_pem: &str, key_pem: &str) -
     Arc::new(ClientTls::load(files).unwrap())
 }
 
-/// Joins `node` with a fresh token and CSR; returns its certificate and key.
+/// Joins `node` with a fresh token and CSR; returns its certificate, its key and the token.
 async fn join_node(
     cluster: &Cluster,
     leader: u64,
     op: &mut OperatorServiceClient<Channel>,
     token_id: &str,
     node: &str,
-) -> (String, String) {
+) -> (String, String, String) {
     let (secret, _) = token(op, token_id, node, 3_600_000).await;
     let anonymous = Arc::new(
         ClientTls::without_certificate(cluster.monitor_files(1).ca_bundle.clone()).unwrap(),
@@ -733,7 +733,7 @@ async fn join_node(
         .await
         .unwrap()
         .into_inner();
-    (joined.certificate_pem, key)
+    (joined.certificate_pem, key, secret)
 }
 
 fn serial(pem: &str) -> String {
@@ -774,9 +774,10 @@ async fn renewal_keeps_the_identity_and_a_removed_nodes_certificates_are_refused
     let leader = cluster.leader(&operator).await;
     let mut op = OperatorServiceClient::new(cluster.channel(leader, &operator));
     // psql1 bootstraps the group (its primary); psql2 is the node renewed and removed.
-    let (cert1, key1) = join_node(&cluster, leader, &mut op, "t-psql1", "psql1").await;
+    let (cert1, key1, _) = join_node(&cluster, leader, &mut op, "t-psql1", "psql1").await;
     let psql1 = node_client(&cluster, "psql1", &cert1, &key1);
-    let (old_pem, old_key) = join_node(&cluster, leader, &mut op, "t-psql2", "psql2").await;
+    let (old_pem, old_key, used_token) =
+        join_node(&cluster, leader, &mut op, "t-psql2", "psql2").await;
     let old = node_client(&cluster, "psql2-old", &old_pem, &old_key);
     let mut old_agent = AgentServiceClient::new(cluster.channel(leader, &old));
     old_agent.report(report("psql2")).await.unwrap();
@@ -914,6 +915,14 @@ async fn renewal_keeps_the_identity_and_a_removed_nodes_certificates_are_refused
         ClientTls::without_certificate(cluster.monitor_files(1).ca_bundle.clone()).unwrap(),
     );
     let mut joiner = AgentServiceClient::new(cluster.channel(leader, &anonymous));
+    assert_refused(
+        "re-join with the token psql2 joined with",
+        joiner
+            .join(join_request(&used_token, "psql2", &csr_again))
+            .await,
+        Code::PermissionDenied,
+        "join token was already used",
+    );
     let (old_token, _) = token(&mut op, "t-psql2-unused", "psql2", 1).await;
     assert_refused(
         "re-join with an expired token",
@@ -935,7 +944,8 @@ async fn renewal_keeps_the_identity_and_a_removed_nodes_certificates_are_refused
     let after = registrations(cluster.channel(leader, &operator)).await;
     assert_eq!(after, before, "a refused call changed the catalog");
 
-    let (back_pem, back_key) = join_node(&cluster, leader, &mut op, "t-psql2-back", "psql2").await;
+    let (back_pem, back_key, _) =
+        join_node(&cluster, leader, &mut op, "t-psql2-back", "psql2").await;
     let back = node_client(&cluster, "psql2-back", &back_pem, &back_key);
     let mut back_agent = AgentServiceClient::new(cluster.channel(leader, &back));
     back_agent.report(report("psql2")).await.unwrap();
