@@ -19,6 +19,14 @@
 //! the primary's host name). The CA key, the bundle, the certificate and its key are reloaded on
 //! SIGHUP or when a file changes ([`crate::signer`], `ha_pki::ReloadWatcher`), so every one of
 //! them, the CA included, rotates without a restart.
+//!
+//! Node certificates are signed for `tls.node_certificate_lifetime`; `AgentService/Renew` signs a
+//! new CSR for the caller's own node (name, role and address from its certificate and the
+//! catalog). The catalog records every signed serial until it expires: a serial revoked by
+//! `RemoveNode` or `RevokeCertificate` is refused on every call (`PERMISSION_DENIED` naming the
+//! serial, the node and the time), as is every call acting for a removed node. A follower
+//! checks against its own copy of the catalog, which may lag the leader's by the replication
+//! delay.
 
 use std::collections::BTreeMap;
 use std::path::Path;
