@@ -113,6 +113,11 @@ pub enum Cmd {
         #[command(subcommand)]
         command: ShowCmd,
     },
+    /// Node certificates the monitors signed.
+    Cert {
+        #[command(subcommand)]
+        command: CertCmd,
+    },
     /// The cluster CA and certificates (local files only; no monitor is contacted).
     Pki {
         #[command(subcommand)]
@@ -273,6 +278,14 @@ pub enum TokenCmd {
     },
     /// Revoke an unused token by id.
     Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCmd {
+    /// Revoke a node certificate by serial (hexadecimal, as the certificate_renewed and
+    /// node_removed events show it): every monitor refuses it from then on, until it expires.
+    /// `node remove` revokes all of a node's certificates by itself.
+    Revoke { serial: String },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -977,6 +990,22 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     .call(|mut c| {
                         let req = req.clone();
                         async move { c.revoke_join_token(req).await }
+                    })
+                    .await?;
+                println!("{}", r.message);
+                Ok(())
+            }
+        },
+        Cmd::Cert { command } => match command {
+            CertCmd::Revoke { serial } => {
+                let req = v1::RevokeCertificateRequest {
+                    request_id: request_id("cert-revoke"),
+                    serial,
+                };
+                let r = m
+                    .call(|mut c| {
+                        let req = req.clone();
+                        async move { c.revoke_certificate(req).await }
                     })
                     .await?;
                 println!("{}", r.message);

@@ -77,6 +77,24 @@ pub struct TlsFiles {
     /// leader signs the CSR a node sends with Join; without it a node joins with a pre-issued
     /// certificate and an empty CSR.
     pub ca_key: Option<PathBuf>,
+    /// How long a node certificate signed by the leader (at join or renewal) is valid, capped
+    /// at the CA's own expiry. Agents renew at about two thirds of it.
+    #[serde(
+        default = "default_node_certificate_lifetime",
+        with = "humantime_serde"
+    )]
+    pub node_certificate_lifetime: Duration,
+}
+
+/// The default of `tls.node_certificate_lifetime`: short enough that a leaked key or a removed
+/// node's certificate is useless within days, long enough to ride out a week without monitors.
+pub const DEFAULT_NODE_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+/// The bounds of `tls.node_certificate_lifetime` (the lower one for tests of renewal).
+pub const NODE_CERTIFICATE_LIFETIME_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(10)..=Duration::from_secs(397 * 86_400);
+
+fn default_node_certificate_lifetime() -> Duration {
+    DEFAULT_NODE_CERTIFICATE_LIFETIME
 }
 
 impl TlsFiles {
@@ -105,6 +123,14 @@ impl TlsFiles {
                     path.display()
                 )));
             }
+        }
+        if !NODE_CERTIFICATE_LIFETIME_RANGE.contains(&self.node_certificate_lifetime) {
+            return Err(invalid(format!(
+                "tls.node_certificate_lifetime must be between {} and {}, not {}",
+                humantime::format_duration(*NODE_CERTIFICATE_LIFETIME_RANGE.start()),
+                humantime::format_duration(*NODE_CERTIFICATE_LIFETIME_RANGE.end()),
+                humantime::format_duration(self.node_certificate_lifetime)
+            )));
         }
         Ok(())
     }
@@ -395,6 +421,28 @@ report_interval = "250ms"
         assert_eq!(tls.tls().ca_bundle, PathBuf::from("/etc/ha/ca.pem"));
         let relative = GOOD.replace("\"/etc/ha/m1.pem\"", "\"m1.pem\"");
         assert!(err(&relative, false).contains("tls.cert must be an absolute path"));
+    }
+
+    #[test]
+    fn node_certificate_lifetime_defaults_to_a_week_and_is_bounded() {
+        let tls = parse(GOOD, false).unwrap().tls.unwrap();
+        assert_eq!(
+            tls.node_certificate_lifetime,
+            DEFAULT_NODE_CERTIFICATE_LIFETIME
+        );
+        let with = |v: &str| {
+            GOOD.replace(
+                "key = \"/etc/ha/m1.key\"\n",
+                &format!("key = \"/etc/ha/m1.key\"\nnode_certificate_lifetime = \"{v}\"\n"),
+            )
+        };
+        let tls = parse(&with("2days"), false).unwrap().tls.unwrap();
+        assert_eq!(
+            tls.node_certificate_lifetime,
+            Duration::from_secs(2 * 86_400)
+        );
+        assert!(err(&with("5s"), false).contains("must be between 10s and"));
+        assert!(err(&with("2years"), false).contains("must be between"));
     }
 
     #[test]

@@ -99,6 +99,7 @@ mod tests {
                     port: 5432,
                 },
                 source: Registration::Config,
+                certificate: None,
             },
         })
     }

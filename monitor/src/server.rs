@@ -19,6 +19,14 @@
 //! the primary's host name). The CA key, the bundle, the certificate and its key are reloaded on
 //! SIGHUP or when a file changes ([`crate::signer`], `ha_pki::ReloadWatcher`), so every one of
 //! them, the CA included, rotates without a restart.
+//!
+//! Node certificates are signed for `tls.node_certificate_lifetime`; `AgentService/Renew` signs a
+//! new CSR for the caller's own node (name, role and address from its certificate and the
+//! catalog). The catalog records every signed serial until it expires: a serial revoked by
+//! `RemoveNode` or `RevokeCertificate` is refused on every call (`PERMISSION_DENIED` naming the
+//! serial, the node and the time), as is every call acting for a removed node. A follower
+//! checks against its own copy of the catalog, which may lag the leader's by the replication
+//! delay.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -40,7 +48,9 @@ use tracing::{debug, error, info, warn};
 
 use ha_pki::{ClientAuth, ClientTls, PeerIdentity, Reload, ReloadWatcher, Role, ServerTls};
 
-use crate::catalog::{self, Applied, Catalog, Command, Op, Registration, Rejected};
+use crate::catalog::{
+    self, Applied, Catalog, Command, IssuedCertificate, Op, Registration, Rejected,
+};
 use crate::config::{self, MonitorConfig};
 use crate::consensus::{self, ProposeError, RaftHandle, RaftSettings};
 use crate::decide::{self, Observations, ProbeResult, Report};
@@ -120,8 +130,6 @@ fn refusal_status(r: decide::Refusal) -> Status {
     }
 }
 
-/// How long a certificate signed at join is valid (capped at the CA's own expiry).
-const NODE_CERT_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 /// How often certificate files are checked for changes (SIGHUP reloads at once).
 const TLS_RELOAD_POLL: Duration = Duration::from_secs(5);
 
@@ -135,6 +143,9 @@ enum Security {
         ca_bundle: std::path::PathBuf,
         /// The cluster CA, when `ca_key` is configured (reloaded with the other TLS files).
         signer: Option<Arc<CaSigner>>,
+        /// How long a node certificate signed at join or renewal is valid (capped at the CA's
+        /// own expiry).
+        node_cert_lifetime: Duration,
     },
 }
 
@@ -305,9 +316,16 @@ impl Monitor {
                 "{rpc} needs a client certificate from the cluster CA"
             )));
         };
+        self.refuse_revoked(request, rpc)?;
         let refused = |why: String| {
             warn!(rpc, %peer, remote = %remote(request), %why, "refused");
             Err(Status::permission_denied(format!("{rpc}: {why}")))
+        };
+        let removed = |node: &str| {
+            NodeId::new(node)
+                .ok()
+                .and_then(|id| self.catalog().node(&id).map(|n| n.removed))
+                .unwrap_or(false)
         };
         match caller {
             Caller::Operator if peer.role() != Role::Operator => {
@@ -319,6 +337,9 @@ impl Monitor {
             Caller::Node(node) if peer.name() != node => {
                 refused(format!("{peer} may not act for node {node}"))
             }
+            Caller::Node(node) if removed(node) => refused(format!(
+                "node {node} was removed: its certificates are refused until it joins again with a new token made for it"
+            )),
             Caller::Monitor(_) | Caller::AnyMonitor if peer.role() != Role::Monitor => {
                 refused(format!("{peer} is not a monitor certificate"))
             }
@@ -328,6 +349,30 @@ impl Monitor {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// Refuses a caller whose certificate serial the catalog lists as revoked.
+    fn refuse_revoked<T>(&self, request: &Request<T>, rpc: &str) -> Result<(), Status> {
+        let Some(serial) = request
+            .extensions()
+            .get::<ha_pki::PeerInfo>()
+            .and_then(|i| i.serial.as_deref())
+        else {
+            return Ok(());
+        };
+        let catalog = self.catalog();
+        let Some((node, at)) = catalog
+            .certificate(serial)
+            .and_then(|c| Some((&c.node, c.revoked_at_unix_ms?)))
+        else {
+            return Ok(());
+        };
+        let why = format!(
+            "certificate serial {serial} of node {node} was revoked at {}",
+            catalog::unix_ms_text(at)
+        );
+        warn!(rpc, %node, serial, remote = %remote(request), "refused: revoked certificate");
+        Err(Status::permission_denied(format!("{rpc}: {why}")))
     }
 
     fn now(&self) -> Duration {
@@ -391,10 +436,10 @@ impl Monitor {
         node: &NodeId,
         endpoint: &ha_proto::types::Endpoint,
         kind: NodeKind,
-    ) -> Result<String, Status> {
-        let Security::Tls { signer, .. } = &self.security else {
-            return Ok(String::new());
-        };
+    ) -> Result<Option<(String, IssuedCertificate)>, Status> {
+        if matches!(self.security, Security::Plaintext) {
+            return Ok(None);
+        }
         let refuse = |status: Status| {
             warn!(%node, peer = ?caller.map(ToString::to_string), remote, reason = status.message(), "join refused");
             Err(status)
@@ -409,34 +454,73 @@ impl Monitor {
                         "join refused: {peer} is not the certificate of node {node}"
                     )))
                 }
-                Some(_) => Ok(String::new()),
+                Some(_) => Ok(None),
             };
         }
+        self.sign_node_csr(csr_pem, kind, node, &endpoint.host, "join")
+            .map(Some)
+            .or_else(refuse)
+    }
+
+    /// Signs a node's CSR (for `what`: join or renewal) with the cluster CA, for the role of
+    /// `kind`, the name `node` and `host` as subject alternative name, valid for the configured
+    /// node certificate lifetime (capped at the CA's expiry). Returns the certificate and what
+    /// the catalog records of it.
+    fn sign_node_csr(
+        &self,
+        csr_pem: &str,
+        kind: NodeKind,
+        node: &NodeId,
+        host: &str,
+        what: &str,
+    ) -> Result<(String, IssuedCertificate), Status> {
+        let Security::Tls {
+            signer,
+            node_cert_lifetime,
+            ..
+        } = &self.security
+        else {
+            return Err(Status::failed_precondition(format!(
+                "{what} refused: this cluster runs without TLS (dev mode) and has no certificates"
+            )));
+        };
         let Some(signer) = signer else {
-            return refuse(Status::failed_precondition(
-                "join refused: this cluster signs no CSR (no CA key on the monitors); join with a pre-issued certificate and an empty CSR",
-            ));
+            return Err(Status::failed_precondition(format!(
+                "{what} refused: this cluster signs no CSR (no CA key on the monitors); use a pre-issued certificate and an empty CSR"
+            )));
         };
         let ca = signer.current();
         let now = SystemTime::now();
         let validity = ha_pki::Validity::new(
             now - ha_pki::CLOCK_SKEW_ALLOWANCE,
-            (now + NODE_CERT_LIFETIME).min(ca.not_after()),
+            (now + *node_cert_lifetime).min(ca.not_after()),
         )
         .map_err(|e| Status::failed_precondition(format!("the cluster CA cannot sign: {e}")))?;
-        match ca.sign_csr(
-            csr_pem,
-            role_for(kind),
-            node.as_str(),
-            std::slice::from_ref(&endpoint.host),
-            validity,
-        ) {
-            Ok(pem) => {
-                info!(%node, role = %role_for(kind), san = %endpoint.host, "signed the joining node's CSR");
-                Ok(pem)
-            }
-            Err(e) => refuse(Status::invalid_argument(format!("join refused: CSR: {e}"))),
-        }
+        let pem = ca
+            .sign_csr(
+                csr_pem,
+                role_for(kind),
+                node.as_str(),
+                &[host.to_owned()],
+                validity,
+            )
+            .map_err(|e| Status::invalid_argument(format!("{what} refused: CSR: {e}")))?;
+        let info = ha_pki::CertInfo::from_pem(&pem).map_err(|e| {
+            Status::internal(format!("the certificate just signed is unreadable: {e}"))
+        })?;
+        let not_after_unix_ms = info
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        info!(%node, role = %role_for(kind), san = host, serial = %info.serial,
+              valid_until = %catalog::unix_ms_text(not_after_unix_ms), "signed the node's CSR ({what})");
+        Ok((
+            pem,
+            IssuedCertificate {
+                serial: info.serial,
+                not_after_unix_ms,
+            },
+        ))
     }
 
     /// The CA bundle as on disk now (old and new CA during a rotation), for joining nodes.
@@ -522,6 +606,9 @@ impl agent_service_server::AgentService for AgentApi {
         let m = &self.0;
         m.require_leader()?;
         let caller = ha_pki::peer_identity(&request);
+        if caller.is_some() {
+            m.refuse_revoked(&request, "AgentService/Join")?;
+        }
         let remote = remote(&request);
         let req = request.into_inner();
         let node = convert::node_id(&req.node, "node")?;
@@ -565,7 +652,7 @@ impl agent_service_server::AgentService for AgentApi {
                 grant.group
             )));
         };
-        let certificate_pem = m.join_certificate(
+        let signed = m.join_certificate(
             &req.csr_pem,
             caller.as_ref(),
             &remote,
@@ -585,9 +672,11 @@ impl agent_service_server::AgentService for AgentApi {
                 group,
                 endpoint,
                 source: Registration::JoinToken { token_id: grant.id },
+                certificate: signed.as_ref().map(|(_, c)| c.clone()),
             },
         )
         .await?;
+        let certificate_pem = signed.map(|(pem, _)| pem).unwrap_or_default();
         info!(%node, %kind, certificate_signed = !certificate_pem.is_empty(), "node joined");
         let status = m.raft.status();
         Ok(Response::new(v1::JoinResponse {
@@ -663,6 +752,57 @@ impl agent_service_server::AgentService for AgentApi {
             lease_ms: m.lease_ms(&catalog),
             report_interval_ms: u64::try_from(report_interval(&catalog, &node.group).as_millis())
                 .unwrap_or(u64::MAX),
+        }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<v1::RenewRequest>,
+    ) -> Result<Response<v1::RenewResponse>, Status> {
+        let m = &self.0;
+        let name = request.get_ref().node.clone();
+        m.authorize(&request, "AgentService/Renew", Caller::Node(&name))?;
+        m.require_leader()?;
+        let peer = ha_pki::peer_identity(&request);
+        let node = convert::node_id(&name, "node")?;
+        let catalog = m.catalog();
+        let registered = catalog.node(&node).filter(|n| !n.removed).ok_or_else(|| {
+            Status::not_found(format!(
+                "renewal refused: node {node} is not registered: join with a token first"
+            ))
+        })?;
+        // The identity comes from the caller's certificate and the catalog: the request names
+        // only the node (checked against the certificate) and carries the new public key.
+        if let Some(peer) = &peer
+            && peer.role() != role_for(registered.kind)
+        {
+            warn!(%node, %peer, "renewal refused: the certificate's role is not the node's");
+            return Err(Status::permission_denied(format!(
+                "renewal refused: {peer} is not the certificate of the {} node {node}",
+                registered.kind
+            )));
+        }
+        let (certificate_pem, issued) = m
+            .sign_node_csr(
+                &request.get_ref().csr_pem,
+                registered.kind,
+                &node,
+                &registered.endpoint.host,
+                "renewal",
+            )
+            .inspect_err(|e| warn!(%node, reason = e.message(), "renewal refused"))?;
+        m.propose(
+            &format!("renew-{}", issued.serial),
+            Op::RecordCertificate {
+                node: node.clone(),
+                certificate: issued,
+            },
+        )
+        .await?;
+        info!(%node, "certificate renewed");
+        Ok(Response::new(v1::RenewResponse {
+            certificate_pem,
+            ca_pem: m.ca_bundle_pem()?,
         }))
     }
 
@@ -1101,6 +1241,30 @@ impl operator_service_server::OperatorService for OperatorApi {
             tonic::Code::PermissionDenied => Status::not_found(s.message()),
             _ => s,
         })
+    }
+
+    async fn revoke_certificate(
+        &self,
+        request: Request<v1::RevokeCertificateRequest>,
+    ) -> Result<Response<v1::OperationResponse>, Status> {
+        self.0.authorize(
+            &request,
+            "OperatorService/RevokeCertificate",
+            Caller::Operator,
+        )?;
+        let m = &self.0;
+        m.require_leader()?;
+        let req = request.into_inner();
+        let serial = req.serial.trim().to_ascii_lowercase().replace(':', "");
+        if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(format!(
+                "serial {:?} is not a hexadecimal serial number",
+                req.serial
+            )));
+        }
+        m.propose(&req.request_id, Op::RevokeCertificate { serial })
+            .await
+            .map(operation)
     }
 
     async fn add_monitor(
@@ -1587,6 +1751,7 @@ fn load_tls(files: &config::TlsFiles) -> Result<TlsSetup, ServeError> {
         security: Security::Tls {
             ca_bundle: files.ca.clone(),
             signer: signer.clone(),
+            node_cert_lifetime: files.node_certificate_lifetime,
         },
         signer,
     })

@@ -18,7 +18,8 @@ use ha_proto::v1::operator_service_client::OperatorServiceClient;
 use ha_proto::v1::peer_service_client::PeerServiceClient;
 use ha_proto::v1::{
     CreateJoinTokenRequest, Endpoint, EventsRequest, JoinRequest, NodeKind, ObservedState,
-    RaftBatch, ReportRequest, StatusRequest, SwitchoverRequest,
+    RaftBatch, RemoveNodeRequest, RenewRequest, ReportRequest, RevokeCertificateRequest,
+    StatusRequest, SwitchoverRequest, WatchGoalRequest,
 };
 use ha_tests::{ChildGuard, free_port};
 use tokio::time::Instant;
@@ -675,4 +676,317 @@ async fn monitor_certificates_and_the_ca_rotate_without_a_failed_call() {
         "calls failed during rotation (of {})",
         calls.load(Ordering::SeqCst)
     );
+}
+
+/// The registered nodes and every event about registrations and certificates, as text: what a
+/// refused call must leave as it was (the leader's own decisions add other events meanwhile).
+async fn registrations(channel: Channel) -> (Vec<String>, Vec<String>) {
+    let mut op = OperatorServiceClient::new(channel);
+    let status = op
+        .status(StatusRequest { linearizable: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let events = op
+        .events(EventsRequest {
+            after_seq: 0,
+            limit: 10_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        status.nodes.into_iter().map(|n| n.name).collect(),
+        events
+            .events
+            .into_iter()
+            .filter(|e| e.kind.starts_with("certificate_") || e.kind.starts_with("node_r"))
+            .map(|e| format!("{} {} {}", e.seq, e.kind, e.message))
+            .collect(),
+    )
+}
+
+/// Client files `prefix` holding `cert_pem` and `key_pem`, trusting the cluster CA.
+fn node_client(cluster: &Cluster, prefix: &str, cert_pem: &str, key_pem: &str) -> Arc<ClientTls> {
+    let files = cluster.files(prefix);
+    write_bundle(&files.ca_bundle, &[&cluster.ca]);
+    write_public_file(&files.cert, cert_pem.as_bytes()).unwrap();
+    write_key_file(&files.key, key_pem.as_bytes()).unwrap();
+    Arc::new(ClientTls::load(files).unwrap())
+}
+
+/// Joins `node` with a fresh token and CSR; returns its certificate, its key and the token.
+async fn join_node(
+    cluster: &Cluster,
+    leader: u64,
+    op: &mut OperatorServiceClient<Channel>,
+    token_id: &str,
+    node: &str,
+) -> (String, String, String) {
+    let (secret, _) = token(op, token_id, node, 3_600_000).await;
+    let anonymous = Arc::new(
+        ClientTls::without_certificate(cluster.monitor_files(1).ca_bundle.clone()).unwrap(),
+    );
+    let (csr, key) = ha_pki::generate_csr(node).unwrap();
+    let joined = AgentServiceClient::new(cluster.channel(leader, &anonymous))
+        .join(join_request(&secret, node, &csr))
+        .await
+        .unwrap()
+        .into_inner();
+    (joined.certificate_pem, key, secret)
+}
+
+fn serial(pem: &str) -> String {
+    ha_pki::CertInfo::from_pem(pem).unwrap().serial
+}
+
+fn renew_request(node: &str, csr_pem: &str) -> RenewRequest {
+    RenewRequest {
+        node: node.to_owned(),
+        csr_pem: csr_pem.to_owned(),
+    }
+}
+
+/// Asserts that `result` is a refusal with `code` whose message contains `text`.
+fn assert_refused<T: std::fmt::Debug>(
+    what: &str,
+    result: Result<T, tonic::Status>,
+    code: Code,
+    text: &str,
+) {
+    match result {
+        Ok(v) => panic!("{what}: accepted ({v:?})"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{what}: {s:?}");
+            assert!(
+                s.message().contains(text),
+                "{what}: {:?} lacks {text:?}",
+                s.message()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_keeps_the_identity_and_a_removed_nodes_certificates_are_refused() {
+    let cluster = Cluster::start();
+    let operator = cluster.client("alice", &cluster.ca, Role::Operator, "alice");
+    let leader = cluster.leader(&operator).await;
+    let mut op = OperatorServiceClient::new(cluster.channel(leader, &operator));
+    // psql1 bootstraps the group (its primary); psql2 is the node renewed and removed.
+    let (cert1, key1, _) = join_node(&cluster, leader, &mut op, "t-psql1", "psql1").await;
+    let psql1 = node_client(&cluster, "psql1", &cert1, &key1);
+    let (old_pem, old_key, used_token) =
+        join_node(&cluster, leader, &mut op, "t-psql2", "psql2").await;
+    let old = node_client(&cluster, "psql2-old", &old_pem, &old_key);
+    let mut old_agent = AgentServiceClient::new(cluster.channel(leader, &old));
+    old_agent.report(report("psql2")).await.unwrap();
+
+    // Renewal for another identity: refused, nothing recorded.
+    let before = registrations(cluster.channel(leader, &operator)).await;
+    let (csr_other, _) = ha_pki::generate_csr("psql1").unwrap();
+    assert_refused(
+        "psql2 renewing for psql1",
+        old_agent.renew(renew_request("psql1", &csr_other)).await,
+        Code::PermissionDenied,
+        "may not act for node psql1",
+    );
+    assert_refused(
+        "psql2 renewing with a CSR named psql1",
+        old_agent.renew(renew_request("psql2", &csr_other)).await,
+        Code::InvalidArgument,
+        "renewal refused: CSR",
+    );
+    let (csr_new, key_new) = ha_pki::generate_csr("psql2").unwrap();
+    assert_refused(
+        "the operator renewing psql2",
+        AgentServiceClient::new(cluster.channel(leader, &operator))
+            .renew(renew_request("psql2", &csr_new))
+            .await,
+        Code::PermissionDenied,
+        "is not a node agent certificate",
+    );
+    assert_refused(
+        "psql1 renewing for psql2",
+        AgentServiceClient::new(cluster.channel(leader, &psql1))
+            .renew(renew_request("psql2", &csr_new))
+            .await,
+        Code::PermissionDenied,
+        "may not act for node psql2",
+    );
+    assert_eq!(
+        registrations(cluster.channel(leader, &operator)).await,
+        before,
+        "a refused renewal changed the catalog"
+    );
+
+    // The real renewal: same name, role and address; the old certificate stays valid.
+    let renewed = old_agent
+        .renew(renew_request("psql2", &csr_new))
+        .await
+        .unwrap()
+        .into_inner();
+    let info = ha_pki::CertInfo::from_pem(&renewed.certificate_pem).unwrap();
+    assert_eq!(
+        info.identity,
+        Some(ha_pki::PeerIdentity::new(Role::Postgres, "psql2").unwrap())
+    );
+    assert_ne!(info.serial, serial(&old_pem));
+    let new = node_client(&cluster, "psql2-new", &renewed.certificate_pem, &key_new);
+    let mut new_agent = AgentServiceClient::new(cluster.channel(leader, &new));
+    new_agent.report(report("psql2")).await.unwrap();
+    old_agent.report(report("psql2")).await.unwrap();
+
+    // Removal revokes both; every call with either is refused with the reason.
+    let removed = op
+        .remove_node(RemoveNodeRequest {
+            request_id: "remove-psql2".into(),
+            node: "psql2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        removed.message.contains(&serial(&old_pem)) && removed.message.contains(&info.serial),
+        "{}",
+        removed.message
+    );
+    let before = registrations(cluster.channel(leader, &operator)).await;
+    let (csr_again, _) = ha_pki::generate_csr("psql2").unwrap();
+    for (name, tls, pem) in [
+        ("old", &old, &old_pem),
+        ("new", &new, &renewed.certificate_pem),
+    ] {
+        let revoked = format!(
+            "certificate serial {} of node psql2 was revoked at",
+            serial(pem)
+        );
+        // A fresh connection and the one already open are both refused.
+        for mut agent in [
+            AgentServiceClient::new(cluster.channel(leader, tls)),
+            if name == "old" {
+                old_agent.clone()
+            } else {
+                new_agent.clone()
+            },
+        ] {
+            assert_refused(
+                &format!("report with the {name} certificate"),
+                agent.report(report("psql2")).await,
+                Code::PermissionDenied,
+                &revoked,
+            );
+            assert_refused(
+                &format!("goal watch with the {name} certificate"),
+                agent
+                    .watch_goal(WatchGoalRequest {
+                        node: "psql2".into(),
+                    })
+                    .await,
+                Code::PermissionDenied,
+                &revoked,
+            );
+            assert_refused(
+                &format!("renewal with the {name} certificate"),
+                agent.renew(renew_request("psql2", &csr_again)).await,
+                Code::PermissionDenied,
+                &revoked,
+            );
+            // Join again presenting the certificate, without a CSR.
+            assert_refused(
+                &format!("re-join with the {name} certificate"),
+                agent.join(join_request("", "psql2", "")).await,
+                Code::PermissionDenied,
+                &revoked,
+            );
+        }
+        // The same certificate cannot act as any other node either.
+        assert_refused(
+            &format!("report for psql1 with the {name} certificate"),
+            AgentServiceClient::new(cluster.channel(leader, tls))
+                .report(report("psql1"))
+                .await,
+            Code::PermissionDenied,
+            &revoked,
+        );
+    }
+    // The name comes back only with a new token made for it.
+    let anonymous = Arc::new(
+        ClientTls::without_certificate(cluster.monitor_files(1).ca_bundle.clone()).unwrap(),
+    );
+    let mut joiner = AgentServiceClient::new(cluster.channel(leader, &anonymous));
+    assert_refused(
+        "re-join with the token psql2 joined with",
+        joiner
+            .join(join_request(&used_token, "psql2", &csr_again))
+            .await,
+        Code::PermissionDenied,
+        "join token was already used",
+    );
+    let (old_token, _) = token(&mut op, "t-psql2-unused", "psql2", 1).await;
+    assert_refused(
+        "re-join with an expired token",
+        joiner
+            .join(join_request(&old_token, "psql2", &csr_again))
+            .await,
+        Code::PermissionDenied,
+        "join refused",
+    );
+    let (psql1_spare, _) = token(&mut op, "t-psql1-spare", "psql1", 3_600_000).await;
+    assert_refused(
+        "re-join with a token made for another node",
+        joiner
+            .join(join_request(&psql1_spare, "psql2", &csr_again))
+            .await,
+        Code::PermissionDenied,
+        "the token is for node psql1",
+    );
+    let after = registrations(cluster.channel(leader, &operator)).await;
+    assert_eq!(after, before, "a refused call changed the catalog");
+
+    let (back_pem, back_key, _) =
+        join_node(&cluster, leader, &mut op, "t-psql2-back", "psql2").await;
+    let back = node_client(&cluster, "psql2-back", &back_pem, &back_key);
+    let mut back_agent = AgentServiceClient::new(cluster.channel(leader, &back));
+    back_agent.report(report("psql2")).await.unwrap();
+    assert_refused(
+        "report with the old certificate after the re-join",
+        AgentServiceClient::new(cluster.channel(leader, &old))
+            .report(report("psql2"))
+            .await,
+        Code::PermissionDenied,
+        "was revoked at",
+    );
+
+    // The operator revokes one certificate by serial (haclt cert revoke).
+    assert_refused(
+        "revoking an unknown serial",
+        op.revoke_certificate(RevokeCertificateRequest {
+            request_id: "revoke-unknown".into(),
+            serial: "0123abcd".into(),
+        })
+        .await,
+        Code::InvalidArgument,
+        "no certificate with serial 0123abcd is recorded",
+    );
+    op.revoke_certificate(RevokeCertificateRequest {
+        request_id: "revoke-back".into(),
+        serial: serial(&back_pem).to_uppercase(),
+    })
+    .await
+    .unwrap();
+    assert_refused(
+        "report after the operator revoked the certificate",
+        back_agent.report(report("psql2")).await,
+        Code::PermissionDenied,
+        &format!(
+            "certificate serial {} of node psql2 was revoked at",
+            serial(&back_pem)
+        ),
+    );
+    // psql1 is untouched.
+    AgentServiceClient::new(cluster.channel(leader, &psql1))
+        .report(report("psql1"))
+        .await
+        .unwrap();
 }

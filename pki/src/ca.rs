@@ -371,6 +371,14 @@ pub fn generate_csr(name: &str) -> Result<(String, String), CaError> {
     Ok((csr.pem()?, key.serialize_pem()))
 }
 
+/// The serial number of a DER certificate as lowercase hex of its DER bytes: how revoked
+/// certificates are named in the catalog and in the CRL.
+pub fn serial_hex(der: &[u8]) -> Result<String, CaError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| CaError::Certificate(e.to_string()))?;
+    Ok(hex::encode(cert.raw_serial()))
+}
+
 /// What rotation needs to know about a certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
@@ -379,6 +387,8 @@ pub struct CertInfo {
     pub is_ca: bool,
     /// The `ha://` identity; `None` for a CA certificate.
     pub identity: Option<PeerIdentity>,
+    /// The serial number, lowercase hex of its DER bytes ([`serial_hex`]).
+    pub serial: String,
 }
 
 impl CertInfo {
@@ -392,6 +402,7 @@ impl CertInfo {
             X509Certificate::from_der(der).map_err(|e| CaError::Certificate(e.to_string()))?;
         let is_ca = cert.is_ca();
         Ok(Self {
+            serial: hex::encode(cert.raw_serial()),
             not_before: unix_to_system(cert.validity().not_before.timestamp()),
             not_after: unix_to_system(cert.validity().not_after.timestamp()),
             is_ca,

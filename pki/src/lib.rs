@@ -64,7 +64,7 @@ pub mod transport;
 
 pub use ca::{
     CLOCK_SKEW_ALLOWANCE, Ca, CaError, CertInfo, IssuedCert, Validity, generate_csr,
-    merge_ca_bundle,
+    merge_ca_bundle, serial_hex,
 };
 pub use files::{
     FileError, read_key_file, read_public_file, write_file, write_key_file, write_public_file,

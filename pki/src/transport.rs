@@ -105,6 +105,9 @@ pub struct PeerInfo {
     pub remote_addr: SocketAddr,
     /// `None` only for a client without a certificate on a [`ClientAuth::Optional`] server.
     pub identity: Option<PeerIdentity>,
+    /// The serial of the client certificate ([`crate::serial_hex`]), when there is one: the
+    /// server refuses revoked serials.
+    pub serial: Option<String>,
 }
 
 /// An accepted, authenticated server-side connection.
@@ -393,11 +396,15 @@ async fn handshake(
             info: PeerInfo {
                 remote_addr,
                 identity: None,
+                serial: None,
             },
             deadline: Some(Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME))),
             _slot: slot,
         });
     }
+    let serial = certs
+        .and_then(|c| c.first())
+        .and_then(|der| crate::serial_hex(der).ok());
     match end_entity_identity(certs) {
         Ok(identity) => {
             let Some(slot) = limits.identity(&identity) else {
@@ -414,6 +421,7 @@ async fn handshake(
                 info: PeerInfo {
                     remote_addr,
                     identity: Some(identity),
+                    serial,
                 },
                 deadline: None,
                 _slot: slot,
@@ -656,6 +664,7 @@ mod tests {
             request.extensions_mut().insert(PeerInfo {
                 remote_addr: "127.0.0.1:1".parse().unwrap(),
                 identity: Some(identity),
+                serial: None,
             });
         }
         request

@@ -100,6 +100,10 @@ impl AgentService for Agents {
         });
         Ok(Response::new(Box::pin(tokio_stream::iter(goals))))
     }
+
+    async fn renew(&self, _: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 #[tokio::test]
@@ -272,6 +276,13 @@ impl OperatorService for Follower {
     async fn revoke_join_token(
         &self,
         _: Request<RevokeJoinTokenRequest>,
+    ) -> Result<Response<OperationResponse>, Status> {
+        Err(not_leader())
+    }
+
+    async fn revoke_certificate(
+        &self,
+        _: Request<RevokeCertificateRequest>,
     ) -> Result<Response<OperationResponse>, Status> {
         Err(not_leader())
     }

@@ -72,6 +72,8 @@ pub struct ClusterBuilder {
     hba: Vec<String>,
     /// Plaintext gRPC and replication with `--dev` everywhere ([`ClusterBuilder::plaintext`]).
     plaintext: bool,
+    /// The monitors' `tls.node_certificate_lifetime` (their default when `None`).
+    node_certificate_lifetime: Option<Duration>,
 }
 
 impl Default for ClusterBuilder {
@@ -82,6 +84,7 @@ impl Default for ClusterBuilder {
             drills_refused: Vec::new(),
             hba: Vec::new(),
             plaintext: false,
+            node_certificate_lifetime: None,
         }
     }
 }
@@ -119,6 +122,13 @@ impl ClusterBuilder {
     /// trusted from loopback. Only for a test that must see plaintext (none of the drills).
     pub fn plaintext(mut self) -> Self {
         self.plaintext = true;
+        self
+    }
+
+    /// How long the node certificates the monitors sign are valid (the agents renew them at
+    /// about two thirds of it).
+    pub fn node_certificate_lifetime(mut self, lifetime: Duration) -> Self {
+        self.node_certificate_lifetime = Some(lifetime);
         self
     }
 
@@ -161,6 +171,7 @@ impl ClusterBuilder {
             postmasters_seen: Mutex::new(Vec::new()),
             hba: self.hba,
             tls,
+            node_certificate_lifetime: self.node_certificate_lifetime,
             root,
         };
         cluster.write_haclt_config();
@@ -286,6 +297,8 @@ pub struct Cluster {
     postmasters_seen: Mutex<Vec<i32>>,
     /// Extra `pg_hba.conf` rules ([`ClusterBuilder::hba`]).
     hba: Vec<String>,
+    /// [`ClusterBuilder::node_certificate_lifetime`].
+    node_certificate_lifetime: Option<Duration>,
     /// `None` in a plaintext cluster.
     tls: Option<Tls>,
     /// Dropped last: the directory outlives every process using it.
@@ -471,7 +484,15 @@ impl Cluster {
             ""
         };
         let tls = self.tls.as_ref().map_or_else(String::new, |t| {
-            tls_section(&t.pki.files(&monitor_party(id)), Some(&t.pki.ca_key_path()))
+            let mut section =
+                tls_section(&t.pki.files(&monitor_party(id)), Some(&t.pki.ca_key_path()));
+            if let Some(lifetime) = self.node_certificate_lifetime {
+                section.push_str(&format!(
+                    "node_certificate_lifetime = \"{}\"\n",
+                    humantime::format_duration(lifetime)
+                ));
+            }
+            section
         });
         format!(
             "id = {id}\n{dev}allow_drills = true\ndata_dir = \"{}\"\nlisten = \"{}\"\nmembers = [{}]\n{tls}",

@@ -17,6 +17,7 @@ pub mod drill;
 pub mod ejabberd;
 pub mod lease;
 pub mod monitors;
+pub mod renew;
 pub mod state;
 pub mod vouch;
 pub mod worker;
@@ -104,6 +105,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     let link_tls = match &config.tls {
         Some(files) => {
+            renew::recover(files, &own_identity(&config)?)
+                .map_err(|e| RunError::Certificate(format!("finishing a renewal: {e}")))?;
             let tls = Arc::new(own_client_tls(&config, files)?);
             let watcher = ha_pki::ReloadWatcher::new(
                 vec![tls.clone() as Arc<dyn ha_pki::Reload>],
@@ -120,6 +123,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         config.rpc_timeout,
         link_tls.clone(),
     );
+    if let (Some(files), Some(tls)) = (&config.tls, &link_tls) {
+        tokio::spawn(renew::run(
+            config.node.clone(),
+            files.clone(),
+            monitors.clone(),
+            tls.clone(),
+            shutdown.child_token(),
+        ));
+    }
     match &config.role {
         RoleConfig::Postgres(role) => {
             let failsafe = match link_tls {
@@ -147,12 +159,7 @@ fn own_client_tls(
     config: &AgentConfig,
     files: &ha_pki::TlsFiles,
 ) -> Result<ha_pki::ClientTls, RunError> {
-    let role = match config.role.kind() {
-        NodeKind::Postgres => ha_pki::Role::Postgres,
-        NodeKind::Ejabberd => ha_pki::Role::Ejabberd,
-    };
-    let me = ha_pki::PeerIdentity::new(role, config.node.as_str())
-        .map_err(|e| RunError::Certificate(format!("node name {}: {e}", config.node)))?;
+    let me = own_identity(config)?;
     let refused = match ha_pki::ClientTls::load_checked(files.clone(), me.clone()) {
         Ok(tls) => return Ok(tls),
         Err(e) => e.to_string(),
@@ -175,6 +182,16 @@ fn own_client_tls(
             "{refused}; the copy installed for PostgreSQL fails too: {e}"
         ))),
     }
+}
+
+/// The identity this node's certificate must carry.
+fn own_identity(config: &AgentConfig) -> Result<ha_pki::PeerIdentity, RunError> {
+    let role = match config.role.kind() {
+        NodeKind::Postgres => ha_pki::Role::Postgres,
+        NodeKind::Ejabberd => ha_pki::Role::Ejabberd,
+    };
+    ha_pki::PeerIdentity::new(role, config.node.as_str())
+        .map_err(|e| RunError::Certificate(format!("node name {}: {e}", config.node)))
 }
 
 /// The failsafe's two sides for a PostgreSQL agent with TLS: the client that asks the vouchers

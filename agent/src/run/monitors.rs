@@ -64,6 +64,12 @@ impl Monitors {
         *slot = leader;
     }
 
+    /// Forgets the cached leader channel: the next call opens a new connection, with the TLS
+    /// config current then (after the certificate was renewed).
+    pub fn reconnect(&self) {
+        *self.leader.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
     async fn connect(&self, address: &str) -> Result<Channel, Status> {
         let endpoint = match &self.tls {
             Some(_) => ha_pki::endpoint(&format!("https://{address}"))

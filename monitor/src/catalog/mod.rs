@@ -13,6 +13,9 @@
 //!   [`Decision`] computed from an older revision is rejected as stale, so a decision is always
 //!   applied to exactly the state it was computed from.
 //! - Join tokens are kept only as SHA-256 hashes and are consumed at most once.
+//! - Every node certificate the leader signs (at join, at renewal) is recorded by its serial
+//!   until it expires; removing a node revokes all of its recorded certificates, and a revoked
+//!   serial stays refused until the certificate has expired, after which its entry is dropped.
 //!
 //! The maps and histories are persistent (structurally shared) collections from `imbl`, so
 //! `clone()` costs O(1) and a write after a clone copies only the O(log n) path it touches: the
@@ -497,6 +500,23 @@ impl Decision {
     }
 }
 
+/// A node certificate the cluster CA signed, as named in a command (serial: lowercase hex of
+/// its DER bytes, [`ha_pki::serial_hex`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCertificate {
+    pub serial: String,
+    pub not_after_unix_ms: u64,
+}
+
+/// A recorded node certificate, kept until it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certificate {
+    pub node: NodeId,
+    pub not_after_unix_ms: u64,
+    /// When it was revoked (proposer's clock); `None` while it is valid.
+    pub revoked_at_unix_ms: Option<u64>,
+}
+
 /// How a node registers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -525,6 +545,18 @@ pub enum Op {
         group: String,
         endpoint: Endpoint,
         source: Registration,
+        /// The certificate the leader signed for the joining node's CSR, if it signed one.
+        #[serde(default)]
+        certificate: Option<IssuedCertificate>,
+    },
+    /// A renewed certificate of a registered node (`AgentService/Renew`).
+    RecordCertificate {
+        node: NodeId,
+        certificate: IssuedCertificate,
+    },
+    /// The operator revokes one recorded certificate (`haclt cert revoke`).
+    RevokeCertificate {
+        serial: String,
     },
     CreateToken {
         token_id: String,
@@ -626,6 +658,11 @@ pub enum Rejected {
     Unsafe(String),
 }
 
+/// A Unix time in milliseconds as RFC 3339 (UTC, seconds), for messages.
+pub fn unix_ms_text(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
 impl Rejected {
     fn token(id: &str, e: TokenError) -> Self {
         Rejected::Token {
@@ -660,6 +697,9 @@ pub struct Catalog {
     /// size, not the catalog's. Derived from `nodes`: not serialized, rebuilt by `from_bytes`.
     #[serde(skip)]
     group_nodes: OrdMap<String, OrdSet<NodeId>>,
+    /// Every node certificate signed by the leader that has not expired yet, by serial.
+    #[serde(default)]
+    certificates: OrdMap<String, Certificate>,
     timings: Timings,
     events: Vector<Event>,
     next_event_seq: u64,
@@ -736,6 +776,16 @@ impl Catalog {
     }
 
     // ----- queries -----
+
+    /// The recorded certificate with this serial, while it has not expired.
+    pub fn certificate(&self, serial: &str) -> Option<&Certificate> {
+        self.certificates.get(serial)
+    }
+
+    /// Every recorded certificate (valid and revoked) by serial.
+    pub fn certificates(&self) -> impl Iterator<Item = (&String, &Certificate)> {
+        self.certificates.iter()
+    }
 
     pub fn applied_index(&self) -> u64 {
         self.applied_index
@@ -923,6 +973,40 @@ impl Catalog {
         }
     }
 
+    /// Records a certificate signed for `node`, dropping the expired ones first (this bounds
+    /// the map by the certificates valid at one time).
+    fn record_certificate(&mut self, at: u64, node: &NodeId, c: &IssuedCertificate) {
+        self.sweep_expired_certificates(at);
+        self.certificates.insert(
+            c.serial.clone(),
+            Certificate {
+                node: node.clone(),
+                not_after_unix_ms: c.not_after_unix_ms,
+                revoked_at_unix_ms: None,
+            },
+        );
+    }
+
+    fn revoke(&mut self, at: u64, serial: &str) {
+        if let Some(c) = self.certificates.get_mut(serial) {
+            c.revoked_at_unix_ms = Some(at);
+        }
+    }
+
+    /// Drops every certificate that expired at `at`: an expired certificate is refused by
+    /// every TLS handshake, so neither its record nor its revocation matters any more.
+    fn sweep_expired_certificates(&mut self, at: u64) {
+        let expired: Vec<String> = self
+            .certificates
+            .iter()
+            .filter(|(_, c)| c.not_after_unix_ms <= at)
+            .map(|(serial, _)| serial.clone())
+            .collect();
+        for serial in expired {
+            self.certificates.remove(&serial);
+        }
+    }
+
     fn bump(&mut self, group: &str) {
         if let Some(g) = self.groups.get_mut(group) {
             g.revision += 1;
@@ -990,7 +1074,60 @@ impl Catalog {
                 group,
                 endpoint,
                 source,
-            } => self.register(index, at, node, *kind, group, endpoint, source),
+                certificate,
+            } => {
+                let outcome = self.register(index, at, node, *kind, group, endpoint, source)?;
+                if let Some(c) = certificate {
+                    self.record_certificate(at, node, c);
+                }
+                Ok(outcome)
+            }
+            Op::RecordCertificate { node, certificate } => {
+                self.live_node(node)?;
+                if certificate.not_after_unix_ms <= at {
+                    return Err(Rejected::Invalid(format!(
+                        "certificate {} has expired already",
+                        certificate.serial
+                    )));
+                }
+                self.record_certificate(at, node, certificate);
+                self.push_event(
+                    at,
+                    "certificate_renewed",
+                    Some(node),
+                    None,
+                    format!(
+                        "certificate {} of {node} issued, valid until {}",
+                        certificate.serial,
+                        unix_ms_text(certificate.not_after_unix_ms)
+                    ),
+                );
+                self.applied(
+                    index,
+                    None,
+                    format!("certificate {} of {node} recorded", certificate.serial),
+                )
+            }
+            Op::RevokeCertificate { serial } => {
+                self.sweep_expired_certificates(at);
+                let Some(c) = self.certificates.get(serial) else {
+                    return Err(Rejected::Invalid(format!(
+                        "no certificate with serial {serial} is recorded (unknown, or expired already)"
+                    )));
+                };
+                if let Some(when) = c.revoked_at_unix_ms {
+                    return Err(Rejected::Invalid(format!(
+                        "certificate {serial} of {} was revoked already at {}",
+                        c.node,
+                        unix_ms_text(when)
+                    )));
+                }
+                let node = c.node.clone();
+                self.revoke(at, serial);
+                let msg = format!("certificate {serial} of {node} revoked");
+                self.push_event(at, "certificate_revoked", Some(&node), None, msg.clone());
+                self.applied(index, None, msg)
+            }
             Op::CreateToken {
                 token_id,
                 secret_sha256_hex,
@@ -1112,15 +1249,27 @@ impl Catalog {
                     .get_mut(node)
                     .expect("checked by live_node")
                     .removed = true;
+                self.sweep_expired_certificates(at);
+                let serials: Vec<String> = self
+                    .certificates
+                    .iter()
+                    .filter(|(_, c)| c.node == *node && c.revoked_at_unix_ms.is_none())
+                    .map(|(serial, _)| serial.clone())
+                    .collect();
+                for serial in &serials {
+                    self.revoke(at, serial);
+                }
+                let msg = if serials.is_empty() {
+                    format!("{node} removed")
+                } else {
+                    format!(
+                        "{node} removed, certificate(s) {} revoked",
+                        serials.join(", ")
+                    )
+                };
                 self.bump(&group);
-                self.push_event(
-                    at,
-                    "node_removed",
-                    Some(node),
-                    Some(&group),
-                    format!("{node} removed"),
-                );
-                self.applied(index, Some(&group), format!("{node} removed"))
+                self.push_event(at, "node_removed", Some(node), Some(&group), msg.clone());
+                self.applied(index, Some(&group), msg)
             }
             Op::RecordEvent {
                 kind,

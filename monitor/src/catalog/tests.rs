@@ -79,6 +79,7 @@ fn register_op(name: &str, kind: NodeKind, source: Registration) -> Op {
             port: 5432,
         },
         source,
+        certificate: None,
     }
 }
 
@@ -609,6 +610,7 @@ fn group_queries_follow_registration_removal_and_reload() {
             port: 5432,
         },
         source: Registration::Config,
+        certificate: None,
     })
     .unwrap();
     let names = |nodes: Vec<&Node>| -> Vec<String> {
@@ -631,4 +633,70 @@ fn group_queries_follow_registration_removal_and_reload() {
     let loaded = Catalog::from_bytes(&f.cat.to_bytes()).unwrap();
     check(&loaded);
     assert_eq!(loaded, f.cat);
+}
+
+#[test]
+fn removal_revokes_recorded_certificates_until_they_expire() {
+    let mut f = Fixture::new();
+    f.register("p1", NodeKind::Postgres);
+    f.register("p2", NodeKind::Postgres);
+    let cert = |serial: &str, not_after_unix_ms: u64| IssuedCertificate {
+        serial: serial.into(),
+        not_after_unix_ms,
+    };
+    let record = |node: &str, c: IssuedCertificate| Op::RecordCertificate {
+        node: id(node),
+        certificate: c,
+    };
+    f.run(record("p2", cert("aa", T0 + 1_000))).unwrap();
+    f.run(record("p2", cert("bb", T0 + 60_000))).unwrap();
+    f.run(record("p1", cert("cc", T0 + 60_000))).unwrap();
+    assert!(matches!(
+        f.run(record("p1", cert("dd", T0))),
+        Err(Rejected::Invalid(_))
+    ));
+    assert!(matches!(
+        f.run(record("nobody", cert("ee", T0 + 60_000))),
+        Err(Rejected::UnknownNode(_))
+    ));
+    let applied = f.run(Op::RemoveNode { node: id("p2") }).unwrap();
+    assert!(applied.message.contains("aa, bb"), "{}", applied.message);
+    let revoked = |cat: &Catalog, serial: &str| {
+        cat.certificate(serial)
+            .and_then(|c| c.revoked_at_unix_ms)
+            .is_some()
+    };
+    assert!(revoked(&f.cat, "aa") && revoked(&f.cat, "bb"));
+    assert!(!revoked(&f.cat, "cc"));
+    // A snapshot keeps them.
+    let copy = Catalog::from_bytes(&f.cat.to_bytes()).unwrap();
+    assert!(revoked(&copy, "bb") && !revoked(&copy, "cc"));
+    // Revoking again, or an unknown serial, is refused and changes nothing.
+    assert!(
+        f.run(Op::RevokeCertificate {
+            serial: "bb".into()
+        })
+        .is_err()
+    );
+    assert!(
+        f.run(Op::RevokeCertificate {
+            serial: "ff".into()
+        })
+        .is_err()
+    );
+    f.run(Op::RevokeCertificate {
+        serial: "cc".into(),
+    })
+    .unwrap();
+    assert!(revoked(&f.cat, "cc"));
+    // Expired entries are dropped with the next certificate change: the map stays bounded.
+    let later = Command {
+        request_id: "later".into(),
+        at_unix_ms: T0 + 2_000,
+        op: record("p1", cert("gg", T0 + 60_000)),
+    };
+    f.apply(&later).unwrap();
+    assert!(f.cat.certificate("aa").is_none());
+    assert!(revoked(&f.cat, "bb"));
+    assert_eq!(f.cat.certificates().count(), 3);
 }

@@ -181,6 +181,7 @@ impl World {
                     port: 5432,
                 },
                 source: Registration::Config,
+                certificate: None,
             };
             w.propose(op).unwrap();
             w.nodes.insert(id(name), SimNode::new(kind));

@@ -9,6 +9,24 @@ pub struct Endpoint {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewRequest {
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    /// PEM-encoded PKCS#10 request whose common name is the node's name.
+    #[prost(string, tag = "2")]
+    pub csr_pem: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewResponse {
+    #[prost(string, tag = "1")]
+    pub certificate_pem: ::prost::alloc::string::String,
+    /// The CA bundle as on the monitor's disk now.
+    #[prost(string, tag = "2")]
+    pub ca_pem: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct JoinRequest {
     #[prost(string, tag = "1")]
     pub token: ::prost::alloc::string::String,
@@ -492,6 +510,16 @@ pub struct RevokeJoinTokenRequest {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RevokeCertificateRequest {
+    #[prost(string, tag = "1")]
+    pub request_id: ::prost::alloc::string::String,
+    /// The serial number as lowercase hex (`haclt status --json` and the node_removed events
+    /// show them); only certificates the monitors signed and that have not expired are known.
+    #[prost(string, tag = "2")]
+    pub serial: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AddMonitorRequest {
     #[prost(string, tag = "1")]
     pub request_id: ::prost::alloc::string::String,
@@ -954,6 +982,28 @@ pub mod agent_service_client {
                 .insert(GrpcMethod::new("ha.v1.AgentService", "WatchGoal"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// A node renews its certificate before it expires, authenticated by its current one (valid,
+        /// not revoked), with a new CSR. The new certificate's name, role and address come from the
+        /// caller's certificate and the catalog, never from the request; the old one stays valid
+        /// until it expires.
+        pub async fn renew(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RenewRequest>,
+        ) -> std::result::Result<tonic::Response<super::RenewResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/ha.v1.AgentService/Renew");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("ha.v1.AgentService", "Renew"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -992,6 +1042,14 @@ pub mod agent_service_server {
             &self,
             request: tonic::Request<super::WatchGoalRequest>,
         ) -> std::result::Result<tonic::Response<Self::WatchGoalStream>, tonic::Status>;
+        /// A node renews its certificate before it expires, authenticated by its current one (valid,
+        /// not revoked), with a new CSR. The new certificate's name, role and address come from the
+        /// caller's certificate and the catalog, never from the request; the old one stays valid
+        /// until it expires.
+        async fn renew(
+            &self,
+            request: tonic::Request<super::RenewRequest>,
+        ) -> std::result::Result<tonic::Response<super::RenewResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AgentServiceServer<T> {
@@ -1199,6 +1257,50 @@ pub mod agent_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ha.v1.AgentService/Renew" => {
+                    #[allow(non_camel_case_types)]
+                    struct RenewSvc<T: AgentService>(pub Arc<T>);
+                    impl<
+                        T: AgentService,
+                    > tonic::server::UnaryService<super::RenewRequest> for RenewSvc<T> {
+                        type Response = super::RenewResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RenewRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AgentService>::renew(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RenewSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
@@ -1592,6 +1694,30 @@ pub mod operator_service_client {
                 .insert(GrpcMethod::new("ha.v1.OperatorService", "RevokeJoinToken"));
             self.inner.unary(req, path, codec).await
         }
+        pub async fn revoke_certificate(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RevokeCertificateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::OperationResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/ha.v1.OperatorService/RevokeCertificate",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("ha.v1.OperatorService", "RevokeCertificate"));
+            self.inner.unary(req, path, codec).await
+        }
         pub async fn add_monitor(
             &mut self,
             request: impl tonic::IntoRequest<super::AddMonitorRequest>,
@@ -1752,6 +1878,13 @@ pub mod operator_service_server {
         async fn revoke_join_token(
             &self,
             request: tonic::Request<super::RevokeJoinTokenRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::OperationResponse>,
+            tonic::Status,
+        >;
+        async fn revoke_certificate(
+            &self,
+            request: tonic::Request<super::RevokeCertificateRequest>,
         ) -> std::result::Result<
             tonic::Response<super::OperationResponse>,
             tonic::Status,
@@ -2340,6 +2473,52 @@ pub mod operator_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RevokeJoinTokenSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/ha.v1.OperatorService/RevokeCertificate" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeCertificateSvc<T: OperatorService>(pub Arc<T>);
+                    impl<
+                        T: OperatorService,
+                    > tonic::server::UnaryService<super::RevokeCertificateRequest>
+                    for RevokeCertificateSvc<T> {
+                        type Response = super::OperationResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RevokeCertificateRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as OperatorService>::revoke_certificate(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeCertificateSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
