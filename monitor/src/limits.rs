@@ -150,6 +150,11 @@ mod tests {
                         port: 5432,
                     },
                     source: Registration::Config,
+                    // A 20-byte serial in hex, valid long after the test's clock.
+                    certificate: Some(crate::catalog::IssuedCertificate {
+                        serial: "ab".repeat(20),
+                        not_after_unix_ms: u64::MAX,
+                    }),
                 };
                 apply(&mut catalog, op);
             }
