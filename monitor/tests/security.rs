@@ -181,9 +181,8 @@ impl Cluster {
     }
 }
 
-/// The registered nodes and the event log as (seq, node). The leader's own decisions about
-/// psql1 may add events meanwhile; a refused call must add no node and no event naming another.
-async fn catalog_view(channel: Channel) -> (Vec<String>, Vec<(u64, String)>) {
+/// The registered nodes and every event (linearizable reads of the leader).
+async fn nodes_and_events(channel: Channel) -> (Vec<String>, Vec<ha_proto::v1::Event>) {
     let mut op = OperatorServiceClient::new(channel);
     let status = op
         .status(StatusRequest { linearizable: true })
@@ -200,8 +199,15 @@ async fn catalog_view(channel: Channel) -> (Vec<String>, Vec<(u64, String)>) {
         .into_inner();
     (
         status.nodes.into_iter().map(|n| n.name).collect(),
-        events.events.into_iter().map(|e| (e.seq, e.node)).collect(),
+        events.events,
     )
+}
+
+/// The registered nodes and the event log as (seq, node). The leader's own decisions about
+/// psql1 may add events meanwhile; a refused call must add no node and no event naming another.
+async fn catalog_view(channel: Channel) -> (Vec<String>, Vec<(u64, String)>) {
+    let (nodes, events) = nodes_and_events(channel).await;
+    (nodes, events.into_iter().map(|e| (e.seq, e.node)).collect())
 }
 
 fn join_request(token: &str, node: &str, csr_pem: &str) -> JoinRequest {
@@ -681,24 +687,10 @@ async fn monitor_certificates_and_the_ca_rotate_without_a_failed_call() {
 /// The registered nodes and every event about registrations and certificates, as text: what a
 /// refused call must leave as it was (the leader's own decisions add other events meanwhile).
 async fn registrations(channel: Channel) -> (Vec<String>, Vec<String>) {
-    let mut op = OperatorServiceClient::new(channel);
-    let status = op
-        .status(StatusRequest { linearizable: true })
-        .await
-        .unwrap()
-        .into_inner();
-    let events = op
-        .events(EventsRequest {
-            after_seq: 0,
-            limit: 10_000,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (nodes, events) = nodes_and_events(channel).await;
     (
-        status.nodes.into_iter().map(|n| n.name).collect(),
+        nodes,
         events
-            .events
             .into_iter()
             .filter(|e| e.kind.starts_with("certificate_") || e.kind.starts_with("node_r"))
             .map(|e| format!("{} {} {}", e.seq, e.kind, e.message))

@@ -887,6 +887,29 @@ settings = {{ shared_buffers = "16MB", max_connections = "100" }}
             .unwrap_or_default()
     }
 
+    /// Asserts that nothing failed over since event `after_seq`: `primary` is still the
+    /// primary at `epoch`, `standby` still streams, and no failover or promotion event came.
+    /// Returns every event, for further checks.
+    pub async fn assert_no_failover_since(
+        &self,
+        primary: &str,
+        epoch: u64,
+        standby: &str,
+        after_seq: u64,
+    ) -> Vec<v1::Event> {
+        let s = self.status().await;
+        assert_eq!(primary_of(&s), Some(primary));
+        assert_eq!(group(&s).unwrap().epoch, epoch, "the epoch did not move");
+        assert!(streaming(&s, standby), "{standby} still streams: {s:#?}");
+        let events = self.events().await;
+        let failovers: Vec<_> = events
+            .iter()
+            .filter(|e| e.seq > after_seq && matches!(e.kind.as_str(), "failover" | "promoted"))
+            .collect();
+        assert!(failovers.is_empty(), "failovers: {failovers:#?}");
+        events
+    }
+
     async fn events_text(&self) -> String {
         self.events()
             .await

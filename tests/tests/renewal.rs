@@ -113,16 +113,9 @@ async fn nodes_renew_their_certificates_and_keep_working_past_the_old_ones_expir
     cluster.start_monitor(leader);
 
     // No failover, still synchronous, one renewal event per node at least.
-    let s = cluster.status().await;
-    assert_eq!(primary_of(&s), Some(primary.as_str()));
-    assert_eq!(group(&s).unwrap().epoch, epoch, "the epoch did not move");
-    assert!(streaming(&s, standby), "{standby} still streams: {s:#?}");
-    let events = cluster.events().await;
-    let failovers: Vec<_> = events
-        .iter()
-        .filter(|e| e.seq > last_event && matches!(e.kind.as_str(), "failover" | "promoted"))
-        .collect();
-    assert!(failovers.is_empty(), "failovers: {failovers:#?}");
+    let events = cluster
+        .assert_no_failover_since(&primary, epoch, standby, last_event)
+        .await;
     for n in &names {
         assert!(
             events
