@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use ha_pki::CertInfo;
-use ha_tests::cluster::{Cluster, group, node, primary_of, streaming};
+use ha_tests::cluster::{Cluster, group, node, primary_of};
 use tokio::time::Instant;
 
 const LIFETIME: Duration = Duration::from_secs(40);

@@ -25,7 +25,7 @@ use ha_pki::{ClientTls, Role};
 use ha_proto::v1::agent_service_client::AgentServiceClient;
 use ha_proto::v1::operator_service_client::OperatorServiceClient;
 use ha_proto::v1::{self, JoinRequest, StatusRequest};
-use ha_tests::cluster::{Cluster, group, node, primary_of, streaming};
+use ha_tests::cluster::{Cluster, group, node, primary_of};
 use ha_tests::drill;
 use ha_tests::pki::PgClientTls;
 use ha_tests::writer::Writer;
