@@ -66,7 +66,8 @@ pub enum PkiCmd {
     /// Issue NAME.pem and NAME.key (0600) signed by the CA in DIR.
     Issue {
         name: String,
-        /// monitor, postgres, ejabberd or operator.
+        /// monitor, postgres, ejabberd, operator, or observer (read-only: `status` and
+        /// `events`, for monitoring).
         #[arg(long)]
         role: String,
         /// Extra DNS name or IP address the holder serves under (repeatable).

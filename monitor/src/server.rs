@@ -153,6 +153,8 @@ enum Security {
 #[derive(Debug, Clone, Copy)]
 enum Caller<'a> {
     Operator,
+    /// An operator or an observer: reads that change nothing (status, events).
+    Reader,
     /// The agent of this node.
     Node(&'a str),
     /// The monitor with this Raft id.
@@ -331,6 +333,9 @@ impl Monitor {
             Caller::Operator if peer.role() != Role::Operator => {
                 refused(format!("{peer} is not an operator certificate"))
             }
+            Caller::Reader if !matches!(peer.role(), Role::Operator | Role::Observer) => refused(
+                format!("{peer} is neither an operator nor an observer certificate"),
+            ),
             Caller::Node(_) if !peer.role().is_node() => {
                 refused(format!("{peer} is not a node agent certificate"))
             }
@@ -918,7 +923,7 @@ impl operator_service_server::OperatorService for OperatorApi {
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
         self.0
-            .authorize(&request, "OperatorService/Status", Caller::Operator)?;
+            .authorize(&request, "OperatorService/Status", Caller::Reader)?;
         let m = &self.0;
         let (catalog, stale) = if request.into_inner().linearizable {
             m.require_leader()?;
@@ -934,7 +939,7 @@ impl operator_service_server::OperatorService for OperatorApi {
         request: Request<v1::EventsRequest>,
     ) -> Result<Response<v1::EventsResponse>, Status> {
         self.0
-            .authorize(&request, "OperatorService/Events", Caller::Operator)?;
+            .authorize(&request, "OperatorService/Events", Caller::Reader)?;
         let req = request.into_inner();
         let limit = if req.limit == 0 {
             usize::MAX
@@ -957,7 +962,7 @@ impl operator_service_server::OperatorService for OperatorApi {
         request: Request<v1::EventsRequest>,
     ) -> Result<Response<Self::FollowEventsStream>, Status> {
         self.0
-            .authorize(&request, "OperatorService/FollowEvents", Caller::Operator)?;
+            .authorize(&request, "OperatorService/FollowEvents", Caller::Reader)?;
         let slot = self.0.streams.open(
             "OperatorService/FollowEvents",
             caller(&request),

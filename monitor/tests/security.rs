@@ -19,7 +19,7 @@ use ha_proto::v1::peer_service_client::PeerServiceClient;
 use ha_proto::v1::{
     CreateJoinTokenRequest, Endpoint, EventsRequest, JoinRequest, NodeKind, ObservedState,
     RaftBatch, RemoveNodeRequest, RenewRequest, ReportRequest, RevokeCertificateRequest,
-    StatusRequest, SwitchoverRequest, WatchGoalRequest,
+    SetMaintenanceRequest, StatusRequest, SwitchoverRequest, WatchGoalRequest,
 };
 use ha_tests::{ChildGuard, free_port};
 use tokio::time::Instant;
@@ -981,4 +981,106 @@ async fn renewal_keeps_the_identity_and_a_removed_nodes_certificates_are_refused
         .report(report("psql1"))
         .await
         .unwrap();
+}
+
+/// An observer certificate reads the status and the events (also as a stream) and is refused
+/// every call that changes something, each with PERMISSION_DENIED naming it, and nothing
+/// changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_reads_and_changes_nothing() {
+    let cluster = Cluster::start();
+    let operator = cluster.client("alice", &cluster.ca, Role::Operator, "alice");
+    let leader = cluster.leader(&operator).await;
+    let mut op = OperatorServiceClient::new(cluster.channel(leader, &operator));
+    token(&mut op, "t-observer-setup", "psql1", 3_600_000).await;
+    let before = catalog_view(cluster.channel(leader, &operator)).await;
+
+    let observer = cluster.client("grafana", &cluster.ca, Role::Observer, "grafana");
+    let mut obs = OperatorServiceClient::new(cluster.channel(leader, &observer));
+    let status = obs
+        .status(StatusRequest { linearizable: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.answered_by, leader);
+    let events = obs
+        .events(EventsRequest {
+            after_seq: 0,
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(!events.is_empty(), "the token creation is an event");
+    let mut stream = obs
+        .follow_events(EventsRequest {
+            after_seq: 0,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(DEADLINE, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.seq, events[0].seq);
+    drop(stream);
+
+    let refused = "observer/grafana is not an operator certificate";
+    assert_refused(
+        "an observer's switchover",
+        obs.switchover(SwitchoverRequest {
+            request_id: "obs-1".into(),
+            group: "main".into(),
+            to_node: String::new(),
+        })
+        .await,
+        Code::PermissionDenied,
+        refused,
+    );
+    assert_refused(
+        "an observer's maintenance",
+        obs.set_maintenance(SetMaintenanceRequest {
+            request_id: "obs-2".into(),
+            node: "psql1".into(),
+            enabled: true,
+        })
+        .await,
+        Code::PermissionDenied,
+        refused,
+    );
+    assert_refused(
+        "an observer's join token",
+        obs.create_join_token(token_request("obs-3", "psql2", 60_000))
+            .await,
+        Code::PermissionDenied,
+        refused,
+    );
+    assert_refused(
+        "an observer's node removal",
+        obs.remove_node(RemoveNodeRequest {
+            request_id: "obs-4".into(),
+            node: "psql1".into(),
+        })
+        .await,
+        Code::PermissionDenied,
+        refused,
+    );
+    // Nor is an observer a node or a monitor.
+    assert_refused(
+        "an observer reporting for a node",
+        AgentServiceClient::new(cluster.channel(leader, &observer))
+            .report(report("grafana"))
+            .await,
+        Code::PermissionDenied,
+        "not a node agent certificate",
+    );
+    assert_eq!(
+        catalog_view(cluster.channel(leader, &operator)).await,
+        before,
+        "nothing changed"
+    );
 }

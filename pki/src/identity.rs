@@ -53,14 +53,18 @@ pub enum Role {
     Ejabberd,
     /// A person (or script) running `haclt` operator commands.
     Operator,
+    /// Read-only: the cluster's status and events (monitoring, application lookups), nothing
+    /// that changes it.
+    Observer,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [
+    pub const ALL: [Role; 5] = [
         Role::Monitor,
         Role::Postgres,
         Role::Ejabberd,
         Role::Operator,
+        Role::Observer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +73,7 @@ impl Role {
             Role::Postgres => "postgres",
             Role::Ejabberd => "ejabberd",
             Role::Operator => "operator",
+            Role::Observer => "observer",
         }
     }
 
