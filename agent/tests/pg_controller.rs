@@ -1,7 +1,7 @@
 //! The PostgreSQL controller against real PostgreSQL 15 servers run as the `postgres` user on
 //! loopback: bootstrap, standbys, quorum synchronous replication, failover with fencing, rewind
 //! and its base-backup fallback (also for a base backup that never started), crash detection
-//! and the restart limit.
+//! and the restart limit; symbolic links planted by the `postgres` user are never followed.
 //!
 //! Every server lives under one temporary directory ([`PgScratch`]), which stops every postmaster
 //! it knows (by PID) before the directory is removed, even on panic.
@@ -714,4 +714,110 @@ async fn only_the_agent_logs_in_as_the_superuser_over_the_socket() {
         "the server's own OS user: {}",
         String::from_utf8_lossy(&server.stderr)
     );
+}
+
+/// A local `postgres` user owns the data directory and its parent (as in Debian's layout) and
+/// plants symbolic links to root's files where the root agent writes: the managed settings
+/// file, the server log, the data directory itself. Each is refused or replaced without
+/// touching the target: no content, owner or mode of root's files changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_postgres_user_cannot_turn_the_root_agent_against_the_host() {
+    use std::os::unix::fs::MetadataExt as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut h = Harness::new();
+    let mut a = h.node("a", |_| {});
+    a.ctl.bootstrap(&SyncConfig::default()).await.unwrap();
+    h.scratch.saw_postmaster(a.ctl.postmaster_pid().unwrap());
+
+    // Root's files, out of the postgres user's reach.
+    let root_only = tempfile::tempdir().unwrap();
+    let victim = root_only.path().join("shadow");
+    std::fs::write(&victim, "root only\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let victim_dir = root_only.path().join("etc");
+    std::fs::create_dir(&victim_dir).unwrap();
+    std::fs::write(victim_dir.join("passwd"), "root:x:0:0\n").unwrap();
+    std::fs::set_permissions(&victim_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let untouched = || {
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root only\n");
+        let m = std::fs::metadata(&victim).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o600));
+        assert_eq!(
+            std::fs::read_to_string(victim_dir.join("passwd")).unwrap(),
+            "root:x:0:0\n"
+        );
+        let m = std::fs::metadata(&victim_dir).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o755));
+    };
+    let as_postgres = |script: &str| {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", "sh", "-c", script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let data = a.ctl.config().data_dir.clone();
+    let log = a.ctl.config().log_file.clone();
+
+    // 1. The managed settings file, and the fixed temporary name earlier versions wrote
+    // through, are links to root's file: the write replaces the link and follows neither.
+    let managed = data.join("postgresql.ha.conf");
+    as_postgres(&format!(
+        "ln -sfn '{v}' '{m}' && ln -sfn '{v}' '{m}.ha-tmp'",
+        v = victim.display(),
+        m = managed.display()
+    ));
+    a.ctl
+        .set_synchronous(&SyncConfig {
+            standbys: vec![NodeId::new("b").unwrap()],
+            quorum: 1,
+        })
+        .await
+        .unwrap();
+    untouched();
+    assert!(
+        !managed.is_symlink(),
+        "the link was replaced by the agent's file"
+    );
+    let m = std::fs::metadata(&managed).unwrap();
+    assert_ne!(m.uid(), 0, "the managed file belongs to the server's user");
+    assert!(
+        std::fs::read_to_string(&managed)
+            .unwrap()
+            .contains("synchronous_standby_names"),
+        "the agent's settings are in place"
+    );
+
+    // 2. The server log is a link to root's file: the start is refused, naming the link.
+    a.ctl.stop(ha_agent::pg::StopMode::Fast).await.unwrap();
+    as_postgres(&format!(
+        "rm -f '{}' && ln -s '{}' '{}'",
+        log.display(),
+        victim.display(),
+        log.display()
+    ));
+    let err = a.ctl.start().await.expect_err("a linked server log");
+    assert!(matches!(err, PgError::File(_)), "{err:?}");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    untouched();
+
+    // 3. The data directory itself is a link to root's directory: a new cluster is refused
+    // before anything in it is removed, chmodded or given away.
+    as_postgres(&format!(
+        "rm -f '{log}' && mv '{d}' '{d}.real' && ln -s '{v}' '{d}'",
+        log = log.display(),
+        d = data.display(),
+        v = victim_dir.display()
+    ));
+    let err = a
+        .ctl
+        .bootstrap(&SyncConfig::default())
+        .await
+        .expect_err("a linked data directory");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    untouched();
 }

@@ -16,7 +16,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Metadata key carrying the sender's incarnation on peer calls (and the receiver's own in
@@ -41,6 +40,8 @@ const SEEN_FILE: &str = "peer-incarnations.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IncarnationError {
+    #[error(transparent)]
+    Write(#[from] ha_files::FileError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -58,15 +59,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IncarnationError + '_ {
 }
 
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), IncarnationError> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, &path).map_err(io(&path))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    ha_files::write(&dir.join(name), bytes, ha_files::WriteOptions::mode(0o600))?;
+    Ok(())
 }
 
 /// This monitor's incarnation and what it has seen of its peers.

@@ -1,17 +1,15 @@
 //! Reading and writing key and certificate files.
 //!
-//! Invariants: a private key is only ever written with mode 0600, atomically (temporary file in
-//! the same directory, fsync, rename, fsync of the directory), so a crash leaves either the old
-//! or the new key, never a torn or briefly world-readable one; and a key is only ever read from a
+//! Invariants: a private key is only ever written with mode 0600, atomically and never through
+//! a symbolic link (`ha_files`), so a crash leaves either the old or the new key, never a torn
+//! or briefly world-readable one; and a key is only ever read from a
 //! file that neither group nor others can access, checked on the opened file itself so the check
 //! and the read see the same inode.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-
-use rand::Rng;
 
 /// Mode of private key files.
 pub const KEY_FILE_MODE: u32 = 0o600;
@@ -31,6 +29,8 @@ pub enum FileError {
     InsecurePermissions { path: PathBuf, mode: u32 },
     #[error("{path}: not UTF-8 text (expected PEM)")]
     NotText { path: PathBuf },
+    #[error(transparent)]
+    Write(ha_files::FileError),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
@@ -92,42 +92,7 @@ pub fn read_public_file(path: &Path) -> Result<String, FileError> {
 }
 
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), FileError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| FileError::Io {
-            path: path.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-        })?
-        .to_string_lossy();
-    let tmp = dir.join(format!(
-        ".{file_name}.tmp.{}.{:016x}",
-        std::process::id(),
-        rand::rng().random::<u64>()
-    ));
-    let result = (|| {
-        // create_new + mode: the temporary file never exists with wider permissions.
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io_error(&tmp))?;
-        file.write_all(contents).map_err(io_error(&tmp))?;
-        file.sync_all().map_err(io_error(&tmp))?;
-        fs::rename(&tmp, path).map_err(io_error(path))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error(dir))
-    })();
-    if result.is_err() {
-        // Best effort: the temporary file is useless once the write failed.
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    ha_files::write(path, contents, ha_files::WriteOptions::mode(mode)).map_err(FileError::Write)
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@
 //! (written beside, then renamed), so a reader never sees half a file.
 
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -44,12 +43,10 @@ pub fn record_path(material: &Material<'_>, node: &str) -> PathBuf {
 }
 
 /// Replaces the record at `path` atomically.
-pub fn write_record(path: &Path, programs: &[ProgramRecord]) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(&serde_json::to_vec_pretty(programs).map_err(std::io::Error::other)?)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)
+pub fn write_record(path: &Path, programs: &[ProgramRecord]) -> Result<(), ha_files::FileError> {
+    let json = serde_json::to_vec_pretty(programs)
+        .expect("the records hold only strings, numbers and enums, which always serialize");
+    ha_files::write(path, &json, ha_files::WriteOptions::mode(0o644))
 }
 
 /// Milliseconds since the Unix epoch.

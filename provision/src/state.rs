@@ -6,8 +6,7 @@
 //! tolerates recorded resources that are already gone. The file is replaced atomically (write
 //! a temp file, fsync, rename, fsync the directory) and never holds a resource twice.
 
-use std::fs::{self, File};
-use std::io::Write as _;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +28,9 @@ pub enum StateError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The file could not be replaced (the old one is unchanged).
+    #[error(transparent)]
+    Write(#[from] ha_files::FileError),
     /// The file is not valid JSON of the expected shape.
     #[error("state file {path} is corrupt: {source}")]
     Corrupt {
@@ -274,17 +276,13 @@ impl StateFile {
             move |source| StateError::Io { path, source }
         };
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let path = self.dir.join(FILE_NAME);
-        let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
         let json = serde_json::to_vec_pretty(&self.state)
             .expect("the state holds only strings, paths and enums, which always serialize");
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&json).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))?;
+        ha_files::write(
+            &self.dir.join(FILE_NAME),
+            &json,
+            ha_files::WriteOptions::mode(0o644),
+        )?;
         Ok(())
     }
 }

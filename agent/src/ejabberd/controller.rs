@@ -36,7 +36,6 @@ use tracing::{info, warn};
 
 use super::config::{self, ConfigError, DbParams, SqlSettings, SqlTarget};
 use super::erl::{self, ErlError, ErlNode};
-use super::files::{self, WriteError};
 
 /// One step of an apply, for timings and errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +101,7 @@ pub enum ControllerError {
         detail: String,
     },
     #[error(transparent)]
-    Write(#[from] WriteError),
+    Write(#[from] ha_files::FileError),
     #[error("{step}: {source}")]
     Erl {
         step: Step,
@@ -1132,7 +1131,8 @@ fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 async fn replace(path: PathBuf, text: String) -> Result<(), ControllerError> {
-    tokio::task::spawn_blocking(move || files::replace_file(&path, text.as_bytes())).await??;
+    tokio::task::spawn_blocking(move || ha_files::replace_keeping_owner(&path, text.as_bytes()))
+        .await??;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! The ejabberd side of the agent: keep ejabberd's SQL storage on the current primary.
 //!
 //! - [`config`]: pure, line-preserving rewrite of `sql_server` / `sql_port` in `ejabberd.yml`.
-//! - [`files`]: atomic replacement of the file keeping owner, group and mode.
+//! - the file is replaced atomically keeping owner, group and mode, never through a link (`ha_files`).
 //! - [`erl`]: expressions evaluated in the ejabberd node through `erl_call`.
 //! - [`controller`]: [`EjabberdController::apply`] rewrites, reloads, restarts the SQL pools and
 //!   proves with an uncached write that ejabberd now writes to the target; the last good copy
@@ -15,7 +15,6 @@
 pub mod config;
 pub mod controller;
 pub mod erl;
-pub mod files;
 pub mod instance;
 
 pub use config::{ConfigError, SqlSettings, SqlTarget, rewrite};

@@ -2,19 +2,18 @@
 //! owns, and the parsed output of `pg_controldata`.
 //!
 //! Invariants: a file the agent writes is either its old or its new content after a crash
-//! (temp file, fsync, rename, fsync of the directory) and belongs to the PostgreSQL OS user.
+//! and belongs to the PostgreSQL OS user; no write, chmod or chown follows a symbolic link the
+//! `postgres` user could have planted (all through `ha_files`).
 //! A bootstrap or base backup in progress is marked by a sibling file created before the data
 //! directory is touched and removed only once the result is complete and configured, so an
 //! interrupted one is seen as [`DataDirState::Partial`] and redone, never started.
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
+use ha_files::WriteOptions;
 use ha_proto::{Lsn, Timeline};
-use nix::unistd::{Gid, Uid};
 
 use super::PgError;
 
@@ -60,38 +59,17 @@ pub fn has_cluster(data_dir: &Path) -> bool {
     data_dir.join("PG_VERSION").is_file() && data_dir.join("global/pg_control").is_file()
 }
 
-/// Who owns the files the agent writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Owner {
-    pub uid: Uid,
-    pub gid: Gid,
-}
+pub use ha_files::Owner;
 
-/// Writes `contents` to `path` atomically with mode 0600, owned by `owner`.
+/// Writes `contents` to `path` atomically with mode 0600, owned by `owner` (see `ha_files`:
+/// nothing in the data directory is followed through a symbolic link).
 pub fn write_atomic(path: &Path, contents: &str, owner: Owner) -> Result<(), PgError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".ha-tmp");
-    let tmp = path.with_file_name(tmp_name);
-    let io = |what: &'static str, p: &Path| {
-        let p = p.to_owned();
-        move |e| PgError::io(what, &p, e)
-    };
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io("creating", &tmp))?;
-    f.write_all(contents.as_bytes())
-        .map_err(io("writing", &tmp))?;
-    f.sync_all().map_err(io("syncing", &tmp))?;
-    drop(f);
-    std::os::unix::fs::chown(&tmp, Some(owner.uid.as_raw()), Some(owner.gid.as_raw()))
-        .map_err(io("changing the owner of", &tmp))?;
-    fs::rename(&tmp, path).map_err(io("renaming into", path))?;
-    sync_dir(dir)
+    ha_files::write(
+        path,
+        contents.as_bytes(),
+        WriteOptions::mode(0o600).owned_by(owner),
+    )
+    .map_err(PgError::File)
 }
 
 /// Reads a file the agent may have written, `None` when absent.
@@ -104,54 +82,41 @@ pub fn read_optional(path: &Path) -> Result<Option<String>, PgError> {
 }
 
 pub fn remove_optional(path: &Path) -> Result<(), PgError> {
-    match fs::remove_file(path) {
-        Ok(()) => sync_dir(path.parent().unwrap_or(Path::new("."))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(PgError::io("removing", path, e)),
-    }
+    ha_files::remove(path).map(drop).map_err(PgError::File)
 }
 
 pub fn sync_dir(dir: &Path) -> Result<(), PgError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| PgError::io("syncing directory", dir, e))
+    ha_files::sync_dir(dir).map_err(PgError::File)
 }
 
 /// Makes `dir` exist, empty, mode 0700 and owned by `owner` (keeping the directory itself, which
 /// may be a mount point).
 pub fn reset_dir(dir: &Path, owner: Owner) -> Result<(), PgError> {
-    match fs::read_dir(dir) {
-        Ok(entries) => {
-            for entry in entries {
-                let entry = entry.map_err(|e| PgError::io("listing", dir, e))?;
-                let p = entry.path();
-                let is_dir = entry
-                    .file_type()
-                    .map_err(|e| PgError::io("inspecting", &p, e))?
-                    .is_dir();
-                let r = if is_dir {
-                    fs::remove_dir_all(&p)
-                } else {
-                    fs::remove_file(&p)
-                };
-                r.map_err(|e| PgError::io("removing", &p, e))?;
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::create_dir_all(dir).map_err(|e| PgError::io("creating", dir, e))?;
-        }
-        Err(e) => return Err(PgError::io("listing", dir, e)),
+    // Refuses a symbolic link before anything is listed or removed through it.
+    prepare_dir(dir, owner)?;
+    let entries = fs::read_dir(dir).map_err(|e| PgError::io("listing", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| PgError::io("listing", dir, e))?;
+        let p = entry.path();
+        let is_dir = entry
+            .file_type()
+            .map_err(|e| PgError::io("inspecting", &p, e))?
+            .is_dir();
+        // Neither removal follows a symbolic link inside the directory.
+        let r = if is_dir {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
+        r.map_err(|e| PgError::io("removing", &p, e))?;
     }
-    prepare_dir(dir, owner)
+    Ok(())
 }
 
-/// Creates `dir` when needed and gives it to `owner` with mode 0700.
+/// Creates `dir` when needed and gives it to `owner` with mode 0700, on the opened directory:
+/// a symbolic link there is refused.
 pub fn prepare_dir(dir: &Path, owner: Owner) -> Result<(), PgError> {
-    fs::create_dir_all(dir).map_err(|e| PgError::io("creating", dir, e))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(|e| PgError::io("setting permissions of", dir, e))?;
-    std::os::unix::fs::chown(dir, Some(owner.uid.as_raw()), Some(owner.gid.as_raw()))
-        .map_err(|e| PgError::io("changing the owner of", dir, e))
+    ha_files::prepare_dir(dir, 0o700, Some(owner)).map_err(PgError::File)
 }
 
 /// `Database cluster state` from `pg_controldata`.
@@ -262,8 +227,8 @@ mod tests {
         fs::write(incomplete_marker(&data), "").unwrap();
         assert_eq!(inspect(&data).unwrap(), DataDirState::Partial);
         let me = Owner {
-            uid: nix::unistd::geteuid(),
-            gid: nix::unistd::getegid(),
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
         };
         reset_dir(&data, me).unwrap();
         assert_eq!(fs::read_dir(&data).unwrap().count(), 0);

@@ -41,6 +41,8 @@ pub enum PgError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    File(#[from] ha_files::FileError),
     #[error("OS user {user:?}: {reason}")]
     User { user: String, reason: String },
     #[error("{tool} failed ({status}): {stderr}")]

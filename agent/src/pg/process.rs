@@ -48,8 +48,8 @@ impl RunAs {
         }
         Ok(Self {
             owner: Owner {
-                uid: found.uid,
-                gid: found.gid,
+                uid: found.uid.as_raw(),
+                gid: found.gid.as_raw(),
             },
             switch: me != found.uid,
         })
@@ -64,8 +64,7 @@ impl RunAs {
             .current_dir("/")
             .stdin(Stdio::null());
         if self.switch {
-            cmd.uid(self.owner.uid.as_raw())
-                .gid(self.owner.gid.as_raw());
+            cmd.uid(self.owner.uid).gid(self.owner.gid);
         }
         cmd
     }
@@ -141,11 +140,8 @@ impl Postmaster {
         data_dir: &Path,
         log_file: &Path,
     ) -> Result<Self, PgError> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_file)
-            .map_err(|e| PgError::io("opening the server log", log_file, e))?;
+        // The agent may be root and the log's directory the postgres user's: no link followed.
+        let log = ha_files::open_append(log_file, 0o600)?;
         let log2 = log
             .try_clone()
             .map_err(|e| PgError::io("opening the server log", log_file, e))?;

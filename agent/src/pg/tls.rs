@@ -109,8 +109,8 @@ mod tests {
 
     fn me() -> Owner {
         Owner {
-            uid: nix::unistd::geteuid(),
-            gid: nix::unistd::getegid(),
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
         }
     }
 

@@ -118,10 +118,9 @@ impl LeaseRecord {
     fn try_store(&self, end: Instant) -> Result<(), String> {
         let (boot, now) = boot_clock()?;
         let left = end.saturating_duration_since(Instant::now()).as_nanos();
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, format!("{boot} {}\n", now + left))
-            .and_then(|()| std::fs::rename(&tmp, &self.path))
-            .map_err(|e| e.to_string())
+        let record = format!("{boot} {}\n", now + left);
+        let options = ha_files::WriteOptions::mode(0o600).not_durable();
+        ha_files::write(&self.path, record.as_bytes(), options).map_err(|e| e.to_string())
     }
 
     /// When the lease recorded by a previous run ends, as seen from `now`: `now` itself when

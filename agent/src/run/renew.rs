@@ -12,7 +12,7 @@
 //! certificate matches the pending key, the key is put in place; otherwise the pending key is
 //! deleted (the old pair is still whole).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -43,7 +43,7 @@ pub fn due(info: &CertInfo) -> SystemTime {
 }
 
 /// Finishes or undoes a renewal a crash interrupted (see the module documentation).
-pub fn recover(files: &TlsFiles, me: &PeerIdentity) -> std::io::Result<()> {
+pub fn recover(files: &TlsFiles, me: &PeerIdentity) -> Result<(), ha_files::FileError> {
     let pending = pending_key(files);
     if !pending.exists() {
         return Ok(());
@@ -54,18 +54,11 @@ pub fn recover(files: &TlsFiles, me: &PeerIdentity) -> std::io::Result<()> {
     };
     if ClientTls::load_checked(candidate, me.clone()).is_ok() {
         warn!(key = %files.key.display(), "an interrupted certificate renewal is completed: the new key is put in place");
-        replace(&pending, &files.key)
+        ha_files::rename(&pending, &files.key)
     } else {
         warn!(key = %pending.display(), "an interrupted certificate renewal is undone: the pending key is deleted");
-        std::fs::remove_file(&pending)
+        ha_files::remove(&pending).map(drop)
     }
-}
-
-/// Renames `from` over `to` and makes the rename durable.
-fn replace(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::rename(from, to)?;
-    let dir = to.parent().unwrap_or(Path::new("."));
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Renews the certificate in `files` whenever it is due, until `shutdown`. `link` is the client
@@ -169,7 +162,7 @@ async fn renew(
     ha_pki::write_key_file(&pending, key_pem.as_bytes()).map_err(|e| e.to_string())?;
     ha_pki::write_public_file(&files.cert, answer.certificate_pem.as_bytes())
         .map_err(|e| e.to_string())?;
-    replace(&pending, &files.key).map_err(|e| format!("{}: {e}", files.key.display()))?;
+    ha_files::rename(&pending, &files.key).map_err(|e| e.to_string())?;
     if let Err(e) = link.reload() {
         // The reload watcher tries again when the files change; the old link stays meanwhile.
         warn!(%node, error = %e, "the monitor link did not take the renewed certificate yet");
@@ -182,6 +175,7 @@ async fn renew(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn due_two_thirds_into_the_lifetime_from_signing() {

@@ -6,7 +6,6 @@
 //! forget an epoch it acted upon. The file carries a magic, a version and a SHA-256 checksum; a
 //! corrupt or unknown file is an error, never silently read as "epoch 0".
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use ha_proto::Epoch;
@@ -29,6 +28,8 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Write(#[from] ha_files::FileError),
     #[error("state file {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
@@ -137,20 +138,14 @@ impl StateFile {
         }
     }
 
-    /// Replaces the state durably: temp file, fsync, rename, fsync of the directory.
+    /// Replaces the state durably (`ha_files`: atomic, fsynced, no link followed).
     pub fn store(&self, state: &AgentState) -> Result<(), StateError> {
         std::fs::create_dir_all(&self.dir).map_err(Self::io("creating", &self.dir))?;
-        let path = self.path();
-        let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
-        let mut f = std::fs::File::create(&tmp).map_err(Self::io("creating", &tmp))?;
-        f.write_all(&state.encode())
-            .map_err(Self::io("writing", &tmp))?;
-        f.sync_all().map_err(Self::io("syncing", &tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(Self::io("renaming", &tmp))?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(Self::io("syncing", &self.dir))?;
+        ha_files::write(
+            &self.path(),
+            &state.encode(),
+            ha_files::WriteOptions::mode(0o600),
+        )?;
         Ok(())
     }
 }
