@@ -42,6 +42,9 @@ use crate::identity::{IdentityError, PeerIdentity};
 
 /// ALPN for gRPC (HTTP/2 only).
 const ALPN_H2: &[u8] = b"h2";
+/// Also offered by servers, after HTTP/2: the agent port answers health checks of load
+/// balancers that speak HTTP/1.1 only (servers without HTTP/1.1 refuse its requests).
+const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 /// Errors loading TLS material.
 #[derive(Debug, thiserror::Error)]
@@ -303,7 +306,7 @@ fn build_server_config(
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(m.chain, m.key)?;
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
     Ok((Arc::new(config), m.identity))
 }
 

@@ -74,6 +74,8 @@ pub struct ClusterBuilder {
     plaintext: bool,
     /// The monitors' `tls.node_certificate_lifetime` (their default when `None`).
     node_certificate_lifetime: Option<Duration>,
+    /// Every PostgreSQL agent serves the agent port ([`ClusterBuilder::agent_ports`]).
+    agent_ports: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -85,6 +87,7 @@ impl Default for ClusterBuilder {
             hba: Vec::new(),
             plaintext: false,
             node_certificate_lifetime: None,
+            agent_ports: false,
         }
     }
 }
@@ -132,6 +135,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Every PostgreSQL agent serves the agent port (`listen`, mutual TLS) on a loopback port
+    /// of its own ([`PgNode::agent_port`]): the vouches and the health endpoints.
+    pub fn agent_ports(mut self) -> Self {
+        self.agent_ports = true;
+        self
+    }
+
     /// Starts the monitors, waits for a leader, starts `psql1` and waits for it to be primary
     /// (creating the drill tables), then starts the others and waits until the cluster is
     /// converged ([`Cluster::wait_converged`]).
@@ -159,7 +169,8 @@ impl ClusterBuilder {
             .iter()
             .map(|name| {
                 let allow_drills = !self.drills_refused.contains(name);
-                PgNode::new(root.path(), name, allow_drills)
+                let agent_port = (self.agent_ports && tls.is_some()).then(free_port);
+                PgNode::new(root.path(), name, allow_drills, agent_port)
             })
             .collect();
         let mut cluster = Cluster {
@@ -227,12 +238,14 @@ pub struct PgNode {
     pub socket_dir: PathBuf,
     pub data_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// The agent port on loopback, when the cluster has them ([`ClusterBuilder::agent_ports`]).
+    pub agent_port: Option<u16>,
     allow_drills: bool,
     agent: Option<ChildGuard>,
 }
 
 impl PgNode {
-    fn new(root: &Path, name: &str, allow_drills: bool) -> Self {
+    fn new(root: &Path, name: &str, allow_drills: bool, agent_port: Option<u16>) -> Self {
         let dir = root.join(name);
         Self {
             name: name.to_owned(),
@@ -240,6 +253,7 @@ impl PgNode {
             data_dir: dir.join("data"),
             socket_dir: dir,
             state_dir: root.join(format!("{name}-state")),
+            agent_port,
             allow_drills,
             agent: None,
         }
@@ -547,7 +561,7 @@ monitors = [{monitors}]
 join_token_file = "{token}"
 state_dir = "{state}"
 allow_drills = {allow_drills}
-{security}
+{listen}{security}
 [postgres]
 data_dir = "{data}"
 port = {port}
@@ -568,6 +582,10 @@ settings = {{ shared_buffers = "16MB", max_connections = "100" }}
             port = n.port,
             socket = n.socket_dir.display(),
             allow_drills = n.allow_drills,
+            listen = n
+                .agent_port
+                .map(|p| format!("listen = \"{LOOPBACK}:{p}\"\n"))
+                .unwrap_or_default(),
             extra_hba = self
                 .hba
                 .iter()

@@ -72,6 +72,9 @@ pub struct PgObservation {
     pub server_version: u32,
     /// The postmaster started less than [`RECENT_START`] ago.
     pub recently_started: bool,
+    /// Standby: bytes between the end of WAL its upstream last reported (`latest_end_lsn` of
+    /// the WAL receiver) and what it has replayed; `None` when not receiving.
+    pub lag_bytes: Option<u64>,
 }
 
 /// How long after its start a postmaster counts as just started: long enough for a standby's
@@ -96,6 +99,7 @@ impl PgObservation {
             upstream_node: None,
             server_version: 0,
             recently_started: false,
+            lag_bytes: None,
         }
     }
 
@@ -170,7 +174,7 @@ impl PgObservation {
                 .query_one(
                     "SELECT r.written_lsn::text, pg_last_wal_receive_lsn()::text, \
                      pg_last_wal_replay_lsn()::text, coalesce(r.status = 'streaming', false), \
-                     coalesce(r.received_tli, c.timeline_id)::bigint \
+                     coalesce(r.received_tli, c.timeline_id)::bigint, r.latest_end_lsn::text \
                      FROM pg_control_checkpoint() c LEFT JOIN pg_stat_wal_receiver r ON true",
                     &[],
                 )
@@ -181,6 +185,9 @@ impl PgObservation {
             obs.write_lsn = lsn(row.get(0))?.max(obs.flush_lsn);
             obs.streaming = row.get(3);
             obs.timeline = timeline(row.get(4));
+            obs.lag_bytes = lsn(row.get(5))?
+                .zip(obs.replay_lsn)
+                .map(|(end, replayed)| end.0.saturating_sub(replayed.0));
         } else {
             let row = client
                 .query_one(

@@ -15,6 +15,7 @@
 pub mod commit_check;
 pub mod drill;
 pub mod ejabberd;
+pub mod health;
 pub mod lease;
 pub mod monitors;
 pub mod renew;
@@ -50,6 +51,9 @@ const RETRY: Duration = Duration::from_millis(300);
 const TLS_RELOAD_POLL: Duration = Duration::from_secs(5);
 /// How long shutdown waits for a controller step in progress.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// The shortest staleness bound of the health endpoints (otherwise three report intervals): an
+/// observation or loop iteration older than that counts as unknown.
+const HEALTH_STALE_MIN: Duration = Duration::from_secs(2);
 
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -268,10 +272,10 @@ async fn run_postgres(
             port.map_err(|e| RunError::AgentPort(e.to_string()))?,
         );
         if let Some((listener, tls)) = f.listener {
-            let vouching = core.vouching();
+            let (vouching, health) = (core.vouching(), core.health());
             let stop = shutdown.child_token();
             tokio::spawn(async move {
-                if let Err(e) = vouch::serve(listener, tls, vouching, stop).await {
+                if let Err(e) = vouch::serve(listener, tls, vouching, health, stop).await {
                     error!(error = %e, "the agent port stopped: this node no longer vouches");
                 }
             });
@@ -446,6 +450,8 @@ pub struct Reconciler<L> {
     /// beside `last_error` for as long as it lasts (steps that succeed do not clear it).
     tls_error: Option<String>,
     observed: Option<v1::PostgresObservation>,
+    /// What the health endpoints of the agent port answer from.
+    health: health::Health,
     postmaster_pid: Option<i32>,
     lease: Lease,
     /// The lease's end kept across restarts, and the end inherited from the previous run
@@ -537,6 +543,10 @@ impl<L: MonitorLink> Reconciler<L> {
             last_error: String::new(),
             tls_error: None,
             observed: None,
+            health: health::Health::new(
+                cfg.node.as_str(),
+                (cfg.report_interval * 3).max(HEALTH_STALE_MIN),
+            ),
             postmaster_pid: None,
             lease: Lease::new(),
             lease_record,
@@ -584,6 +594,10 @@ impl<L: MonitorLink> Reconciler<L> {
         self.vouching.clone()
     }
 
+    pub fn health(&self) -> health::Health {
+        self.health.clone()
+    }
+
     pub fn commit_check(&self) -> commit_check::CommitCheck {
         self.commit_check.clone()
     }
@@ -603,9 +617,15 @@ impl<L: MonitorLink> Reconciler<L> {
     /// the lease of this run; before any report of this run is answered, what is left of the
     /// previous run's lease if PostgreSQL is found writable.
     pub fn lease_deadline(&self) -> Option<Instant> {
-        if let Some(p) = &self.paused {
-            return Some(p.until);
+        match &self.paused {
+            Some(p) => Some(p.until),
+            None => self.writable_until(),
         }
+    }
+
+    /// Until when PostgreSQL may accept writes by this agent's own rule (the lease or failsafe
+    /// of a writable goal, or the previous run's lease); `None` once fenced or without one.
+    fn writable_until(&self) -> Option<Instant> {
         if self.lease_fenced {
             return None;
         }
@@ -973,6 +993,7 @@ impl<L: MonitorLink> Reconciler<L> {
             } => {
                 self.postmaster_pid = postmaster_pid;
                 self.tls_error = tls_error;
+                self.health.observed(obs.as_ref().ok(), Instant::now());
                 match obs {
                     Ok(o) => {
                         let o = v1::PostgresObservation::from(&o);
@@ -1132,6 +1153,7 @@ pub async fn reconcile<L: MonitorLink>(
             jobs.send(job).await.map_err(|_| RunError::WorkerGone)?;
         }
         let deadline = core.lease_deadline();
+        core.health.tick(core.writable_until(), Instant::now());
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),

@@ -281,19 +281,25 @@ impl AgentPeerService for PeerApi {
     }
 }
 
-/// Serves the agent port on `listener` until `shutdown`: mutual TLS, node certificates only.
+/// Serves the agent port on `listener` until `shutdown`: mutual TLS; the vouches (gRPC, node
+/// certificates only) and the health endpoints (HTTP/1.1 or HTTP/2, any certificate of the
+/// cluster CA, [`super::health`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Arc<ServerTls>,
     vouching: Vouching,
+    health: super::health::Health,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let addr = listener
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
-    info!(%addr, "serving the agent port (vouches for the primary)");
+    info!(%addr, "serving the agent port (vouches for the primary, health endpoints)");
+    let grpc = tonic::service::Routes::new(AgentPeerServiceServer::new(PeerApi { vouching }));
+    let routes = super::health::add_routes(grpc.into_axum_router(), &health);
     Server::builder()
-        .add_service(AgentPeerServiceServer::new(PeerApi { vouching }))
+        .accept_http1(true)
+        .add_routes(routes.into())
         .serve_with_incoming_shutdown(ha_pki::tls_incoming(listener, tls), shutdown.cancelled())
         .await
         .map_err(|e| format!("agent port {addr}: {}", ha_pki::error_chain(&e)))

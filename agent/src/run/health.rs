@@ -1,0 +1,403 @@
+//! Health endpoints for load balancers, on the agent port (HTTP/1.1 or HTTP/2 over the same
+//! mutual TLS as the vouches: a client presents a certificate of the cluster CA, an `observer`
+//! one for a load balancer).
+//!
+//! Paths and status codes mean what Patroni's do, so an HAProxy configuration written for
+//! Patroni works unchanged (`option httpchk OPTIONS /primary`, `http-check expect status 200`);
+//! `GET`, `HEAD` and `OPTIONS` are answered alike, other methods get 405:
+//!
+//! | path | 200 when |
+//! |---|---|
+//! | `/primary`, `/master`, `/leader`, `/read-write` | PostgreSQL is a writable primary and this agent's lease (or failsafe) still runs |
+//! | `/replica` | a standby whose WAL receiver streams; with `?lag=N` (bytes, or `16MB`, `512kB`, ...) also at most that far behind its upstream |
+//! | `/read-only` | `/primary` or `/replica` would answer 200 (same `?lag=`) |
+//! | `/health` | PostgreSQL is running, whatever its role |
+//! | `/liveness` | the agent's reconcile loop ran within the staleness bound |
+//!
+//! Otherwise 503, with the same JSON body (role, state, writable, lease time left, timeline,
+//! streaming, lag). Invariants: a primary answers 503 on `/primary` from the instant its lease
+//! runs out, before the agent has fenced it; an observation older than the staleness bound
+//! counts as unknown (503 everywhere but `/liveness`), so a hung agent never keeps a node in a
+//! load balancer.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::response::Response;
+use tokio::time::Instant;
+
+use crate::pg::{PgObservation, ServerRole};
+
+/// What the endpoints answer from: the last observation and the lease, shared with the
+/// reconcile loop.
+#[derive(Debug, Clone)]
+pub struct Health {
+    node: String,
+    stale_after: Duration,
+    inner: Arc<Mutex<Seen>>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    observed: Option<(Instant, Observed)>,
+    /// When the lease (or failsafe) ends, as of the last loop iteration.
+    writable_until: Option<Instant>,
+    loop_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Observed {
+    role: &'static str,
+    writable: bool,
+    standby: bool,
+    streaming: bool,
+    timeline: Option<u32>,
+    lag_bytes: Option<u64>,
+}
+
+/// An endpoint of the table in the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Primary,
+    Replica,
+    ReadOnly,
+    Health,
+    Liveness,
+}
+
+impl Endpoint {
+    pub fn from_path(path: &str) -> Option<Self> {
+        match path {
+            "/primary" | "/master" | "/leader" | "/read-write" => Some(Self::Primary),
+            "/replica" => Some(Self::Replica),
+            "/read-only" => Some(Self::ReadOnly),
+            "/health" => Some(Self::Health),
+            "/liveness" => Some(Self::Liveness),
+            _ => None,
+        }
+    }
+}
+
+/// Parses a `lag` bound: bytes, or a number with PostgreSQL's units (`B`, `kB`, `MB`, `GB`,
+/// `TB`, powers of 1024).
+pub fn parse_lag(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("lag={text:?}: expected bytes or a size such as 16MB"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "kB" | "KB" => 10,
+        "MB" => 20,
+        "GB" => 30,
+        "TB" => 40,
+        other => {
+            return Err(format!(
+                "lag={text:?}: unknown unit {other:?} (B, kB, MB, GB, TB)"
+            ));
+        }
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("lag={text:?}: too large"))
+}
+
+/// The `lag` parameter of a query string, if present.
+fn lag_param(query: Option<&str>) -> Result<Option<u64>, String> {
+    let Some(q) = query else { return Ok(None) };
+    q.split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .find(|(k, _)| *k == "lag")
+        .map(|(_, v)| parse_lag(v))
+        .transpose()
+}
+
+impl Health {
+    /// `stale_after`: how old an observation or loop iteration may be and still count.
+    pub fn new(node: &str, stale_after: Duration) -> Self {
+        Self {
+            node: node.to_owned(),
+            stale_after,
+            inner: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new observation of PostgreSQL; `None` when it could not be observed.
+    pub fn observed(&self, obs: Option<&PgObservation>, at: Instant) {
+        let observed = match obs {
+            None => Observed {
+                role: "unknown",
+                writable: false,
+                standby: false,
+                streaming: false,
+                timeline: None,
+                lag_bytes: None,
+            },
+            Some(o) => Observed {
+                role: match o.role {
+                    ServerRole::Primary => "primary",
+                    ServerRole::Standby => "replica",
+                    ServerRole::Stopped(_) => "stopped",
+                    ServerRole::Empty => "uninitialized",
+                },
+                writable: o.role == ServerRole::Primary && !o.read_only,
+                standby: o.role == ServerRole::Standby,
+                streaming: o.streaming,
+                timeline: o.timeline.map(|t| t.0),
+                lag_bytes: o.lag_bytes,
+            },
+        };
+        self.lock().observed = Some((at, observed));
+    }
+
+    /// One iteration of the reconcile loop: when the lease (or failsafe) of a writable goal
+    /// ends, `None` when there is none or the node is fenced.
+    pub fn tick(&self, writable_until: Option<Instant>, at: Instant) {
+        let mut seen = self.lock();
+        seen.writable_until = writable_until;
+        seen.loop_at = Some(at);
+    }
+
+    /// The status code and JSON body for `endpoint` at `now`.
+    pub fn answer(
+        &self,
+        endpoint: Endpoint,
+        lag: Option<u64>,
+        now: Instant,
+    ) -> (StatusCode, String) {
+        let seen = self.lock();
+        let fresh = |at: Instant| now.saturating_duration_since(at) <= self.stale_after;
+        let observed = seen
+            .observed
+            .as_ref()
+            .filter(|(at, _)| fresh(*at))
+            .map(|(_, o)| o);
+        let lease_left = seen
+            .writable_until
+            .map(|u| u.saturating_duration_since(now))
+            .filter(|left| !left.is_zero());
+        let primary = observed.is_some_and(|o| o.writable) && lease_left.is_some();
+        let within_lag =
+            |o: &Observed| lag.is_none_or(|bound| o.lag_bytes.is_some_and(|l| l <= bound));
+        let replica = observed.is_some_and(|o| o.standby && o.streaming && within_lag(o));
+        let running = observed.is_some_and(|o| matches!(o.role, "primary" | "replica"));
+        let ok = match endpoint {
+            Endpoint::Primary => primary,
+            Endpoint::Replica => replica,
+            Endpoint::ReadOnly => primary || replica,
+            Endpoint::Health => running,
+            Endpoint::Liveness => seen.loop_at.is_some_and(fresh),
+        };
+        let body = serde_json::json!({
+            "node": self.node,
+            "role": observed.map_or("unknown", |o| o.role),
+            "state": if running { "running" } else { "not running" },
+            "writable": primary,
+            "lease_left_ms": lease_left.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            "timeline": observed.and_then(|o| o.timeline),
+            "streaming": observed.is_some_and(|o| o.streaming),
+            "lag_bytes": observed.and_then(|o| o.lag_bytes),
+        });
+        let code = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (code, body.to_string())
+    }
+}
+
+/// Every path served, see the module documentation.
+pub const PATHS: [&str; 8] = [
+    "/primary",
+    "/master",
+    "/leader",
+    "/read-write",
+    "/replica",
+    "/read-only",
+    "/health",
+    "/liveness",
+];
+
+/// Adds the endpoints to the agent port's gRPC `router`, and answers every other path with 404
+/// (tonic's own fallback answers HTTP 200 with a gRPC status, which a load balancer checking a
+/// mistyped path would take for healthy).
+pub fn add_routes(router: axum::Router, health: &Health) -> axum::Router {
+    let mut router = router;
+    for path in PATHS {
+        let health = health.clone();
+        router = router.route(
+            path,
+            axum::routing::any(move |method: Method, uri: Uri| {
+                let health = health.clone();
+                async move { respond(&health, &method, &uri) }
+            }),
+        );
+    }
+    router.fallback(|method: Method, uri: Uri| async move {
+        reply(
+            &method,
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("no endpoint {}", uri.path())}).to_string(),
+        )
+    })
+}
+
+fn reply(method: &Method, code: StatusCode, body: String) -> Response {
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::from(body)
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn respond(health: &Health, method: &Method, uri: &Uri) -> Response {
+    let Some(endpoint) = Endpoint::from_path(uri.path()) else {
+        return reply(
+            method,
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("no endpoint {}", uri.path())}).to_string(),
+        );
+    };
+    if ![Method::GET, Method::HEAD, Method::OPTIONS].contains(method) {
+        return reply(
+            method,
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "only GET, HEAD and OPTIONS"}).to_string(),
+        );
+    }
+    match lag_param(uri.query()) {
+        Ok(lag) => {
+            let (code, body) = health.answer(endpoint, lag, Instant::now());
+            reply(method, code, body)
+        }
+        Err(e) => reply(
+            method,
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": e }).to_string(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn obs(role: ServerRole, streaming: bool, lag: Option<u64>) -> PgObservation {
+        PgObservation {
+            role,
+            streaming,
+            lag_bytes: lag,
+            ..PgObservation::empty()
+        }
+    }
+
+    fn codes(h: &Health, lag: Option<u64>, now: Instant) -> Vec<u16> {
+        [
+            Endpoint::Primary,
+            Endpoint::Replica,
+            Endpoint::ReadOnly,
+            Endpoint::Health,
+            Endpoint::Liveness,
+        ]
+        .iter()
+        .map(|e| h.answer(*e, lag, now).0.as_u16())
+        .collect()
+    }
+
+    #[test]
+    fn a_primary_is_primary_only_while_its_lease_runs() {
+        let h = Health::new("psql1", Duration::from_secs(2));
+        let t0 = Instant::now();
+        assert_eq!(
+            codes(&h, None, t0),
+            [503, 503, 503, 503, 503],
+            "nothing seen yet"
+        );
+        h.observed(Some(&obs(ServerRole::Primary, false, None)), t0);
+        h.tick(Some(t0 + Duration::from_secs(3)), t0);
+        assert_eq!(codes(&h, None, t0), [200, 503, 200, 200, 200]);
+        let (_, body) = h.answer(Endpoint::Primary, None, t0);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["role"], "primary");
+        assert_eq!(v["lease_left_ms"], 3000);
+        // The lease ran out, not yet fenced: no longer primary at once.
+        let later = t0 + Duration::from_secs(3);
+        h.observed(Some(&obs(ServerRole::Primary, false, None)), later);
+        assert_eq!(codes(&h, None, later)[..3], [503, 503, 503]);
+        // No lease at all (fenced, or the goal is not writable).
+        h.tick(None, later);
+        assert_eq!(codes(&h, None, later), [503, 503, 503, 200, 200]);
+    }
+
+    #[test]
+    fn a_replica_streams_and_respects_the_lag_bound() {
+        let h = Health::new("psql2", Duration::from_secs(2));
+        let t0 = Instant::now();
+        h.tick(None, t0);
+        h.observed(Some(&obs(ServerRole::Standby, true, Some(1000))), t0);
+        assert_eq!(codes(&h, None, t0), [503, 200, 200, 200, 200]);
+        assert_eq!(codes(&h, Some(1000), t0)[1], 200);
+        assert_eq!(codes(&h, Some(999), t0)[..3], [503, 503, 503]);
+        // Not streaming: not a replica to send reads to, though PostgreSQL runs.
+        h.observed(Some(&obs(ServerRole::Standby, false, None)), t0);
+        assert_eq!(codes(&h, None, t0), [503, 503, 503, 200, 200]);
+    }
+
+    #[test]
+    fn stale_or_failed_observations_count_as_unknown() {
+        let h = Health::new("psql2", Duration::from_secs(2));
+        let t0 = Instant::now();
+        h.tick(None, t0);
+        h.observed(Some(&obs(ServerRole::Standby, true, Some(0))), t0);
+        let late = t0 + Duration::from_millis(2001);
+        assert_eq!(codes(&h, None, late), [503, 503, 503, 503, 503]);
+        h.tick(None, late);
+        h.observed(None, late);
+        assert_eq!(codes(&h, None, late), [503, 503, 503, 503, 200]);
+        let (_, body) = h.answer(Endpoint::Health, None, late);
+        assert!(body.contains("\"role\":\"unknown\""), "{body}");
+    }
+
+    #[test]
+    fn paths_and_lag_values() {
+        for p in PATHS {
+            assert!(Endpoint::from_path(p).is_some(), "{p}");
+        }
+        assert_eq!(Endpoint::from_path("/master"), Some(Endpoint::Primary));
+        assert_eq!(Endpoint::from_path("/read-write/"), None);
+        assert_eq!(Endpoint::from_path("/read-only"), Some(Endpoint::ReadOnly));
+        assert_eq!(Endpoint::from_path("/"), None);
+        assert_eq!(parse_lag("16MB"), Ok(16 << 20));
+        assert_eq!(parse_lag("512kB"), Ok(512 << 10));
+        assert_eq!(parse_lag("100"), Ok(100));
+        assert!(parse_lag("ten").unwrap_err().contains("expected bytes"));
+        assert!(parse_lag("1PB").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_lag("99999999999TB")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert_eq!(lag_param(Some("x=1&lag=1kB")), Ok(Some(1024)));
+        assert_eq!(
+            lag_param(Some("lag")).unwrap_err(),
+            parse_lag("").unwrap_err()
+        );
+        assert_eq!(lag_param(None), Ok(None));
+    }
+}
