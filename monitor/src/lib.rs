@@ -14,6 +14,7 @@ pub mod incarnation;
 pub mod limits;
 pub mod logging;
 pub mod machine;
+pub mod metrics;
 pub mod server;
 pub mod signer;
 pub mod status;

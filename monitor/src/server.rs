@@ -216,6 +216,8 @@ pub struct Monitor {
     relay: Relay,
     /// Open `WatchGoal` and `FollowEvents` streams per caller ([`limits`]).
     streams: limits::Streams,
+    /// What `/metrics` counts (`crate::metrics`).
+    metrics: crate::metrics::Counters,
 }
 
 /// A follower's way to the leader for agents' reports: an agent that cannot reach the leader
@@ -571,11 +573,21 @@ impl Monitor {
             op,
         };
         let fut = self.raft.propose(machine::encode_command(&cmd));
-        let (_, output) = tokio::time::timeout(PROPOSE_TIMEOUT, fut)
+        let started = Instant::now();
+        let committed = tokio::time::timeout(PROPOSE_TIMEOUT, fut)
             .await
-            .map_err(|_| Status::deadline_exceeded("the proposal was not committed in time"))?
-            .map_err(raft_status)?;
-        machine::decode_outcome(&output).map_err(rejected_status)
+            .map_err(|_| Status::deadline_exceeded("the proposal was not committed in time"))
+            .and_then(|r| r.map_err(raft_status));
+        let outcome = committed
+            .and_then(|(_, output)| machine::decode_outcome(&output).map_err(rejected_status));
+        let result = match &outcome {
+            Ok(_) => "committed",
+            Err(s) if s.code() == tonic::Code::Aborted => "rejected",
+            Err(_) => "failed",
+        };
+        self.metrics
+            .proposal(result, started.elapsed().as_secs_f64());
+        outcome
     }
 
     /// The catalog as of a linearizable read: the raft node answers the read barrier only after
@@ -1529,8 +1541,14 @@ async fn decide_loop(m: Arc<Monitor>) {
             let m = &m;
             async move {
                 let group = d.group.clone();
+                let kinds: Vec<String> = d.events.iter().map(|e| e.kind.clone()).collect();
                 match m.propose(&request_id, Op::Decide(d)).await {
-                    Ok(a) => debug!(%group, index = a.index, "decision committed"),
+                    Ok(a) => {
+                        for kind in &kinds {
+                            m.metrics.decision(kind);
+                        }
+                        debug!(%group, index = a.index, "decision committed");
+                    }
                     Err(s) if s.code() == tonic::Code::Aborted => {
                         debug!(%group, reason = s.message(), "decision superseded")
                     }
@@ -1824,12 +1842,14 @@ pub async fn run(
             leader: Mutex::new(None),
         },
         streams: limits::Streams::default(),
+        metrics: crate::metrics::Counters::default(),
     });
     info!(id = config.id, listen = %config.listen, advertise = %config.advertise, members = ?config.members, "monitor starting");
 
     tokio::spawn(decide_loop(monitor.clone()));
     tokio::spawn(probe_loop(monitor.clone()));
     tokio::spawn(timings_loop(monitor.clone(), config.timings.catalog()));
+    tokio::spawn(count_leader_changes(monitor.clone()));
     // The process lives as long as its raft thread: a removed or refused member stops, and so
     // does one whose raft thread died (raft-rs panics on a broken invariant).
     let stop_with_raft = shutdown.clone();
@@ -1848,23 +1868,34 @@ pub async fn run(
         }
         Ok(request)
     };
+    let grpc = tonic::service::Routes::new(
+        agent_service_server::AgentServiceServer::new(AgentApi(monitor.clone()))
+            .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(limits::MAX_RESPONSE_BYTES),
+    )
+    .add_service(
+        operator_service_server::OperatorServiceServer::new(OperatorApi(monitor.clone()))
+            .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(limits::MAX_RESPONSE_BYTES),
+    )
+    .add_service(tonic::service::interceptor::InterceptedService::new(
+        peer_service_server::PeerServiceServer::new(PeerApi(monitor.clone()))
+            .max_decoding_message_size(limits::MAX_RAFT_BATCH_BYTES)
+            .max_encoding_message_size(limits::MAX_RESPONSE_BYTES),
+        monitors_only,
+    ));
+    // `/metrics` beside the gRPC services, for Prometheus (HTTP/1.1 too).
+    let page = monitor.clone();
+    let routes = grpc.into_axum_router().route(
+        "/metrics",
+        axum::routing::get(move |request: axum::extract::Request| {
+            let page = page.clone();
+            async move { metrics_page(&page, &request) }
+        }),
+    );
     let router = limits::server_builder()
-        .add_service(
-            agent_service_server::AgentServiceServer::new(AgentApi(monitor.clone()))
-                .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
-                .max_encoding_message_size(limits::MAX_RESPONSE_BYTES),
-        )
-        .add_service(
-            operator_service_server::OperatorServiceServer::new(OperatorApi(monitor.clone()))
-                .max_decoding_message_size(limits::MAX_REQUEST_BYTES)
-                .max_encoding_message_size(limits::MAX_RESPONSE_BYTES),
-        )
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            peer_service_server::PeerServiceServer::new(PeerApi(monitor.clone()))
-                .max_decoding_message_size(limits::MAX_RAFT_BATCH_BYTES)
-                .max_encoding_message_size(limits::MAX_RESPONSE_BYTES),
-            monitors_only,
-        ));
+        .accept_http1(true)
+        .add_routes(routes.into());
     let served = match tls {
         None => {
             router
@@ -1906,6 +1937,56 @@ fn open_store(path: &Path) -> Result<RaftStore, ServeError> {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// Counts every change of the Raft leader this monitor sees (`ha_monitor_raft_leader_changes`).
+async fn count_leader_changes(m: Arc<Monitor>) {
+    let mut status = m.raft.watch_status();
+    let mut leader = status.borrow().leader_id;
+    loop {
+        tokio::select! {
+            r = status.changed() => if r.is_err() { return },
+            () = m.shutdown.cancelled() => return,
+        }
+        let now = status.borrow().leader_id;
+        if now != leader && now != 0 {
+            m.metrics.leader_changed();
+        }
+        leader = now;
+    }
+}
+
+/// `GET /metrics` (`crate::metrics`): for any certificate of the cluster CA (none with `--dev`);
+/// a connection without one (a joiner's) is answered 403.
+fn metrics_page(m: &Arc<Monitor>, request: &axum::extract::Request) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    let identified = request
+        .extensions()
+        .get::<ha_pki::PeerInfo>()
+        .is_some_and(|p| p.identity.is_some());
+    let (code, body) = if identified || matches!(m.security, Security::Plaintext) {
+        let raft = m.raft.status();
+        let status = OperatorApi(m.clone()).status_response(&m.catalog(), !raft.is_leader);
+        (
+            StatusCode::OK,
+            crate::metrics::render(&raft, &status, &m.metrics),
+        )
+    } else {
+        (
+            StatusCode::FORBIDDEN,
+            "a client certificate of the cluster CA is required (an observer one will do)\n"
+                .to_owned(),
+        )
+    };
+    let mut response = axum::response::Response::new(axum::body::Body::from(body));
+    *response.status_mut() = code;
+    if code == StatusCode::OK {
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(crate::metrics::OPENMETRICS),
+        );
+    }
+    response
 }
 
 /// Makes the replicated timings match this monitor's configuration once it leads (the

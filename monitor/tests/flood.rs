@@ -1,8 +1,9 @@
 //! A flood of the leader's port against real processes on loopback (the `ha-tests` harness: 3
 //! `ha-monitor`s, 3 `ha-agent`s driving PostgreSQL 15, mutual TLS): connections without a
 //! client certificate past their bound, streams of one node certificate and of one operator
-//! certificate past theirs, an oversized request, and TCP connections that never start TLS past
-//! the handshake bound, kept topped up. Each refusal is checked (closed connections, or
+//! certificate past theirs, an oversized request, and TCP connections that never start TLS: from
+//! one address past that address's handshake bound (a new client from another address still
+//! connects and is answered), then from many addresses past the global bound, kept topped up. Each refusal is checked (closed connections, or
 //! `RESOURCE_EXHAUSTED` / `OUT_OF_RANGE` naming the limit). While the flood holds, for longer
 //! than the primary's lease: every agent keeps reporting, no failover happens (same primary,
 //! same epoch, no failover or promotion event), Raft commits a setting change, and a status
@@ -22,13 +23,17 @@ use ha_proto::v1::{self, EventsRequest, StatusRequest, WatchGoalRequest};
 use ha_tests::cluster::{Cluster, LEASE, group, primary_of};
 use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject as _;
-use tokio::net::TcpStream;
+use std::net::{Ipv4Addr, SocketAddr};
+use tokio::net::{TcpSocket, TcpStream};
 use tonic::Code;
 use tonic::transport::Channel;
 
 const CONVERGE: Duration = Duration::from_secs(90);
 /// Silent TCP connections opened and kept open (more than the handshake bound).
 const SILENT: usize = transport::MAX_HANDSHAKES + 72;
+/// Source addresses the silent connections come from, enough that together they can fill the
+/// handshake bound, which one alone cannot.
+const SILENT_ADDRESSES: u8 = 13;
 /// TLS connections without a client certificate (more than their bound).
 const ANONYMOUS: usize = transport::MAX_ANONYMOUS_CONNECTIONS + 16;
 
@@ -40,6 +45,26 @@ fn closed(tcp: &TcpStream) -> bool {
         Ok(_) => false,
         Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
     }
+}
+
+/// A TCP connection to `addr` from the loopback address `from` (any 127.0.0.0/8 address is
+/// local on Linux).
+async fn connect_from(from: Ipv4Addr, addr: &str) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from.into(), 0))?;
+    socket
+        .connect(addr.parse().expect("a monitor address"))
+        .await
+}
+
+/// `n` silent TCP connections spread over `from`, each with the address it came from.
+async fn silent(addr: &str, from: &[Ipv4Addr], n: usize) -> Vec<(Ipv4Addr, TcpStream)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let ip = from[i % from.len()];
+        out.push((ip, connect_from(ip, addr).await.unwrap()));
+    }
+    out
 }
 
 /// Polls `held` (how many of ours the server still holds) until it is at most `bound`.
@@ -226,14 +251,40 @@ async fn a_flood_of_the_leader_is_refused_and_no_failover_happens() {
     assert_eq!(oversized.code(), Code::OutOfRange, "{oversized:?}");
     assert!(oversized.message().contains("too large"), "{oversized:?}");
 
-    // TCP connections that never start TLS: past the bound each is closed at once; a task keeps
-    // them topped up (the server drops them after its handshake timeout) while the flood lasts.
-    let mut silent = Vec::new();
-    for _ in 0..SILENT {
-        silent.push(TcpStream::connect(&addr).await.unwrap());
-    }
+    // TCP connections that never start TLS from one address: past that address's handshake
+    // bound each is closed at once, and a new client from another address still connects.
+    let one = silent(&addr, &[Ipv4Addr::new(127, 0, 0, 2)], SILENT).await;
+    let one_held = wait_held_at_most(
+        "silent from one address",
+        transport::MAX_HANDSHAKES_PER_ADDRESS,
+        || one.iter().filter(|(_, t)| !closed(t)).count(),
+    )
+    .await;
+    let fresh = tokio::time::timeout(
+        Duration::from_secs(5),
+        channel(
+            &addr,
+            cluster
+                .pki()
+                .party("flood-fresh", Role::Operator, "flood-fresh"),
+        ),
+    )
+    .await
+    .expect("a new client's handshake beside a flood from one address");
+    OperatorServiceClient::new(fresh)
+        .status(StatusRequest { linearizable: true })
+        .await
+        .expect("a new client is answered beside a flood from one address");
+    drop(one);
+
+    // From many addresses: past the global bound each is closed at once; a task keeps them
+    // topped up (the server drops them after its handshake timeout) while the flood lasts.
+    let from: Vec<Ipv4Addr> = (3..3 + SILENT_ADDRESSES)
+        .map(|i| Ipv4Addr::new(127, 0, 0, i))
+        .collect();
+    let mut silent = silent(&addr, &from, SILENT).await;
     let silent_held = wait_held_at_most("silent", transport::MAX_HANDSHAKES, || {
-        silent.iter().filter(|t| !closed(t)).count()
+        silent.iter().filter(|(_, t)| !closed(t)).count()
     })
     .await;
     let flooding = Arc::new(AtomicBool::new(true));
@@ -243,9 +294,9 @@ async fn a_flood_of_the_leader_is_refused_and_no_failover_happens() {
         async move {
             let mut reopened = 0usize;
             while flooding.load(Ordering::Relaxed) {
-                for tcp in &mut silent {
+                for (ip, tcp) in &mut silent {
                     if closed(tcp)
-                        && let Ok(new) = TcpStream::connect(&addr).await
+                        && let Ok(new) = connect_from(*ip, &addr).await
                     {
                         *tcp = new;
                         reopened += 1;
@@ -298,11 +349,14 @@ async fn a_flood_of_the_leader_is_refused_and_no_failover_happens() {
         "no failover: {new_events:?}"
     );
     println!(
-        "flood of monitor {}: held {silent_held} of {SILENT} silent TCP connections (bound {}, \
-         {reopened} reopened after the server closed them), {anon_held} of {ANONYMOUS} without \
+        "flood of monitor {}: held {one_held} of {SILENT} silent TCP connections from one address \
+         (bound {}, a new client from another connected and was answered), {silent_held} of \
+         {SILENT} from {SILENT_ADDRESSES} addresses (bound {}, {reopened} reopened after the \
+         server closed them), {anon_held} of {ANONYMOUS} without \
          a certificate (bound {}), {} WatchGoal streams of {standby} beside its agent's (bound {}), \
          {} FollowEvents streams (bound {}); an oversized request refused: {}",
         leader + 1,
+        transport::MAX_HANDSHAKES_PER_ADDRESS,
         transport::MAX_HANDSHAKES,
         transport::MAX_ANONYMOUS_CONNECTIONS,
         goals.len(),

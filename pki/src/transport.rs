@@ -12,7 +12,8 @@
 //! each request's extensions: read it with [`peer_identity`], [`require_role`] or
 //! [`require_node`].
 //!
-//! What one client can hold is bounded: at most [`MAX_HANDSHAKES`] handshakes at a time, at
+//! What one client can hold is bounded: at most [`MAX_HANDSHAKES`] handshakes at a time (of
+//! which [`MAX_HANDSHAKES_PER_ADDRESS`] from one source address), at
 //! most [`MAX_ANONYMOUS_CONNECTIONS`] connections without a certificate, each closed after
 //! [`ANONYMOUS_LIFETIME`], and at most [`MAX_CONNECTIONS_PER_IDENTITY`] connections per
 //! certificate identity. A connection beyond a bound is closed at once, never queued, and the
@@ -25,12 +26,13 @@
 //! connection is never closed to make room, the bounds only refuse new ones; (2) connections
 //! without a certificate have their own bound, which a flood of them fills without touching the
 //! certificate holders' connections; (3) certificate holders are bounded per identity, not all
-//! together, so one stolen or misbehaving node certificate exhausts only its own share. The
-//! bounds are not per source address: monitors, agents and `haclt` may share one address (a NAT,
-//! one host running several of them), and an attacker with many addresses would defeat it
-//! anyway. What a flood can still delay is a *new* connection's handshake while
-//! [`MAX_HANDSHAKES`] silent connections hold the slots, for at most [`HANDSHAKE_TIMEOUT`] each;
-//! tonic channels reconnect by themselves, and a peer with an open connection needs none.
+//! together, so one stolen or misbehaving node certificate exhausts only its own share. Only
+//! handshakes are bounded per source address (monitors, agents and `haclt` may share one
+//! address, a NAT or one host running several of them, but each holds a handshake for
+//! milliseconds): one address alone cannot fill [`MAX_HANDSHAKES`]. What a flood from many
+//! addresses can still delay is a *new* connection's handshake while [`MAX_HANDSHAKES`] silent
+//! connections hold the slots, for at most [`HANDSHAKE_TIMEOUT`] each; tonic channels reconnect
+//! by themselves, and a peer with an open connection needs none.
 //!
 //! Client: [`MtlsConnector`] dials TCP and runs the handshake with the [`ClientTls`] config
 //! current at connect time (so a reconnect after a reload uses the new files), verifies the
@@ -41,8 +43,9 @@
 //! `https://` URL (see [`endpoint`]); the bytes on the wire are TLS all the same.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,6 +75,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most TLS handshakes in progress at once; a connection accepted beyond it is closed at once.
 pub const MAX_HANDSHAKES: usize = 128;
+
+/// Most TLS handshakes in progress at once from one source address: one address alone cannot
+/// fill [`MAX_HANDSHAKES`] (a real client holds one for a few milliseconds).
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 16;
 
 /// Most established connections without a client certificate (on a [`ClientAuth::Optional`]
 /// server: joiners), all addresses together.
@@ -221,8 +228,9 @@ pub fn tls_incoming(listener: TcpListener, tls: Arc<ServerTls>) -> TlsIncoming {
 #[derive(Debug, Default)]
 struct IncomingLimits {
     handshakes: Counter,
+    per_address: Keyed<IpAddr>,
     anonymous: Counter,
-    per_identity: Mutex<HashMap<String, usize>>,
+    per_identity: Keyed<String>,
     refusals: Mutex<HashMap<&'static str, Throttle>>,
 }
 
@@ -243,6 +251,38 @@ impl Counter {
     }
 }
 
+/// A count per key (source address, certificate identity); a key at zero takes no memory.
+#[derive(Debug)]
+struct Keyed<K>(Mutex<HashMap<K, usize>>);
+
+impl<K> Default for Keyed<K> {
+    fn default() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<K: Hash + Eq> Keyed<K> {
+    fn take(&self, key: K, max: usize) -> bool {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(key).or_default();
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn give(&self, key: &K) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(key);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Throttle {
     last: Option<Instant>,
@@ -253,6 +293,7 @@ struct Throttle {
 #[derive(Debug)]
 enum Slot {
     Handshake(Arc<IncomingLimits>),
+    Address(Arc<IncomingLimits>, IpAddr),
     Anonymous(Arc<IncomingLimits>),
     Identity(Arc<IncomingLimits>, String),
 }
@@ -261,16 +302,9 @@ impl Drop for Slot {
     fn drop(&mut self) {
         match self {
             Slot::Handshake(l) => l.handshakes.give(),
+            Slot::Address(l, ip) => l.per_address.give(ip),
             Slot::Anonymous(l) => l.anonymous.give(),
-            Slot::Identity(l, who) => {
-                let mut map = l.per_identity.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(n) = map.get_mut(who) {
-                    *n -= 1;
-                    if *n == 0 {
-                        map.remove(who);
-                    }
-                }
-            }
+            Slot::Identity(l, who) => l.per_identity.give(who),
         }
     }
 }
@@ -282,6 +316,12 @@ impl IncomingLimits {
             .then(|| Slot::Handshake(self.clone()))
     }
 
+    fn address(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        self.per_address
+            .take(ip, MAX_HANDSHAKES_PER_ADDRESS)
+            .then(|| Slot::Address(self.clone(), ip))
+    }
+
     fn anonymous(self: &Arc<Self>) -> Option<Slot> {
         self.anonymous
             .take(MAX_ANONYMOUS_CONNECTIONS)
@@ -290,13 +330,9 @@ impl IncomingLimits {
 
     fn identity(self: &Arc<Self>, who: &PeerIdentity) -> Option<Slot> {
         let who = who.to_string();
-        let mut map = self.per_identity.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(who.clone()).or_default();
-        if *n >= MAX_CONNECTIONS_PER_IDENTITY {
-            return None;
-        }
-        *n += 1;
-        Some(Slot::Identity(self.clone(), who))
+        self.per_identity
+            .take(who.clone(), MAX_CONNECTIONS_PER_IDENTITY)
+            .then(|| Slot::Identity(self.clone(), who))
     }
 
     /// Logs a refused connection at warn, at most once per [`REFUSAL_LOG_INTERVAL`] per `kind`.
@@ -331,6 +367,15 @@ async fn accept_loop(listener: TcpListener, tls: Arc<ServerTls>, tx: mpsc::Sende
                 continue;
             }
         };
+        // The address's own bound first, so one address refused takes no global slot.
+        let Some(address_slot) = limits.address(remote_addr.ip()) else {
+            limits.refused(
+                "too many TLS handshakes in progress from one address",
+                remote_addr,
+                &format_args!("limit {MAX_HANDSHAKES_PER_ADDRESS}"),
+            );
+            continue;
+        };
         let Some(slot) = limits.handshake() else {
             limits.refused(
                 "too many TLS handshakes in progress",
@@ -349,7 +394,7 @@ async fn accept_loop(listener: TcpListener, tls: Arc<ServerTls>, tx: mpsc::Sende
         let limits = limits.clone();
         tokio::spawn(async move {
             let conn = handshake(acceptor, client_auth, tcp, remote_addr, &limits).await;
-            drop(slot);
+            drop((slot, address_slot));
             if let Some(conn) = conn {
                 // The receiver is gone only when the server stopped; the connection just closes.
                 let _ = tx.send(conn).await;

@@ -4,7 +4,8 @@
 //!
 //! Shown: the codes of every endpoint on the primary and the standby (HTTP/1.1 and HTTP/2,
 //! `GET` and HAProxy's default `OPTIONS`), refusals (no certificate, an unknown path, a bad
-//! `lag`, `POST`), the endpoints following a switchover (time printed), and a primary that can
+//! `lag`, `POST`, a monitor's `/metrics` without a certificate), the endpoints and the `/metrics`
+//! of an agent and of the monitor leader following a switchover (time printed), and a primary that can
 //! no longer renew its lease (monitors and its standby's agent gone, so no vouch either):
 //! `/primary` turns 503 within the lease (time printed) and never answers 200 again once
 //! PostgreSQL is fenced, while `/liveness` shows the agent itself still answers.
@@ -54,6 +55,21 @@ fn codes(lb: &TlsFiles, port: u16) -> [u16; 5] {
     ["/primary", "/replica", "/read-only", "/health", "/liveness"].map(|p| get(lb, port, p))
 }
 
+/// The value of the sample `series` (name and labels exactly as exposed) in a `/metrics` page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `GET /metrics` from `host:port` with the observer's certificate: the page, which must be
+/// answered 200.
+fn scrape(lb: &TlsFiles, address: &str) -> String {
+    let port: u16 = address.rsplit_once(':').unwrap().1.parse().unwrap();
+    let (code, page) = request(lb, true, port, "GET", "/metrics", false);
+    assert_eq!(code, 200, "/metrics of {address}: {page}");
+    page
+}
+
 /// Polls until `cond` holds; the time it took.
 async fn until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
@@ -65,7 +81,7 @@ async fn until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn endpoints_follow_roles_switchover_and_a_lease_that_runs_out() {
+async fn endpoints_and_metrics_follow_roles_a_switchover_and_a_lease_that_runs_out() {
     let mut c = Cluster::builder().postgres(2).agent_ports().start().await;
     c.wait_synchronous("psql1", Duration::from_secs(60)).await;
     let lb = c.pki().party("lb", Role::Observer, "lb");
@@ -107,6 +123,41 @@ async fn endpoints_follow_roles_switchover_and_a_lease_that_runs_out() {
     assert!(body.contains("expected bytes"), "{body}");
     assert_eq!(request(&lb, true, p1, "POST", "/primary", false).0, 405);
 
+    // Metrics of the agents and of the monitor leader, before the switchover.
+    let leader = c.monitor_addrs()[usize::try_from(c.leader_id().await).unwrap() - 1].clone();
+    let monitor_before = scrape(&lb, &leader);
+    let agent_before = scrape(&lb, &format!("127.0.0.1:{p2}"));
+    let primary_role = "ha_agent_postgres_role{role=\"primary\"}";
+    let epoch = "ha_monitor_group_epoch{group=\"main\"}";
+    let promoted = "ha_monitor_decisions_total{kind=\"promoted\"}";
+    assert_eq!(
+        sample(&agent_before, primary_role),
+        Some(0.0),
+        "{agent_before}"
+    );
+    assert_eq!(sample(&agent_before, "ha_agent_streaming"), Some(1.0));
+    assert_eq!(sample(&monitor_before, "ha_monitor_raft_leader"), Some(1.0));
+    assert_eq!(
+        sample(
+            &monitor_before,
+            "ha_monitor_group_has_primary{group=\"main\"}"
+        ),
+        Some(1.0),
+        "{monitor_before}"
+    );
+    assert!(
+        sample(
+            &monitor_before,
+            "ha_monitor_proposals_total{result=\"committed\"}"
+        )
+        .is_some_and(|n| n > 0.0),
+        "{monitor_before}"
+    );
+    // The monitor port admits joiners without a certificate, but not to its metrics.
+    let port: u16 = leader.rsplit_once(':').unwrap().1.parse().unwrap();
+    let (code, body) = request(&lb, false, port, "GET", "/metrics", false);
+    assert_eq!(code, 403, "{body}");
+
     // A switchover: the endpoints follow.
     let t0 = Instant::now();
     c.switchover(Some("psql2"))
@@ -126,6 +177,59 @@ async fn endpoints_follow_roles_switchover_and_a_lease_that_runs_out() {
         "switchover: psql2 /primary 200 after {new_primary:?}, psql1 /replica 200 after {old_primary:?} (from the switchover call)"
     );
     assert_eq!(get(&lb, p1, "/primary"), 503);
+    // The metrics moved with it.
+    let agent_after = scrape(&lb, &format!("127.0.0.1:{p2}"));
+    assert_eq!(
+        sample(&agent_after, primary_role),
+        Some(1.0),
+        "{agent_after}"
+    );
+    assert_eq!(sample(&agent_after, "ha_agent_writable"), Some(1.0));
+    assert!(
+        sample(&agent_after, "ha_agent_lease_remaining_seconds").is_some_and(|s| s > 0.0),
+        "{agent_after}"
+    );
+    let leader = c.monitor_addrs()[usize::try_from(c.leader_id().await).unwrap() - 1].clone();
+    let monitor_after = scrape(&lb, &leader);
+    assert_eq!(
+        sample(&monitor_after, epoch),
+        sample(&monitor_before, epoch).map(|e| e + 1.0),
+        "{monitor_after}"
+    );
+    assert!(
+        sample(&monitor_after, promoted).unwrap_or(0.0)
+            > sample(&monitor_before, promoted).unwrap_or(0.0),
+        "{monitor_after}"
+    );
+    // Every series the shipped alert rules and dashboard use is exposed.
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/monitoring");
+    for file in ["alerts.yml", "grafana-dashboard.json"] {
+        let text = std::fs::read_to_string(docs.join(file)).unwrap();
+        let names: std::collections::BTreeSet<&str> = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|t| t.starts_with("ha_agent_") || t.starts_with("ha_monitor_"))
+            .collect();
+        assert!(names.len() > 5, "{file}: {names:?}");
+        for name in names {
+            let exposed = [&agent_after, &monitor_after].iter().any(|page| {
+                page.lines().any(|l| {
+                    l.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                })
+            });
+            assert!(
+                exposed,
+                "{file} uses {name}, which no /metrics page exposes"
+            );
+        }
+    }
+    eprintln!(
+        "metrics: agent psql2 {} lines, monitor leader {} lines; epoch {:?} -> {:?}",
+        agent_after.lines().count(),
+        monitor_after.lines().count(),
+        sample(&monitor_before, epoch),
+        sample(&monitor_after, epoch)
+    );
 
     // The primary can renew its lease no more: no monitor, and its standby's agent, which
     // would vouch for it, is gone. /primary turns 503 when the lease ends, before the fence.

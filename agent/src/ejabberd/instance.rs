@@ -219,8 +219,42 @@ impl PrivateInstance {
             kill_group(&child);
             let _ = child.wait().await;
             info!(node = %self.node.node, "private ejabberd killed");
+            // The Erlang VM may outlive `ejabberdctl` by a moment, registered with epmd, and a
+            // start meanwhile finds the node "already running".
+            self.wait_unregistered().await?;
         }
         self.start_ejabberd().await
+    }
+
+    /// Waits until epmd no longer lists this node (bounded by [`START_TIMEOUT`]).
+    async fn wait_unregistered(&self) -> Result<(), InstanceError> {
+        let Some(port) = self.node.epmd_port else {
+            return Ok(());
+        };
+        let short = self.node.node.split('@').next().unwrap_or_default();
+        let listed = format!("name {short} at port");
+        let started = Instant::now();
+        loop {
+            let names = Command::new(EPMD)
+                .args(["-port", &port.to_string(), "-names"])
+                .env_clear()
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(io_err("running epmd -names"))?;
+            if !String::from_utf8_lossy(&names.stdout).contains(&listed) {
+                return Ok(());
+            }
+            if started.elapsed() >= START_TIMEOUT {
+                return Err(InstanceError::StartTimeout {
+                    node: self.node.node.clone(),
+                    waited: started.elapsed(),
+                    last: "the killed node is still registered with epmd".into(),
+                    log: self.log_tail(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Stops ejabberd (gracefully, then by force), then epmd, then removes the directory.

@@ -28,6 +28,14 @@ use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::Response;
 use tokio::time::Instant;
 
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
 use crate::pg::{PgObservation, ServerRole};
 
 /// What the endpoints answer from: the last observation and the lease, shared with the
@@ -37,6 +45,15 @@ pub struct Health {
     node: String,
     stale_after: Duration,
     inner: Arc<Mutex<Seen>>,
+    counters: Counters,
+}
+
+/// What `/metrics` counts over the life of the process (shared by clones).
+#[derive(Debug, Clone)]
+struct Counters {
+    reports: Family<Vec<(String, String)>, Counter>,
+    report_seconds: Histogram,
+    fences: Counter,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +62,8 @@ struct Seen {
     /// When the lease (or failsafe) ends, as of the last loop iteration.
     writable_until: Option<Instant>,
     loop_at: Option<Instant>,
+    /// The epoch of the goal the agent follows.
+    epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +141,12 @@ impl Health {
             node: node.to_owned(),
             stale_after,
             inner: Arc::default(),
+            counters: Counters {
+                reports: Family::default(),
+                // 1 ms to about 8 s.
+                report_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+                fences: Counter::default(),
+            },
         }
     }
 
@@ -159,10 +184,140 @@ impl Health {
 
     /// One iteration of the reconcile loop: when the lease (or failsafe) of a writable goal
     /// ends, `None` when there is none or the node is fenced.
-    pub fn tick(&self, writable_until: Option<Instant>, at: Instant) {
+    pub fn tick(&self, writable_until: Option<Instant>, epoch: u64, at: Instant) {
         let mut seen = self.lock();
         seen.writable_until = writable_until;
         seen.loop_at = Some(at);
+        seen.epoch = epoch;
+    }
+
+    /// A report came back (`answered`) or failed, `round_trip` after it was sent.
+    pub fn report(&self, answered: bool, round_trip: Duration) {
+        let result = if answered { "answered" } else { "failed" };
+        self.counters
+            .reports
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc();
+        self.counters
+            .report_seconds
+            .observe(round_trip.as_secs_f64());
+    }
+
+    /// The agent fenced its PostgreSQL because the lease ran out.
+    pub fn fenced(&self) {
+        self.counters.fences.inc();
+    }
+
+    /// The Prometheus text exposition of this node at `now` (module documentation of
+    /// `/metrics`).
+    pub fn metrics(&self, now: Instant) -> String {
+        let s = self.snapshot(now);
+        let o = s.observed.as_ref();
+        let mut registry = Registry::with_prefix("ha_agent");
+        let gauge = |registry: &mut Registry, name: &str, help: &str, value: f64| {
+            let g = Gauge::<f64, AtomicU64>::default();
+            g.set(value);
+            registry.register(name, help, g);
+        };
+        let roles = Family::<Vec<(String, String)>, Gauge>::default();
+        for r in ["primary", "replica", "stopped", "uninitialized", "unknown"] {
+            roles
+                .get_or_create(&vec![("role".to_owned(), r.to_owned())])
+                .set(i64::from(r == s.role()));
+        }
+        registry.register(
+            "postgres_role",
+            "PostgreSQL's role as last observed (1 for the current one)",
+            roles,
+        );
+        let one = |b: bool| if b { 1.0 } else { 0.0 };
+        gauge(
+            &mut registry,
+            "postgres_up",
+            "PostgreSQL runs as primary or replica",
+            one(s.running()),
+        );
+        gauge(
+            &mut registry,
+            "writable",
+            "A writable primary whose lease (or failsafe) runs: what /primary answers 200 for",
+            one(s.writable),
+        );
+        gauge(
+            &mut registry,
+            "streaming",
+            "A standby whose WAL receiver streams",
+            one(o.is_some_and(|o| o.streaming)),
+        );
+        gauge(
+            &mut registry,
+            "lease_remaining_seconds",
+            "Time left of the lease of a writable primary (0 without one)",
+            s.lease_left.map_or(0.0, |d| d.as_secs_f64()),
+        );
+        #[allow(clippy::cast_precision_loss)]
+        let lag = o.and_then(|o| o.lag_bytes).unwrap_or(0) as f64;
+        gauge(
+            &mut registry,
+            "replication_lag_bytes",
+            "Standby: bytes between its upstream's end of WAL and its replay (0 when not receiving)",
+            lag,
+        );
+        #[allow(clippy::cast_precision_loss)]
+        let epoch = s.epoch as f64;
+        gauge(
+            &mut registry,
+            "epoch",
+            "Epoch of the goal the agent follows",
+            epoch,
+        );
+        gauge(
+            &mut registry,
+            "timeline",
+            "PostgreSQL's timeline (0 when unknown)",
+            f64::from(o.and_then(|o| o.timeline).unwrap_or(0)),
+        );
+        registry.register(
+            "reports",
+            "Reports to the monitors by result",
+            self.counters.reports.clone(),
+        );
+        registry.register(
+            "report_round_trip_seconds",
+            "Time from sending a report to its answer or failure",
+            self.counters.report_seconds.clone(),
+        );
+        registry.register(
+            "fences",
+            "Times the agent fenced its PostgreSQL after the lease ran out",
+            self.counters.fences.clone(),
+        );
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &registry);
+        text
+    }
+
+    /// What the node is at `now`, stale observations counted as unknown.
+    fn snapshot(&self, now: Instant) -> Snapshot {
+        let seen = self.lock();
+        let fresh = |at: Instant| now.saturating_duration_since(at) <= self.stale_after;
+        let observed = seen
+            .observed
+            .as_ref()
+            .filter(|(at, _)| fresh(*at))
+            .map(|(_, o)| o.clone());
+        let lease_left = seen
+            .writable_until
+            .map(|u| u.saturating_duration_since(now))
+            .filter(|left| !left.is_zero());
+        Snapshot {
+            writable: observed.as_ref().is_some_and(|o| o.writable) && lease_left.is_some(),
+            lease_left,
+            live: seen.loop_at.is_some_and(fresh),
+            epoch: seen.epoch,
+            observed,
+        }
     }
 
     /// The status code and JSON body for `endpoint` at `now`.
@@ -172,38 +327,27 @@ impl Health {
         lag: Option<u64>,
         now: Instant,
     ) -> (StatusCode, String) {
-        let seen = self.lock();
-        let fresh = |at: Instant| now.saturating_duration_since(at) <= self.stale_after;
-        let observed = seen
-            .observed
-            .as_ref()
-            .filter(|(at, _)| fresh(*at))
-            .map(|(_, o)| o);
-        let lease_left = seen
-            .writable_until
-            .map(|u| u.saturating_duration_since(now))
-            .filter(|left| !left.is_zero());
-        let primary = observed.is_some_and(|o| o.writable) && lease_left.is_some();
+        let s = self.snapshot(now);
+        let o = s.observed.as_ref();
         let within_lag =
             |o: &Observed| lag.is_none_or(|bound| o.lag_bytes.is_some_and(|l| l <= bound));
-        let replica = observed.is_some_and(|o| o.standby && o.streaming && within_lag(o));
-        let running = observed.is_some_and(|o| matches!(o.role, "primary" | "replica"));
+        let replica = o.is_some_and(|o| o.standby && o.streaming && within_lag(o));
         let ok = match endpoint {
-            Endpoint::Primary => primary,
+            Endpoint::Primary => s.writable,
             Endpoint::Replica => replica,
-            Endpoint::ReadOnly => primary || replica,
-            Endpoint::Health => running,
-            Endpoint::Liveness => seen.loop_at.is_some_and(fresh),
+            Endpoint::ReadOnly => s.writable || replica,
+            Endpoint::Health => s.running(),
+            Endpoint::Liveness => s.live,
         };
         let body = serde_json::json!({
             "node": self.node,
-            "role": observed.map_or("unknown", |o| o.role),
-            "state": if running { "running" } else { "not running" },
-            "writable": primary,
-            "lease_left_ms": lease_left.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            "timeline": observed.and_then(|o| o.timeline),
-            "streaming": observed.is_some_and(|o| o.streaming),
-            "lag_bytes": observed.and_then(|o| o.lag_bytes),
+            "role": s.role(),
+            "state": if s.running() { "running" } else { "not running" },
+            "writable": s.writable,
+            "lease_left_ms": s.lease_left.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            "timeline": o.and_then(|o| o.timeline),
+            "streaming": o.is_some_and(|o| o.streaming),
+            "lag_bytes": o.and_then(|o| o.lag_bytes),
         });
         let code = if ok {
             StatusCode::OK
@@ -213,6 +357,28 @@ impl Health {
         (code, body.to_string())
     }
 }
+
+/// [`Health::snapshot`].
+struct Snapshot {
+    observed: Option<Observed>,
+    writable: bool,
+    lease_left: Option<Duration>,
+    live: bool,
+    epoch: u64,
+}
+
+impl Snapshot {
+    fn role(&self) -> &'static str {
+        self.observed.as_ref().map_or("unknown", |o| o.role)
+    }
+
+    fn running(&self) -> bool {
+        matches!(self.role(), "primary" | "replica")
+    }
+}
+
+/// The content type of `/metrics`.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Every path served, see the module documentation.
 pub const PATHS: [&str; 8] = [
@@ -230,7 +396,21 @@ pub const PATHS: [&str; 8] = [
 /// (tonic's own fallback answers HTTP 200 with a gRPC status, which a load balancer checking a
 /// mistyped path would take for healthy).
 pub fn add_routes(router: axum::Router, health: &Health) -> axum::Router {
-    let mut router = router;
+    let metrics = health.clone();
+    let mut router = router.route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                let mut r = Response::new(Body::from(metrics.metrics(Instant::now())));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(OPENMETRICS),
+                );
+                r
+            }
+        }),
+    );
     for path in PATHS {
         let health = health.clone();
         router = router.route(
@@ -330,7 +510,7 @@ mod tests {
             "nothing seen yet"
         );
         h.observed(Some(&obs(ServerRole::Primary, false, None)), t0);
-        h.tick(Some(t0 + Duration::from_secs(3)), t0);
+        h.tick(Some(t0 + Duration::from_secs(3)), 1, t0);
         assert_eq!(codes(&h, None, t0), [200, 503, 200, 200, 200]);
         let (_, body) = h.answer(Endpoint::Primary, None, t0);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -341,7 +521,7 @@ mod tests {
         h.observed(Some(&obs(ServerRole::Primary, false, None)), later);
         assert_eq!(codes(&h, None, later)[..3], [503, 503, 503]);
         // No lease at all (fenced, or the goal is not writable).
-        h.tick(None, later);
+        h.tick(None, 1, later);
         assert_eq!(codes(&h, None, later), [503, 503, 503, 200, 200]);
     }
 
@@ -349,7 +529,7 @@ mod tests {
     fn a_replica_streams_and_respects_the_lag_bound() {
         let h = Health::new("psql2", Duration::from_secs(2));
         let t0 = Instant::now();
-        h.tick(None, t0);
+        h.tick(None, 1, t0);
         h.observed(Some(&obs(ServerRole::Standby, true, Some(1000))), t0);
         assert_eq!(codes(&h, None, t0), [503, 200, 200, 200, 200]);
         assert_eq!(codes(&h, Some(1000), t0)[1], 200);
@@ -363,15 +543,45 @@ mod tests {
     fn stale_or_failed_observations_count_as_unknown() {
         let h = Health::new("psql2", Duration::from_secs(2));
         let t0 = Instant::now();
-        h.tick(None, t0);
+        h.tick(None, 1, t0);
         h.observed(Some(&obs(ServerRole::Standby, true, Some(0))), t0);
         let late = t0 + Duration::from_millis(2001);
         assert_eq!(codes(&h, None, late), [503, 503, 503, 503, 503]);
-        h.tick(None, late);
+        h.tick(None, 1, late);
         h.observed(None, late);
         assert_eq!(codes(&h, None, late), [503, 503, 503, 503, 200]);
         let (_, body) = h.answer(Endpoint::Health, None, late);
         assert!(body.contains("\"role\":\"unknown\""), "{body}");
+    }
+
+    #[test]
+    fn metrics_follow_the_role_the_lease_reports_and_fences() {
+        let h = Health::new("psql1", Duration::from_secs(2));
+        let t0 = Instant::now();
+        h.observed(Some(&obs(ServerRole::Primary, false, None)), t0);
+        h.tick(Some(t0 + Duration::from_millis(2500)), 4, t0);
+        h.report(true, Duration::from_millis(3));
+        h.report(false, Duration::from_secs(1));
+        let text = h.metrics(t0);
+        for line in [
+            "ha_agent_postgres_role{role=\"primary\"} 1\n",
+            "ha_agent_postgres_role{role=\"replica\"} 0\n",
+            "ha_agent_writable 1.0\n",
+            "ha_agent_lease_remaining_seconds 2.5\n",
+            "ha_agent_epoch 4.0\n",
+            "ha_agent_reports_total{result=\"answered\"} 1\n",
+            "ha_agent_reports_total{result=\"failed\"} 1\n",
+            "ha_agent_report_round_trip_seconds_count 2\n",
+            "ha_agent_fences_total 0\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        h.fenced();
+        h.tick(None, 4, t0);
+        let text = h.metrics(t0);
+        assert!(text.contains("ha_agent_writable 0.0\n"), "{text}");
+        assert!(text.contains("ha_agent_fences_total 1\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 
     #[test]

@@ -860,6 +860,7 @@ impl<L: MonitorLink> Reconciler<L> {
         }
         self.lease_fenced = true;
         self.want_job = true;
+        self.health.fenced();
         self.set_error("lease expired: PostgreSQL fenced".into());
     }
 
@@ -885,6 +886,7 @@ impl<L: MonitorLink> Reconciler<L> {
         // Only a report sent after PostgreSQL was paused says anything about now.
         let settles = self.paused.as_ref().is_some_and(|p| r.sent_at >= p.since);
         let answered = r.result.is_ok();
+        self.health.report(answered, r.sent_at.elapsed());
         self.take_report(r);
         if settles {
             self.settle_pause(answered);
@@ -1153,7 +1155,9 @@ pub async fn reconcile<L: MonitorLink>(
             jobs.send(job).await.map_err(|_| RunError::WorkerGone)?;
         }
         let deadline = core.lease_deadline();
-        core.health.tick(core.writable_until(), Instant::now());
+        let epoch = core.goal.as_ref().map_or(0, |g| g.epoch.0);
+        core.health
+            .tick(core.writable_until(), epoch, Instant::now());
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
