@@ -360,26 +360,27 @@ impl Monitor {
 
     /// Refuses a caller whose certificate serial the catalog lists as revoked.
     fn refuse_revoked<T>(&self, request: &Request<T>, rpc: &str) -> Result<(), Status> {
-        let Some(serial) = request
-            .extensions()
-            .get::<ha_pki::PeerInfo>()
-            .and_then(|i| i.serial.as_deref())
-        else {
-            return Ok(());
-        };
+        match self.revoked(request.extensions().get::<ha_pki::PeerInfo>()) {
+            None => Ok(()),
+            Some((node, serial, why)) => {
+                warn!(rpc, %node, serial, remote = %remote(request), "refused: revoked certificate");
+                Err(Status::permission_denied(format!("{rpc}: {why}")))
+            }
+        }
+    }
+
+    /// Node, serial and why, when the caller's certificate serial is listed as revoked.
+    fn revoked(&self, peer: Option<&ha_pki::PeerInfo>) -> Option<(NodeId, String, String)> {
+        let serial = peer.and_then(|i| i.serial.as_deref())?;
         let catalog = self.catalog();
-        let Some((node, at)) = catalog
+        let (node, at) = catalog
             .certificate(serial)
-            .and_then(|c| Some((&c.node, c.revoked_at_unix_ms?)))
-        else {
-            return Ok(());
-        };
+            .and_then(|c| Some((&c.node, c.revoked_at_unix_ms?)))?;
         let why = format!(
             "certificate serial {serial} of node {node} was revoked at {}",
             catalog::unix_ms_text(at)
         );
-        warn!(rpc, %node, serial, remote = %remote(request), "refused: revoked certificate");
-        Err(Status::permission_denied(format!("{rpc}: {why}")))
+        Some((node.clone(), serial.to_owned(), why))
     }
 
     fn now(&self) -> Duration {
@@ -1956,15 +1957,15 @@ async fn count_leader_changes(m: Arc<Monitor>) {
     }
 }
 
-/// `GET /metrics` (`crate::metrics`): for any certificate of the cluster CA (none with `--dev`);
-/// a connection without one (a joiner's) is answered 403.
+/// `GET /metrics` (`crate::metrics`): for any certificate of the cluster CA that is not revoked
+/// (none with `--dev`); a connection without one (a joiner's) is answered 403.
 fn metrics_page(m: &Arc<Monitor>, request: &axum::extract::Request) -> axum::response::Response {
     use axum::http::{StatusCode, header};
-    let identified = request
-        .extensions()
-        .get::<ha_pki::PeerInfo>()
-        .is_some_and(|p| p.identity.is_some());
-    let (code, body) = if identified || matches!(m.security, Security::Plaintext) {
+    let peer = request.extensions().get::<ha_pki::PeerInfo>();
+    let identified = peer.is_some_and(|p| p.identity.is_some());
+    let (code, body) = if let Some((_, _, why)) = m.revoked(peer) {
+        (StatusCode::FORBIDDEN, format!("{why}\n"))
+    } else if identified || matches!(m.security, Security::Plaintext) {
         let raft = m.raft.status();
         let status = OperatorApi(m.clone()).status_response(&m.catalog(), !raft.is_leader);
         (

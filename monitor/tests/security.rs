@@ -892,6 +892,24 @@ async fn renewal_keeps_the_identity_and_a_removed_nodes_certificates_are_refused
                 &revoked,
             );
         }
+        // Nor read the metrics (which any certificate of the CA may).
+        let files = cluster.files(&format!("psql2-{name}"));
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "3", "-o", "-", "-w", "\n%{http_code}"])
+            .arg("--cacert")
+            .arg(&files.ca_bundle)
+            .arg("--cert")
+            .arg(&files.cert)
+            .arg("--key")
+            .arg(&files.key)
+            .arg(format!("{}/metrics", cluster.url(leader)))
+            .output()
+            .unwrap();
+        let page = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            page.ends_with("\n403") && page.contains(&revoked),
+            "metrics with the {name} certificate: {page}"
+        );
         // The same certificate cannot act as any other node either.
         assert_refused(
             &format!("report for psql1 with the {name} certificate"),
