@@ -40,7 +40,7 @@ use tracing::{info, warn};
 use crate::files::{FileError, read_key_file, read_public_file};
 use crate::identity::{IdentityError, PeerIdentity};
 
-/// ALPN for gRPC (HTTP/2 only).
+/// ALPN for gRPC (HTTP/2).
 const ALPN_H2: &[u8] = b"h2";
 /// Also offered by servers, after HTTP/2: the agent port answers health checks of load
 /// balancers that speak HTTP/1.1 only (servers without HTTP/1.1 refuse its requests).
