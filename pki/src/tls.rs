@@ -42,8 +42,9 @@ use crate::identity::{IdentityError, PeerIdentity};
 
 /// ALPN for gRPC (HTTP/2).
 const ALPN_H2: &[u8] = b"h2";
-/// Also offered by servers, after HTTP/2: the agent port answers health checks of load
-/// balancers that speak HTTP/1.1 only (servers without HTTP/1.1 refuse its requests).
+/// Also offered by servers, after HTTP/2: load balancers' health checks and Prometheus may speak
+/// HTTP/1.1 only (the agent port's endpoints, `/metrics` of agents and monitors; gRPC stays on
+/// HTTP/2).
 const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 /// Errors loading TLS material.
