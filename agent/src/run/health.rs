@@ -86,16 +86,21 @@ pub enum Endpoint {
     Liveness,
 }
 
+/// Every path served and what it answers, see the module documentation.
+pub const PATHS: [(&str, Endpoint); 8] = [
+    ("/primary", Endpoint::Primary),
+    ("/master", Endpoint::Primary),
+    ("/leader", Endpoint::Primary),
+    ("/read-write", Endpoint::Primary),
+    ("/replica", Endpoint::Replica),
+    ("/read-only", Endpoint::ReadOnly),
+    ("/health", Endpoint::Health),
+    ("/liveness", Endpoint::Liveness),
+];
+
 impl Endpoint {
     pub fn from_path(path: &str) -> Option<Self> {
-        match path {
-            "/primary" | "/master" | "/leader" | "/read-write" => Some(Self::Primary),
-            "/replica" => Some(Self::Replica),
-            "/read-only" => Some(Self::ReadOnly),
-            "/health" => Some(Self::Health),
-            "/liveness" => Some(Self::Liveness),
-            _ => None,
-        }
+        PATHS.iter().find(|(p, _)| *p == path).map(|(_, e)| *e)
     }
 }
 
@@ -380,18 +385,6 @@ impl Snapshot {
 /// The content type of `/metrics`.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Every path served, see the module documentation.
-pub const PATHS: [&str; 8] = [
-    "/primary",
-    "/master",
-    "/leader",
-    "/read-write",
-    "/replica",
-    "/read-only",
-    "/health",
-    "/liveness",
-];
-
 /// Adds the endpoints to the agent port's gRPC `router`, and answers every other path with 404
 /// (tonic's own fallback answers HTTP 200 with a gRPC status, which a load balancer checking a
 /// mistyped path would take for healthy).
@@ -411,23 +404,32 @@ pub fn add_routes(router: axum::Router, health: &Health) -> axum::Router {
             }
         }),
     );
-    for path in PATHS {
+    for (path, endpoint) in PATHS {
         let health = health.clone();
         router = router.route(
             path,
             axum::routing::any(move |method: Method, uri: Uri| {
                 let health = health.clone();
-                async move { respond(&health, &method, &uri) }
+                async move { respond(&health, endpoint, &method, &uri) }
             }),
         );
     }
     router.fallback(|method: Method, uri: Uri| async move {
-        reply(
+        refuse(
             &method,
             StatusCode::NOT_FOUND,
-            serde_json::json!({"error": format!("no endpoint {}", uri.path())}).to_string(),
+            &format!("no endpoint {}", uri.path()),
         )
     })
+}
+
+/// An error answer: `{"error": why}`.
+fn refuse(method: &Method, code: StatusCode, why: &str) -> Response {
+    reply(
+        method,
+        code,
+        serde_json::json!({ "error": why }).to_string(),
+    )
 }
 
 fn reply(method: &Method, code: StatusCode, body: String) -> Response {
@@ -445,19 +447,12 @@ fn reply(method: &Method, code: StatusCode, body: String) -> Response {
     r
 }
 
-fn respond(health: &Health, method: &Method, uri: &Uri) -> Response {
-    let Some(endpoint) = Endpoint::from_path(uri.path()) else {
-        return reply(
-            method,
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": format!("no endpoint {}", uri.path())}).to_string(),
-        );
-    };
+fn respond(health: &Health, endpoint: Endpoint, method: &Method, uri: &Uri) -> Response {
     if ![Method::GET, Method::HEAD, Method::OPTIONS].contains(method) {
-        return reply(
+        return refuse(
             method,
             StatusCode::METHOD_NOT_ALLOWED,
-            serde_json::json!({"error": "only GET, HEAD and OPTIONS"}).to_string(),
+            "only GET, HEAD and OPTIONS",
         );
     }
     match lag_param(uri.query()) {
@@ -465,11 +460,7 @@ fn respond(health: &Health, method: &Method, uri: &Uri) -> Response {
             let (code, body) = health.answer(endpoint, lag, Instant::now());
             reply(method, code, body)
         }
-        Err(e) => reply(
-            method,
-            StatusCode::BAD_REQUEST,
-            serde_json::json!({ "error": e }).to_string(),
-        ),
+        Err(e) => refuse(method, StatusCode::BAD_REQUEST, &e),
     }
 }
 
@@ -586,8 +577,8 @@ mod tests {
 
     #[test]
     fn paths_and_lag_values() {
-        for p in PATHS {
-            assert!(Endpoint::from_path(p).is_some(), "{p}");
+        for (p, e) in PATHS {
+            assert_eq!(Endpoint::from_path(p), Some(e), "{p}");
         }
         assert_eq!(Endpoint::from_path("/master"), Some(Endpoint::Primary));
         assert_eq!(Endpoint::from_path("/read-write/"), None);
