@@ -52,7 +52,8 @@ else
   echo "install-deps: all system packages present"
 fi
 
-# Rust toolchain pieces: the machine's rustup toolchain is expected; nextest is installed if absent.
+# Rust toolchain pieces: the machine's rustup toolchain is expected; nextest and cargo-deb are
+# installed if absent.
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
     export PATH="$HOME/.cargo/bin:$PATH"
@@ -64,6 +65,12 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "install-deps: installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+# cargo-deb: scripts/build-debs.sh and the packages test (tests/tests/packages.rs) build the
+# Debian packages with it. Compiling it takes about 2 minutes on two cores.
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "install-deps: installing cargo-deb"
+  cargo install --locked cargo-deb
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
 echo "install-deps: done"

@@ -147,6 +147,12 @@ pub enum Cmd {
         /// Database holding the `haclt_drill` table the writer fills.
         #[arg(long, default_value = "postgres")]
         database: String,
+        /// Bound on one connect or one INSERT of the writer: a frozen or cut-off primary must
+        /// not hold it; the baseline writes before the fault get ten of them. Raise it where
+        /// a TLS connection or a synchronous commit takes longer (software-emulated guests:
+        /// about 2 s and 0.6 s).
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        write_timeout: Duration,
     },
     /// Print a systemd unit file.
     Systemd {
@@ -879,6 +885,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             wait,
             db_user,
             database,
+            write_timeout,
         } => {
             let options = crate::drill::Options {
                 group,
@@ -887,6 +894,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 db_user,
                 database,
                 tls: m.client_tls(),
+                write_timeout,
             };
             let outcome =
                 crate::drill::run(&mut m, scenario, &options, request_id("drill"), unix_ms).await;

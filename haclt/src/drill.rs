@@ -31,8 +31,6 @@ use crate::client::{Failure, Monitors, error_chain};
 /// Pause between two writes: enough resolution for the unavailability figure without
 /// saturating the small machines the drills run on.
 const WRITE_PACE: Duration = Duration::from_millis(5);
-/// Bound on one connect or one INSERT: a frozen or cut-off primary must not hold the writer.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Writes acknowledged before the fault is injected (the writer demonstrably works).
 const BASELINE_WRITES: u64 = 20;
 const POLL: Duration = Duration::from_millis(100);
@@ -75,6 +73,9 @@ pub struct Options {
     pub database: String,
     /// The operator certificate the writer presents (verify-full TLS); `None`: plaintext.
     pub tls: Option<Arc<ha_pki::ClientTls>>,
+    /// Bound on one connect or one INSERT: a frozen or cut-off primary must not hold the
+    /// writer (`--write-timeout`).
+    pub write_timeout: Duration,
 }
 
 /// The figures, printed as a table or as JSON (`--json`; fields are only ever added).
@@ -160,7 +161,7 @@ async fn connect(t: &Target, o: &Options) -> Result<tokio_postgres::Client, Stri
         .user(&o.db_user)
         .dbname(&o.database)
         .application_name("haclt-drill")
-        .connect_timeout(WRITE_TIMEOUT);
+        .connect_timeout(o.write_timeout);
     match &o.tls {
         Some(tls) => {
             let mut rustls = (*tls.current()).clone();
@@ -171,10 +172,11 @@ async fn connect(t: &Target, o: &Options) -> Result<tokio_postgres::Client, Stri
                 &config,
                 tokio_postgres_rustls::MakeRustlsConnect::new(rustls),
                 t,
+                o.write_timeout,
             )
             .await
         }
-        None => open(&config, tokio_postgres::NoTls, t).await,
+        None => open(&config, tokio_postgres::NoTls, t, o.write_timeout).await,
     }
 }
 
@@ -182,12 +184,13 @@ async fn open<T>(
     config: &tokio_postgres::Config,
     tls: T,
     t: &Target,
+    timeout: Duration,
 ) -> Result<tokio_postgres::Client, String>
 where
     T: MakeTlsConnect<tokio_postgres::Socket>,
     T::Stream: Send + 'static,
 {
-    let (client, conn) = tokio::time::timeout(WRITE_TIMEOUT, config.connect(tls))
+    let (client, conn) = tokio::time::timeout(timeout, config.connect(tls))
         .await
         .map_err(|_| format!("{}:{}: connect timed out", t.host, t.port))?
         .map_err(|e| format!("{}:{}: {}", t.host, t.port, error_chain(&e)))?;
@@ -234,7 +237,7 @@ async fn writer(
             "INSERT INTO haclt_drill (run, seq) VALUES ($1, $2)",
             &params,
         );
-        match tokio::time::timeout(WRITE_TIMEOUT, insert).await {
+        match tokio::time::timeout(options.write_timeout, insert).await {
             Ok(Ok(_)) => {
                 let now = Instant::now();
                 if let Some(last) = out.last_ack {
@@ -346,9 +349,12 @@ pub async fn run(
     })?;
 
     let mut writer = Writer::start(&request_id, o, old_target.clone());
+    // Ten write timeouts (10 s by default): a slower machine that needs a longer timeout per
+    // write gets a proportionally longer baseline.
+    let baseline_bound = o.write_timeout * 10;
     let baseline_ok = matches!(
         tokio::time::timeout(
-            Duration::from_secs(10),
+            baseline_bound,
             writer.progress.wait_for(|p| p.acked >= BASELINE_WRITES),
         )
         .await,
@@ -357,7 +363,7 @@ pub async fn run(
     if !baseline_ok {
         writer.stop().await;
         return Err(bare(Failure::NotConverged(format!(
-            "the writer could not commit {BASELINE_WRITES} rows on {old_primary} within 10s"
+            "the writer could not commit {BASELINE_WRITES} rows on {old_primary} within {baseline_bound:?}"
         ))));
     }
 

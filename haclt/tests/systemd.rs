@@ -24,27 +24,11 @@ fn haclt(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// `systemd-analyze verify` on `text` written as `dir/name`: `Err(what it said)` when the unit
-/// is refused or any line of its output names the unit.
+/// `systemd-analyze verify` on `text` written as `dir/name` (see [`ha_tests::systemd`]).
 fn verify(dir: &Path, name: &str, text: &str) -> Result<(), String> {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no", "--generators=no"])
-        .arg(&path)
-        .output()
-        .expect("systemd-analyze (Debian package systemd, see scripts/install-deps.sh)");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let about_unit: Vec<&str> = said.lines().filter(|l| l.contains(name)).collect();
-    if out.status.success() && about_unit.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("exit {:?}: {said}", out.status.code()))
-    }
+    ha_tests::systemd::verify_unit(&path)
 }
 
 /// A bin dir with executable stand-ins for the daemons (verify checks that ExecStart exists).

@@ -66,6 +66,15 @@ pub enum BootstrapError {
         /// The cause.
         source: SshError,
     },
+    /// A key of the stand is missing or unreadable (`exec` and `status` need the keys `up`
+    /// made).
+    #[error("{path}: {source} (was the stand brought up with --image?)")]
+    Keys {
+        /// The key file.
+        path: PathBuf,
+        /// The cause.
+        source: SshError,
+    },
     /// A node has no management address (validation guarantees one; a stored state might not).
     #[error("{0}: no management address to reach it over SSH")]
     NoManagementAddress(String),
@@ -156,8 +165,9 @@ pub struct Guest {
     pub ssh_addr: SocketAddr,
     /// The pinned host key.
     pub host_key: PublicKey,
-    /// Disks, kernel and console of its domain.
-    pub media: GuestMedia,
+    /// Disks, kernel and console of its domain (known while `up` prepares them; `None` for a
+    /// stand reached again by [`reach`]).
+    pub media: Option<GuestMedia>,
 }
 
 /// Every guest of a stand and the client key that logs into them.
@@ -174,7 +184,7 @@ impl Guests {
     pub fn media(&self) -> BTreeMap<String, GuestMedia> {
         self.guests
             .iter()
-            .map(|(k, g)| (k.clone(), g.media.clone()))
+            .filter_map(|(k, g)| Some((k.clone(), g.media.clone()?)))
             .collect()
     }
 }
@@ -317,7 +327,6 @@ pub fn prepare(
         &ssh.join("id_ed25519"),
         &format!("ha-provision@{}", topology.name),
     )?;
-    let port = topology.ports.management.first().copied().unwrap_or(22);
     let mut known_hosts = String::new();
     let mut guests = BTreeMap::new();
     open_dir(state_dir)?;
@@ -325,11 +334,7 @@ pub fn prepare(
         let dir = guest_dir(state_dir, &node.name);
         open_dir(&dir)?;
         let host_key = load_or_generate(&dir.join("ssh_host_ed25519_key"), &node.name)?;
-        let mgmt: Ipv4Addr = topology
-            .attachments(node)
-            .find(|a| a.network.management)
-            .map(|a| a.address)
-            .ok_or_else(|| BootstrapError::NoManagementAddress(node.name.clone()))?;
+        let ssh_addr = ssh_address(topology, node)?;
         let files = seed_files(topology, node, &host_key, client_key.public_key())?;
         let seed = dir.join("seed.img");
         write_seed(&files, &dir.join("seed"), &seed)?;
@@ -355,31 +360,73 @@ pub fn prepare(
             source,
         })?;
         // OpenSSH writes the default port without brackets and would not match `[ip]:22`.
-        if port == 22 {
+        let mgmt = ssh_addr.ip();
+        if ssh_addr.port() == 22 {
             known_hosts.push_str(&format!("{mgmt} {line}\n"));
         } else {
-            known_hosts.push_str(&format!("[{mgmt}]:{port} {line}\n"));
+            known_hosts.push_str(&format!("[{mgmt}]:{} {line}\n", ssh_addr.port()));
         }
         guests.insert(
             node.name.clone(),
             Guest {
                 node: node.name.clone(),
                 role: node.role,
-                ssh_addr: SocketAddr::new(mgmt.into(), port),
+                ssh_addr,
                 host_key: host_key.public_key().clone(),
-                media: GuestMedia {
+                media: Some(GuestMedia {
                     kernel: image.kernel(),
                     initrd: image.initrd(),
                     cmdline: KERNEL_CMDLINE.to_owned(),
                     disk,
                     seed,
                     console_log,
-                },
+                }),
             },
         );
     }
     let kh = ssh.join("known_hosts");
     std::fs::write(&kh, known_hosts).map_err(io_err(&kh))?;
+    Ok(Guests {
+        client_key: Arc::new(client_key),
+        guests,
+    })
+}
+
+/// Where `node` answers SSH: its management address and the first management port.
+fn ssh_address(topology: &Topology, node: &Node) -> Result<SocketAddr, BootstrapError> {
+    let port = topology.ports.management.first().copied().unwrap_or(22);
+    let mgmt: Ipv4Addr = topology
+        .attachments(node)
+        .find(|a| a.network.management)
+        .map(|a| a.address)
+        .ok_or_else(|| BootstrapError::NoManagementAddress(node.name.clone()))?;
+    Ok(SocketAddr::new(mgmt.into(), port))
+}
+
+/// The guests of a stand that [`prepare`] made before (`exec`, `status`): the client key and
+/// every pinned host key from the state directory, nothing generated or changed.
+pub fn reach(topology: &Topology, state_dir: &Path) -> Result<Guests, BootstrapError> {
+    let read = |path: PathBuf| {
+        read_private_key(&path).map_err(|source| BootstrapError::Keys {
+            path: path.clone(),
+            source,
+        })
+    };
+    let client_key = read(ssh_dir(state_dir).join("id_ed25519"))?;
+    let mut guests = BTreeMap::new();
+    for node in &topology.nodes {
+        let host_key = read(guest_dir(state_dir, &node.name).join("ssh_host_ed25519_key"))?;
+        guests.insert(
+            node.name.clone(),
+            Guest {
+                node: node.name.clone(),
+                role: node.role,
+                ssh_addr: ssh_address(topology, node)?,
+                host_key: host_key.public_key().clone(),
+                media: None,
+            },
+        );
+    }
     Ok(Guests {
         client_key: Arc::new(client_key),
         guests,
@@ -640,14 +687,7 @@ mod tests {
             role: e1.role,
             ssh_addr: "127.0.0.1:22".parse().expect("addr"),
             host_key: generate_key("h").public_key().clone(),
-            media: GuestMedia {
-                kernel: PathBuf::new(),
-                initrd: PathBuf::new(),
-                cmdline: String::new(),
-                disk: PathBuf::new(),
-                seed: PathBuf::new(),
-                console_log: PathBuf::new(),
-            },
+            media: None,
         };
         let files = files_to_push(dir.path(), &guest).expect("walk");
         let summary: Vec<(String, u32, String)> = files

@@ -20,11 +20,13 @@ use tracing::info;
 use crate::bootstrap::{self, Guests};
 use crate::daemons::{self, DaemonState};
 use crate::firewall::node_firewall;
+use crate::guests::{self, GuestFleet};
 use crate::image::{BaseImage, ImageRecipe};
 use crate::lab;
 use crate::libvirt::{self, LibvirtBackend};
-use crate::material::Material;
+use crate::material::{Material, Placement};
 use crate::netns::{self, Layout};
+use crate::ssh::shell_quote;
 use crate::state::{BackendKind, StateFile};
 use crate::supervise;
 use crate::topology::{Topology, valid_name};
@@ -78,9 +80,15 @@ pub enum Command {
         #[arg(long)]
         libvirt_uri: Option<String>,
         /// libvirt: boot real guests from this base image directory (`image build --out`),
-        /// then wait for their SSH with the pinned host keys.
+        /// wait for their SSH with the pinned host keys, install the packages (`--packages`)
+        /// and bring the whole stand up under systemd, as the netns backend does under its
+        /// supervisors. Without it, only networks and empty domains are defined.
         #[arg(long)]
         image: Option<PathBuf>,
+        /// libvirt: directory of the `.deb` files to install (`scripts/build-debs.sh`;
+        /// default: `debian/` beside the bin dir, i.e. `target/debian`).
+        #[arg(long, requires = "image")]
+        packages: Option<PathBuf>,
         /// libvirt: files to push over SSH, `roles/<role>/` and `nodes/<node>/` trees
         /// mirrored onto each guest's `/`; pushed `etc/systemd/system/*.service` units are
         /// enabled and started. Needs `--image`.
@@ -89,8 +97,9 @@ pub enum Command {
         /// libvirt: how long to wait for every guest's SSH, in seconds.
         #[arg(long, default_value_t = 600)]
         ssh_timeout: u64,
-        /// netns: directory of `ha-monitor`, `ha-agent` and `haclt` (default: the directory
-        /// of this `ha-provision`).
+        /// Directory of `ha-monitor`, `ha-agent` and `haclt` (default: the directory of this
+        /// `ha-provision`). netns: the daemons run from it; libvirt: `haclt` runs from it on
+        /// this machine, as the operator.
         #[arg(long)]
         bin_dir: Option<PathBuf>,
     },
@@ -100,8 +109,9 @@ pub enum Command {
         #[arg(long)]
         stand: Option<String>,
     },
-    /// Show what exists and what runs: every node, and on netns every daemon as `/proc` shows
-    /// it now. Exits 3 when a node or one of its daemons does not run.
+    /// Show what exists and what runs: every node, and every daemon as `/proc` shows it now
+    /// (netns) or as systemd on the guest reports its unit (libvirt, over SSH). Exits 3 when
+    /// a node or one of its daemons does not run.
     Status {
         /// Stand name, to find its default state directory.
         #[arg(long)]
@@ -125,8 +135,9 @@ pub enum Command {
         /// Node name.
         node: String,
     },
-    /// Run a command inside a node (netns backend); it replaces `ha-provision` (same PID,
-    /// signals and exit status).
+    /// Run a command on a node and exit with its status: netns, in the node's namespace (it
+    /// replaces `ha-provision`: same PID and signals); libvirt, as root over SSH with the
+    /// pinned host key (standard input is passed on when it is not a terminal).
     Exec {
         /// Stand name, to find its default state directory.
         #[arg(long)]
@@ -299,6 +310,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             prefix,
             libvirt_uri,
             image,
+            packages,
             files,
             ssh_timeout,
             bin_dir,
@@ -326,11 +338,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                         what: "networks (namespaces, bridges, firewall)".into(),
                         took: started.elapsed(),
                     }];
-                    steps.extend(lab::up(&topology, &mut state, &bins)?);
-                    for step in &steps {
-                        println!("{:<44} {:>7.2} s", step.what, step.took.as_secs_f64());
-                    }
-                    println!("{:<44} {:>7.2} s", "total", started.elapsed().as_secs_f64());
+                    let material = Material::new(&topology, &dir);
+                    let mut fleet = lab::Supervisors::new(&topology, &prefix, &dir, &bins);
+                    steps.extend(lab::up(&topology, &mut state, &material, &mut fleet)?);
+                    print_steps(&steps, started);
                 }
                 BackendKind::Libvirt => {
                     let uri = libvirt_uri.unwrap_or_else(|| topology.libvirt.uri.clone());
@@ -351,18 +362,25 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                         None => None,
                     };
                     let media = guests.as_ref().map(Guests::media).unwrap_or_default();
+                    let started = Instant::now();
                     LibvirtBackend::open(&uri)?.up(&topology, &mut state, &media)?;
                     if let Some(guests) = guests {
-                        let started = tokio::runtime::Runtime::new()
-                            .context("while starting the async runtime")?
-                            .block_on(bootstrap::bootstrap_all(
-                                &guests,
-                                files.as_deref(),
-                                Duration::from_secs(ssh_timeout),
-                            ))?;
-                        for (node, units) in started {
-                            println!("{node}: ssh up, units started: {}", units.join(" "));
-                        }
+                        let mut steps = vec![lab::Step {
+                            what: "networks and domains defined, started".into(),
+                            took: started.elapsed(),
+                        }];
+                        steps.extend(guest_stand(
+                            &topology,
+                            &mut state,
+                            &guests,
+                            &GuestOptions {
+                                bin_dir,
+                                packages,
+                                files,
+                                ssh_timeout: Duration::from_secs(ssh_timeout),
+                            },
+                        )?);
+                        print_steps(&steps, started);
                     }
                 }
             }
@@ -480,12 +498,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let dir = existing_state_dir(cli.state_dir, stand.as_deref())?;
             let state = load_state(&dir, cli.backend)?;
-            if state.state().backend != BackendKind::Netns {
-                bail!(
-                    "exec runs inside network namespaces; libvirt guests are reached over SSH once bootstrapped"
-                );
-            }
             let topology = state.topology()?;
+            if state.state().backend == BackendKind::Libvirt {
+                return guest_exec(&topology, &dir, &node, &command);
+            }
             // Exec'd in place (as is every step of the chain): the command gets this
             // process's PID, signals and exit status, so `kill` and `wait` in a script reach it.
             let error =
@@ -493,6 +509,143 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             Err(error).context("while starting ip netns exec")
         }
     }
+}
+
+fn print_steps(steps: &[lab::Step], started: Instant) {
+    for step in steps {
+        println!("{:<44} {:>7.2} s", step.what, step.took.as_secs_f64());
+    }
+    println!("{:<44} {:>7.2} s", "total", started.elapsed().as_secs_f64());
+}
+
+/// What `up --backend libvirt --image` needs besides the topology.
+struct GuestOptions {
+    bin_dir: Option<PathBuf>,
+    packages: Option<PathBuf>,
+    files: Option<PathBuf>,
+    ssh_timeout: Duration,
+}
+
+/// The stand on booted guests: SSH, packages, the operator's extra files, then the same
+/// sequence as on netns ([`lab::up`]) with the material placed for guests.
+fn guest_stand(
+    topology: &Topology,
+    state: &mut StateFile,
+    guests: &Guests,
+    options: &GuestOptions,
+) -> anyhow::Result<Vec<lab::Step>> {
+    let dir = state.dir().to_owned();
+    let bins = lab::Binaries::locate(options.bin_dir.clone())?;
+    let packages = options.packages.clone().unwrap_or_else(|| {
+        bins.bin_dir
+            .parent()
+            .unwrap_or(&bins.bin_dir)
+            .join("debian")
+    });
+    let haclt = lab::Haclt {
+        binary: bins.bin_dir.join("haclt"),
+        fabric: None,
+        config: StateFile::haclt_config_path(&dir),
+    };
+    let mut steps = Vec::new();
+    let t = Instant::now();
+    let mut fleet = GuestFleet::connect(topology, guests, options.ssh_timeout, haclt)?;
+    steps.push(lab::Step {
+        what: "every guest answers SSH".into(),
+        took: t.elapsed(),
+    });
+    let t = Instant::now();
+    let installed = fleet.install_packages(topology, &packages)?;
+    for (node, debs) in &installed {
+        info!(node, packages = ?debs, "installed");
+    }
+    steps.push(lab::Step {
+        what: format!("packages from {}", packages.display()),
+        took: t.elapsed(),
+    });
+    if let Some(files) = &options.files {
+        let t = Instant::now();
+        for (node, units) in fleet.push_files(guests, files)? {
+            println!("{node}: pushed files, units started: {}", units.join(" "));
+        }
+        steps.push(lab::Step {
+            what: "files pushed".into(),
+            took: t.elapsed(),
+        });
+    }
+    let material = Material::placed(topology, &dir, Placement::Guest);
+    steps.extend(lab::up(topology, state, &material, &mut fleet)?);
+    fleet.close();
+    Ok(steps)
+}
+
+/// `exec` on a libvirt guest: the command as root over SSH, its output passed on, its exit
+/// status returned.
+fn guest_exec(
+    topology: &Topology,
+    dir: &Path,
+    node: &str,
+    command: &[OsString],
+) -> anyhow::Result<u8> {
+    use std::io::{IsTerminal as _, Read as _, Write as _};
+    let guests = bootstrap::reach(topology, dir)?;
+    let rt = tokio::runtime::Runtime::new().context("while starting the async runtime")?;
+    let session = guests::connect_one(&rt, &guests, node, GUEST_CONNECT)?;
+    let line: Vec<String> = command
+        .iter()
+        .map(|a| shell_quote(&a.to_string_lossy()))
+        .collect();
+    let mut input = Vec::new();
+    if !std::io::stdin().is_terminal() {
+        std::io::stdin()
+            .read_to_end(&mut input)
+            .context("while reading standard input")?;
+    }
+    let out = rt
+        .block_on(session.exec_with_stdin(&line.join(" "), &input))
+        .with_context(|| format!("while running the command on {node}"))?;
+    std::io::stdout().write_all(&out.stdout)?;
+    std::io::stderr().write_all(&out.stderr)?;
+    Ok(u8::try_from(out.status).unwrap_or(u8::MAX))
+}
+
+/// How long `exec` and `status` wait for a guest's SSH.
+const GUEST_CONNECT: Duration = Duration::from_secs(15);
+
+/// The daemons of a running guest: its role's units as systemd reports them over SSH.
+fn guest_daemons(
+    rt: &tokio::runtime::Runtime,
+    guests: Option<&Guests>,
+    node: &str,
+    role: crate::topology::Role,
+) -> Vec<daemons::DaemonReport> {
+    let down = |name: &str, detail: String| daemons::DaemonReport {
+        name: name.to_owned(),
+        state: DaemonState::Down,
+        pid: None,
+        detail: Some(detail),
+    };
+    let Some(guests) = guests else {
+        return vec![down("ssh", "no keys in the state directory".into())];
+    };
+    let session = match guests::connect_one(rt, guests, node, GUEST_CONNECT) {
+        Ok(s) => s,
+        Err(e) => return vec![down("ssh", e.to_string())],
+    };
+    let units = match guests::units_status(rt, &session, role) {
+        Ok(u) => u,
+        Err(e) => return vec![down("ssh", e)],
+    };
+    let _ = rt.block_on(session.close());
+    units
+        .into_iter()
+        .map(|u| daemons::DaemonReport {
+            state: u.daemon_state(),
+            detail: Some(format!("{}, {} restarts", u.state, u.restarts)),
+            pid: u.pid,
+            name: u.unit,
+        })
+        .collect()
 }
 
 /// The report of `status`.
@@ -517,6 +670,13 @@ pub fn status(state: &StateFile) -> anyhow::Result<StatusReport> {
         }
     };
     let material = Material::new(&topology, state.dir());
+    let (rt, guests) = match s.backend {
+        BackendKind::Netns => (None, None),
+        BackendKind::Libvirt => (
+            Some(tokio::runtime::Runtime::new().context("while starting the async runtime")?),
+            bootstrap::reach(&topology, state.dir()).ok(),
+        ),
+    };
     let nodes = nodes
         .into_iter()
         .map(|(name, target, present, active)| {
@@ -529,6 +689,8 @@ pub fn status(state: &StateFile) -> anyhow::Result<StatusReport> {
                 .flatten();
             let daemons = if netns && present {
                 daemons::node_daemons(&material, &name, node.role, supervisor_pid)
+            } else if let Some(rt) = rt.as_ref().filter(|_| active) {
+                guest_daemons(rt, guests.as_ref(), &name, node.role)
             } else {
                 Vec::new()
             };

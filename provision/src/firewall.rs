@@ -4,8 +4,9 @@
 //! Invariants: input and forward are default drop, output is open; loopback, established and
 //! related traffic and ICMP echo are accepted; every other accepted packet matches one
 //! [`Rule`], whose sources are either whole networks (management access, XMPP clients from the
-//! frontends' networks) or the service addresses of named peer nodes, never a management
-//! address, so nothing but the management ports is reachable from the management network
+//! frontends' networks), the service addresses of named peer nodes, or this machine's address
+//! on a service network (the operator host of a libvirt lab, where `haclt drill` writes to
+//! PostgreSQL from), never a management address, so nothing but the management ports is reachable from the management network
 //! except the monitor API for operators. The generated script replaces the whole table in one
 //! `nft -f` transaction, so loading it twice gives the same ruleset.
 
@@ -195,6 +196,11 @@ pub fn node_firewall(topology: &Topology, node: &Node) -> NodeFirewall {
                 peers(topology, &[Role::Postgres], node),
                 single(ports.agent),
                 "agent port for the PostgreSQL peers (failsafe vouches)",
+            );
+            push(
+                topology.operator_hosts(node).map(Ipv4Cidr::host).collect(),
+                single(ports.postgres),
+                "PostgreSQL for the operator host's drill writer",
             );
         }
         Role::Ejabberd => {

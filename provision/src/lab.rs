@@ -1,13 +1,17 @@
-//! The processes of a netns stand: after the networks exist, `up` writes the material
-//! ([`crate::material`]), starts one supervisor per node ([`crate::supervise`]) in dependency
-//! order and issues the agents' join tokens; `down` stops the supervisors first.
+//! The processes of a stand, once its nodes exist: `up` writes the material
+//! ([`crate::material`]), starts each node's daemons in dependency order and issues the agents'
+//! join tokens. One sequence for both backends; a [`Fleet`] says how the nodes are reached:
+//! [`Supervisors`] start one supervisor per namespace ([`crate::supervise`]; `down` stops them
+//! first), [`crate::guests::GuestFleet`] places files and starts the packaged systemd units
+//! on libvirt guests over SSH.
 //!
 //! Order of `up` (each step timed and printed):
-//! 1. material (CA, certificates, configs), recorded in the state before it is written;
-//! 2. monitor supervisors, then wait until `haclt status` shows every monitor and a leader;
+//! 1. material (CA, certificates, configs), recorded in the state before it is written, and
+//!    placed on the nodes with its owners and modes (guests);
+//! 2. the monitors, then wait until `haclt status` shows every monitor and a leader;
 //! 3. a join token per agent (postgres and ejabberd nodes) that has none, created with
-//!    `haclt token create` in the fabric namespace (the operator host) with the stand's
-//!    operator config;
+//!    `haclt token create` as the operator (the fabric namespace on a netns stand, this
+//!    machine on the management network of a libvirt stand) with the stand's operator config;
 //! 4. the first postgres node, waiting until a primary exists (on a new stand the first node,
 //!    the reference stand's psql1server), then the other postgres nodes;
 //! 5. ejabberd's SQL role, database and schema, and the XMPP load accounts, on that primary
@@ -18,9 +22,9 @@
 //!    its Erlang cluster (joining restarts ejabberd on the joining node: sessions opened
 //!    before that would be dropped).
 //!
-//! Invariants: a supervisor already running for a node (its PID file names a live
-//! `ha-provision ... supervise` process) is left alone, so `up` is idempotent and resumes;
-//! processes are only ever signalled by the PIDs this module recorded.
+//! Invariants: daemons already running are left alone (a supervisor whose PID file names a
+//! live `ha-provision ... supervise` process; a systemd unit that is active), so `up` is
+//! idempotent and resumes; processes are only ever signalled by the PIDs this module recorded.
 //! Binaries (`ha-monitor`, `ha-agent`, `haclt`) are looked up in one directory: by default the
 //! one holding the running `ha-provision` (`--bin-dir` overrides).
 
@@ -36,10 +40,10 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tracing::{info, warn};
 
-use crate::material::{EJABBERD_DB, GROUP, LOAD_USERS, Material, MaterialError};
+use crate::material::{EJABBERD_DB, GROUP, LOAD_USERS, Material, MaterialError, Placed};
 use crate::netns::{Layout, as_node};
 use crate::state::{Resource, StateError, StateFile};
-use crate::topology::{Role, Topology};
+use crate::topology::{Node, Role, Topology};
 
 /// How long `up` waits for the monitors to elect a leader.
 const MONITORS_TIMEOUT: Duration = Duration::from_secs(60);
@@ -74,6 +78,16 @@ pub enum LabError {
     /// A binary is missing from the bin dir.
     #[error("{0} not found: build the workspace binaries or pass --bin-dir")]
     MissingBinary(PathBuf),
+    /// A command on a node failed (libvirt guests: over SSH).
+    #[error("{node}: {what}: {detail}")]
+    Remote {
+        /// The node.
+        node: String,
+        /// What was done.
+        what: String,
+        /// Why it failed.
+        detail: String,
+    },
     /// `psql` failed while preparing ejabberd's database.
     #[error("preparing ejabberd's database on {node}: {detail}")]
     Database {
@@ -145,15 +159,107 @@ pub struct Step {
     pub took: Duration,
 }
 
-/// Starts the stand's processes (see the module docs); the networks must exist.
+/// How `up` reaches the nodes of a stand.
+pub trait Fleet {
+    /// Puts `files` of `node` (written by the material at [`Material::local`]) on the node
+    /// with their owners and modes.
+    fn place(
+        &mut self,
+        material: &Material<'_>,
+        node: &str,
+        files: &[Placed],
+    ) -> Result<(), LabError>;
+    /// Starts `node`'s daemons unless they run.
+    fn start(&mut self, material: &Material<'_>, node: &Node) -> Result<(), LabError>;
+    /// Runs `argv` on `node` as the `postgres` user with `stdin` as its input.
+    fn as_postgres(&mut self, node: &str, argv: &[String], stdin: &[u8]) -> Result<(), LabError>;
+    /// `haclt` as the stand's operator.
+    fn haclt(&self) -> &Haclt;
+}
+
+/// The nodes of a netns stand: a supervisor per namespace.
+#[derive(Debug)]
+pub struct Supervisors<'a> {
+    topology: &'a Topology,
+    prefix: String,
+    bins: &'a Binaries,
+    haclt: Haclt,
+}
+
+impl<'a> Supervisors<'a> {
+    /// The nodes of the netns stand `topology` with namespace prefix `prefix`, whose state
+    /// directory is `dir`.
+    pub fn new(topology: &'a Topology, prefix: &str, dir: &Path, bins: &'a Binaries) -> Self {
+        Self {
+            topology,
+            prefix: prefix.to_owned(),
+            bins,
+            haclt: Haclt {
+                binary: bins.bin_dir.join("haclt"),
+                fabric: Some(Layout::new(topology, prefix).fabric()),
+                config: StateFile::haclt_config_path(dir),
+            },
+        }
+    }
+}
+
+impl Fleet for Supervisors<'_> {
+    fn place(&mut self, _: &Material<'_>, _: &str, _: &[Placed]) -> Result<(), LabError> {
+        // The namespaces share this machine's files: the material is in place.
+        Ok(())
+    }
+
+    fn start(&mut self, material: &Material<'_>, node: &Node) -> Result<(), LabError> {
+        start_supervisor(self.topology, &self.prefix, material, self.bins, &node.name)
+    }
+
+    fn as_postgres(&mut self, node: &str, argv: &[String], stdin: &[u8]) -> Result<(), LabError> {
+        let ns = Layout::new(self.topology, &self.prefix).namespace(node);
+        let io = |what: &str| {
+            let what = what.to_owned();
+            move |source| LabError::Io { what, source }
+        };
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns, "runuser", "-u", "postgres", "--"])
+            .args(argv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io(&format!("running {}", argv[0])))?;
+        let written = child.stdin.take().expect("stdin is piped").write_all(stdin);
+        let out = child
+            .wait_with_output()
+            .map_err(io(&format!("running {}", argv[0])))?;
+        written.map_err(io(&format!("sending the input of {}", argv[0])))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(LabError::Remote {
+                node: node.to_owned(),
+                what: argv[0].clone(),
+                detail: format!(
+                    "{}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            })
+        }
+    }
+
+    fn haclt(&self) -> &Haclt {
+        &self.haclt
+    }
+}
+
+/// Starts the stand's processes (see the module docs); the nodes and their networks must
+/// exist.
 pub fn up(
     topology: &Topology,
     state: &mut StateFile,
-    bins: &Binaries,
+    material: &Material<'_>,
+    fleet: &mut dyn Fleet,
 ) -> Result<Vec<Step>, LabError> {
-    let dir = state.dir().to_owned();
-    let prefix = state.state().prefix.clone();
-    let material = Material::new(topology, &dir);
     let mut steps = Vec::new();
     let mut timed = |what: &str, started: Instant| {
         let step = Step {
@@ -168,31 +274,29 @@ pub fn up(
     for path in [
         material.pki_dir(),
         material.nodes_dir(),
+        material.files_dir(),
         material.haclt_config(),
     ] {
         state.record(Resource::Files { path })?;
     }
-    material.generate()?;
+    let manifest = material.generate()?;
+    for (node, files) in &manifest {
+        fleet.place(material, node, files)?;
+    }
     timed("material (CA, certificates, configs)", t);
 
     let t = Instant::now();
-    let haclt = Haclt {
-        binary: bins.bin_dir.join("haclt"),
-        fabric: Layout::new(topology, &prefix).fabric(),
-        config: material.haclt_config(),
-    };
-    let monitors: Vec<&str> = topology
-        .nodes_with_role(Role::Monitor)
-        .map(|n| n.name.as_str())
-        .collect();
+    let monitors: Vec<&Node> = topology.nodes_with_role(Role::Monitor).collect();
     for node in &monitors {
-        start_supervisor(topology, &prefix, &material, bins, node)?;
+        fleet.start(material, node)?;
     }
     let want = monitors.len();
-    haclt.wait_for("monitors elect a leader", MONITORS_TIMEOUT, |s| {
-        let ms = s["monitors"].as_array().map_or(&[][..], Vec::as_slice);
-        ms.len() == want && ms.iter().any(|m| m["leader"] == true)
-    })?;
+    fleet
+        .haclt()
+        .wait_for("monitors elect a leader", MONITORS_TIMEOUT, |s| {
+            let ms = s["monitors"].as_array().map_or(&[][..], Vec::as_slice);
+            ms.len() == want && ms.iter().any(|m| m["leader"] == true)
+        })?;
     timed("monitors up, leader elected", t);
 
     let t = Instant::now();
@@ -202,10 +306,10 @@ pub fn up(
             Role::Ejabberd => "ejabberd",
             Role::Monitor | Role::Gateway => continue,
         };
-        let path = material.join_token(&node.name);
+        let path = material.local(&node.name, &material.join_token(&node.name));
         if !path.exists() {
             let address = material.advertise_address(node).to_string();
-            let token = haclt.run(&[
+            let token = fleet.haclt().run(&[
                 "token",
                 "create",
                 "--role",
@@ -217,51 +321,48 @@ pub fn up(
                 "--group",
                 GROUP,
             ])?;
-            ha_pki::write_key_file(&path, token.trim().as_bytes()).map_err(MaterialError::from)?;
+            let placed = material.write_join_token(node, token.trim())?;
+            fleet.place(material, &node.name, &placed)?;
             info!(node = %node.name, role, path = %path.display(), "join token written");
         }
     }
     timed("join tokens", t);
 
-    let postgres: Vec<&str> = topology
-        .nodes_with_role(Role::Postgres)
-        .map(|n| n.name.as_str())
-        .collect();
+    let postgres: Vec<&Node> = topology.nodes_with_role(Role::Postgres).collect();
     let Some((first, rest)) = postgres.split_first() else {
         return Ok(steps);
     };
     let t = Instant::now();
-    start_supervisor(topology, &prefix, &material, bins, first)?;
-    let s = haclt.wait_for("a primary", PRIMARY_TIMEOUT, |s| primary_of(s).is_some())?;
+    fleet.start(material, first)?;
+    let s = fleet
+        .haclt()
+        .wait_for("a primary", PRIMARY_TIMEOUT, |s| primary_of(s).is_some())?;
     let primary = primary_of(&s).expect("waited for it");
     timed(&format!("{primary} primary"), t);
     let t = Instant::now();
     for node in rest {
-        start_supervisor(topology, &prefix, &material, bins, node)?;
+        fleet.start(material, node)?;
     }
     timed("other postgres nodes started", t);
 
-    let frontends: Vec<&str> = topology
-        .nodes_with_role(Role::Ejabberd)
-        .map(|n| n.name.as_str())
-        .collect();
+    let frontends: Vec<&Node> = topology.nodes_with_role(Role::Ejabberd).collect();
     if frontends.is_empty() {
         return Ok(steps);
     }
     let t = Instant::now();
-    let ns = Layout::new(topology, &prefix).namespace(&primary);
-    prepare_ejabberd_database(&material, &ns, &primary, topology.ports.postgres)?;
+    prepare_ejabberd_database(material, fleet, &primary, topology.ports.postgres)?;
     timed(&format!("ejabberd database on {primary}"), t);
     let t = Instant::now();
     for node in &frontends {
-        start_supervisor(topology, &prefix, &material, bins, node)?;
+        fleet.start(material, node)?;
     }
+    let names: Vec<&str> = frontends.iter().map(|n| n.name.as_str()).collect();
     // The Erlang cluster too: joining restarts ejabberd on the joining node, which would
     // drop the XMPP sessions of whoever connected right after `up`.
-    haclt.wait_for(
+    fleet.haclt().wait_for(
         "every ejabberd agent verifies the primary, one Erlang cluster",
         EJABBERD_TIMEOUT,
-        |s| frontends_applied(s, &frontends) && one_erlang_cluster(s, &frontends),
+        |s| frontends_applied(s, &names) && one_erlang_cluster(s, &names),
     )?;
     timed("ejabberd nodes on the primary", t);
     Ok(steps)
@@ -321,7 +422,7 @@ pub fn ejabberd_status<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a s
 /// unless they exist. Replication carries them to the standbys.
 fn prepare_ejabberd_database(
     material: &Material<'_>,
-    namespace: &str,
+    fleet: &mut dyn Fleet,
     primary: &str,
     port: u16,
 ) -> Result<(), LabError> {
@@ -352,47 +453,30 @@ fn prepare_ejabberd_database(
            ON CONFLICT (username) DO UPDATE SET password = EXCLUDED.password;\n",
         accounts = accounts.join(", "),
     );
-    let socket = material.node_dir(primary).join("pg");
-    let mut child = Command::new("ip")
-        .args([
-            "netns", "exec", namespace, "runuser", "-u", "postgres", "--",
-        ])
-        .args(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
-        .arg(&socket)
-        .args(["-p", &port.to_string(), "-d", "postgres", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| LabError::Io {
-            what: "running psql".into(),
-            source,
-        })?;
-    let written = child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(script.as_bytes());
-    let out = child.wait_with_output().map_err(|source| LabError::Io {
-        what: "running psql".into(),
-        source,
-    })?;
-    if let Err(source) = written {
-        return Err(LabError::Io {
-            what: "sending the script to psql".into(),
-            source,
-        });
-    }
-    if !out.status.success() {
-        return Err(LabError::Database {
+    let argv: Vec<String> = [
+        "psql",
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        &material.pg_socket_dir(primary).display().to_string(),
+        "-p",
+        &port.to_string(),
+        "-d",
+        "postgres",
+        "-f",
+        "-",
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    fleet
+        .as_postgres(primary, &argv, script.as_bytes())
+        .map_err(|e| LabError::Database {
             node: primary.to_owned(),
-            detail: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
-    }
+            detail: e.to_string(),
+        })?;
     info!(node = primary, database = db, "ejabberd database ready");
     Ok(())
 }
@@ -498,13 +582,14 @@ pub fn stop_supervisors(topology: &Topology, dir: &Path) {
     }
 }
 
-/// `haclt` run in the fabric namespace with the stand's operator config.
+/// `haclt` run as the stand's operator with its config: in the fabric namespace of a netns
+/// stand, on this machine for a libvirt stand.
 #[derive(Debug, Clone)]
 pub struct Haclt {
     /// The binary.
     pub binary: PathBuf,
-    /// The fabric namespace (the operator host).
-    pub fabric: String,
+    /// The fabric namespace (the operator host of a netns stand).
+    pub fabric: Option<String>,
     /// `S/haclt.toml`.
     pub config: PathBuf,
 }
@@ -521,17 +606,18 @@ impl Haclt {
     /// [`Self::run`], also taking the exit codes in `accepted` as success (`status` exits 3
     /// when the cluster is degraded, with the full answer on stdout).
     fn run_accepting(&self, args: &[&str], accepted: &[i32]) -> Result<String, LabError> {
-        let mut argv: Vec<OsString> = vec![
-            "netns".into(),
-            "exec".into(),
-            self.fabric.clone().into(),
+        let mut argv: Vec<OsString> = match &self.fabric {
+            Some(ns) => vec!["ip".into(), "netns".into(), "exec".into(), ns.into()],
+            None => Vec::new(),
+        };
+        argv.extend([
             self.binary.clone().into(),
             "--config".into(),
             self.config.clone().into(),
-        ];
+        ]);
         argv.extend(args.iter().map(OsString::from));
-        let out = Command::new("ip")
-            .args(&argv)
+        let out = Command::new(&argv[0])
+            .args(&argv[1..])
             .stdin(Stdio::null())
             .output()
             .map_err(|source| LabError::Io {

@@ -6,9 +6,11 @@
 //! state file ([`state`]) lists every created resource so `down` removes exactly those.
 //! Real libvirt guests boot from one shared base image ([`image`]) with a per-guest seed disk
 //! and are reached over SSH with pinned host keys ([`ssh`], [`bootstrap`]).
-//! On the netns backend, [`lab`] then starts the stand's processes: [`material`] writes the
-//! CA, certificates and daemon configs, and one [`supervise`] process per node runs and
-//! restarts the node's daemons inside its namespace.
+//! [`lab`] then starts the stand's processes, the same sequence on both backends:
+//! [`material`] writes the CA, certificates and daemon configs; on the netns backend one
+//! [`supervise`] process per node runs and restarts the node's daemons inside its namespace,
+//! on libvirt guests ([`guests`]) the Debian packages are installed, the files placed and the
+//! packaged systemd units started over SSH.
 //! [`cli`] is the command line; the binary only parses arguments and starts tracing.
 
 pub mod bootstrap;
@@ -16,6 +18,7 @@ pub mod cidr;
 pub mod cli;
 pub mod daemons;
 pub mod firewall;
+pub mod guests;
 pub mod image;
 pub mod lab;
 pub mod libvirt;

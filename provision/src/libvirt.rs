@@ -345,11 +345,15 @@ impl LibvirtBackend {
     /// the guests' files and keys and the state file.
     pub fn down(&self, mut state: StateFile) -> Result<(), LibvirtError> {
         let created: Vec<Resource> = state.state().created.iter().rev().cloned().collect();
-        // Domains first: a network cannot be destroyed while guests use it.
+        // Domains first: a network cannot be destroyed while guests use it. The generated
+        // material (crate::material) last.
+        let (files, created): (Vec<Resource>, Vec<Resource>) = created
+            .into_iter()
+            .partition(|r| matches!(r, Resource::Files { .. }));
         let (domains, networks): (Vec<Resource>, Vec<Resource>) = created
             .into_iter()
             .partition(|r| matches!(r, Resource::LibvirtDomain { .. }));
-        for resource in domains.iter().chain(&networks) {
+        for resource in domains.iter().chain(&networks).chain(&files) {
             match resource {
                 Resource::LibvirtDomain { name } => match self.domain(name)? {
                     Some(d) => {
@@ -378,6 +382,16 @@ impl LibvirtBackend {
                         info!(network = %name, "undefined libvirt network");
                     }
                     None => debug!(network = %name, "already gone"),
+                },
+                Resource::Files { path } => match crate::state::remove_files(path) {
+                    Ok(true) => info!(path = %path.display(), "removed"),
+                    Ok(false) => {}
+                    Err(source) => {
+                        return Err(LibvirtError::GuestFiles {
+                            path: path.clone(),
+                            source,
+                        });
+                    }
                 },
                 other => return Err(LibvirtError::Foreign(other.clone())),
             }

@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ha_pki::{Ca, Role as CertRole, Validity};
-use nix::unistd::{Uid, User, chown};
+use nix::unistd::{Group, User, chown};
 use tracing::info;
 
 use crate::topology::{Node, Role, Topology};
@@ -89,17 +89,72 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MaterialError + '_ {
     }
 }
 
+/// Where a stand's nodes keep their files, and so what their configuration files say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Every node is a network namespace of this machine (the netns backend): its files stay
+    /// under `S/nodes/<node>/`, where its daemons, run by a supervisor as root, read them.
+    Shared,
+    /// Every node is a machine of its own with the Debian packages installed (the libvirt
+    /// backend): each file is where the packaged units expect it (`/etc/ha`, `/var/lib/...`,
+    /// Debian's PostgreSQL and ejabberd paths), owned by the user its daemon runs as. They are
+    /// written here under `S/files/nodes/<node>/<path on the node>` and pushed by `up`
+    /// following [`Material::generate`]'s list.
+    Guest,
+}
+
+/// One file (or directory) of a node's material as it must be on the node: `up` copies it
+/// there from [`Material::local`] and sets its owner and mode (guests; on a shared machine
+/// `generate` has done both).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// Path on the node.
+    pub path: PathBuf,
+    /// Owning user and group on the node.
+    pub owner: &'static str,
+    /// Owning group.
+    pub group: &'static str,
+    /// Exact mode.
+    pub mode: u32,
+    /// A directory to create (no content), rather than a file.
+    pub dir: bool,
+    /// Written only when missing on the node: after that the file belongs to the node's
+    /// agent (`ejabberd.yml`, whose `sql_server` follows the primary).
+    pub once: bool,
+}
+
+/// What [`Material::generate`] wrote: per node, the files and directories to place.
+pub type Manifest = std::collections::BTreeMap<String, Vec<Placed>>;
+
 /// Paths of the material of one stand.
 #[derive(Debug, Clone)]
 pub struct Material<'a> {
     topology: &'a Topology,
     dir: &'a Path,
+    placement: Placement,
 }
 
+/// The configuration directory of a guest (the packages' units read it).
+const ETC_HA: &str = "/etc/ha";
+
 impl<'a> Material<'a> {
-    /// The material of `topology` under state directory `dir`.
+    /// The material of `topology` under state directory `dir`, for a netns stand.
     pub fn new(topology: &'a Topology, dir: &'a Path) -> Self {
-        Self { topology, dir }
+        Self::placed(topology, dir, Placement::Shared)
+    }
+
+    /// The material of `topology` under state directory `dir`, placed as `placement` says.
+    pub fn placed(topology: &'a Topology, dir: &'a Path, placement: Placement) -> Self {
+        Self {
+            topology,
+            dir,
+            placement,
+        }
+    }
+
+    /// How the nodes keep their files.
+    pub fn placement(&self) -> Placement {
+        self.placement
     }
 
     /// The state directory `S`.
@@ -117,50 +172,129 @@ impl<'a> Material<'a> {
         self.dir.join("nodes")
     }
 
-    /// `S/nodes/<node>`.
+    /// `S/nodes/<node>`: the node's files on a shared machine, and this machine's records of
+    /// the node (supervisor PID and log) in both placements.
     pub fn node_dir(&self, node: &str) -> PathBuf {
         self.nodes_dir().join(node)
     }
 
-    /// The haclt configuration (`status --json` prints it as `haclt_config`).
+    /// `S/files`: the guests' files as written here ([`Placement::Guest`]).
+    pub fn files_dir(&self) -> PathBuf {
+        self.dir.join("files")
+    }
+
+    /// Where this machine keeps `path`, a path on `node`: the path itself on a shared
+    /// machine, `S/files/nodes/<node>/<path>` for a guest.
+    pub fn local(&self, node: &str, path: &Path) -> PathBuf {
+        match self.placement {
+            Placement::Shared => path.to_owned(),
+            Placement::Guest => self
+                .files_dir()
+                .join("nodes")
+                .join(node)
+                .join(path.strip_prefix("/").unwrap_or(path)),
+        }
+    }
+
+    /// The haclt configuration (`status --json` prints it as `haclt_config`). haclt runs on
+    /// this machine in both placements.
     pub fn haclt_config(&self) -> PathBuf {
         crate::state::StateFile::haclt_config_path(self.dir)
     }
 
-    /// `ha-monitor --config` of a monitor node.
-    pub fn monitor_config(&self, node: &str) -> PathBuf {
-        self.node_dir(node).join("monitor.toml")
+    /// A file of `node`'s own: `S/nodes/<node>/<shared>` or `/etc/ha/<guest>`.
+    fn node_file(&self, node: &str, shared: &str, guest: &str) -> PathBuf {
+        match self.placement {
+            Placement::Shared => self.node_dir(node).join(shared),
+            Placement::Guest => Path::new(ETC_HA).join(guest),
+        }
     }
 
-    /// `ha-agent --config` of a postgres or ejabberd node.
+    /// A directory of `node`: `S/nodes/<node>/<shared>` or `guest`.
+    fn node_path(&self, node: &str, shared: &str, guest: &str) -> PathBuf {
+        match self.placement {
+            Placement::Shared => self.node_dir(node).join(shared),
+            Placement::Guest => PathBuf::from(guest),
+        }
+    }
+
+    /// `ha-monitor --config` of a monitor node.
+    pub fn monitor_config(&self, node: &str) -> PathBuf {
+        self.node_file(node, "monitor.toml", "monitor.toml")
+    }
+
+    /// `ha-agent --config` of a postgres or ejabberd node (on a guest, the file of the
+    /// packaged unit of its role: `ha-agent.service` or `ha-agent-ejabberd.service`).
     pub fn agent_config(&self, node: &str) -> PathBuf {
-        self.node_dir(node).join("agent.toml")
+        let ejabberd = self
+            .topology
+            .node(node)
+            .is_some_and(|n| n.role == Role::Ejabberd);
+        let guest = if ejabberd {
+            "agent-ejabberd.toml"
+        } else {
+            "agent.toml"
+        };
+        self.node_file(node, "agent.toml", guest)
+    }
+
+    /// The systemd unit of `role`'s daemon on a guest (the packages install it).
+    pub fn unit(role: Role) -> Option<&'static str> {
+        match role {
+            Role::Monitor => Some("ha-monitor.service"),
+            Role::Postgres => Some("ha-agent.service"),
+            Role::Ejabberd => Some("ha-agent-ejabberd.service"),
+            Role::Gateway => None,
+        }
     }
 
     /// The join token file of an agent.
     pub fn join_token(&self, node: &str) -> PathBuf {
-        self.node_dir(node).join("join-token")
+        self.node_file(node, "join-token", "join-token")
     }
 
     /// The PostgreSQL data directory of a postgres node.
     pub fn pg_data(&self, node: &str) -> PathBuf {
-        self.node_dir(node).join("pg/data")
+        self.node_path(node, "pg/data", "/var/lib/postgresql/15/ha")
+    }
+
+    /// PostgreSQL's socket directory on a postgres node.
+    pub fn pg_socket_dir(&self, node: &str) -> PathBuf {
+        self.node_path(node, "pg", "/run/postgresql")
     }
 
     /// The ejabberd user's `HOME` on an ejabberd node: its `.erlang.cookie` is the stand's
     /// cookie (run `ejabberdctl` as `ejabberd` with this `HOME`).
     pub fn ejabberd_home(&self, node: &str) -> PathBuf {
-        self.node_dir(node).join("ejabberd/home")
+        self.node_path(node, "ejabberd/home", "/var/lib/ejabberd")
     }
 
     /// The ejabberd config directory (`ejabberdctl --config-dir`) of an ejabberd node.
     pub fn ejabberd_conf(&self, node: &str) -> PathBuf {
-        self.node_dir(node).join("ejabberd/conf")
+        self.node_path(node, "ejabberd/conf", "/etc/ejabberd")
     }
 
-    /// The directory whose `.erlang.cookie` the ejabberd agent's `erl_call` reads.
+    /// The directory whose `.erlang.cookie` the ejabberd agent's `erl_call` reads: its own on
+    /// a shared machine (the agent runs as root there), ejabberd's on a guest (the agent runs
+    /// as `ejabberd`).
     fn agent_home(&self, node: &str) -> PathBuf {
-        self.node_dir(node).join("agent-home")
+        self.node_path(node, "agent-home", "/var/lib/ejabberd")
+    }
+
+    /// The agent's state directory.
+    fn agent_state(&self, node: &str) -> PathBuf {
+        self.node_path(node, "agent-state", "/var/lib/ha-agent")
+    }
+
+    /// The user a daemon of `role` runs as on its node: root under the netns supervisor, the
+    /// packaged unit's user on a guest.
+    fn daemon_user(&self, role: Role) -> &'static str {
+        match (self.placement, role) {
+            (Placement::Shared, _) | (Placement::Guest, Role::Gateway) => "root",
+            (Placement::Guest, Role::Monitor) => "ha-monitor",
+            (Placement::Guest, Role::Postgres) => "postgres",
+            (Placement::Guest, Role::Ejabberd) => "ejabberd",
+        }
     }
 
     /// The Erlang node name of an ejabberd node.
@@ -214,11 +348,12 @@ impl<'a> Material<'a> {
         node.addresses.get(&net.name).copied()
     }
 
-    /// Writes everything (see the module docs). Idempotent.
-    pub fn generate(&self) -> Result<(), MaterialError> {
-        let postgres = system_user("postgres")?;
-        let ejabberd = system_user("ejabberd")?;
-        // The daemons run as postgres and ejabberd and must traverse to their directories.
+    /// Writes everything (see the module docs) and returns, per node, what must be on it
+    /// with which owner and mode: on a shared machine that is done already; `up` places a
+    /// guest's list on the guest. Idempotent.
+    pub fn generate(&self) -> Result<Manifest, MaterialError> {
+        // On a shared machine the daemons run as postgres and ejabberd and must traverse to
+        // their directories.
         for dir in [self.dir.to_owned(), self.nodes_dir()] {
             fs::create_dir_all(&dir).map_err(io(&dir))?;
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(io(&dir))?;
@@ -227,61 +362,140 @@ impl<'a> Material<'a> {
         fs::create_dir_all(&pki).map_err(io(&pki))?;
         fs::set_permissions(&pki, fs::Permissions::from_mode(0o700)).map_err(io(&pki))?;
         let ca = self.ca()?;
-        self.certificate(&ca, &pki.join(OPERATOR), OPERATOR, CertRole::Operator, None)?;
+        self.certificate(
+            &ca,
+            &pki.join(format!("{OPERATOR}.pem")),
+            &pki.join(format!("{OPERATOR}.key")),
+            OPERATOR,
+            CertRole::Operator,
+            None,
+        )?;
         write(
             &self.haclt_config(),
             &haclt_toml(&self.monitor_management_addresses(), &pki),
             0o600,
         )?;
-        let cookie = self.erlang_cookie()?;
-        let sql_password = self.ejabberd_sql_password()?;
+        let mut manifest = Manifest::new();
         for node in &self.topology.nodes {
+            if node.role == Role::Gateway {
+                continue;
+            }
             let dir = self.node_dir(&node.name);
             fs::create_dir_all(&dir).map_err(io(&dir))?;
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(io(&dir))?;
-            let cert_name = match node.role {
-                Role::Gateway => continue,
-                Role::Monitor => format!(
+            let mut files = NodeFiles {
+                material: self,
+                node: &node.name,
+                placed: Vec::new(),
+            };
+            self.node_files(&ca, node, &mut files)?;
+            manifest.insert(node.name.clone(), files.placed);
+        }
+        info!(dir = %self.dir.display(), placement = ?self.placement, "stand material written");
+        Ok(manifest)
+    }
+
+    /// Writes `node`'s join token (owner-only, for the user its agent runs as) and returns
+    /// what to place on the node.
+    pub fn write_join_token(&self, node: &Node, token: &str) -> Result<Vec<Placed>, MaterialError> {
+        let mut files = NodeFiles {
+            material: self,
+            node: &node.name,
+            placed: Vec::new(),
+        };
+        files.put(
+            &self.join_token(&node.name),
+            token,
+            self.daemon_user(node.role),
+            0o600,
+        )?;
+        Ok(files.placed)
+    }
+
+    /// The files of one monitor, postgres or ejabberd node.
+    fn node_files(
+        &self,
+        ca: &Ca,
+        node: &Node,
+        files: &mut NodeFiles<'_>,
+    ) -> Result<(), MaterialError> {
+        let user = self.daemon_user(node.role);
+        let (cert_name, cert_role) = match node.role {
+            Role::Monitor => (
+                format!(
                     "monitor-{}",
                     self.monitor_id(&node.name)
                         .expect("a monitor node has an id")
                 ),
-                Role::Postgres | Role::Ejabberd => node.name.clone(),
-            };
-            let role = match node.role {
-                Role::Monitor => CertRole::Monitor,
-                Role::Postgres => CertRole::Postgres,
-                _ => CertRole::Ejabberd,
-            };
-            self.certificate(&ca, &dir.join("node"), &cert_name, role, Some(node))?;
-            match node.role {
-                Role::Monitor => write(
-                    &self.monitor_config(&node.name),
-                    &self.monitor_toml(node),
-                    0o600,
-                )?,
-                Role::Postgres => {
-                    let pg = dir.join("pg");
-                    fs::create_dir_all(&pg).map_err(io(&pg))?;
-                    own(&pg, &postgres, 0o700)?;
-                    write(
-                        &self.agent_config(&node.name),
-                        &self.agent_toml(node),
-                        0o600,
-                    )?;
-                }
-                Role::Ejabberd => {
-                    self.ejabberd_files(node, &ejabberd, &cookie, &sql_password)?;
-                    write(
-                        &self.agent_config(&node.name),
-                        &self.ejabberd_agent_toml(node),
-                        0o600,
-                    )?;
-                }
-                Role::Gateway => {}
+                CertRole::Monitor,
+            ),
+            Role::Postgres => (node.name.clone(), CertRole::Postgres),
+            _ => (node.name.clone(), CertRole::Ejabberd),
+        };
+        let tls = self.tls_files(node);
+        if self.placement == Placement::Guest {
+            // The daemon's own: the agent replaces its certificate there when it renews it.
+            files.dir(Path::new(ETC_HA), user, user, 0o755)?;
+            files.copy(&self.pki_dir().join("ca.pem"), &tls.ca, "root", 0o644)?;
+            if let Some(ca_key) = &tls.ca_key {
+                files.copy(&self.pki_dir().join("ca.key"), ca_key, user, 0o600)?;
             }
         }
-        info!(dir = %self.dir.display(), "stand material written");
+        self.certificate(
+            ca,
+            &self.local(&node.name, &tls.cert),
+            &self.local(&node.name, &tls.key),
+            &cert_name,
+            cert_role,
+            Some(node),
+        )?;
+        files.place(&tls.cert, user, user, 0o644, false, false)?;
+        files.place(&tls.key, user, user, 0o600, false, false)?;
+        match node.role {
+            Role::Monitor => {
+                files.put(
+                    &self.monitor_config(&node.name),
+                    &self.monitor_toml(node),
+                    user,
+                    0o600,
+                )?;
+            }
+            Role::Postgres => {
+                match self.placement {
+                    Placement::Shared => {
+                        files.dir(
+                            &self.pg_socket_dir(&node.name),
+                            "postgres",
+                            "postgres",
+                            0o700,
+                        )?;
+                    }
+                    // The parent of the data directory: the unit may write only there, so it
+                    // must exist before the agent starts (no cluster of the package made it).
+                    Placement::Guest => {
+                        let data = self.pg_data(&node.name);
+                        let parent = data.parent().expect("an absolute data directory");
+                        files.dir(parent, "postgres", "postgres", 0o755)?;
+                    }
+                }
+                files.put(
+                    &self.agent_config(&node.name),
+                    &self.agent_toml(node),
+                    user,
+                    0o600,
+                )?;
+            }
+            Role::Ejabberd => {
+                self.ejabberd_files(node, files)?;
+                files.put(
+                    &self.agent_config(&node.name),
+                    &self.ejabberd_agent_toml(node),
+                    user,
+                    0o600,
+                )?;
+            }
+            Role::Gateway => {}
+        }
         Ok(())
     }
 
@@ -303,19 +517,18 @@ impl<'a> Material<'a> {
         Ok(ca)
     }
 
-    /// `<base>.pem` and `<base>.key` for `name` in `role`, unless both exist.
+    /// The certificate `cert` and key `key` for `name` in `role`, unless both exist.
     /// `node`'s certificate carries its host names and every address as SANs: peers connect
     /// to a monitor or PostgreSQL by address.
     fn certificate(
         &self,
         ca: &Ca,
-        base: &Path,
+        cert: &Path,
+        key: &Path,
         name: &str,
         role: CertRole,
         node: Option<&Node>,
     ) -> Result<(), MaterialError> {
-        let cert = base.with_extension("pem");
-        let key = base.with_extension("key");
         if cert.exists() && key.exists() {
             return Ok(());
         }
@@ -330,8 +543,13 @@ impl<'a> Material<'a> {
             })
             .unwrap_or_default();
         let issued = ca.issue(name, role, &sans, Validity::starting_now(LIFETIME)?)?;
-        ha_pki::write_key_file(&key, issued.key_pem.as_bytes())?;
-        ha_pki::write_public_file(&cert, issued.cert_pem.as_bytes())?;
+        for file in [cert, key] {
+            if let Some(dir) = file.parent() {
+                fs::create_dir_all(dir).map_err(io(dir))?;
+            }
+        }
+        ha_pki::write_key_file(key, issued.key_pem.as_bytes())?;
+        ha_pki::write_public_file(cert, issued.cert_pem.as_bytes())?;
         Ok(())
     }
 
@@ -370,13 +588,21 @@ impl<'a> Material<'a> {
         Ok(secret)
     }
 
-    fn tls_files(&self, node: &str) -> TlsPaths {
-        let dir = self.node_dir(node);
+    /// The TLS files of `node`'s daemon; a monitor's include the CA key (the leader signs the
+    /// CSRs of nodes that join without a certificate).
+    fn tls_files(&self, node: &Node) -> TlsPaths {
+        let (ca, ca_key) = match self.placement {
+            Placement::Shared => (self.pki_dir().join("ca.pem"), self.pki_dir().join("ca.key")),
+            Placement::Guest => (
+                Path::new(ETC_HA).join("ca.pem"),
+                Path::new(ETC_HA).join("ca.key"),
+            ),
+        };
         TlsPaths {
-            ca: self.pki_dir().join("ca.pem"),
-            cert: dir.join("node.pem"),
-            key: dir.join("node.key"),
-            ca_key: None,
+            ca,
+            cert: self.node_file(&node.name, "node.pem", "node.pem"),
+            key: self.node_file(&node.name, "node.key", "node.key"),
+            ca_key: (node.role == Role::Monitor).then_some(ca_key),
         }
     }
 
@@ -399,21 +625,18 @@ impl<'a> Material<'a> {
              allow_drills = true\n\
              members = [\n",
             name = node.name,
-            data = self.node_dir(&node.name).join("monitor-data"),
+            data = self.node_path(&node.name, "monitor-data", "/var/lib/ha-monitor"),
         );
         for (i, m) in self.monitor_service_addresses().iter().enumerate() {
             let _ = writeln!(out, "  {{ id = {}, address = {m:?} }},", i + 1);
         }
         out.push_str("]\n");
-        let mut tls = self.tls_files(&node.name);
-        tls.ca_key = Some(self.pki_dir().join("ca.key"));
-        out.push_str(&tls_section(&tls));
+        out.push_str(&tls_section(&self.tls_files(node)));
         out
     }
 
     fn agent_toml(&self, node: &Node) -> String {
         let t = self.topology;
-        let pg = self.node_dir(&node.name).join("pg");
         let me = self.advertise_address(node);
         // Replication, base backups and rewinds: the agent generates `hostssl ... cert` rules
         // for exactly these peers (itself excluded) from their certificate names.
@@ -440,6 +663,12 @@ impl<'a> Material<'a> {
                 "{{ certificate = \"{OPERATOR}\", user = \"postgres\", database = \"postgres\", address = \"{frontend}\" }}"
             ));
         }
+        // The drill writer of an operator host on one of the node's service networks.
+        for host in t.operator_hosts(node) {
+            clients.push(format!(
+                "{{ certificate = \"{OPERATOR}\", user = \"postgres\", database = \"postgres\", address = \"{host}\" }}"
+            ));
+        }
         let table = format!(
             "[postgres]\n\
              data_dir = {data:?}\n\
@@ -456,15 +685,28 @@ impl<'a> Material<'a> {
             peers = peers.join(", "),
             clients = clients.join(", "),
             data = self.pg_data(&node.name),
+            pg = self.pg_socket_dir(&node.name),
             port = t.ports.postgres,
-            log = pg.join("postgresql.log"),
+            log = self.node_path(
+                &node.name,
+                "pg/postgresql.log",
+                "/var/lib/postgresql/15/ha.log"
+            ),
         );
+        // On a shared machine `down` stops PostgreSQL through the agent rather than by
+        // signal; under systemd an agent restart must leave it running (the default).
+        let stop = match self.placement {
+            Placement::Shared => {
+                "# `down` stops PostgreSQL through the agent rather than by signal.\n\
+                                  stop_postgres_on_shutdown = true\n"
+            }
+            Placement::Guest => "",
+        };
         self.agent_config_text(
             node,
             "postgres",
             &format!(
-                "# `down` stops PostgreSQL through the agent rather than by signal.\n\
-                 stop_postgres_on_shutdown = true\n\
+                "{stop}\
                  # A lab stand is where `haclt drill` runs (off by default elsewhere).\n\
                  allow_drills = true\n\
                  # The agent port: the PostgreSQL peers ask this agent to vouch for their primary\n\
@@ -493,8 +735,8 @@ impl<'a> Material<'a> {
             name = node.name,
             monitors = self.monitor_service_addresses(),
             token = self.join_token(&node.name),
-            state = self.node_dir(&node.name).join("agent-state"),
-            tls = tls_section(&self.tls_files(&node.name)),
+            state = self.agent_state(&node.name),
+            tls = tls_section(&self.tls_files(node)),
         )
     }
 
@@ -525,31 +767,60 @@ impl<'a> Material<'a> {
         )
     }
 
-    fn ejabberd_files(
-        &self,
-        node: &Node,
-        user: &User,
-        cookie: &str,
-        sql_password: &str,
-    ) -> Result<(), MaterialError> {
-        let root = self.node_dir(&node.name).join("ejabberd");
-        for sub in ["", "conf", "spool", "logs", "home"] {
-            let dir = root.join(sub);
-            fs::create_dir_all(&dir).map_err(io(&dir))?;
-            own(&dir, user, 0o750)?;
+    /// ejabberd's own files on an ejabberd node: the stand's Erlang cookie, `ejabberdctl.cfg`
+    /// (node name, distribution interface and ports), `inetrc`, and the first `ejabberd.yml`.
+    fn ejabberd_files(&self, node: &Node, files: &mut NodeFiles<'_>) -> Result<(), MaterialError> {
+        let cookie = self.erlang_cookie()?;
+        let name = &node.name;
+        let conf = self.ejabberd_conf(name);
+        let spool = self.node_path(name, "ejabberd/spool", "/var/lib/ejabberd/spool");
+        let logs = self.node_path(name, "ejabberd/logs", "/var/log/ejabberd");
+        let home = self.ejabberd_home(name);
+        match self.placement {
+            Placement::Shared => {
+                for dir in [
+                    &self.node_dir(name).join("ejabberd"),
+                    &conf,
+                    &spool,
+                    &logs,
+                    &home,
+                ] {
+                    files.dir(dir, "ejabberd", "ejabberd", 0o750)?;
+                }
+            }
+            // The packages made the others. The agent, running as ejabberd, replaces
+            // ejabberd.yml in /etc/ejabberd by a rename: the directory must be its own. The
+            // spool is new: the Mnesia database the package's first start made belongs to
+            // the node name it had then.
+            Placement::Guest => {
+                files.dir(&conf, "ejabberd", "ejabberd", 0o750)?;
+                files.dir(&spool, "ejabberd", "ejabberd", 0o750)?;
+            }
         }
         // The cookie is only ever in `$HOME/.erlang.cookie` files, never on a command line
-        // (readable by every local user in /proc): the agent runs as root and its `erl_call`
-        // reads the agent's home; ejabberd and every `ejabberdctl` run as `ejabberd` with the
-        // node's ejabberd home.
-        let home = self.agent_home(&node.name);
-        fs::create_dir_all(&home).map_err(io(&home))?;
-        fs::set_permissions(&home, fs::Permissions::from_mode(0o700)).map_err(io(&home))?;
-        ha_pki::write_key_file(&home.join(".erlang.cookie"), cookie.as_bytes())?;
-        let cookie_file = self.ejabberd_home(&node.name).join(".erlang.cookie");
-        ha_pki::write_key_file(&cookie_file, cookie.as_bytes())?;
-        own(&cookie_file, user, 0o400)?;
-        let conf = self.ejabberd_conf(&node.name);
+        // (readable by every local user in /proc). ejabberd and every `ejabberdctl` run as
+        // `ejabberd` with the node's ejabberd home; the agent's `erl_call` reads the agent's
+        // home: its own under the netns supervisor (as root), ejabberd's on a guest.
+        let agent_home = self.agent_home(name);
+        if agent_home != home {
+            files.dir(&agent_home, "root", "root", 0o700)?;
+            files.put_with(
+                &agent_home.join(".erlang.cookie"),
+                cookie.as_bytes(),
+                "root",
+                "root",
+                0o600,
+                false,
+            )?;
+        }
+        files.put_with(
+            &home.join(".erlang.cookie"),
+            cookie.as_bytes(),
+            "ejabberd",
+            "ejabberd",
+            0o400,
+            false,
+        )?;
         let me = self.advertise_address(node);
         let d = self.topology.ports.erlang_dist;
         // Sourced by ejabberdctl, run as ejabberd with the node's home (see above).
@@ -561,25 +832,49 @@ impl<'a> Material<'a> {
              FIREWALL_WINDOW={first}-{last}\n\
              export ERL_EPMD_PORT={epmd}\n\
              INET_DIST_INTERFACE={me}\n\
-             ERL_OPTIONS=\"-env ERL_CRASH_DUMP_BYTES 0\"\n",
-            erl = Self::erlang_node(&node.name),
-            spool = root.join("spool").display(),
-            logs = root.join("logs").display(),
+             ERL_OPTIONS=\"-env ERL_CRASH_DUMP_BYTES 0\"\n\
+             {debian}",
+            debian = match self.placement {
+                Placement::Shared => "",
+                // The rest of the file Debian's package installs (its unit relies on them).
+                Placement::Guest =>
+                    "EJABBERD_PID_PATH=/run/ejabberd/ejabberd.pid\n\
+                                     EJABBERD_CONFIG_PATH=/etc/ejabberd/ejabberd.yml\n\
+                                     CONTRIB_MODULES_CONF_DIR=/etc/ejabberd/modules.d\n",
+            },
+            erl = Self::erlang_node(name),
+            spool = spool.display(),
+            logs = logs.display(),
             first = d.first,
             last = d.last,
             epmd = self.topology.ports.epmd,
         );
-        let ctl_path = conf.join("ejabberdctl.cfg");
-        write(&ctl_path, &ctl, 0o640)?;
-        chown_group(&ctl_path, user)?;
-        let inetrc = conf.join("inetrc");
-        write(&inetrc, "{lookup,[\"file\",\"native\"]}.\n", 0o644)?;
-        let yml = conf.join("ejabberd.yml");
-        if !yml.exists() {
-            write(&yml, &self.ejabberd_yml(sql_password), 0o640)?;
-            chown_group(&yml, user)?;
-        }
-        Ok(())
+        files.put_with(
+            &conf.join("ejabberdctl.cfg"),
+            ctl.as_bytes(),
+            "root",
+            "ejabberd",
+            0o640,
+            false,
+        )?;
+        files.put_with(
+            &conf.join("inetrc"),
+            b"{lookup,[\"file\",\"native\"]}.\n",
+            "root",
+            "root",
+            0o644,
+            false,
+        )?;
+        let yml = self.ejabberd_yml(&self.ejabberd_sql_password()?);
+        let owner = self.daemon_user(Role::Ejabberd);
+        files.put_with(
+            &conf.join("ejabberd.yml"),
+            yml.as_bytes(),
+            owner,
+            "ejabberd",
+            0o640,
+            true,
+        )
     }
 
     /// The first `ejabberd.yml`: SQL storage on the first PostgreSQL node (the one `up`
@@ -656,6 +951,112 @@ fn haclt_toml(monitors: &[String], pki: &Path) -> String {
     )
 }
 
+/// The files of one node being written, and the list of what must be on it.
+struct NodeFiles<'m> {
+    material: &'m Material<'m>,
+    node: &'m str,
+    placed: Vec<Placed>,
+}
+
+impl NodeFiles<'_> {
+    /// Writes `text` as `path` of the node, owned by `owner` and its group, with `mode`.
+    fn put(
+        &mut self,
+        path: &Path,
+        text: &str,
+        owner: &'static str,
+        mode: u32,
+    ) -> Result<(), MaterialError> {
+        self.put_with(path, text.as_bytes(), owner, owner, mode, false)
+    }
+
+    /// Writes `bytes` as `path` of the node (when `once`, only if it was never written).
+    fn put_with(
+        &mut self,
+        path: &Path,
+        bytes: &[u8],
+        owner: &'static str,
+        group: &'static str,
+        mode: u32,
+        once: bool,
+    ) -> Result<(), MaterialError> {
+        let local = self.material.local(self.node, path);
+        if !(once && local.exists()) {
+            if let Some(dir) = local.parent() {
+                fs::create_dir_all(dir).map_err(io(dir))?;
+            }
+            ha_pki::write_file(&local, bytes, mode)?;
+        }
+        self.place(path, owner, group, mode, false, once)
+    }
+
+    /// Copies this machine's `from` to `path` of the node.
+    fn copy(
+        &mut self,
+        from: &Path,
+        path: &Path,
+        owner: &'static str,
+        mode: u32,
+    ) -> Result<(), MaterialError> {
+        let bytes = fs::read(from).map_err(io(from))?;
+        self.put_with(path, &bytes, owner, owner, mode, false)
+    }
+
+    /// The directory `path` of the node.
+    fn dir(
+        &mut self,
+        path: &Path,
+        owner: &'static str,
+        group: &'static str,
+        mode: u32,
+    ) -> Result<(), MaterialError> {
+        if self.material.placement == Placement::Shared {
+            fs::create_dir_all(path).map_err(io(path))?;
+        }
+        self.place(path, owner, group, mode, true, false)
+    }
+
+    /// Gives `path` its owner and mode: now on a shared machine, listed for a guest.
+    fn place(
+        &mut self,
+        path: &Path,
+        owner: &'static str,
+        group: &'static str,
+        mode: u32,
+        dir: bool,
+        once: bool,
+    ) -> Result<(), MaterialError> {
+        match self.material.placement {
+            Placement::Shared => {
+                if (owner, group) != ("root", "root") {
+                    let uid = system_user(owner)?.uid;
+                    let gid = Group::from_name(group)
+                        .ok()
+                        .flatten()
+                        .ok_or_else(|| MaterialError::NoUser(group.to_owned()))?
+                        .gid;
+                    chown(path, Some(uid), Some(gid)).map_err(|e| MaterialError::Io {
+                        path: path.to_owned(),
+                        source: e.into(),
+                    })?;
+                }
+                fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io(path))
+            }
+            Placement::Guest => {
+                self.placed.push(Placed {
+                    path: path.to_owned(),
+                    owner,
+                    group,
+                    mode,
+                    dir,
+                    once,
+                });
+                Ok(())
+            }
+        }
+    }
+}
+
 fn system_user(name: &str) -> Result<User, MaterialError> {
     User::from_name(name)
         .ok()
@@ -666,22 +1067,6 @@ fn system_user(name: &str) -> Result<User, MaterialError> {
 /// Writes `text` with exactly `mode`, atomically (never briefly readable by others).
 fn write(path: &Path, text: &str, mode: u32) -> Result<(), MaterialError> {
     Ok(ha_pki::write_file(path, text.as_bytes(), mode)?)
-}
-
-fn own(path: &Path, user: &User, mode: u32) -> Result<(), MaterialError> {
-    chown(path, Some(user.uid), Some(user.gid)).map_err(|e| MaterialError::Io {
-        path: path.to_owned(),
-        source: e.into(),
-    })?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io(path))
-}
-
-/// Debian's layout for ejabberd's files: root owns them, the ejabberd group reads them.
-fn chown_group(path: &Path, user: &User) -> Result<(), MaterialError> {
-    chown(path, Some(Uid::from_raw(0)), Some(user.gid)).map_err(|e| MaterialError::Io {
-        path: path.to_owned(),
-        source: e.into(),
-    })
 }
 
 #[cfg(test)]
@@ -819,5 +1204,135 @@ mod tests {
         let after = fs::read(m.node_dir("mon1server").join("node.pem")).unwrap();
         assert_eq!(before, after, "a second run keeps every identity");
         assert_eq!(fs::read_to_string(&yml).unwrap(), moved);
+    }
+
+    /// Guests get the packaged units' paths (`/etc/ha`, Debian's PostgreSQL and ejabberd
+    /// directories), every file owned by the user its daemon runs as, and nothing written
+    /// here that is not on the list to place (nor the other way round).
+    #[test]
+    fn guests_get_packaged_paths_and_owners() {
+        let t = example();
+        let tmp = tempfile::tempdir().unwrap();
+        let m = Material::placed(&t, tmp.path(), Placement::Guest);
+        let manifest = m.generate().unwrap();
+        assert!(!manifest.contains_key("gw1server"));
+        let find = |node: &str, path: &str| {
+            manifest[node]
+                .iter()
+                .find(|p| p.path == Path::new(path))
+                .unwrap_or_else(|| panic!("{node}: {path} in {:#?}", manifest[node]))
+                .clone()
+        };
+        let owner = |node: &str, path: &str| {
+            let p = find(node, path);
+            (p.owner, p.group, p.mode, p.once)
+        };
+        assert_eq!(
+            owner("mon2server", "/etc/ha/monitor.toml"),
+            ("ha-monitor", "ha-monitor", 0o600, false)
+        );
+        assert_eq!(
+            owner("mon2server", "/etc/ha/ca.key"),
+            ("ha-monitor", "ha-monitor", 0o600, false)
+        );
+        assert_eq!(
+            owner("psql1server", "/etc/ha/agent.toml"),
+            ("postgres", "postgres", 0o600, false)
+        );
+        assert_eq!(
+            owner("psql1server", "/etc/ha/node.key"),
+            ("postgres", "postgres", 0o600, false)
+        );
+        assert_eq!(
+            owner("psql1server", "/etc/ha/ca.pem"),
+            ("root", "root", 0o644, false)
+        );
+        assert!(
+            manifest["psql1server"]
+                .iter()
+                .all(|p| !p.path.ends_with("ca.key")),
+            "only monitors sign"
+        );
+        assert_eq!(
+            owner("e1server", "/etc/ha/agent-ejabberd.toml"),
+            ("ejabberd", "ejabberd", 0o600, false)
+        );
+        assert_eq!(
+            owner("e1server", "/etc/ejabberd/ejabberd.yml"),
+            ("ejabberd", "ejabberd", 0o640, true)
+        );
+        assert_eq!(
+            owner("e1server", "/var/lib/ejabberd/.erlang.cookie"),
+            ("ejabberd", "ejabberd", 0o400, false)
+        );
+        assert!(find("e1server", "/etc/ejabberd").dir);
+        // Directories come before the files in them.
+        let e1: Vec<&Path> = manifest["e1server"]
+            .iter()
+            .map(|p| p.path.as_path())
+            .collect();
+        let pos = |p: &str| e1.iter().position(|x| *x == Path::new(p)).unwrap();
+        assert!(pos("/etc/ejabberd") < pos("/etc/ejabberd/ejabberd.yml"));
+
+        let agent: toml::Value = toml::from_str(
+            &fs::read_to_string(m.local("psql1server", Path::new("/etc/ha/agent.toml"))).unwrap(),
+        )
+        .unwrap();
+        let pg = &agent["postgres"];
+        assert_eq!(pg["data_dir"].as_str(), Some("/var/lib/postgresql/15/ha"));
+        assert_eq!(pg["socket_dir"].as_str(), Some("/run/postgresql"));
+        assert_eq!(agent["tls"]["key"].as_str(), Some("/etc/ha/node.key"));
+        assert_eq!(
+            agent["join_token_file"].as_str(),
+            Some("/etc/ha/join-token")
+        );
+        assert_eq!(agent["state_dir"].as_str(), Some("/var/lib/ha-agent"));
+        // Under systemd an agent restart leaves PostgreSQL running.
+        assert!(agent.get("stop_postgres_on_shutdown").is_none(), "{agent}");
+        let mon: toml::Value = toml::from_str(
+            &fs::read_to_string(m.local("mon1server", &m.monitor_config("mon1server"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(mon["data_dir"].as_str(), Some("/var/lib/ha-monitor"));
+        assert_eq!(mon["tls"]["ca_key"].as_str(), Some("/etc/ha/ca.key"));
+        let ctl =
+            fs::read_to_string(m.local("e2server", Path::new("/etc/ejabberd/ejabberdctl.cfg")))
+                .unwrap();
+        assert!(ctl.contains("ERLANG_NODE=ejabberd@e2server\n"), "{ctl}");
+        assert!(ctl.contains("SPOOL_DIR=/var/lib/ejabberd/spool\n"), "{ctl}");
+
+        // Written here == listed to place, node by node.
+        for (node, placed) in &manifest {
+            let root = m.files_dir().join("nodes").join(node);
+            let mut written = Vec::new();
+            let mut dirs = vec![root.clone()];
+            while let Some(d) = dirs.pop() {
+                for e in fs::read_dir(&d).unwrap().flatten() {
+                    if e.file_type().unwrap().is_dir() {
+                        dirs.push(e.path());
+                    } else {
+                        written.push(Path::new("/").join(e.path().strip_prefix(&root).unwrap()));
+                    }
+                }
+            }
+            written.sort();
+            let mut listed: Vec<PathBuf> = placed
+                .iter()
+                .filter(|p| !p.dir)
+                .map(|p| p.path.clone())
+                .collect();
+            listed.sort();
+            assert_eq!(written, listed, "{node}");
+        }
+        // The join token: for the agent's user, owner-only.
+        let token = m
+            .write_join_token(t.node("psql2server").unwrap(), "T")
+            .unwrap();
+        assert_eq!(token.len(), 1);
+        assert_eq!((token[0].owner, token[0].mode), ("postgres", 0o600));
+        assert_eq!(
+            fs::read_to_string(m.local("psql2server", &token[0].path)).unwrap(),
+            "T"
+        );
     }
 }

@@ -291,23 +291,16 @@ pub fn down(mut state: StateFile) -> Result<(), NetnsError> {
     created.sort_by_key(|r| matches!(r, Resource::Files { .. }));
     for resource in created {
         match &resource {
-            Resource::Files { path } => {
-                let removed = if path.is_dir() {
-                    fs::remove_dir_all(path)
-                } else {
-                    fs::remove_file(path)
-                };
-                match removed {
-                    Ok(()) => info!(path = %path.display(), "removed"),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(source) => {
-                        return Err(NetnsError::Io {
-                            path: path.clone(),
-                            source,
-                        });
-                    }
+            Resource::Files { path } => match crate::state::remove_files(path) {
+                Ok(true) => info!(path = %path.display(), "removed"),
+                Ok(false) => {}
+                Err(source) => {
+                    return Err(NetnsError::Io {
+                        path: path.clone(),
+                        source,
+                    });
                 }
-            }
+            },
             Resource::Namespace { name } => {
                 if namespace_exists(name) {
                     end_processes(name)?;

@@ -309,13 +309,29 @@ impl SshSession {
     /// Writes `data` to the absolute `path` on the server with permission bits `mode`,
     /// creating parent directories; the file is replaced atomically.
     pub async fn upload(&self, path: &str, data: &[u8], mode: u32) -> Result<(), SshError> {
+        self.upload_owned(path, data, mode, None).await
+    }
+
+    /// [`Self::upload`], the file owned by `owner` (`user:group`) when given. The content is
+    /// never readable by others on the way: the temporary file is created 0600 and gets its
+    /// owner and mode before it is renamed into place.
+    pub async fn upload_owned(
+        &self,
+        path: &str,
+        data: &[u8],
+        mode: u32,
+        owner: Option<&str>,
+    ) -> Result<(), SshError> {
         let parent = Path::new(path)
             .parent()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "/".to_owned());
         let tmp = format!("{path}.ha-upload");
+        let chown = owner.map_or_else(String::new, |o| {
+            format!("chown {} {} && ", shell_quote(o), shell_quote(&tmp))
+        });
         let command = format!(
-            "mkdir -p {parent} && cat > {tmp} && chmod {mode:o} {tmp} && mv -f {tmp} {dst}",
+            "mkdir -p {parent} && (umask 077 && cat > {tmp}) && {chown}chmod {mode:o} {tmp} && mv -f {tmp} {dst}",
             parent = shell_quote(&parent),
             tmp = shell_quote(&tmp),
             dst = shell_quote(path),
@@ -328,7 +344,7 @@ impl SshSession {
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
         }
-        info!(addr = %self.addr, path, bytes = data.len(), "uploaded file");
+        info!(addr = %self.addr, path, bytes = data.len(), owner, "uploaded file");
         Ok(())
     }
 

@@ -149,6 +149,21 @@ pub struct StateFile {
     state: State,
 }
 
+/// Removes generated files recorded as [`Resource::Files`]: a file, or a directory and
+/// everything in it. Already gone is not an error; true when something was removed.
+pub fn remove_files(path: &Path) -> std::io::Result<bool> {
+    let removed = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match removed {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 impl StateFile {
     /// The default state directory of a stand.
     pub fn default_dir(stand: &str) -> PathBuf {

@@ -647,12 +647,19 @@ impl Topology {
         let monitors = self.nodes_with_role(Role::Monitor).count();
         if monitors == 0 {
             return Err(TopologyError::NotACluster(
-                "no monitor node: add 1, 3 or 5 nodes with role = \"monitor\"".into(),
+                "no monitor node: add 3 or 5 nodes with role = \"monitor\"".into(),
+            ));
+        }
+        if monitors == 1 {
+            return Err(TopologyError::NotACluster(
+                "1 monitor node: use 3 or 5; one monitor is a single point of failure, and \
+                 ha-monitor refuses to run alone outside development mode"
+                    .into(),
             ));
         }
         if monitors.is_multiple_of(2) {
             return Err(TopologyError::NotACluster(format!(
-                "{monitors} monitor nodes: use an odd number (1, 3 or 5); {monitors} survive no \
+                "{monitors} monitor nodes: use an odd number (3 or 5); {monitors} survive no \
                  more monitor failures than {} and can split into two halves with no majority",
                 monitors - 1
             )));
@@ -694,6 +701,14 @@ impl Topology {
         node: &'a Node,
     ) -> impl Iterator<Item = Attachment<'a>> {
         self.attachments(node).filter(|a| !a.network.management)
+    }
+
+    /// This machine's addresses on `node`'s service networks (a routed or NAT network with
+    /// `host`): where the operator of a libvirt lab runs `haclt drill`, whose writer logs in
+    /// to PostgreSQL from there. Never a management address.
+    pub fn operator_hosts<'a>(&'a self, node: &'a Node) -> impl Iterator<Item = Ipv4Addr> + 'a {
+        self.service_attachments(node)
+            .filter_map(|a| a.network.host)
     }
 
     /// The addresses by which other nodes' services reach `node`: its service-network
@@ -829,13 +844,16 @@ pub(crate) mod tests {
         t.nodes.remove(first_monitor);
         let e = t.check_cluster().unwrap_err().to_string();
         assert!(e.contains("2 monitor nodes: use an odd number"), "{e}");
-        t.nodes.retain(|n| n.role != Role::Postgres);
         t.nodes.remove(
             t.nodes
                 .iter()
                 .position(|n| n.role == Role::Monitor)
                 .unwrap(),
         );
+        let e = t.check_cluster().unwrap_err().to_string();
+        assert!(e.contains("1 monitor node: use 3 or 5"), "{e}");
+        let mut t = example();
+        t.nodes.retain(|n| n.role != Role::Postgres);
         let e = t.check_cluster().unwrap_err().to_string();
         assert!(e.contains("no PostgreSQL node"), "{e}");
     }

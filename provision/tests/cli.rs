@@ -60,6 +60,7 @@ fn plan_and_up_refuse_a_stand_that_cannot_make_a_cluster() {
     let prefix = format!("hpc{}", std::process::id());
     for (monitors, postgres, problem) in [
         (1, 0, "2 monitor nodes: use an odd number"),
+        (2, 0, "1 monitor node: use 3 or 5"),
         (3, 0, "no monitor node"),
         (0, 2, "no PostgreSQL node"),
     ] {

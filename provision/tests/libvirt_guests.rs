@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used)]
 
 use ha_tests::free_port;
-use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -14,11 +13,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ha_provision::bootstrap::{self, Guests};
+use ha_provision::StateFile;
+use ha_provision::bootstrap;
 use ha_provision::image::{BaseImage, ImageRecipe};
-use ha_provision::libvirt::LibvirtBackend;
+use ha_provision::lab::Haclt;
 use ha_provision::ssh::{SshError, SshSession, generate_key, write_private_key};
-use ha_provision::{BackendKind, StateFile, Topology};
 
 /// Kills a child process by PID when dropped.
 struct KillOnDrop(Child, &'static str);
@@ -158,6 +157,24 @@ async fn ssh_client_pins_host_key_execs_and_uploads_against_real_sshd() {
         !dir.path().join("new dir/it's a file.ha-upload").exists(),
         "no temporary left behind"
     );
+    // With an owner: the file is that user's when it appears.
+    let owned = dir.path().join("owned");
+    session
+        .upload_owned(
+            &owned.display().to_string(),
+            b"secret",
+            0o600,
+            Some("nobody:nogroup"),
+        )
+        .await
+        .unwrap();
+    let meta = std::fs::metadata(&owned).unwrap();
+    use std::os::unix::fs::MetadataExt as _;
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o777),
+        (nobody.uid.as_raw(), 0o600)
+    );
     let echoed = session.exec_with_stdin("wc -c", &payload).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&echoed.stdout).trim(), "200000");
     session.close().await.unwrap();
@@ -185,6 +202,10 @@ mod e2e {
         _shadow: Option<tempfile::TempDir>,
     }
 
+    /// Installs what the run needs when something is missing. All four packages at once,
+    /// qemu-utils at the version of qemu-system-x86: a qemu-utils from elsewhere (backports)
+    /// breaks qemu-system-common, and apt would remove it (and `qemu-img` with it) to install
+    /// the others.
     fn ensure_packages() {
         let needed = [
             ("/usr/sbin/libvirtd", "libvirt-daemon-system"),
@@ -200,15 +221,43 @@ mod e2e {
         if missing.is_empty() {
             return;
         }
-        eprintln!("installing {missing:?}");
+        let policy = Command::new("apt-cache")
+            .args(["policy", "qemu-system-x86"])
+            .output()
+            .unwrap();
+        let candidate = String::from_utf8_lossy(&policy.stdout)
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("Candidate:")
+                    .map(|v| v.trim().to_owned())
+            })
+            .filter(|v| v != "(none)")
+            .expect("apt knows qemu-system-x86 (apt-get update first)");
+        let qemu_utils = format!("qemu-utils={candidate}");
+        eprintln!("installing {missing:?} ({qemu_utils})");
         let ok = Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "--allow-downgrades",
+            ])
+            .args([
+                "libvirt-daemon-system",
+                "qemu-system-x86",
+                "debootstrap",
+                &qemu_utils,
+            ])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .unwrap()
             .success();
         assert!(ok, "apt-get install {missing:?}");
+        for (bin, pkg) in needed {
+            assert!(Path::new(bin).exists(), "{bin} of {pkg} after the install");
+        }
     }
 
     fn ensure_daemons() -> Daemons {
@@ -274,26 +323,42 @@ mod e2e {
         }
     }
 
-    /// Tears the stand down even when an assertion fails.
+    /// The stand `up` built: `down` runs when it is dropped, even when an assertion failed
+    /// (the console logs of the guests are printed first when the run is failing).
     struct Stand {
-        state: Option<StateFile>,
+        state_dir: PathBuf,
+        guests: Vec<String>,
     }
 
     impl Drop for Stand {
         fn drop(&mut self) {
-            if let Some(state) = self.state.take() {
-                let result = LibvirtBackend::open(URI).and_then(|b| b.down(state));
-                eprintln!("teardown: {result:?}");
+            if std::thread::panicking() {
+                for g in &self.guests {
+                    let log = bootstrap::guest_dir(&self.state_dir, g).join("console.log");
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                    eprintln!(
+                        "--- {g} console (last lines, newest first) ---\n{}",
+                        tail.join("\n")
+                    );
+                }
             }
+            let out = provision(&self.state_dir, &["down"]);
+            eprintln!("teardown: {}", summary(&out));
         }
     }
 
-    fn topology(name: &str) -> Topology {
-        Topology::parse(&format!(
+    /// The opt-in stand: three monitors (ha-monitor refuses to run alone) and two PostgreSQL
+    /// nodes, the smallest that fails over (see docs/results.md for what the reference
+    /// stand's eight guests do under software emulation on two cores). The service network gives this machine
+    /// an address: it is the operator host (`haclt`, the drill writer).
+    fn topology_text(name: &str) -> String {
+        format!(
             r#"
             name = "{name}"
             domain = "e2e.local"
             [libvirt]
+            uri = "{URI}"
             domain_type = "qemu"
             [[network]]
             name = "mgmt"
@@ -303,44 +368,134 @@ mod e2e {
             management = true
             [[network]]
             name = "back"
-            cidr = "192.168.214.0/29"
-            mode = "isolated"
+            cidr = "192.168.214.0/24"
+            mode = "routed"
+            host = "192.168.214.1"
+            [[node]]
+            name = "mon1"
+            role = "monitor"
+            cpus = 1
+            memory_mib = 384
+            addresses = {{ mgmt = "192.168.213.21", back = "192.168.214.21" }}
+            [[node]]
+            name = "mon2"
+            role = "monitor"
+            cpus = 1
+            memory_mib = 384
+            addresses = {{ mgmt = "192.168.213.22", back = "192.168.214.22" }}
+            [[node]]
+            name = "mon3"
+            role = "monitor"
+            cpus = 1
+            memory_mib = 384
+            addresses = {{ mgmt = "192.168.213.23", back = "192.168.214.23" }}
             [[node]]
             name = "pg1"
             role = "postgres"
             cpus = 1
             memory_mib = 768
-            addresses = {{ mgmt = "192.168.213.11", back = "192.168.214.2" }}
+            addresses = {{ mgmt = "192.168.213.11", back = "192.168.214.11" }}
             [[node]]
             name = "pg2"
             role = "postgres"
             cpus = 1
             memory_mib = 768
-            addresses = {{ mgmt = "192.168.213.12", back = "192.168.214.3" }}
+            addresses = {{ mgmt = "192.168.213.12", back = "192.168.214.12" }}
             "#
-        ))
-        .unwrap()
+        )
     }
 
-    fn files_dir(root: &Path) -> PathBuf {
-        let put = |rel: &str, content: &str| {
-            let p = root.join(rel);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(&p, content).unwrap();
-        };
-        put(
-            "roles/postgres/etc/systemd/system/ha-e2e.service",
-            "[Unit]\nDescription=ha-provision e2e marker\n[Service]\nType=oneshot\nRemainAfterExit=yes\n\
-             ExecStart=/bin/sh -c 'cat /etc/ha-e2e/node.txt > /run/ha-e2e-ok'\n\
-             [Install]\nWantedBy=multi-user.target\n",
+    fn bin_dir() -> PathBuf {
+        Path::new(env!("CARGO_BIN_EXE_ha-provision"))
+            .parent()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// `ha-provision --state-dir S ARGS`.
+    fn provision(state_dir: &Path, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_ha-provision"))
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn summary(out: &std::process::Output) -> String {
+        format!(
+            "{}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// `ha-provision exec NODE -- sh -c SCRIPT`: its stdout, or a panic with everything.
+    fn exec(state_dir: &Path, node: &str, script: &str) -> String {
+        let out = provision(state_dir, &["exec", node, "--", "sh", "-c", script]);
+        assert!(
+            out.status.success(),
+            "exec {node} {script}: {}",
+            summary(&out)
         );
-        put("nodes/pg1/etc/ha-e2e/node.txt", "pushed to pg1\n");
-        put("nodes/pg2/etc/ha-e2e/node.txt", "pushed to pg2\n");
-        root.to_owned()
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `systemctl show` of a unit: (MainPID, NRestarts).
+    fn unit(state_dir: &Path, node: &str, unit: &str) -> (i64, u32) {
+        let text = exec(
+            state_dir,
+            node,
+            &format!("systemctl show -p MainPID,NRestarts {unit}"),
+        );
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("{k} in {text}"))
+                .to_owned()
+        };
+        (
+            field("MainPID").parse().unwrap(),
+            field("NRestarts").parse().unwrap(),
+        )
+    }
+
+    /// The postmaster's PID on `node` (first line of `postmaster.pid`).
+    fn postmaster(state_dir: &Path, node: &str) -> String {
+        exec(
+            state_dir,
+            node,
+            "head -1 /var/lib/postgresql/15/ha/postmaster.pid",
+        )
+    }
+
+    /// (primary, epoch) once the group has a primary and every other PostgreSQL node is its
+    /// healthy standby.
+    fn converged(s: &serde_json::Value) -> Option<(String, u64)> {
+        let primary = s["groups"][0]["primary"].as_str()?.to_owned();
+        let epoch = s["groups"][0]["epoch"].as_u64()?;
+        let nodes = s["nodes"].as_array()?;
+        let pg: Vec<&serde_json::Value> =
+            nodes.iter().filter(|n| n["kind"] != "ejabberd").collect();
+        let ok = pg.len() == 2
+            && pg.iter().all(|n| {
+                if n["name"] == primary.as_str() {
+                    n["state"] == "primary"
+                } else {
+                    n["state"] == "standby"
+                }
+            });
+        ok.then_some((primary, epoch))
+    }
+
+    fn other(primary: &str) -> &'static str {
+        if primary == "pg1" { "pg2" } else { "pg1" }
     }
 
     pub fn run() {
-        // Progress (guest SSH attempts, uploads, units) on stderr: this run takes minutes.
+        // Progress (guest SSH attempts, uploads, steps) on stderr: this run takes minutes.
         let _ = tracing_subscriber::fmt()
             .with_env_filter("ha_provision=info")
             .with_writer(std::io::stderr)
@@ -351,110 +506,242 @@ mod e2e {
         let image_dir = std::env::var_os("HA_LIBVIRT_IMAGE_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/tmp/ha-provision-image"));
-        let image = BaseImage::open_current(&image_dir, &ImageRecipe::default()).unwrap();
+        BaseImage::open_current(&image_dir, &ImageRecipe::default()).unwrap();
         let image_time = t0.elapsed();
+        let debs = std::env::var_os("HA_LIBVIRT_DEBS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bin_dir().parent().unwrap().join("debian"));
+        for p in ["ha-monitor", "ha-agent", "haclt"] {
+            ha_provision::guests::find_deb(&debs, p).unwrap_or_else(|e| {
+                panic!("{e}: build them first (scripts/build-debs.sh, or set HA_LIBVIRT_DEBS)")
+            });
+        }
 
         let work = tempfile::tempdir().unwrap();
         std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let state_dir = work.path().join("state");
         let prefix = format!("lve{:04x}", rand::random::<u16>());
-        let t = topology(&prefix);
-        let text = toml::to_string(&t).unwrap();
-        let mut state = StateFile::open_for_up(
+        let file = work.path().join("e2e.toml");
+        std::fs::write(&file, topology_text(&prefix)).unwrap();
+        let t_up = Instant::now();
+        let stand = Stand {
+            state_dir: state_dir.clone(),
+            guests: ["mon1", "mon2", "mon3", "pg1", "pg2"]
+                .map(String::from)
+                .to_vec(),
+        };
+        let out = provision(
             &state_dir,
-            &text,
-            &t,
-            BackendKind::Libvirt,
-            &prefix,
-            Some(URI.into()),
-        )
-        .unwrap();
-        let guests: Guests = bootstrap::prepare(&t, &state_dir, &image).unwrap();
-        let backend = LibvirtBackend::open(URI).unwrap();
-        let t_boot = Instant::now();
-        let up = backend.up(&t, &mut state, &guests.media());
-        let mut stand = Stand { state: Some(state) };
-        up.unwrap();
-        let define_and_start = t_boot.elapsed();
+            &[
+                "--backend",
+                "libvirt",
+                "up",
+                file.to_str().unwrap(),
+                "--prefix",
+                &prefix,
+                "--image",
+                image_dir.to_str().unwrap(),
+                "--packages",
+                debs.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "up: {}", summary(&out));
+        let up_returned = t_up.elapsed();
+        eprintln!("UP:\n{}", String::from_utf8_lossy(&out.stdout));
 
-        let files = files_dir(&work.path().join("files"));
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let started = rt
-            .block_on(bootstrap::bootstrap_all(
-                &guests,
-                Some(&files),
-                Duration::from_secs(300),
-            ))
-            .unwrap_or_else(|e| {
-                for g in guests.guests.values() {
-                    let log = std::fs::read_to_string(&g.media.console_log).unwrap_or_default();
-                    let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
-                    eprintln!("--- {} console (last lines, reversed) ---\n{tail}", g.node);
-                }
-                panic!("bootstrap: {e}");
-            });
-        let boot_to_units = t_boot.elapsed();
+        let haclt = Haclt {
+            binary: bin_dir().join("haclt"),
+            fabric: None,
+            config: StateFile::haclt_config_path(&state_dir),
+        };
+        let long = Duration::from_secs(600);
+        let s = haclt
+            .wait_for("primary and standby", long, |s| converged(s).is_some())
+            .unwrap();
+        let (primary, epoch) = converged(&s).unwrap();
+        let up_converged = t_up.elapsed();
+
+        // status and exec over SSH.
+        let out = provision(&state_dir, &["status", "--json"]);
+        assert!(out.status.success(), "status: {}", summary(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for n in report["nodes"].as_array().unwrap() {
+            assert_eq!(n["running"], true, "{n}");
+            let daemons = n["daemons"].as_array().unwrap();
+            assert_eq!(daemons.len(), 1, "{n}");
+            assert_eq!(daemons[0]["state"], "running", "{n}");
+        }
         assert_eq!(
-            started,
-            BTreeMap::from([
-                ("pg1".to_owned(), vec!["ha-e2e.service".to_owned()]),
-                ("pg2".to_owned(), vec!["ha-e2e.service".to_owned()]),
+            exec(&state_dir, &primary, "systemctl is-active ha-agent"),
+            "active"
+        );
+        let out = provision(&state_dir, &["exec", &primary, "--", "sh", "-c", "exit 7"]);
+        assert_eq!(out.status.code(), Some(7), "exit status passed on");
+
+        // 1. The crash drill: kill -9 of the primary's postmaster and agent.
+        let t = Instant::now();
+        let out = Command::new(&haclt.binary)
+            .arg("--config")
+            .arg(&haclt.config)
+            // Under software emulation a TLS connect takes about 2 s and a synchronous
+            // commit about 0.6 s (see the drill's --write-timeout).
+            .args([
+                "drill",
+                "crash-primary",
+                "--json",
+                "--write-timeout",
+                "5s",
+                "--wait",
+                "300s",
             ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "drill: {}", summary(&out));
+        let drill: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(drill["lost_writes"], 0, "{drill}");
+        let s = haclt
+            .wait_for("the crashed primary rejoins", long, |s| {
+                converged(s).is_some_and(|(p, e)| p == other(&primary) && e > epoch)
+            })
+            .unwrap();
+        let drill_rejoined = t.elapsed();
+        let (primary, epoch) = converged(&s).unwrap();
+
+        // 2. systemctl restart ha-agent on the primary: no failover, PostgreSQL and its
+        //    connections stay.
+        let pm = postmaster(&state_dir, &primary);
+        exec(
+            &state_dir,
+            &primary,
+            "(runuser -u postgres -- psql -X -h /run/postgresql -d postgres -c 'select pg_sleep(15)' \
+             >/root/held.out 2>&1; echo $? >/root/held.rc) >/dev/null 2>&1 &",
+        );
+        let (_, restarts) = unit(&state_dir, &primary, "ha-agent");
+        let t = Instant::now();
+        exec(&state_dir, &primary, "systemctl restart ha-agent");
+        let restart_ready = t.elapsed();
+        let s = haclt
+            .wait_for("converged after the agent restart", long, |s| {
+                converged(s).is_some()
+            })
+            .unwrap();
+        assert_eq!(
+            converged(&s).unwrap(),
+            (primary.clone(), epoch),
+            "no failover"
+        );
+        assert_eq!(
+            postmaster(&state_dir, &primary),
+            pm,
+            "PostgreSQL kept running"
+        );
+        haclt_wait_file(&state_dir, &primary, "/root/held.rc");
+        assert_eq!(
+            exec(&state_dir, &primary, "cat /root/held.rc"),
+            "0",
+            "the held connection finished"
+        );
+        assert_eq!(
+            unit(&state_dir, &primary, "ha-agent").1,
+            restarts,
+            "a restart, not a crash"
         );
 
-        rt.block_on(async {
-            for g in guests.guests.values() {
-                let s = bootstrap::wait_for_ssh(
-                    g,
-                    guests.client_key.clone(),
-                    Instant::now() + Duration::from_secs(30),
-                )
-                .await
-                .unwrap();
-                let out = s
-                    .run("hostname; cat /run/ha-e2e-ok; ip -4 -br addr show; nft list tables; dpkg -s postgresql-15 ejabberd | grep -c '^Status: install ok installed'")
-                    .await
-                    .unwrap();
-                let stdout = String::from_utf8_lossy(&out.stdout);
-                eprintln!("{}:\n{stdout}", g.node);
-                assert!(stdout.starts_with(&format!("{}\npushed to {}\n", g.node, g.node)), "{stdout}");
-                let node = t.node(&g.node).unwrap();
-                for addr in node.addresses.values() {
-                    assert!(stdout.contains(&addr.to_string()), "{addr} in {stdout}");
-                }
-                assert!(stdout.contains("table inet ha_provision"), "{stdout}");
-                assert!(stdout.trim_end().ends_with('2'), "both packages: {stdout}");
-                s.upload("/root/pushed.bin", b"hello guest\n", 0o600).await.unwrap();
-                let back = s.run("cat /root/pushed.bin").await.unwrap();
-                assert_eq!(back.stdout, b"hello guest\n");
-                s.close().await.unwrap();
-            }
-            // pg1's address with pg2's pinned key: refused, even from a real guest.
-            let pg1 = &guests.guests["pg1"];
-            let pg2 = &guests.guests["pg2"];
-            let err = SshSession::connect(
-                pg1.ssh_addr,
-                &pg2.host_key,
-                "root",
-                guests.client_key.clone(),
-                Duration::from_secs(10),
-            )
-            .await
-            .expect_err("wrong pin refused");
-            assert!(matches!(err, SshError::HostKeyMismatch { .. }), "{err:?}");
+        // 3. kill -9 of the agent: systemd restarts it, no failover.
+        let (pid, restarts) = unit(&state_dir, &primary, "ha-agent");
+        let t = Instant::now();
+        exec(&state_dir, &primary, &format!("kill -9 {pid}"));
+        wait_until("systemd restarts the killed agent", long, || {
+            let (p, r) = unit(&state_dir, &primary, "ha-agent");
+            r > restarts && p > 0 && p != pid
         });
+        let kill_restarted = t.elapsed();
+        let s = haclt
+            .wait_for("converged after kill -9", long, |s| converged(s).is_some())
+            .unwrap();
+        assert_eq!(
+            converged(&s).unwrap(),
+            (primary.clone(), epoch),
+            "no failover"
+        );
+        assert_eq!(
+            postmaster(&state_dir, &primary),
+            pm,
+            "PostgreSQL kept running"
+        );
+
+        // 4. A frozen agent (SIGSTOP): the watchdog restarts it.
+        let (pid, restarts) = unit(&state_dir, &primary, "ha-agent");
+        let t = Instant::now();
+        exec(&state_dir, &primary, &format!("kill -STOP {pid}"));
+        wait_until("the watchdog restarts the frozen agent", long, || {
+            let (p, r) = unit(&state_dir, &primary, "ha-agent");
+            r > restarts && p > 0 && p != pid
+        });
+        let watchdog_restarted = t.elapsed();
+        let s = haclt
+            .wait_for("converged after the freeze", long, |s| {
+                converged(s).is_some()
+            })
+            .unwrap();
+        let (after_freeze, freeze_epoch) = converged(&s).unwrap();
+        let freeze_converged = t.elapsed();
+        let (primary, epoch) = (after_freeze, freeze_epoch);
+
+        // 5. Reboot of the primary's guest: the standby is promoted, the old primary rejoins
+        //    as standby when it is back, with no manual step.
+        let t = Instant::now();
+        let out = provision(
+            &state_dir,
+            &[
+                "exec",
+                &primary,
+                "--",
+                "sh",
+                "-c",
+                "(sleep 1; systemctl reboot) >/dev/null 2>&1 &",
+            ],
+        );
+        assert!(out.status.success(), "reboot: {}", summary(&out));
+        let s = haclt
+            .wait_for("the standby is promoted", long, |s| {
+                s["groups"][0]["primary"].as_str() == Some(other(&primary))
+                    && s["groups"][0]["epoch"].as_u64() > Some(epoch)
+            })
+            .unwrap();
+        let reboot_failover = t.elapsed();
+        drop(s);
+        let s = haclt
+            .wait_for("the rebooted node rejoins as standby", long, |s| {
+                converged(s).is_some_and(|(p, _)| p == other(&primary))
+            })
+            .unwrap();
+        let reboot_rejoined = t.elapsed();
+        assert!(converged(&s).is_some());
 
         let t_down = Instant::now();
-        let state = stand.state.take().unwrap();
-        backend.down(state).unwrap();
+        drop(stand);
         let down = t_down.elapsed();
-        for g in guests.guests.values() {
-            assert!(!g.media.disk.exists(), "overlay removed");
-        }
         eprintln!(
-            "E2E TIMINGS: image {image_time:?}, define+start 2 domains {define_and_start:?}, then boot+ssh+push+units {:?}, down {down:?}, total {:?}",
-            boot_to_units - define_and_start,
+            "E2E FIGURES: image {image_time:.1?}; up returned {up_returned:.1?}, converged {up_converged:.1?}; \
+             drill crash-primary {drill}, old primary back as standby {drill_rejoined:.1?}; \
+             systemctl restart ha-agent {restart_ready:.1?} (no failover); kill -9 agent restarted {kill_restarted:.1?} (no failover); \
+             SIGSTOP agent restarted by the watchdog {watchdog_restarted:.1?}, converged {freeze_converged:.1?}; \
+             reboot of the primary: failover {reboot_failover:.1?}, rejoined {reboot_rejoined:.1?}; down {down:.1?}; total {:.1?}",
             t0.elapsed()
+        );
+    }
+
+    /// Waits until `path` exists on `node`.
+    fn haclt_wait_file(state_dir: &Path, node: &str, path: &str) {
+        wait_until(
+            &format!("{path} on {node}"),
+            Duration::from_secs(120),
+            || {
+                provision(state_dir, &["exec", node, "--", "test", "-s", path])
+                    .status
+                    .success()
+            },
         );
     }
 }

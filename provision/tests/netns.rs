@@ -345,7 +345,7 @@ impl FullStand {
     fn haclt(&self, bin_dir: &Path) -> Haclt {
         Haclt {
             binary: bin_dir.join("haclt"),
-            fabric: self.inner.host(),
+            fabric: Some(self.inner.host()),
             config: self.material().haclt_config(),
         }
     }

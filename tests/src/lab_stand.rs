@@ -100,7 +100,7 @@ impl Stand {
     pub fn haclt(&self) -> Haclt {
         Haclt {
             binary: self.bin_dir.join("haclt"),
-            fabric: Layout::new(&self.topology, &self.prefix).fabric(),
+            fabric: Some(Layout::new(&self.topology, &self.prefix).fabric()),
             config: self.material().haclt_config(),
         }
     }
@@ -109,9 +109,10 @@ impl Stand {
     /// when killed by a signal) and stdout, whatever the code.
     pub fn haclt_exit(&self, args: &[&str]) -> Result<(Option<i32>, String), String> {
         let h = self.haclt();
+        let fabric = Layout::new(&self.topology, &self.prefix).fabric();
         let out = tokio::task::block_in_place(|| {
             Command::new("ip")
-                .args(["netns", "exec", &h.fabric])
+                .args(["netns", "exec", &fabric])
                 .arg(&h.binary)
                 .arg("--config")
                 .arg(&h.config)

@@ -3,8 +3,8 @@
 //! workspace binaries ([`bins`]), a whole cluster of real processes ([`cluster`]) secured with
 //! mutual TLS from its own CA ([`pki`]), the drill workload with its safety checks ([`writer`]),
 //! the named drills ([`drill`]), a real XMPP client ([`xmpp`]), helpers for tests on a netns
-//! stand ([`stand`]) and the reference lab stand that the chaos and liveness tests fault
-//! ([`lab_stand`]).
+//! stand ([`stand`]), the reference lab stand that the chaos and liveness tests fault
+//! ([`lab_stand`]) and `systemd-analyze verify` for unit files ([`systemd`]).
 //!
 //! Tests run in parallel with other tests on the same machine, so every server a test starts
 //! listens on a port chosen at run time, and every process it starts is killed by PID when the
@@ -16,6 +16,7 @@ pub mod drill;
 pub mod lab_stand;
 pub mod pki;
 pub mod stand;
+pub mod systemd;
 pub mod writer;
 pub mod xmpp;
 
