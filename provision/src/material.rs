@@ -1223,47 +1223,58 @@ mod tests {
                 .unwrap_or_else(|| panic!("{node}: {path} in {:#?}", manifest[node]))
                 .clone()
         };
-        let owner = |node: &str, path: &str| {
+        for (node, path, owner, mode, once) in [
+            (
+                "mon2server",
+                "/etc/ha/monitor.toml",
+                "ha-monitor",
+                0o600,
+                false,
+            ),
+            ("mon2server", "/etc/ha/ca.key", "ha-monitor", 0o600, false),
+            (
+                "psql1server",
+                "/etc/ha/agent.toml",
+                "postgres",
+                0o600,
+                false,
+            ),
+            ("psql1server", "/etc/ha/node.key", "postgres", 0o600, false),
+            ("psql1server", "/etc/ha/ca.pem", "root", 0o644, false),
+            (
+                "e1server",
+                "/etc/ha/agent-ejabberd.toml",
+                "ejabberd",
+                0o600,
+                false,
+            ),
+            (
+                "e1server",
+                "/etc/ejabberd/ejabberd.yml",
+                "ejabberd",
+                0o640,
+                true,
+            ),
+            (
+                "e1server",
+                "/var/lib/ejabberd/.erlang.cookie",
+                "ejabberd",
+                0o400,
+                false,
+            ),
+        ] {
             let p = find(node, path);
-            (p.owner, p.group, p.mode, p.once)
-        };
-        assert_eq!(
-            owner("mon2server", "/etc/ha/monitor.toml"),
-            ("ha-monitor", "ha-monitor", 0o600, false)
-        );
-        assert_eq!(
-            owner("mon2server", "/etc/ha/ca.key"),
-            ("ha-monitor", "ha-monitor", 0o600, false)
-        );
-        assert_eq!(
-            owner("psql1server", "/etc/ha/agent.toml"),
-            ("postgres", "postgres", 0o600, false)
-        );
-        assert_eq!(
-            owner("psql1server", "/etc/ha/node.key"),
-            ("postgres", "postgres", 0o600, false)
-        );
-        assert_eq!(
-            owner("psql1server", "/etc/ha/ca.pem"),
-            ("root", "root", 0o644, false)
-        );
+            assert_eq!(
+                (p.owner, p.group, p.mode, p.once),
+                (owner, owner, mode, once),
+                "{node}: {path}"
+            );
+        }
         assert!(
             manifest["psql1server"]
                 .iter()
                 .all(|p| !p.path.ends_with("ca.key")),
             "only monitors sign"
-        );
-        assert_eq!(
-            owner("e1server", "/etc/ha/agent-ejabberd.toml"),
-            ("ejabberd", "ejabberd", 0o600, false)
-        );
-        assert_eq!(
-            owner("e1server", "/etc/ejabberd/ejabberd.yml"),
-            ("ejabberd", "ejabberd", 0o640, true)
-        );
-        assert_eq!(
-            owner("e1server", "/var/lib/ejabberd/.erlang.cookie"),
-            ("ejabberd", "ejabberd", 0o400, false)
         );
         assert!(find("e1server", "/etc/ejabberd").dir);
         // Directories come before the files in them.

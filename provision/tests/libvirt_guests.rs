@@ -353,7 +353,7 @@ mod e2e {
     /// stand's eight guests do under software emulation on two cores). The service network gives this machine
     /// an address: it is the operator host (`haclt`, the drill writer).
     fn topology_text(name: &str) -> String {
-        format!(
+        let mut text = format!(
             r#"
             name = "{name}"
             domain = "e2e.local"
@@ -371,38 +371,21 @@ mod e2e {
             cidr = "192.168.214.0/24"
             mode = "routed"
             host = "192.168.214.1"
-            [[node]]
-            name = "mon1"
-            role = "monitor"
-            cpus = 1
-            memory_mib = 384
-            addresses = {{ mgmt = "192.168.213.21", back = "192.168.214.21" }}
-            [[node]]
-            name = "mon2"
-            role = "monitor"
-            cpus = 1
-            memory_mib = 384
-            addresses = {{ mgmt = "192.168.213.22", back = "192.168.214.22" }}
-            [[node]]
-            name = "mon3"
-            role = "monitor"
-            cpus = 1
-            memory_mib = 384
-            addresses = {{ mgmt = "192.168.213.23", back = "192.168.214.23" }}
-            [[node]]
-            name = "pg1"
-            role = "postgres"
-            cpus = 1
-            memory_mib = 768
-            addresses = {{ mgmt = "192.168.213.11", back = "192.168.214.11" }}
-            [[node]]
-            name = "pg2"
-            role = "postgres"
-            cpus = 1
-            memory_mib = 768
-            addresses = {{ mgmt = "192.168.213.12", back = "192.168.214.12" }}
             "#
-        )
+        );
+        for (node, role, memory_mib, last) in [
+            ("mon1", "monitor", 384, 21),
+            ("mon2", "monitor", 384, 22),
+            ("mon3", "monitor", 384, 23),
+            ("pg1", "postgres", 768, 11),
+            ("pg2", "postgres", 768, 12),
+        ] {
+            text.push_str(&format!(
+                "[[node]]\nname = \"{node}\"\nrole = \"{role}\"\ncpus = 1\nmemory_mib = {memory_mib}\n\
+                 addresses = {{ mgmt = \"192.168.213.{last}\", back = \"192.168.214.{last}\" }}\n"
+            ));
+        }
+        text
     }
 
     fn bin_dir() -> PathBuf {
