@@ -68,7 +68,7 @@ pub enum BootstrapError {
     },
     /// A key of the stand is missing or unreadable (`exec` and `status` need the keys `up`
     /// made).
-    #[error("{path}: {source} (was the stand brought up with --image?)")]
+    #[error("{path}: cannot read the key (was the stand brought up with --image?)")]
     Keys {
         /// The key file.
         path: PathBuf,

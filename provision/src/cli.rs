@@ -345,6 +345,18 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 BackendKind::Libvirt => {
                     let uri = libvirt_uri.unwrap_or_else(|| topology.libvirt.uri.clone());
+                    // Everything the guests will need is checked before the first one boots (and before
+                    // anything is created).
+                    let options = match image {
+                        Some(_) => Some(GuestOptions::resolve(
+                            &topology,
+                            bin_dir,
+                            packages,
+                            files,
+                            Duration::from_secs(ssh_timeout),
+                        )?),
+                        None => None,
+                    };
                     let mut state = StateFile::open_for_up(
                         &dir,
                         &text,
@@ -364,22 +376,12 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                     let media = guests.as_ref().map(Guests::media).unwrap_or_default();
                     let started = Instant::now();
                     LibvirtBackend::open(&uri)?.up(&topology, &mut state, &media)?;
-                    if let Some(guests) = guests {
+                    if let (Some(guests), Some(options)) = (guests, options) {
                         let mut steps = vec![lab::Step {
                             what: "networks and domains defined, started".into(),
                             took: started.elapsed(),
                         }];
-                        steps.extend(guest_stand(
-                            &topology,
-                            &mut state,
-                            &guests,
-                            &GuestOptions {
-                                bin_dir,
-                                packages,
-                                files,
-                                ssh_timeout: Duration::from_secs(ssh_timeout),
-                            },
-                        )?);
+                        steps.extend(guest_stand(&topology, &mut state, &guests, &options)?);
                         print_steps(&steps, started);
                     }
                 }
@@ -520,10 +522,42 @@ fn print_steps(steps: &[lab::Step], started: Instant) {
 
 /// What `up --backend libvirt --image` needs besides the topology.
 struct GuestOptions {
-    bin_dir: Option<PathBuf>,
-    packages: Option<PathBuf>,
+    bins: lab::Binaries,
+    packages: PathBuf,
     files: Option<PathBuf>,
     ssh_timeout: Duration,
+}
+
+impl GuestOptions {
+    /// The binaries and the packages directory (default: `debian/` beside the bin dir), with
+    /// every package the topology's roles need found there: a missing one is an error before
+    /// any guest boots, not minutes later.
+    fn resolve(
+        topology: &Topology,
+        bin_dir: Option<PathBuf>,
+        packages: Option<PathBuf>,
+        files: Option<PathBuf>,
+        ssh_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let bins = lab::Binaries::locate(bin_dir)?;
+        let packages = packages.unwrap_or_else(|| {
+            bins.bin_dir
+                .parent()
+                .unwrap_or(&bins.bin_dir)
+                .join("debian")
+        });
+        for node in &topology.nodes {
+            for package in guests::packages(node.role) {
+                guests::find_deb(&packages, package)?;
+            }
+        }
+        Ok(Self {
+            bins,
+            packages,
+            files,
+            ssh_timeout,
+        })
+    }
 }
 
 /// The stand on booted guests: SSH, packages, the operator's extra files, then the same
@@ -535,15 +569,9 @@ fn guest_stand(
     options: &GuestOptions,
 ) -> anyhow::Result<Vec<lab::Step>> {
     let dir = state.dir().to_owned();
-    let bins = lab::Binaries::locate(options.bin_dir.clone())?;
-    let packages = options.packages.clone().unwrap_or_else(|| {
-        bins.bin_dir
-            .parent()
-            .unwrap_or(&bins.bin_dir)
-            .join("debian")
-    });
+    let packages = &options.packages;
     let haclt = lab::Haclt {
-        binary: bins.bin_dir.join("haclt"),
+        binary: options.bins.bin_dir.join("haclt"),
         fabric: None,
         config: StateFile::haclt_config_path(&dir),
     };
@@ -555,7 +583,7 @@ fn guest_stand(
         took: t.elapsed(),
     });
     let t = Instant::now();
-    let installed = fleet.install_packages(topology, &packages)?;
+    let installed = fleet.install_packages(topology, packages)?;
     for (node, debs) in &installed {
         info!(node, packages = ?debs, "installed");
     }

@@ -67,25 +67,19 @@ pub fn find_deb(dir: &Path, package: &str) -> Result<PathBuf, LabError> {
     found.sort();
     match found.as_slice() {
         [one] => Ok(one.clone()),
-        [] => Err(LabError::Io {
-            what: format!(
-                "no {package}_*.deb in {} (build the packages: scripts/build-debs.sh)",
-                dir.display()
-            ),
-            source: std::io::ErrorKind::NotFound.into(),
-        }),
-        many => Err(LabError::Io {
-            what: format!(
-                "{} packages of {package} in {}: {} (keep one)",
-                many.len(),
-                dir.display(),
-                many.iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            source: std::io::ErrorKind::InvalidInput.into(),
-        }),
+        [] => Err(LabError::Packages(format!(
+            "no {package}_*.deb in {} (build the packages: scripts/build-debs.sh)",
+            dir.display()
+        ))),
+        many => Err(LabError::Packages(format!(
+            "{} packages of {package} in {}: {} (keep one)",
+            many.len(),
+            dir.display(),
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
     }
 }
 

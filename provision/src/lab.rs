@@ -78,6 +78,9 @@ pub enum LabError {
     /// A binary is missing from the bin dir.
     #[error("{0} not found: build the workspace binaries or pass --bin-dir")]
     MissingBinary(PathBuf),
+    /// The packages for libvirt guests are missing or ambiguous.
+    #[error("{0}")]
+    Packages(String),
     /// A command on a node failed (libvirt guests: over SSH).
     #[error("{node}: {what}: {detail}")]
     Remote {

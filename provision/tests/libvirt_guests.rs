@@ -631,14 +631,7 @@ mod e2e {
         );
 
         // 3. kill -9 of the agent: systemd restarts it, no failover.
-        let (pid, restarts) = unit(&state_dir, &primary, "ha-agent");
-        let t = Instant::now();
-        exec(&state_dir, &primary, &format!("kill -9 {pid}"));
-        wait_until("systemd restarts the killed agent", long, || {
-            let (p, r) = unit(&state_dir, &primary, "ha-agent");
-            r > restarts && p > 0 && p != pid
-        });
-        let kill_restarted = t.elapsed();
+        let kill_restarted = restarted_after(&state_dir, &primary, "-9", long);
         let s = haclt
             .wait_for("converged after kill -9", long, |s| converged(s).is_some())
             .unwrap();
@@ -654,14 +647,8 @@ mod e2e {
         );
 
         // 4. A frozen agent (SIGSTOP): the watchdog restarts it.
-        let (pid, restarts) = unit(&state_dir, &primary, "ha-agent");
         let t = Instant::now();
-        exec(&state_dir, &primary, &format!("kill -STOP {pid}"));
-        wait_until("the watchdog restarts the frozen agent", long, || {
-            let (p, r) = unit(&state_dir, &primary, "ha-agent");
-            r > restarts && p > 0 && p != pid
-        });
-        let watchdog_restarted = t.elapsed();
+        let watchdog_restarted = restarted_after(&state_dir, &primary, "-STOP", long);
         let s = haclt
             .wait_for("converged after the freeze", long, |s| {
                 converged(s).is_some()
@@ -713,6 +700,23 @@ mod e2e {
              reboot of the primary: failover {reboot_failover:.1?}, rejoined {reboot_rejoined:.1?}; down {down:.1?}; total {:.1?}",
             t0.elapsed()
         );
+    }
+
+    /// Sends `signal` (a `kill` option) to `node`'s agent and waits until systemd has started
+    /// a new one (restart count up, another main PID); returns how long that took.
+    fn restarted_after(state_dir: &Path, node: &str, signal: &str, timeout: Duration) -> Duration {
+        let (pid, restarts) = unit(state_dir, node, "ha-agent");
+        let t = Instant::now();
+        exec(state_dir, node, &format!("kill {signal} {pid}"));
+        wait_until(
+            &format!("ha-agent restarted after kill {signal}"),
+            timeout,
+            || {
+                let (p, r) = unit(state_dir, node, "ha-agent");
+                r > restarts && p > 0 && p != pid
+            },
+        );
+        t.elapsed()
     }
 
     /// Waits until `path` exists on `node`.
