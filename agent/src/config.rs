@@ -223,6 +223,9 @@ struct EjabberdFile {
     /// How often an uncached write through ejabberd's pool must reach the applied target.
     #[serde(default = "default_verify_timeout", with = "humantime_serde")]
     sql_check_interval: Duration,
+    /// ejabberd reaches PostgreSQL over TLS with this node's certificate: the agent keeps the
+    /// copies `sql_ssl_cafile` (`ca.pem`) and `sql_ssl_certfile` (`client.pem`) name here.
+    sql_tls_dir: Option<PathBuf>,
 }
 
 fn default_erl_call() -> PathBuf {
@@ -456,7 +459,13 @@ impl AgentConfig {
                 let e = file
                     .ejabberd
                     .ok_or_else(|| invalid("role = \"ejabberd\" needs an [ejabberd] section"))?;
-                RoleConfig::Ejabberd(ejabberd_role(e)?)
+                let role = ejabberd_role(e)?;
+                if tls.is_none() && role.controller.sql_tls_dir.is_some() {
+                    return Err(invalid(
+                        "ejabberd.sql_tls_dir: ejabberd's TLS to PostgreSQL uses the node's certificate: add the [tls] section",
+                    ));
+                }
+                RoleConfig::Ejabberd(role)
             }
         };
         Ok(Self {
@@ -608,6 +617,9 @@ fn ejabberd_role(f: EjabberdFile) -> Result<EjabberdRole, ConfigError> {
     absolute("ejabberd.config_file", &f.config_file)?;
     absolute("ejabberd.cookie_home", &f.cookie_home)?;
     absolute("ejabberd.erl_call", &f.erl_call)?;
+    if let Some(dir) = &f.sql_tls_dir {
+        absolute("ejabberd.sql_tls_dir", dir)?;
+    }
     if !f.erl_call.is_file() {
         return Err(invalid(format!(
             "ejabberd.erl_call: {} does not exist (Debian: erlang-base)",
@@ -657,6 +669,7 @@ fn ejabberd_role(f: EjabberdFile) -> Result<EjabberdRole, ConfigError> {
         verify_timeout: f.verify_timeout,
         old_connections_timeout: f.old_connections_timeout,
         sql_check_interval: f.sql_check_interval,
+        sql_tls_dir: f.sql_tls_dir,
     };
     controller
         .validate()

@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod config;
 pub mod ejabberd;
+pub mod material;
 pub mod notify;
 pub mod pg;
 pub mod run;

@@ -86,6 +86,19 @@ impl AgentPaths {
                         r.controller.config_path.display()
                     ),
                 ));
+                // Created by the agent when missing: its parent must be writable (under the
+                // state directory, the unit's StateDirectory= covers it).
+                if let Some(dir) = r
+                    .controller
+                    .sql_tls_dir
+                    .as_ref()
+                    .filter(|d| !d.starts_with(&cfg.state_dir))
+                {
+                    writable.push((
+                        parent(dir),
+                        format!("ejabberd's TLS copies for PostgreSQL {}", dir.display()),
+                    ));
+                }
                 (Role::Ejabberd, "ejabberd".to_owned(), None)
             }
         };

@@ -169,6 +169,35 @@ advertise_host = "127.0.0.1"
         assert!(text.contains(needed), "lacks {needed}:\n{text}");
     }
     verify(dir.path(), "ej-agent.service", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+
+    // With TLS to PostgreSQL: the agent creates the copies' directory, so its parent is
+    // writable; under the state directory nothing more is needed.
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "").unwrap();
+    for (sql_tls, parent_listed) in [
+        ("/srv/xmpp/sql-tls", true),
+        ("/var/lib/ha-agent-xmpp/sql-tls", false),
+    ] {
+        let with_tls = std::fs::read_to_string(&ej).unwrap().replace(
+            "dev = true\n",
+            &format!(
+                "[tls]\nca = {ca:?}\ncert = \"/srv/pki/node/node.pem\"\nkey = \"/srv/pki/keys/node.key\"\n"
+            ),
+        ) + &format!("sql_tls_dir = {sql_tls:?}\n");
+        let path = dir.path().join("ej-tls.toml");
+        std::fs::write(&path, with_tls).unwrap();
+        let text = agent_unit(&path, &bin);
+        let listed: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("ReadWritePaths="))
+            .collect();
+        assert_eq!(
+            listed.contains(&"ReadWritePaths=-/srv/xmpp"),
+            parent_listed,
+            "{sql_tls}:\n{text}"
+        );
+        assert!(!text.contains(" --dev"), "{text}");
+    }
 }
 
 #[test]

@@ -429,20 +429,20 @@ fn prepare_ejabberd_database(
     primary: &str,
     port: u16,
 ) -> Result<(), LabError> {
-    let password = material.ejabberd_sql_password()?;
     let load_password = material.xmpp_load_password()?;
     let accounts: Vec<String> = (1..=LOAD_USERS)
         .map(|i| format!("('load{i}', '{load_password}')"))
         .collect();
     let db = EJABBERD_DB;
-    // psql variables would put the password on the command line; stdin keeps it private.
-    // The role is created or has its password (re)set; the database and the schema (owned by
-    // ejabberd: `SET ROLE`) only when missing; the XMPP load accounts (`ha-xmpp-load`) are
-    // created or get their password back.
+    // psql variables would put the passwords on the command line; stdin keeps them private.
+    // The role is created, without a password (ejabberd logs in with its node certificate:
+    // `hostssl ... cert`; an older stand's password is removed); the database and the schema
+    // (owned by ejabberd: `SET ROLE`) only when missing; the XMPP load accounts
+    // (`ha-xmpp-load`) are created or get their password back.
     let script = format!(
         "SELECT 'CREATE ROLE ejabberd LOGIN' WHERE NOT EXISTS \
            (SELECT 1 FROM pg_roles WHERE rolname = 'ejabberd') \\gexec\n\
-         ALTER ROLE ejabberd LOGIN PASSWORD '{password}';\n\
+         ALTER ROLE ejabberd LOGIN PASSWORD NULL;\n\
          SELECT format('CREATE DATABASE %I OWNER ejabberd', '{db}') WHERE NOT EXISTS \
            (SELECT 1 FROM pg_database WHERE datname = '{db}') \\gexec\n\
          \\connect {db}\n\

@@ -12,11 +12,15 @@
 //! S/nodes/<node>/join-token (0600)          written by `up` from a token the monitors issue
 //! S/nodes/<node>/pg/                        owned by postgres: data, socket, server log
 //! S/nodes/<node>/ejabberd/{conf,spool,logs} ejabberd nodes, owned by ejabberd
+//! S/nodes/<node>/ejabberd-sql/ca.pem, client.pem
+//!                                           ejabberd nodes: CA and certificate with key for
+//!                                           ejabberd's TLS to PostgreSQL (0640, group
+//!                                           ejabberd; the agent keeps them current)
 //! S/nodes/<node>/agent-home/.erlang.cookie  ejabberd nodes: the cookie `erl_call` reads (0600)
 //! S/nodes/<node>/ejabberd/home/.erlang.cookie
 //!                                           ejabberd nodes: the cookie of ejabberd and of
 //!                                           `ejabberdctl` run as ejabberd (0400)
-//! S/pki/erlang.cookie, ejabberd-sql.password, xmpp-load.password
+//! S/pki/erlang.cookie, xmpp-load.password
 //!                                           the stand's secrets (0600, random, created once)
 //! ```
 //!
@@ -27,7 +31,8 @@
 //! (rewriting it would point ejabberd back at the first PostgreSQL node after a failover). Every daemon speaks mutual TLS against the stand's CA ([`tls_section`]):
 //! gRPC between agents, monitors and the operator, and PostgreSQL replication, base backups
 //! and rewinds between the PostgreSQL peers (verify-full, `hostssl ... cert` rules the agent
-//! generates for exactly those peers). Nodes get pre-issued certificates whose SANs name every
+//! generates for exactly those peers), and ejabberd's SQL pool (TLS with the frontend's node
+//! certificate, mapped to the `ejabberd` role; no password anywhere). Nodes get pre-issued certificates whose SANs name every
 //! address of the node, because peers dial each other by address on different networks.
 
 use std::fmt::Write as _;
@@ -216,6 +221,12 @@ impl<'a> Material<'a> {
             Placement::Shared => self.node_dir(node).join(shared),
             Placement::Guest => PathBuf::from(guest),
         }
+    }
+
+    /// Where an ejabberd node's agent keeps the CA and the node's certificate with its key for
+    /// ejabberd's TLS connections to PostgreSQL (`sql_ssl_cafile`, `sql_ssl_certfile`).
+    pub fn ejabberd_sql_tls_dir(&self, node: &str) -> PathBuf {
+        self.node_path(node, "ejabberd-sql", "/var/lib/ha-agent/ejabberd-sql")
     }
 
     /// `ha-monitor --config` of a monitor node.
@@ -558,12 +569,6 @@ impl<'a> Material<'a> {
         self.secret("erlang.cookie")
     }
 
-    /// The password of ejabberd's SQL role (`ejabberd`), created once per stand: `up` sets it
-    /// on the role, ejabberd and its agent read it from `ejabberd.yml`.
-    pub fn ejabberd_sql_password(&self) -> Result<String, MaterialError> {
-        self.secret("ejabberd-sql.password")
-    }
-
     /// The password of the XMPP load accounts ([`LOAD_USERS`]), created once per stand.
     pub fn xmpp_load_password(&self) -> Result<String, MaterialError> {
         self.secret("xmpp-load.password")
@@ -647,16 +652,15 @@ impl<'a> Material<'a> {
                     .map(|a| format!("{{ node = {:?}, address = \"{a}\" }}", n.name))
             })
             .collect();
-        let mut hba = String::new();
         let mut clients = Vec::new();
-        for frontend in t
+        for (name, frontend) in t
             .nodes_with_role(Role::Ejabberd)
-            .filter_map(|n| self.service_address(n))
+            .filter_map(|n| self.service_address(n).map(|a| (&n.name, a)))
         {
-            let _ = writeln!(
-                hba,
-                "  {{ type = \"host\", database = \"{EJABBERD_DB}\", user = \"ejabberd\", address = \"{frontend}/32\", method = \"scram-sha-256\" }},"
-            );
+            // ejabberd's SQL pool: TLS with the frontend's node certificate, no password.
+            clients.push(format!(
+                "{{ certificate = \"{name}\", user = \"ejabberd\", database = \"{EJABBERD_DB}\", address = \"{frontend}\" }}"
+            ));
             // The writer of `haclt drill`, which the demo runs on a frontend (a lab stand is
             // for drills): TLS with the operator certificate, mapped to `postgres`.
             clients.push(format!(
@@ -680,8 +684,7 @@ impl<'a> Material<'a> {
              log_file = {log:?}\n\
              settings = {{ shared_buffers = \"32MB\", max_connections = \"50\" }}\n\
              peers = [{peers}]\n\
-             clients = [{clients}]\n\
-             hba = [\n{hba}]\n",
+             clients = [{clients}]\n",
             peers = peers.join(", "),
             clients = clients.join(", "),
             data = self.pg_data(&node.name),
@@ -751,8 +754,10 @@ impl<'a> Material<'a> {
              epmd_port = {epmd}\n\
              vhosts = [\"{domain}\"]\n\
              advertise_host = \"{me}\"\n\
-             xmpp_port = {c2s}\n",
+             xmpp_port = {c2s}\n\
+             sql_tls_dir = {sql_tls:?}\n",
             yml = self.ejabberd_conf(&node.name).join("ejabberd.yml"),
+            sql_tls = self.ejabberd_sql_tls_dir(&node.name),
             erl = Self::erlang_node(&node.name),
             home = self.agent_home(&node.name),
             epmd = t.ports.epmd,
@@ -865,7 +870,8 @@ impl<'a> Material<'a> {
             0o644,
             false,
         )?;
-        let yml = self.ejabberd_yml(&self.ejabberd_sql_password()?);
+        let sql_tls = self.ejabberd_sql_tls_dir(name);
+        let yml = self.ejabberd_yml(&sql_tls);
         let owner = self.daemon_user(Role::Ejabberd);
         files.put_with(
             &conf.join("ejabberd.yml"),
@@ -874,12 +880,33 @@ impl<'a> Material<'a> {
             "ejabberd",
             0o640,
             true,
+        )?;
+        // The first copies of what the agent keeps there (ejabberd checks both files when it
+        // loads its configuration, which may be before the agent runs), owned like
+        // ejabberd.yml: the agent gives its later copies that file's owner and group.
+        let tls = self.tls_files(node);
+        let cert = fs::read_to_string(self.local(name, &tls.cert)).map_err(io(&tls.cert))?;
+        let key = ha_pki::read_key_file(&self.local(name, &tls.key))?;
+        files.dir(&sql_tls, owner, "ejabberd", 0o750)?;
+        files.copy(
+            &self.pki_dir().join("ca.pem"),
+            &sql_tls.join("ca.pem"),
+            owner,
+            0o644,
+        )?;
+        files.put_with(
+            &sql_tls.join("client.pem"),
+            format!("{cert}{key}").as_bytes(),
+            owner,
+            "ejabberd",
+            0o640,
+            false,
         )
     }
 
     /// The first `ejabberd.yml`: SQL storage on the first PostgreSQL node (the one `up`
     /// bootstraps), with the SQL settings `agent/README.md` recommends for failover.
-    fn ejabberd_yml(&self, sql_password: &str) -> String {
+    fn ejabberd_yml(&self, sql_tls: &Path) -> String {
         let t = self.topology;
         let primary = t
             .nodes_with_role(Role::Postgres)
@@ -901,9 +928,11 @@ impl<'a> Material<'a> {
         if let Some((name, address)) = primary {
             let _ = write!(
                 out,
-                "\nhost_config:\n  {domain}:\n    sql_type: pgsql\n    sql_server: {address}   # {name}\n    sql_port: {port}\n    sql_database: \"{EJABBERD_DB}\"\n    sql_username: ejabberd\n    sql_password: \"{sql_password}\"\n    sql_pool_size: 5\n    sql_start_interval: 1\n    sql_keepalive_interval: 10\n    sql_query_timeout: 5\n    sql_connect_timeout: 2\n",
+                "\nhost_config:\n  {domain}:\n    sql_type: pgsql\n    sql_server: {address}   # {name}\n    sql_port: {port}\n    sql_database: \"{EJABBERD_DB}\"\n    sql_username: ejabberd\n    # TLS with this node's certificate (ha-agent keeps the copies), no password\n    sql_ssl: true\n    sql_ssl_verify: true\n    sql_ssl_cafile: {ca:?}\n    sql_ssl_certfile: {certfile:?}\n    sql_pool_size: 5\n    sql_start_interval: 1\n    sql_keepalive_interval: 10\n    sql_query_timeout: 5\n    sql_connect_timeout: 2\n",
                 domain = t.domain,
                 port = t.ports.postgres,
+                ca = sql_tls.join("ca.pem"),
+                certfile = sql_tls.join("client.pem"),
             );
         }
         out
@@ -1121,16 +1150,32 @@ mod tests {
         let clients = parsed["postgres"]["clients"].as_array().unwrap();
         assert_eq!(
             clients.len(),
-            2,
-            "the drill writer on each frontend: {agent}"
+            4,
+            "ejabberd and the drill writer on each frontend: {agent}"
         );
-        assert_eq!(clients[0]["certificate"].as_str(), Some("operator"));
+        // ejabberd logs in with its node certificate: no password rule at all.
+        assert_eq!(clients[0]["certificate"].as_str(), Some("e1server"));
+        assert_eq!(clients[0]["user"].as_str(), Some("ejabberd"));
+        assert_eq!(clients[0]["address"].as_str(), Some("192.168.1.2"));
+        assert_eq!(clients[1]["certificate"].as_str(), Some("operator"));
+        assert!(
+            !agent.contains("scram") && !agent.contains("hba"),
+            "{agent}"
+        );
         let haclt: toml::Value =
             toml::from_str(&haclt_toml(&m.monitor_management_addresses(), dir)).unwrap();
         assert_eq!(haclt["monitors"][0].as_str(), Some("192.168.121.21:7400"));
-        let yml = m.ejabberd_yml("SECRET");
+        let yml = m.ejabberd_yml(&m.ejabberd_sql_tls_dir("e1server"));
         assert!(yml.contains("sql_server: 192.168.1.10"), "{yml}");
-        assert!(yml.contains("sql_password: \"SECRET\""), "{yml}");
+        assert!(!yml.contains("sql_password"), "{yml}");
+        assert!(
+            yml.contains("sql_ssl: true\n    sql_ssl_verify: true"),
+            "{yml}"
+        );
+        assert!(
+            yml.contains("sql_ssl_certfile: \"/run/ha-provision/xmpp-lab/nodes/e1server/ejabberd-sql/client.pem\""),
+            "{yml}"
+        );
         assert!(yml.contains("sql_start_interval: 1"), "{yml}");
         let agent = m.ejabberd_agent_toml(t.node("e2server").unwrap());
         let parsed: toml::Value = toml::from_str(&agent).unwrap();
@@ -1182,7 +1227,6 @@ mod tests {
             m.join_token("psql2server").with_file_name("agent.toml"),
             m.agent_config("e1server"),
             m.agent_home("e1server").join(".erlang.cookie"),
-            m.pki_dir().join("ejabberd-sql.password"),
         ] {
             let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", key.display());

@@ -305,8 +305,19 @@ fn example_stand_routes_filters_resumes_and_cleans_up() {
 /// The workspace binaries `up` starts, built on demand next to `ha-provision`.
 fn build_daemons() -> PathBuf {
     let status = Command::new(env!("CARGO"))
-        .args(["build", "-p", "ha-monitor", "-p", "ha-agent", "-p", "haclt"])
-        .args(["-p", "ha-tests", "--bin", "ha-xmpp-load"])
+        // `--bins`: with `--bin ha-xmpp-load` cargo would build that one binary only and
+        // leave the daemons as an earlier build made them.
+        .args([
+            "build",
+            "--bins",
+            "-p",
+            "ha-monitor",
+            "-p",
+            "ha-agent",
+            "-p",
+            "haclt",
+        ])
+        .args(["-p", "ha-tests"])
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
         .status()
         .unwrap();
@@ -504,22 +515,25 @@ fn full_stand_fails_over_and_cleans_up() {
 
     // Replication runs over TLS with the standby's certificate (the lab has no password or
     // trust rule for it): the primary's walsender session says so.
-    let socket = stand.material().node_dir(&primary).join("pg");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &stand.inner.ns(&primary)])
-        .args(["runuser", "-u", "postgres", "--", "psql", "-h"])
-        .arg(&socket)
-        .args(["-p", "5432", "-d", "postgres", "-Atc"])
-        .arg("SELECT s.ssl, s.client_dn FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)")
-        .output()
-        .unwrap();
-    let sessions = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        sessions.trim(),
-        format!("t|/CN={standby}"),
-        "replication session: {sessions} {}",
-        String::from_utf8_lossy(&out.stderr)
+    let on_primary = |sql: &str| -> String {
+        let socket = stand.material().node_dir(&primary).join("pg");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &stand.inner.ns(&primary)])
+            .args(["runuser", "-u", "postgres", "--", "psql", "-h"])
+            .arg(&socket)
+            .args(["-p", "5432", "-d", "postgres", "-Atc", sql])
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    };
+    let sessions = on_primary(
+        "SELECT s.ssl, s.client_dn FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)",
     );
+    assert_eq!(sessions, format!("t|/CN={standby}"), "replication session");
 
     // A second `up` changes nothing: the same supervisors keep running.
     let supervisors = || -> Vec<String> {
@@ -591,6 +605,46 @@ fn full_stand_fails_over_and_cleans_up() {
             String::from_utf8_lossy(&out.stderr)
         );
         std::thread::sleep(Duration::from_secs(1));
+    }
+    // ejabberd's SQL pools (and its agent's probes) log in over TLS with the frontend's node
+    // certificate; no password gets in, with or without TLS.
+    // (e2server's ejabberd restarted when it joined the cluster: its pool may still be
+    // connecting.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let sessions = on_primary(
+            "SELECT DISTINCT s.ssl || ' ' || s.client_dn FROM pg_stat_activity a \
+             JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'ejabberd' ORDER BY 1",
+        );
+        let both = "true /CN=e1server\ntrue /CN=e2server";
+        if sessions == both {
+            break;
+        }
+        assert!(
+            sessions.lines().all(|l| both.lines().any(|b| b == l)) && Instant::now() < deadline,
+            "ejabberd's sessions on the primary: {sessions}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for sslmode in ["disable", "require"] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &e1, "psql"])
+            .arg(format!(
+                "host=192.168.1.10 port=5432 user=ejabberd dbname=ejabberd sslmode={sslmode}"
+            ))
+            .args(["-Atc", "SELECT 1"])
+            .env("PGPASSWORD", "guess")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "a password login as ejabberd ({sslmode}): {err}"
+        );
+        assert!(
+            err.contains("no pg_hba.conf entry") || err.contains("certificate"),
+            "refused by the rules, not by chance ({sslmode}): {err}"
+        );
     }
     // The cookie is in no process's command line (every local user can read those).
     let cookie = std::fs::read_to_string(stand.inner.state_dir.join("pki/erlang.cookie")).unwrap();
@@ -685,6 +739,7 @@ fn full_stand_fails_over_and_cleans_up() {
         xmpp["sessions_kept"]
     );
     assert_eq!(xmpp["lost_writes"], 0, "{xmpp}");
+    assert_eq!(xmpp["unread_writes"], 0, "{xmpp}");
     assert_eq!(xmpp["sessions_kept"], 4, "{xmpp}");
     assert!(
         xmpp["users"]

@@ -185,12 +185,18 @@ impl Stand {
             .unwrap_or_else(|e| format!("(haclt events failed: {e})"))
     }
 
-    /// Prints (stderr) the last 40 lines of every node's agent, monitor and PostgreSQL log:
-    /// the stand and its logs are removed when a failing test unwinds.
+    /// Prints (stderr) the last 40 lines of every node's agent, monitor, PostgreSQL, ejabberd
+    /// and supervisor log: the stand and its logs are removed when a failing test unwinds.
     pub fn print_log_tails(&self) {
         for node in POSTGRES.iter().chain(&FRONTENDS).chain(&MONITORS) {
             let dir = self.material().node_dir(node);
-            for log in ["ha-agent.log", "ha-monitor.log", "pg/postgresql.log"] {
+            for log in [
+                "ha-agent.log",
+                "ha-monitor.log",
+                "pg/postgresql.log",
+                "ejabberd.log",
+                "supervisor.log",
+            ] {
                 let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
                 let lines: Vec<&str> = text.lines().collect();
                 if !lines.is_empty() {

@@ -430,6 +430,8 @@ impl Record {
     }
 
     fn fail(&self, stand: &Stand, what: &str) -> ! {
+        // First on stdout: the logs below can be long enough for a CI excerpt to cut it.
+        println!("chaos check failed: {what}");
         let events = stand.events_text();
         stand.print_log_tails();
         let replay = self.seed.map_or_else(String::new, |seed| {
@@ -519,6 +521,7 @@ impl Workload {
             violations.push("the PostgreSQL writer never wrote".into());
         }
         let xmpp_ok = xmpp["lost_writes"] == 0
+            && xmpp["unread_writes"] == 0
             && xmpp["users"]
                 .as_array()
                 .is_some_and(|u| u.len() == 4 && u.iter().all(|u| u["wrote_at_end"] == true));

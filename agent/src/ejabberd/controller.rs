@@ -25,17 +25,21 @@
 //! - The SQL password is read from the managed file and never logged.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
+use ha_pki::ClientTls;
 use ha_proto::types::{Endpoint, Epoch};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{Mutex, mpsc};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
 
 use super::config::{self, ConfigError, DbParams, SqlSettings, SqlTarget};
 use super::erl::{self, ErlError, ErlNode};
+use super::sql_tls::SqlTls;
 
 /// One step of an apply, for timings and errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +165,10 @@ pub struct ControllerConfig {
     /// How often the agent proves, with an uncached write, that ejabberd's pool reaches the
     /// applied target ([`EjabberdController::check_sql`]).
     pub sql_check_interval: Duration,
+    /// Where the agent keeps the copies ejabberd's `sql_ssl_cafile` and `sql_ssl_certfile`
+    /// name ([`super::sql_tls`]); set, the agent's own probes use TLS with the node's
+    /// certificate too. Needs the agent's `[tls]`.
+    pub sql_tls_dir: Option<PathBuf>,
 }
 
 impl ControllerConfig {
@@ -390,6 +398,9 @@ pub struct EjabberdController {
     state: Mutex<State>,
     /// Where the last good copy is persisted, if anywhere.
     last_good_path: Option<PathBuf>,
+    /// The copies for ejabberd's TLS connections to PostgreSQL and the client configuration
+    /// of the agent's own probes (the node's certificate), when the database is reached so.
+    sql_tls: Option<(SqlTls, Arc<ClientTls>)>,
 }
 
 /// A connection to the target that receives the probe notifications.
@@ -422,7 +433,25 @@ impl EjabberdController {
                 good: None,
             }),
             last_good_path: None,
+            sql_tls: None,
         })
+    }
+
+    /// ejabberd reaches PostgreSQL over TLS with the node's certificate: `sql` keeps its
+    /// copies, and the agent's probes present `probe` (the agent's own client TLS).
+    #[must_use]
+    pub fn with_sql_tls(mut self, sql: SqlTls, probe: Arc<ClientTls>) -> Self {
+        self.sql_tls = Some((sql, probe));
+        self
+    }
+
+    /// Writes the copies for ejabberd that differ from the agent's files (after a renewal);
+    /// `Ok(false)` when nothing changed or ejabberd does not use TLS.
+    pub fn install_sql_tls(&self) -> Result<bool, String> {
+        match &self.sql_tls {
+            Some((sql, _)) => sql.install(&self.config.config_path),
+            None => Ok(false),
+        }
     }
 
     /// Persists the last good copy at `path` (mode 0600) and loads the copy stored there by a
@@ -894,24 +923,14 @@ impl EjabberdController {
             target: target.clone(),
             detail: with_causes(&e),
         };
-        let (client, mut connection) =
-            self.connect(&plan.new)
-                .await
-                .map_err(|detail| ControllerError::TargetUnreachable {
-                    vhost: plan.vhost.clone(),
-                    target: target.clone(),
-                    detail,
-                })?;
         let (tx, notes) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(Ok(message)) = messages.next().await {
-                if let AsyncMessage::Notification(n) = message {
-                    // The receiver is gone once the apply is over; nothing left to tell.
-                    let _ = tx.send(n);
-                }
+        let client = self.connect(&plan.new, Some(tx)).await.map_err(|detail| {
+            ControllerError::TargetUnreachable {
+                vhost: plan.vhost.clone(),
+                target: target.clone(),
+                detail,
             }
-        });
+        })?;
         let channel = format!("ha_probe_{:016x}", rand::random::<u64>());
         client
             .batch_execute(&format!("LISTEN {channel}"))
@@ -987,11 +1006,8 @@ impl EjabberdController {
     async fn check_old_server(&self, plan: &Plan) -> Result<(), ControllerError> {
         let Some(old) = &plan.old else { return Ok(()) };
         let old_name = format!("{}:{}", old.host, old.port);
-        let client = match self.connect(old).await {
-            Ok((client, connection)) => {
-                tokio::spawn(connection);
-                client
-            }
+        let client = match self.connect(old, None).await {
+            Ok(client) => client,
             Err(error) => {
                 info!(vhost = %plan.vhost, old = %old_name, %error, "old server unreachable, no leftover connection to check");
                 return Ok(());
@@ -1053,19 +1069,32 @@ impl EjabberdController {
 
     /// A session on `params`' server, within `db_connect_timeout` for the whole of it: the TCP
     /// connect and the startup exchange (a frozen server accepts TCP and then never answers).
+    /// TLS with the node's certificate when ejabberd uses it. The session's notifications go
+    /// to `notes` when given.
     async fn connect(
         &self,
         params: &DbParams,
-    ) -> Result<
-        (
-            tokio_postgres::Client,
-            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
-        ),
-        String,
-    > {
+        notes: Option<mpsc::UnboundedSender<Notification>>,
+    ) -> Result<Client, String> {
         let timeout = self.config.db_connect_timeout;
-        match tokio::time::timeout(timeout, self.db_config(params).connect(NoTls)).await {
-            Ok(Ok(session)) => Ok(session),
+        let mut config = self.db_config(params);
+        let session = match &self.sql_tls {
+            Some((_, probe)) => {
+                let mut rustls = (*probe.current()).clone();
+                // The monitor link offers HTTP/2; PostgreSQL 15 negotiates no ALPN.
+                rustls.alpn_protocols.clear();
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let connect = config.connect(MakeRustlsConnect::new(rustls));
+                tokio::time::timeout(timeout, connect)
+                    .await
+                    .map(|r| r.map(|(client, connection)| drive(client, connection, notes)))
+            }
+            None => tokio::time::timeout(timeout, config.connect(NoTls))
+                .await
+                .map(|r| r.map(|(client, connection)| drive(client, connection, notes))),
+        };
+        match session {
+            Ok(Ok(client)) => Ok(client),
             Ok(Err(e)) => Err(with_causes(&e)),
             Err(_) => Err(format!("no answer within {timeout:?}")),
         }
@@ -1082,6 +1111,28 @@ impl EjabberdController {
             .connect_timeout(self.config.db_connect_timeout);
         cfg
     }
+}
+
+/// Runs a session's connection in its own task, handing its notifications to `notes` (the
+/// receiver is gone once the apply is over: nothing left to tell then), and returns the client.
+fn drive<S, T>(
+    client: Client,
+    mut connection: tokio_postgres::Connection<S, T>,
+    notes: Option<mpsc::UnboundedSender<Notification>>,
+) -> Client
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let (AsyncMessage::Notification(n), Some(tx)) = (message, &notes) {
+                let _ = tx.send(n);
+            }
+        }
+    });
+    client
 }
 
 /// Whether `node` answers and runs the ejabberd application.

@@ -185,6 +185,7 @@ impl PrivateInstance {
             verify_timeout: Duration::from_secs(10),
             old_connections_timeout: Duration::from_secs(5),
             sql_check_interval: Duration::from_secs(10),
+            sql_tls_dir: None,
         }
     }
 

@@ -7,6 +7,8 @@
 //!   proves with an uncached write that ejabberd now writes to the target; the last good copy
 //!   of the file, its periodic comparison and repair, the periodic check that the pool reaches
 //!   the target; health and cluster membership.
+//! - [`sql_tls`]: the node's certificate as ejabberd's SQL connections need it (TLS with
+//!   certificate authentication to PostgreSQL).
 //! - [`instance`]: a private ejabberd (own directory, node name and epmd) for tests and drills.
 //!
 //! Invariant: ejabberd is reported as following an epoch only after a write through ejabberd
@@ -16,6 +18,7 @@ pub mod config;
 pub mod controller;
 pub mod erl;
 pub mod instance;
+pub mod sql_tls;
 
 pub use config::{ConfigError, SqlSettings, SqlTarget, rewrite};
 pub use controller::{

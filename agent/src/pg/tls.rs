@@ -3,23 +3,20 @@
 //! PostgreSQL OS user with mode 0600 (PostgreSQL refuses a server key others can read, and libpq
 //! a client key).
 //!
-//! Invariants: a copy is only replaced by material that passed the checks (every PEM parses, the
-//! certificate chains to the CA bundle and is valid now, names this node with role postgres, and
-//! the key belongs to it: [`ha_pki::check_own_certificate`] plus the key match), so neither a
-//! half-written rotation nor a foreign, expired or misnamed certificate reaches PostgreSQL;
-//! copies are written atomically; key material never appears in a log line or an error message
-//! (errors name paths only).
+//! Invariants: a copy is only replaced by material that passed [`Material::check`] with role
+//! postgres, so neither a half-written rotation nor a foreign, expired or misnamed certificate
+//! reaches PostgreSQL; copies are written atomically; key material never appears in a log line
+//! or an error message (errors name paths only).
 
 use std::path::Path;
 
 use ha_pki::{PeerIdentity, Role, TlsFiles};
 use ha_proto::NodeId;
-use rustls::pki_types::PrivateKeyDer;
-use rustls::pki_types::pem::PemObject as _;
 use tracing::info;
 
 use super::PgError;
 use super::files::{self, Owner};
+use crate::material::{self, Material};
 
 /// Checks the material in `source` and installs it as `installed` (all three paths in one
 /// directory). Returns whether any copy changed, i.e. whether PostgreSQL must reload.
@@ -29,25 +26,19 @@ pub fn install(
     node: &NodeId,
     owner: Owner,
 ) -> Result<bool, PgError> {
-    let ca = ha_pki::read_public_file(&source.ca_bundle).map_err(tls_err)?;
-    let cert = ha_pki::read_public_file(&source.cert).map_err(tls_err)?;
-    // Refuses a key file that group or others can read: the agent's copy must be private too.
-    let key = ha_pki::read_key_file(&source.key).map_err(tls_err)?;
-    let wanted = [
-        (&installed.ca_bundle, &ca),
-        (&installed.cert, &cert),
-        (&installed.key, &key),
-    ];
-    let mut stale = Vec::new();
-    for (path, text) in wanted {
-        if files::read_optional(path)?.as_deref() != Some(text.as_str()) {
-            stale.push((path, text));
-        }
-    }
+    let own = Material::read(source).map_err(PgError::Tls)?;
+    let stale = material::stale(vec![
+        (installed.ca_bundle.clone(), own.ca.clone()),
+        (installed.cert.clone(), own.cert.clone()),
+        (installed.key.clone(), own.key.clone()),
+    ])
+    .map_err(PgError::Tls)?;
     if stale.is_empty() {
         return Ok(false);
     }
-    check(&ca, &cert, &key, node, source)?;
+    let me = PeerIdentity::new(Role::Postgres, node.as_str())
+        .map_err(|e| PgError::Tls(format!("node name {node}: {e}")))?;
+    own.check(&me, source).map_err(PgError::Tls)?;
     if let Some(dir) = installed.key.parent() {
         files::prepare_dir(dir, owner)?;
     }
@@ -59,42 +50,11 @@ pub fn install(
     Ok(true)
 }
 
-fn tls_err(e: ha_pki::FileError) -> PgError {
-    PgError::Tls(e.to_string())
-}
-
-fn pki_err(e: ha_pki::TlsError) -> PgError {
-    PgError::Tls(e.to_string())
-}
-
 /// Whether every installed copy exists (they passed [`check`] when they were written).
 pub fn copies_present(installed: &TlsFiles) -> bool {
     [&installed.ca_bundle, &installed.cert, &installed.key]
         .iter()
         .all(|p| p.exists())
-}
-
-/// The checks PostgreSQL and the peers would otherwise only make at the next connection: the
-/// same as the agent's own link to the monitors makes ([`ha_pki::check_own_certificate`]),
-/// plus the key match.
-fn check(ca: &str, cert: &str, key: &str, node: &NodeId, source: &TlsFiles) -> Result<(), PgError> {
-    let roots = ha_pki::certs_from_pem(ca, &source.ca_bundle).map_err(pki_err)?;
-    let chain = ha_pki::certs_from_pem(cert, &source.cert).map_err(pki_err)?;
-    let me = PeerIdentity::new(Role::Postgres, node.as_str())
-        .map_err(|e| PgError::Tls(format!("node name {node}: {e}")))?;
-    ha_pki::check_own_certificate(&roots, &chain, Some(&me), source).map_err(pki_err)?;
-    // Only the path goes into the message: a parse error must not quote the key.
-    let key_der = PrivateKeyDer::from_pem_slice(key.as_bytes())
-        .map_err(|_| PgError::Tls(format!("{}: not a PEM private key", source.key.display())))?;
-    rustls::sign::CertifiedKey::from_der(chain, key_der, &rustls::crypto::ring::default_provider())
-        .map_err(|e| {
-            PgError::Tls(format!(
-                "{} and {}: {e}",
-                source.cert.display(),
-                source.key.display()
-            ))
-        })?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ use super::monitors::Monitors;
 use super::state::{AgentState, StateFile};
 use super::{ReportResult, RunError, accept_goal, watch_goals};
 use crate::config::{AgentConfig, EjabberdRole};
+use crate::ejabberd::sql_tls::SqlTls;
 use crate::ejabberd::{ApplyReport, EjabberdController, FileCheck, SqlCheck, controller::Applied};
 
 /// Pause before an apply that failed is tried again for the same goal.
@@ -339,7 +340,24 @@ async fn watch_health(
     let mut sql_note: Option<String> = None;
     let mut sql_failing = false;
     let mut next_sql = Instant::now() + sql_every;
+    let mut tls_note: Option<String> = None;
     loop {
+        // First: a renewed certificate reaches ejabberd's next SQL connection.
+        match ctl.install_sql_tls() {
+            Ok(_) => {
+                if let Some(previous) = tls_note.take() {
+                    info!(%node, %previous, "TLS material for ejabberd's SQL connections usable again");
+                }
+            }
+            Err(e) => {
+                if tls_note.is_none() {
+                    warn!(%node, error = %e, "TLS material for ejabberd's SQL connections refused; ejabberd keeps the copies it has");
+                }
+                tls_note = Some(format!(
+                    "TLS material for ejabberd's SQL connections refused: {e}"
+                ));
+            }
+        }
         let health = ctl.health().await;
         if health.running {
             let restarted = was_running == Some(false)
@@ -368,12 +386,12 @@ async fn watch_health(
                 ..Seen::default()
             },
         };
-        let publish = |seen: &mut Seen, sql_failing: bool, notes: [&Option<String>; 2]| {
+        let publish = |seen: &mut Seen, sql_failing: bool, notes: [&Option<String>; 3]| {
             seen.running = health.running && !sql_failing;
             seen.notes = notes.into_iter().flatten().cloned().collect();
             tx.send(seen.clone()).is_ok()
         };
-        if !publish(&mut seen, sql_failing, [&file_note, &sql_note]) {
+        if !publish(&mut seen, sql_failing, [&file_note, &sql_note, &tls_note]) {
             return;
         }
 
@@ -412,7 +430,7 @@ async fn watch_health(
                           "ejabberd's SQL pool does not reach the applied target; reporting ejabberd not running and applying the target again");
                     sql_failing = true;
                     sql_note = Some(format!("SQL pool does not reach {target}: {error}"));
-                    if !publish(&mut seen, sql_failing, [&file_note, &sql_note]) {
+                    if !publish(&mut seen, sql_failing, [&file_note, &sql_note, &tls_note]) {
                         return;
                     }
                     match ctl.reassert().await {
@@ -435,7 +453,7 @@ async fn watch_health(
                 }
             }
         }
-        if !publish(&mut seen, sql_failing, [&file_note, &sql_note]) {
+        if !publish(&mut seen, sql_failing, [&file_note, &sql_note, &tls_note]) {
             return;
         }
         tokio::select! {
@@ -449,6 +467,7 @@ async fn watch_health(
 pub async fn run(
     cfg: &AgentConfig,
     role: &EjabberdRole,
+    sql_tls: Option<(SqlTls, Arc<ha_pki::ClientTls>)>,
     state: AgentState,
     state_file: StateFile,
     monitors: Monitors,
@@ -462,6 +481,10 @@ pub async fn run(
             applied.as_ref().map(AppliedRecord::applied),
         )
         .and_then(|c| c.with_last_good(cfg.state_dir.join(LAST_GOOD_FILE)))
+        .map(|c| match sql_tls {
+            Some((sql, probe)) => c.with_sql_tls(sql, probe),
+            None => c,
+        })
         .map_err(|e| RunError::Applied(format!("ejabberd controller: {e}")))?,
     );
     info!(node = %cfg.node, applied = ?applied, "ejabberd role starting");

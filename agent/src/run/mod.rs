@@ -148,7 +148,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             .await
         }
         RoleConfig::Ejabberd(role) => {
-            ejabberd::run(&config, role, state, state_file, monitors, shutdown).await
+            let sql_tls = match (&role.controller.sql_tls_dir, &config.tls, link_tls) {
+                (Some(dir), Some(source), Some(probe)) => {
+                    Some((ejabberd_sql_tls(dir, source, &config)?, probe))
+                }
+                _ => None,
+            };
+            ejabberd::run(
+                &config, role, sql_tls, state, state_file, monitors, shutdown,
+            )
+            .await
         }
     }
 }
@@ -196,6 +205,19 @@ fn own_identity(config: &AgentConfig) -> Result<ha_pki::PeerIdentity, RunError> 
     };
     ha_pki::PeerIdentity::new(role, config.node.as_str())
         .map_err(|e| RunError::Certificate(format!("node name {}: {e}", config.node)))
+}
+
+/// Where and from what the agent keeps ejabberd's copies of the node's certificate.
+fn ejabberd_sql_tls(
+    dir: &std::path::Path,
+    source: &ha_pki::TlsFiles,
+    config: &AgentConfig,
+) -> Result<crate::ejabberd::sql_tls::SqlTls, RunError> {
+    Ok(crate::ejabberd::sql_tls::SqlTls {
+        dir: dir.to_owned(),
+        source: source.clone(),
+        me: own_identity(config)?,
+    })
 }
 
 /// The failsafe's two sides for a PostgreSQL agent with TLS: the client that asks the vouchers

@@ -10,14 +10,14 @@
 //! JID; `tokio-xmpp` logs a dropped stream in again, counted as interruptions), whether the
 //! service works at the end (after the stop, each user retries one last write for up to
 //! [`FINAL_WRITE`]) and, read back through ejabberd at the end, acknowledged writes that are
-//! missing.
+//! missing (a read that gets no answer ends a user's reading: the rest count as unread).
 //! Reads must reach SQL: run ejabberd with `mod_private: {use_cache: false}`.
 //!
 //! Once every user has tried to log in it prints `ha-xmpp-load: writing` on stderr (a script
 //! starting a drill waits for that line).
 //!
-//! Exit status: 0 when every user logged in, kept its session, wrote at the end and lost
-//! nothing; 1 otherwise;
+//! Exit status: 0 when every user logged in, kept its session, wrote at the end, lost nothing
+//! and read everything back; 1 otherwise;
 //! 64 on bad arguments. `--json` prints one object with `users[]` and the totals.
 
 use std::path::PathBuf;
@@ -81,6 +81,8 @@ struct UserReport {
     /// The write retried after the stop was acknowledged.
     wrote_at_end: bool,
     lost_writes: u64,
+    /// Acknowledged writes not read back: a read got no answer (see `error`).
+    unread_writes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,6 +91,7 @@ struct Report {
     acknowledged_writes: u64,
     failed_writes: u64,
     lost_writes: u64,
+    unread_writes: u64,
     longest_gap_ms: u64,
     sessions_kept: usize,
     interruptions: u32,
@@ -126,7 +129,8 @@ fn main() -> ExitCode {
         .users
         .iter()
         .all(|u| u.logged_in && u.session_kept && u.wrote_at_end)
-        && report.lost_writes == 0;
+        && report.lost_writes == 0
+        && report.unread_writes == 0;
     if ok {
         ExitCode::SUCCESS
     } else {
@@ -193,6 +197,7 @@ async fn run(args: &Args, password: &str) -> Report {
         acknowledged_writes: users.iter().map(|u| u.acknowledged_writes).sum(),
         failed_writes: users.iter().map(|u| u.failed_writes).sum(),
         lost_writes: users.iter().map(|u| u.lost_writes).sum(),
+        unread_writes: users.iter().map(|u| u.unread_writes).sum(),
         longest_gap_ms: users.iter().map(|u| u.longest_gap_ms).max().unwrap_or(0),
         sessions_kept: users.iter().filter(|u| u.session_kept).count(),
         interruptions: users.iter().map(|u| u.interruptions).sum(),
@@ -263,13 +268,20 @@ async fn load(
     }
     report.longest_gap_ms = report.longest_gap_ms.max(millis(last_ack.elapsed()));
     report.acknowledged_writes = acknowledged.len() as u64;
-    for seq in acknowledged {
-        match client.load_private(&keys.key(seq), timeout).await {
+    // A read that gets no answer ends the reading: on a session that stopped answering every
+    // further read would wait its own `timeout`, hundreds of them. The rest count as unread,
+    // which fails the run like a lost write but says why.
+    for (i, seq) in acknowledged.iter().enumerate() {
+        match client.load_private(&keys.key(*seq), timeout).await {
             Ok(Some(v)) if v == seq.to_string() => {}
             Ok(_) => report.lost_writes += 1,
             Err(e) => {
-                report.error = Some(format!("reading back write {seq}: {e}"));
-                report.lost_writes += 1;
+                report.unread_writes = (acknowledged.len() - i) as u64;
+                report.error = Some(format!(
+                    "reading back write {seq}: {e}; {} acknowledged writes left unread",
+                    report.unread_writes
+                ));
+                break;
             }
         }
     }
@@ -308,10 +320,11 @@ fn print_table(r: &Report) {
         }
     }
     println!(
-        "total: {} acknowledged XMPP writes, {} failed attempts, {} lost, longest gap {} ms, {}/{} sessions kept, {} interruptions",
+        "total: {} acknowledged XMPP writes, {} failed attempts, {} lost, {} unread, longest gap {} ms, {}/{} sessions kept, {} interruptions",
         r.acknowledged_writes,
         r.failed_writes,
         r.lost_writes,
+        r.unread_writes,
         r.longest_gap_ms,
         r.sessions_kept,
         r.users.len(),
