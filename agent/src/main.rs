@@ -6,18 +6,17 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use ha_agent::cli::Args;
 use ha_agent::config::AgentConfig;
+use ha_log::EX_USAGE;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-const EX_USAGE: u8 = 64;
 const EX_SOFTWARE: u8 = 70;
 
 fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let args = Args::parse();
+    let args: Args = ha_log::parse_args();
     let config = match AgentConfig::load(&args.config, args.dev) {
         Ok(c) => c,
         Err(e) => {

@@ -28,6 +28,10 @@ pub struct Cli {
     /// Talk plaintext gRPC to monitors started with `--dev` (never in production).
     #[arg(long, env = "HACLT_DEV", global = true)]
     pub dev: bool,
+    /// Print what the command reports as JSON on stdout (`events`: one object per line);
+    /// progress and errors stay on stderr, the exit codes are the same.
+    #[arg(long, global = true)]
+    pub json: bool,
     /// Per-call timeout.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration, global = true)]
     pub timeout: Duration,
@@ -41,8 +45,6 @@ pub struct Cli {
 pub enum Cmd {
     /// Every node, role, goal, epoch, LSN, lag and health, and the monitors.
     Status {
-        #[arg(long)]
-        json: bool,
         /// Redraw every interval until interrupted.
         #[arg(long, value_parser = humantime::parse_duration, num_args = 0..=1, default_missing_value = "1s")]
         watch: Option<Duration>,
@@ -52,21 +54,30 @@ pub enum Cmd {
     },
     /// The decision history with reasons.
     Events {
-        #[arg(long)]
-        json: bool,
         /// Keep printing new events.
         #[arg(long)]
         follow: bool,
         /// Start after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// Only the events about this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only the last N of the events asked for (with --follow: the last N, then every new
+        /// one).
+        #[arg(long)]
+        count: Option<usize>,
     },
     /// Planned switchover to NODE (or the best standby).
     Switchover {
+        /// The standby to promote (default: the best one, as for a failover).
         #[arg(long)]
         to: Option<String>,
+        /// The group (default: the only one).
         #[arg(long, default_value = "")]
         group: String,
+        /// How long to wait for the new primary; exit 75 when exceeded (the switchover
+        /// goes on).
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         wait: Duration,
     },
@@ -75,8 +86,10 @@ pub enum Cmd {
         /// Promote even a standby not known to hold every acknowledged write.
         #[arg(long)]
         allow_data_loss: bool,
+        /// The group (default: the only one).
         #[arg(long, default_value = "")]
         group: String,
+        /// How long to wait for the new primary; exit 75 when exceeded (the failover goes on).
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         wait: Duration,
     },
@@ -84,6 +97,8 @@ pub enum Cmd {
     Maintenance {
         action: OnOff,
         node: String,
+        /// How long to wait for the node to reach (or leave) maintenance; exit 75 when
+        /// exceeded (the change goes on).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         wait: Duration,
     },
@@ -127,9 +142,6 @@ pub enum Cmd {
     /// (write unavailability, acknowledged and lost writes, ejabberd recovery).
     Drill {
         scenario: crate::drill::Scenario,
-        /// Print the figures as one JSON object (see the README for its fields).
-        #[arg(long)]
-        json: bool,
         /// How long a freeze or partition lasts (the agent undoes it by itself).
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         duration: Duration,
@@ -180,10 +192,13 @@ pub enum OnOff {
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCmd {
-    /// Set a node's candidate priority (0: never promote) or replication quorum membership.
+    /// Set a PostgreSQL node's candidate priority (0: never promote, to 100) or replication
+    /// quorum membership.
     Set {
+        /// The PostgreSQL node.
         node: String,
         setting: Setting,
+        /// candidate-priority: 0 to 100; replication-quorum: true or false.
         value: String,
     },
     /// Remove a node from its group.
@@ -266,6 +281,7 @@ pub enum TokenCmd {
     /// Create a single-use join token for one node; it is printed once. The joining node can
     /// choose neither its name nor its address: both come from the token.
     Create {
+        /// What the node runs.
         #[arg(long)]
         role: Role,
         /// The node's name (its certificate's name); operator, observer, monitor and the
@@ -275,12 +291,12 @@ pub enum TokenCmd {
         /// The address the node serves on (its endpoint's host and its certificate's name).
         #[arg(long)]
         address: String,
+        /// How long the token admits its node.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// The group the node joins (default: the only one).
         #[arg(long, default_value = "")]
         group: String,
-        #[arg(long)]
-        json: bool,
     },
     /// Revoke an unused token by id.
     Revoke { id: String },
@@ -444,6 +460,33 @@ impl Progress {
     }
 }
 
+/// What a waiting command reached: its last line on stderr, and with `--json` one object
+/// on stdout.
+fn print_done(json: bool, done: &str) -> Result<(), Failure> {
+    if json {
+        println!("{}", serde_json::json!({ "done": done }));
+    }
+    Ok(())
+}
+
+/// An operation the monitors committed: its message, or with `--json` the message, the Raft
+/// index it was committed at and the group's epoch after it.
+fn print_operation(json: bool, r: &v1::OperationResponse) -> Result<(), Failure> {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "message": r.message,
+                "committed_index": r.committed_index,
+                "epoch": r.epoch,
+            })
+        );
+    } else {
+        println!("{}", r.message);
+    }
+    Ok(())
+}
+
 /// Prints one status answer; `redraw` clears the terminal first (only when stdout is one).
 fn print_status(s: &output::Status, json: bool, redraw: bool) -> Result<(), Failure> {
     if json {
@@ -483,7 +526,7 @@ async fn converge(
     wait: Duration,
     progress: Progress,
     mut done: impl FnMut(&v1::StatusResponse) -> Result<String, String>,
-) -> Result<(), Failure> {
+) -> Result<String, Failure> {
     let deadline = Instant::now() + wait;
     let mut last_step = String::new();
     loop {
@@ -495,7 +538,7 @@ async fn converge(
         match done(&s) {
             Ok(msg) => {
                 progress.done(&msg);
-                return Ok(());
+                return Ok(msg);
             }
             Err(step) => {
                 if step != last_step {
@@ -552,7 +595,7 @@ fn promoted(
 /// Runs the parsed command; returns what to print on stdout.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
     if let Cmd::Pki { command } = &cli.command {
-        return crate::pki::run(command, SystemTime::now());
+        return crate::pki::run(command, cli.json, SystemTime::now());
     }
     if let Cmd::Systemd {
         unit,
@@ -573,13 +616,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         cli.monitors.clone()
     };
     let mut m = Monitors::new(addresses, transport(&file, cli.dev)?, cli.timeout)?;
+    let json = cli.json;
     match cli.command {
         Cmd::Systemd { .. } | Cmd::Pki { .. } => Ok(()),
-        Cmd::Status {
-            json,
-            watch,
-            stale_ok,
-        } => loop {
+        Cmd::Status { watch, stale_ok } => loop {
             let answer = status(&mut m, stale_ok).await;
             let Some(every) = watch else {
                 let s = output::Status::from(answer?);
@@ -603,10 +643,12 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             tokio::time::sleep(every).await;
         },
         Cmd::Events {
-            json,
             follow,
             after,
+            node,
+            count,
         } => {
+            let about = |e: &v1::Event| node.as_ref().is_none_or(|n| e.node == *n);
             let print = |e: v1::Event| {
                 let e = output::Event::from(e);
                 if json {
@@ -615,37 +657,44 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     println!("{}", output::event_line(&e));
                 }
             };
-            if follow {
-                let mut stream = m
-                    .call(|mut c| async move {
-                        c.follow_events(v1::EventsRequest {
-                            after_seq: after,
-                            limit: 0,
-                        })
-                        .await
+            let r = m
+                .call(|mut c| async move {
+                    c.events(v1::EventsRequest {
+                        after_seq: after,
+                        limit: 0,
                     })
-                    .await?;
-                while let Some(e) = stream
-                    .message()
                     .await
-                    .map_err(|s| Failure::from_status(&s))?
-                {
+                })
+                .await?;
+            // The stream goes on after everything read so far, printed or filtered out.
+            let from = r.events.last().map_or(after, |e| e.seq);
+            let mut backlog: Vec<v1::Event> = r.events.into_iter().filter(about).collect();
+            if let Some(n) = count {
+                backlog.drain(..backlog.len().saturating_sub(n));
+            }
+            backlog.into_iter().for_each(print);
+            if !follow {
+                return Ok(());
+            }
+            let mut stream = m
+                .call(|mut c| async move {
+                    c.follow_events(v1::EventsRequest {
+                        after_seq: from,
+                        limit: 0,
+                    })
+                    .await
+                })
+                .await?;
+            while let Some(e) = stream
+                .message()
+                .await
+                .map_err(|s| Failure::from_status(&s))?
+            {
+                if about(&e) {
                     print(e);
                 }
-                Err(Failure::Unreachable("the event stream ended".into()))
-            } else {
-                let r = m
-                    .call(|mut c| async move {
-                        c.events(v1::EventsRequest {
-                            after_seq: after,
-                            limit: 0,
-                        })
-                        .await
-                    })
-                    .await?;
-                r.events.into_iter().for_each(print);
-                Ok(())
             }
+            Err(Failure::Unreachable("the event stream ended".into()))
         }
         Cmd::Switchover { to, group, wait } => {
             let before = status(&mut m, false).await?;
@@ -662,10 +711,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 async move { c.switchover(req).await }
             })
             .await?;
-            converge(&mut m, wait, progress, |s| {
+            let done = converge(&mut m, wait, progress, |s| {
                 promoted(s, &group, old_epoch, to.as_deref())
             })
-            .await
+            .await?;
+            print_done(json, &done)
         }
         Cmd::Failover {
             allow_data_loss,
@@ -686,10 +736,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 async move { c.failover(req).await }
             })
             .await?;
-            converge(&mut m, wait, progress, |s| {
+            let done = converge(&mut m, wait, progress, |s| {
                 promoted(s, &group, old_epoch, None)
             })
-            .await
+            .await?;
+            print_done(json, &done)
         }
         Cmd::Maintenance { action, node, wait } => {
             let enabled = matches!(action, OnOff::Enable);
@@ -704,7 +755,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 async move { c.set_maintenance(req).await }
             })
             .await?;
-            converge(&mut m, wait, progress, |s| {
+            let done = converge(&mut m, wait, progress, |s| {
                 let n = s
                     .nodes
                     .iter()
@@ -727,7 +778,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     _ => Err(format!("waiting for {node}")),
                 }
             })
-            .await
+            .await?;
+            print_done(json, &done)
         }
         Cmd::Group {
             command:
@@ -792,8 +844,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     async move { c.set_group_settings(req).await }
                 })
                 .await?;
-            println!("{}", r.message);
-            Ok(())
+            print_operation(json, &r)
         }
         Cmd::Node { command } => match command {
             NodeCmd::Set {
@@ -808,7 +859,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 };
                 match setting {
                     Setting::CandidatePriority => {
-                        req.candidate_priority = Some(value.parse().map_err(|_| {
+                        // The monitors check the same bound; refusing it here names the
+                        // mistake without a round trip.
+                        let priority = value.parse::<u32>().ok().filter(|p| *p <= 100);
+                        req.candidate_priority = Some(priority.ok_or_else(|| {
                             Failure::Usage(format!(
                                 "candidate priority must be 0 to 100, got {value:?}"
                             ))
@@ -828,8 +882,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                         async move { c.set_node_settings(req).await }
                     })
                     .await?;
-                println!("{}", r.message);
-                Ok(())
+                print_operation(json, &r)
             }
             NodeCmd::Remove { node } => {
                 let req = v1::RemoveNodeRequest {
@@ -842,8 +895,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                         async move { c.remove_node(req).await }
                     })
                     .await?;
-                println!("{}", r.message);
-                Ok(())
+                print_operation(json, &r)
             }
         },
         Cmd::Monitor { command } => {
@@ -872,14 +924,22 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     .await?
                 }
             };
-            for member in r.members {
-                println!("{}\t{}", member.id, member.address);
+            if json {
+                let members: Vec<serde_json::Value> = r
+                    .members
+                    .iter()
+                    .map(|m| serde_json::json!({ "id": m.id, "address": m.address }))
+                    .collect();
+                println!("{}", serde_json::json!({ "members": members }));
+            } else {
+                for member in r.members {
+                    println!("{}\t{}", member.id, member.address);
+                }
             }
             Ok(())
         }
         Cmd::Drill {
             scenario,
-            json,
             duration,
             group,
             wait,
@@ -941,7 +1001,12 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 sslcert: sslcert.as_deref(),
                 sslkey: sslkey.as_deref(),
             };
-            println!("{}", crate::uri::uri(&s, &opts)?);
+            let uri = crate::uri::uri(&s, &opts)?;
+            if json {
+                println!("{}", serde_json::json!({ "uri": uri }));
+            } else {
+                println!("{uri}");
+            }
             Ok(())
         }
         Cmd::Token { command } => match command {
@@ -951,7 +1016,6 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 address,
                 ttl,
                 group,
-                json,
             } => {
                 let kind = match role {
                     Role::Postgres => v1::NodeKind::Postgres,
@@ -1000,8 +1064,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                         async move { c.revoke_join_token(req).await }
                     })
                     .await?;
-                println!("{}", r.message);
-                Ok(())
+                print_operation(json, &r)
             }
         },
         Cmd::Cert { command } => match command {
@@ -1016,8 +1079,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                         async move { c.revoke_certificate(req).await }
                     })
                     .await?;
-                println!("{}", r.message);
-                Ok(())
+                print_operation(json, &r)
             }
         },
     }

@@ -59,6 +59,9 @@ impl Failure {
     }
 
     pub fn from_status(s: &Status) -> Self {
+        if let Some(refused) = tls_refusal(s) {
+            return refused;
+        }
         let msg = s.message().to_owned();
         match s.code() {
             Code::InvalidArgument | Code::OutOfRange => Failure::Usage(msg),
@@ -124,12 +127,12 @@ impl Monitors {
         }
     }
 
-    async fn connect(&self, address: &str) -> Result<OperatorServiceClient<Channel>, String> {
+    async fn connect(&self, address: &str) -> Result<OperatorServiceClient<Channel>, Failure> {
         let endpoint = match &self.transport {
             Transport::Plaintext => Endpoint::from_shared(format!("http://{address}"))
-                .map_err(|e| format!("{address}: {e}"))?,
+                .map_err(|e| Failure::Usage(format!("{address}: {e}")))?,
             Transport::Tls(_) => ha_pki::endpoint(&format!("https://{address}"))
-                .map_err(|e| format!("{address}: {e}"))?,
+                .map_err(|e| Failure::Usage(format!("{address}: {e}")))?,
         }
         .connect_timeout(self.timeout.min(Duration::from_secs(2)))
         .timeout(self.timeout);
@@ -141,9 +144,10 @@ impl Monitors {
                     .await
             }
         };
-        channel
-            .map(OperatorServiceClient::new)
-            .map_err(|e| format!("{address}: {}", error_chain(&e)))
+        channel.map(OperatorServiceClient::new).map_err(|e| {
+            tls_refusal(&e)
+                .unwrap_or_else(|| Failure::Unreachable(format!("{address}: {}", error_chain(&e))))
+        })
     }
 
     /// Calls `f` on the leader: tries the last known leader, then every monitor, following
@@ -156,7 +160,7 @@ impl Monitors {
         let mut queue: Vec<String> = self.leader.iter().cloned().collect();
         queue.extend(self.addresses.iter().cloned());
         let mut tried = Vec::new();
-        let mut last = String::from("no monitor tried");
+        let mut last = Failure::Unreachable("no monitor tried".into());
         while let Some(addr) = queue.first().cloned() {
             queue.remove(0);
             if tried.contains(&addr) {
@@ -165,8 +169,12 @@ impl Monitors {
             tried.push(addr.clone());
             let client = match self.connect(&addr).await {
                 Ok(c) => c,
+                // A refused handshake is worth more than an unreachable monitor: it is what
+                // the operator must fix, whatever the other monitors answer.
                 Err(e) => {
-                    last = e;
+                    if !matches!(last, Failure::Denied(_)) || matches!(e, Failure::Denied(_)) {
+                        last = e;
+                    }
                     continue;
                 }
             };
@@ -177,11 +185,13 @@ impl Monitors {
                 }
                 // A follower (with a hint), a monitor going away, or one that did not answer in
                 // time (a leader killed or frozen mid-call): the next monitor is asked.
-                Err(s) if passes_on(&s) => {
+                Err(s) if passes_on(&s) && tls_refusal(&s).is_none() => {
                     if self.leader.as_ref() == Some(&addr) {
                         self.leader = None;
                     }
-                    last = format!("{addr}: {}", s.message());
+                    if !matches!(last, Failure::Denied(_)) {
+                        last = Failure::Unreachable(format!("{addr}: {}", s.message()));
+                    }
                     if let Some(hint) = s
                         .metadata()
                         .get(ha_proto::LEADER_ADDR_METADATA)
@@ -193,7 +203,7 @@ impl Monitors {
                 Err(s) => return Err(Failure::from_status(&s)),
             }
         }
-        Err(Failure::Unreachable(last))
+        Err(last)
     }
 
     /// Like [`Monitors::call`], but keeps trying while no leader answers (an election in
@@ -227,6 +237,31 @@ fn passes_on(s: &Status) -> bool {
         s.code(),
         Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded
     )
+}
+
+/// A TLS handshake refused by either side, named from the error's causes (the top-level error
+/// says only "transport error"): the monitor refused this client's certificate (a TLS alert
+/// came back), or this client refused the monitor's. `None` for any other error.
+pub fn tls_refusal(error: &(dyn std::error::Error + 'static)) -> Option<Failure> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if text.contains("received fatal alert") {
+            return Some(Failure::Denied(format!(
+                "the monitor refused this client's certificate in the TLS handshake ({text}): \
+                 `cert` and `key` in haclt's config must be an operator or observer certificate \
+                 of the cluster's CA, valid now and not revoked"
+            )));
+        }
+        if text.contains("invalid peer certificate") {
+            return Some(Failure::Denied(format!(
+                "this client does not trust the monitor's certificate ({text}): `ca` in haclt's \
+                 config must be the cluster's CA bundle"
+            )));
+        }
+        cause = e.source();
+    }
+    None
 }
 
 /// An error and its causes (a TLS refusal is only visible in the sources).

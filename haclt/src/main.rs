@@ -2,10 +2,8 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = haclt::cli::Cli::parse();
+    let cli: haclt::cli::Cli = ha_log::parse_args();
     ha_log::init(&cli.log, "HACLT_LOG", "warn");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

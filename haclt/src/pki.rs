@@ -83,11 +83,7 @@ pub enum PkiCmd {
         out: Option<PathBuf>,
     },
     /// Show a certificate: identity, role, SANs, validity, CA or not.
-    Show {
-        file: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    Show { file: PathBuf },
     /// Re-issue the certificates due within the overlap window (or all of them with a new CA).
     Rotate {
         #[arg(long)]
@@ -153,7 +149,7 @@ impl From<PkiError> for Failure {
 }
 
 /// Runs a `pki` subcommand at time `now` and prints its report on stdout.
-pub fn run(cmd: &PkiCmd, now: SystemTime) -> Result<(), Failure> {
+pub fn run(cmd: &PkiCmd, json: bool, now: SystemTime) -> Result<(), Failure> {
     let report = match cmd {
         PkiCmd::Init {
             dir,
@@ -169,7 +165,7 @@ pub fn run(cmd: &PkiCmd, now: SystemTime) -> Result<(), Failure> {
             dir,
             out,
         } => issue(dir, name, role, sans, validity, out.as_deref(), now)?,
-        PkiCmd::Show { file, json } => vec![show(file, *json)?],
+        PkiCmd::Show { file } => vec![show(file, json)?],
         PkiCmd::Rotate {
             dir,
             overlap,
@@ -189,8 +185,13 @@ pub fn run(cmd: &PkiCmd, now: SystemTime) -> Result<(), Failure> {
             }
         }
     };
-    for line in report {
-        println!("{line}");
+    if json && !matches!(cmd, PkiCmd::Show { .. }) {
+        // `show` printed its own object; the others report what they did, line by line.
+        println!("{}", serde_json::json!({ "report": report }));
+    } else {
+        for line in report {
+            println!("{line}");
+        }
     }
     Ok(())
 }

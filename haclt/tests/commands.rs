@@ -3,10 +3,13 @@
 //! with an operator certificate). Effects are checked through `status --json` and
 //! `events --json`; refusals through the exit code and the one-line reason on stderr:
 //!
-//! - `status --json` (and how long it takes: printed, median of 10), `events --json [--after]`;
+//! - `status --json` (and how long it takes: printed, median of 10), `events --json [--after]`,
+//!   `events --node --count`, `--json` of a setting, a switchover and a membership change;
 //! - `token create --json` for one node and address, `token revoke` (twice: the second is not
 //!   found, 66), a token for a reserved name (64);
-//! - a wrong monitor address (69), an unknown node (66), a bad setting (64), a switchover to a
+//! - a wrong monitor address (69), an unknown node (66, also as a switchover target), a bad
+//!   setting or one out of range (64), an unknown flag (64, not clap's 2), a certificate of
+//!   another CA and a CA bundle without the cluster's (77, each named), a switchover to a
 //!   node with candidate priority 0 and a failover with no eligible standby (65), a wait that
 //!   runs out (75);
 //! - `node set` (both settings), `switchover --to`, `maintenance enable|disable`, `failover`,
@@ -17,8 +20,10 @@
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use ha_pki::{Role, TlsFiles};
 use ha_tests::cluster::Cluster;
 use ha_tests::free_port;
+use ha_tests::pki::Pki;
 use serde_json::Value;
 
 const CONVERGE: Duration = Duration::from_secs(90);
@@ -50,6 +55,16 @@ async fn fails(c: &Cluster, args: &[&str], code: i32, reason: &str) {
     let stderr = String::from_utf8(out.stderr).unwrap();
     let last = stderr.trim_end().lines().last().unwrap_or("");
     assert!(last.contains(reason), "{last:?} names {reason:?}");
+}
+
+/// `status` with other TLS files than the operator's: refused with exit 77 and `reason`.
+async fn refused_tls(c: &Cluster, files: &TlsFiles, reason: &str) {
+    let args = ["status"];
+    let out = c.haclt_as(files, &args).await;
+    shown(&args, &out);
+    assert_eq!(out.status.code(), Some(77), "{files:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains(reason), "{stderr:?} names {reason:?}");
 }
 
 /// `status --json`: exit 0, or 3 when the cluster is degraded (both print the whole answer).
@@ -207,6 +222,7 @@ async fn every_command_against_a_live_cluster() {
     )
     .await;
     fails(&c, &["maintenance", "enable", "nosuch"], 66, "nosuch").await;
+    fails(&c, &["switchover", "--to", "nosuch"], 66, "nosuch").await;
     fails(
         &c,
         &["node", "set", "psql3", "candidate-priority", "lots"],
@@ -214,6 +230,30 @@ async fn every_command_against_a_live_cluster() {
         "lots",
     )
     .await;
+    fails(
+        &c,
+        &["node", "set", "psql3", "candidate-priority", "1000"],
+        64,
+        "0 to 100",
+    )
+    .await;
+    // A usage error is 64, as documented, not clap's 2.
+    let out = c.haclt(&["status", "--no-such-flag"]).await;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'--no-such-flag'"));
+    // A certificate of another CA, or a bundle without the cluster's CA: named, exit 77.
+    let foreign_dir = tempfile::tempdir().unwrap();
+    let foreign = Pki::create(foreign_dir.path());
+    let operator = c.pki().files("operator");
+    let mut other = foreign.files("operator");
+    foreign.issue(&other, Role::Operator, "operator");
+    other.ca_bundle = operator.ca_bundle.clone();
+    refused_tls(&c, &other, "refused this client's certificate").await;
+    let mut untrusting = foreign.files("operator");
+    foreign.write_bundle(&untrusting);
+    untrusting.cert = operator.cert;
+    untrusting.key = operator.key;
+    refused_tls(&c, &untrusting, "does not trust the monitor's certificate").await;
     let priority = node(&s, "psql3").unwrap()["candidate_priority"]
         .as_u64()
         .unwrap()
@@ -234,12 +274,45 @@ async fn every_command_against_a_live_cluster() {
     assert_eq!(primary(&s), "psql1", "a refused request changed nothing");
     assert_eq!(node(&s, "psql2").unwrap()["candidate_priority"], 0);
     for n in &NODES[1..] {
-        ok(&c, &["node", "set", n, "candidate-priority", &priority]).await;
+        let set: Value = serde_json::from_str(
+            &ok(
+                &c,
+                &["node", "set", n, "candidate-priority", &priority, "--json"],
+            )
+            .await,
+        )
+        .unwrap();
+        assert!(set["committed_index"].as_u64().unwrap() > 0, "{set}");
+        assert!(
+            set["message"]
+                .as_str()
+                .unwrap()
+                .contains("candidate_priority")
+        );
     }
+    // The events about one node (its settings among them), and the last one alone.
+    let about = events(&ok(&c, &["events", "--json", "--node", "psql3"]).await);
+    assert!(about.iter().all(|e| e["node"] == "psql3"), "{about:?}");
+    assert!(
+        about.iter().any(|e| e["kind"] == "node_settings"),
+        "{about:?}"
+    );
+    let last = events(&ok(&c, &["events", "--json", "--node", "psql3", "--count", "1"]).await);
+    assert_eq!(last.len(), 1, "{last:?}");
+    assert_eq!(last[0]["node"], "psql3");
+    assert!(last[0]["seq"].as_u64() >= about.last().unwrap()["seq"].as_u64());
 
     // Switchover to a named node.
     let before = epoch(&s);
-    ok(&c, &["switchover", "--to", "psql2", "--wait", "60s"]).await;
+    let done: Value = serde_json::from_str(
+        &ok(
+            &c,
+            &["--json", "switchover", "--to", "psql2", "--wait", "60s"],
+        )
+        .await,
+    )
+    .unwrap();
+    assert!(done["done"].as_str().unwrap().contains("psql2"), "{done}");
     let s = status(&c).await;
     assert_eq!(primary(&s), "psql2");
     assert!(epoch(&s) > before);
@@ -288,7 +361,14 @@ async fn every_command_against_a_live_cluster() {
     // Monitor membership: add a member that is not running yet (the majority still commits),
     // then remove it; then remove a running one, which stops.
     let spare_addr = format!("127.0.0.1:{}", free_port());
-    ok(&c, &["monitor", "add", "4", &spare_addr]).await;
+    let added: Value =
+        serde_json::from_str(&ok(&c, &["monitor", "add", "4", &spare_addr, "--json"]).await)
+            .unwrap();
+    assert_eq!(
+        added["members"].as_array().map(Vec::len),
+        Some(4),
+        "{added}"
+    );
     let s = until(&c, "four members", |s| monitors(s).len() == 4).await;
     assert!(
         monitors(&s)

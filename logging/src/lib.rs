@@ -7,10 +7,31 @@
 //! (ANSI escapes) only when stderr is a terminal and `NO_COLOR` is unset: never in journald,
 //! in files or in a pipe. The filter comes from the program's environment variable
 //! (`RUST_LOG`, `HACLT_LOG`) in `tracing`'s `EnvFilter` syntax, else the program's default.
+//!
+//! [`parse_args`]: every program's command line, with the exit codes the programs document
+//! (64 for a usage error, as sysexits' `EX_USAGE`, not clap's 2).
 
 use std::io::IsTerminal as _;
 
 use tracing_subscriber::EnvFilter;
+
+/// The exit code of a usage error (sysexits' `EX_USAGE`): the systemd units do not restart a
+/// daemon that exits with it.
+pub const EX_USAGE: u8 = 64;
+
+/// Parses the program's command line. `--help` and `--version` print and exit 0; a usage
+/// error prints clap's message and exits [`EX_USAGE`].
+pub fn parse_args<T: clap::Parser>() -> T {
+    T::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        let code = if e.use_stderr() {
+            i32::from(EX_USAGE)
+        } else {
+            0
+        };
+        std::process::exit(code)
+    })
+}
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]

@@ -4,16 +4,15 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use ha_log::EX_USAGE;
 use ha_monitor::cli::Args;
 use ha_monitor::config::MonitorConfig;
 use tokio_util::sync::CancellationToken;
 
-const EX_USAGE: u8 = 64;
 const EX_SOFTWARE: u8 = 70;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = ha_log::parse_args();
     let config = match MonitorConfig::load(&args.config, args.dev) {
         Ok(c) => c,
         Err(e) => {

@@ -905,6 +905,17 @@ fn group_of(catalog: &Catalog, group: &str) -> Result<String, Status> {
     }
 }
 
+/// The registered (not removed) node `node`, or NOT_FOUND naming it.
+fn live_node<'c>(catalog: &'c Catalog, node: &NodeId) -> Result<&'c catalog::Node, Status> {
+    catalog
+        .node(node)
+        .filter(|n| !n.removed)
+        .ok_or_else(|| Status::not_found(format!("node {node} is not registered")))
+}
+
+/// The highest candidate priority (`haclt node set NODE candidate-priority`).
+pub const MAX_CANDIDATE_PRIORITY: u32 = 100;
+
 fn operation(applied: Applied) -> Response<v1::OperationResponse> {
     Response::new(v1::OperationResponse {
         committed_index: applied.index,
@@ -1023,7 +1034,9 @@ impl operator_service_server::OperatorService for OperatorApi {
         let to = if req.to_node.is_empty() {
             None
         } else {
-            Some(convert::node_id(&req.to_node, "to_node")?)
+            let to = convert::node_id(&req.to_node, "to_node")?;
+            live_node(&catalog, &to)?;
+            Some(to)
         };
         let now = m.now();
         let target = m
@@ -1112,6 +1125,18 @@ impl operator_service_server::OperatorService for OperatorApi {
         m.require_leader()?;
         let req = request.into_inner();
         let node = convert::node_id(&req.node, "node")?;
+        if let Some(p) = req.candidate_priority
+            && p > MAX_CANDIDATE_PRIORITY
+        {
+            return Err(Status::invalid_argument(format!(
+                "candidate priority must be 0 to {MAX_CANDIDATE_PRIORITY}, got {p}"
+            )));
+        }
+        if live_node(&m.catalog(), &node)?.kind != NodeKind::Postgres {
+            return Err(Status::failed_precondition(format!(
+                "{node} is an ejabberd node: candidate priority and replication quorum apply to PostgreSQL nodes"
+            )));
+        }
         m.propose(
             &req.request_id,
             Op::SetNodeSettings {

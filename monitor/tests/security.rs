@@ -19,7 +19,8 @@ use ha_proto::v1::peer_service_client::PeerServiceClient;
 use ha_proto::v1::{
     CreateJoinTokenRequest, Endpoint, EventsRequest, JoinRequest, NodeKind, ObservedState,
     RaftBatch, RemoveNodeRequest, RenewRequest, ReportRequest, RevokeCertificateRequest,
-    SetMaintenanceRequest, StatusRequest, SwitchoverRequest, WatchGoalRequest,
+    SetMaintenanceRequest, SetNodeSettingsRequest, StatusRequest, SwitchoverRequest,
+    WatchGoalRequest,
 };
 use ha_tests::{ChildGuard, free_port};
 use tokio::time::Instant;
@@ -1101,4 +1102,73 @@ async fn an_observer_reads_and_changes_nothing() {
         before,
         "nothing changed"
     );
+}
+
+/// Node settings are checked before anything is proposed: a priority out of range, settings
+/// for an ejabberd node (they mean nothing there) and an unknown node are refused with their
+/// own codes, and no `node_settings` event is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_settings_are_checked_before_anything_is_proposed() {
+    let cluster = Cluster::start();
+    let operator = cluster.client("alice", &cluster.ca, Role::Operator, "alice");
+    let leader = cluster.leader(&operator).await;
+    let mut op = OperatorServiceClient::new(cluster.channel(leader, &operator));
+    join_node(&cluster, leader, &mut op, "t-settings-pg", "psql1").await;
+    let ejabberd = op
+        .create_join_token(CreateJoinTokenRequest {
+            kind: NodeKind::Ejabberd.into(),
+            ..token_request("t-settings-ej", "e1", 3_600_000)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let anonymous = Arc::new(
+        ClientTls::without_certificate(cluster.monitor_files(1).ca_bundle.clone()).unwrap(),
+    );
+    let (csr, _) = ha_pki::generate_csr("e1").unwrap();
+    AgentServiceClient::new(cluster.channel(leader, &anonymous))
+        .join(JoinRequest {
+            kind: NodeKind::Ejabberd.into(),
+            ..join_request(&ejabberd, "e1", &csr)
+        })
+        .await
+        .unwrap();
+
+    let set = |node: &str, priority: u32| SetNodeSettingsRequest {
+        request_id: format!("set-{node}-{priority}"),
+        node: node.to_owned(),
+        candidate_priority: Some(priority),
+        replication_quorum: None,
+    };
+    for (what, request, code, message) in [
+        (
+            "out of range",
+            set("psql1", 1000),
+            Code::InvalidArgument,
+            "0 to 100",
+        ),
+        (
+            "an ejabberd node",
+            set("e1", 50),
+            Code::FailedPrecondition,
+            "ejabberd node",
+        ),
+        (
+            "an unknown node",
+            set("nosuch", 50),
+            Code::NotFound,
+            "nosuch",
+        ),
+    ] {
+        assert_refused(what, op.set_node_settings(request).await, code, message);
+    }
+    op.set_node_settings(set("psql1", 100)).await.unwrap();
+    let (_, events) = nodes_and_events(cluster.channel(leader, &operator)).await;
+    let settings: Vec<&str> = events
+        .iter()
+        .filter(|e| e.kind == "node_settings")
+        .map(|e| e.node.as_str())
+        .collect();
+    assert_eq!(settings, ["psql1"], "only the valid request was applied");
 }

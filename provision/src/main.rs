@@ -3,11 +3,10 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use ha_provision::cli::{Cli, EXIT_INVALID_TOPOLOGY, InvalidTopology, run};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = ha_log::parse_args();
     ha_log::init(&cli.log, "RUST_LOG", "info");
     match run(cli) {
         Ok(code) => ExitCode::from(code),

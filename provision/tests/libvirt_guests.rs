@@ -348,8 +348,8 @@ mod e2e {
         }
     }
 
-    /// The opt-in stand: three monitors (ha-monitor refuses to run alone) and two PostgreSQL
-    /// nodes, the smallest that fails over (see docs/results.md for what the reference
+    /// The opt-in stand: three monitors (ha-monitor refuses to run alone), two PostgreSQL
+    /// nodes, the smallest that fails over, and one ejabberd frontend (see docs/results.md for what the reference
     /// stand's eight guests do under software emulation on two cores). The service network gives this machine
     /// an address: it is the operator host (`haclt`, the drill writer).
     fn topology_text(name: &str) -> String {
@@ -379,6 +379,7 @@ mod e2e {
             ("mon3", "monitor", 384, 23),
             ("pg1", "postgres", 768, 11),
             ("pg2", "postgres", 768, 12),
+            ("xmpp1", "ejabberd", 1024, 31),
         ] {
             text.push_str(&format!(
                 "[[node]]\nname = \"{node}\"\nrole = \"{role}\"\ncpus = 1\nmemory_mib = {memory_mib}\n\
@@ -473,6 +474,16 @@ mod e2e {
         ok.then_some((primary, epoch))
     }
 
+    /// The ejabberd frontend runs and applied `primary` at `epoch` (its write through
+    /// ejabberd's pool was seen there).
+    fn ejabberd_on(s: &serde_json::Value, primary: &str, epoch: u64) -> bool {
+        ha_provision::lab::ejabberd_status(s, "xmpp1").is_some_and(|e| {
+            e["running"] == true
+                && e["applied_node"] == primary
+                && e["applied_epoch"].as_u64() >= Some(epoch)
+        })
+    }
+
     fn other(primary: &str) -> &'static str {
         if primary == "pg1" { "pg2" } else { "pg1" }
     }
@@ -509,7 +520,7 @@ mod e2e {
         let t_up = Instant::now();
         let stand = Stand {
             state_dir: state_dir.clone(),
-            guests: ["mon1", "mon2", "mon3", "pg1", "pg2"]
+            guests: ["mon1", "mon2", "mon3", "pg1", "pg2", "xmpp1"]
                 .map(String::from)
                 .to_vec(),
         };
@@ -551,9 +562,29 @@ mod e2e {
         for n in report["nodes"].as_array().unwrap() {
             assert_eq!(n["running"], true, "{n}");
             let daemons = n["daemons"].as_array().unwrap();
-            assert_eq!(daemons.len(), 1, "{n}");
-            assert_eq!(daemons[0]["state"], "running", "{n}");
+            // An ejabberd guest: Debian's ejabberd.service and the agent's unit.
+            let units = if n["name"] == "xmpp1" { 2 } else { 1 };
+            assert_eq!(daemons.len(), units, "{n}");
+            assert!(daemons.iter().all(|d| d["state"] == "running"), "{n}");
         }
+        // ejabberd writes to the primary over TLS with its node certificate, no password.
+        let s = haclt
+            .wait_for("ejabberd on the primary", long, |s| {
+                ejabberd_on(s, &primary, epoch)
+            })
+            .unwrap();
+        drop(s);
+        let sessions = exec(
+            &state_dir,
+            &primary,
+            "runuser -u postgres -- psql -X -h /run/postgresql -d postgres -Atc \
+             \"SELECT DISTINCT s.ssl || ' ' || s.client_dn FROM pg_stat_activity a \
+             JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'ejabberd'\"",
+        );
+        assert_eq!(
+            sessions, "true /CN=xmpp1",
+            "ejabberd's sessions on {primary}"
+        );
         assert_eq!(
             exec(&state_dir, &primary, "systemctl is-active ha-agent"),
             "active"
@@ -589,6 +620,11 @@ mod e2e {
             .unwrap();
         let drill_rejoined = t.elapsed();
         let (primary, epoch) = converged(&s).unwrap();
+        haclt
+            .wait_for("ejabberd on the new primary", long, |s| {
+                ejabberd_on(s, &primary, epoch)
+            })
+            .unwrap();
 
         // 2. systemctl restart ha-agent on the primary: no failover, PostgreSQL and its
         //    connections stay.

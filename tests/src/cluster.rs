@@ -411,6 +411,20 @@ fn tls_section(files: &TlsFiles, ca_key: Option<&Path>) -> String {
     s
 }
 
+/// `haclt --config config ARGS`, with none of haclt's environment variables.
+async fn run_haclt(config: &Path, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(&binaries().haclt)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("HACLT_CONFIG")
+        .env_remove("HACLT_MONITORS")
+        .env_remove("HACLT_DEV")
+        .output()
+        .await
+        .expect("haclt runs")
+}
+
 /// The node's status row.
 pub fn node<'a>(s: &'a v1::StatusResponse, name: &str) -> Option<&'a v1::NodeStatus> {
     s.nodes.iter().find(|n| n.name == name)
@@ -596,17 +610,23 @@ settings = {{ shared_buffers = "16MB", max_connections = "100" }}
 
     /// `haclt`'s config file: the monitors and, with TLS, the operator certificate.
     fn write_haclt_config(&self) {
+        let files = self.tls.as_ref().map(|t| t.pki.files(OPERATOR));
+        let text = self.haclt_config_text(files.as_ref());
+        std::fs::write(self.haclt_config_path(), text).expect("writing haclt's config");
+    }
+
+    /// The monitors and `files` as haclt's TLS files (plaintext without).
+    fn haclt_config_text(&self, files: Option<&TlsFiles>) -> String {
         let monitors: Vec<String> = self
             .monitors
             .iter()
             .map(|m| format!("\"{}\"", m.addr))
             .collect();
-        let security = match &self.tls {
-            Some(t) => tls_section(&t.pki.files(OPERATOR), None),
+        let security = match files {
+            Some(f) => tls_section(f, None),
             None => "dev = true\n".to_owned(),
         };
-        let text = format!("monitors = [{}]\n{security}", monitors.join(", "));
-        std::fs::write(self.haclt_config_path(), text).expect("writing haclt's config");
+        format!("monitors = [{}]\n{security}", monitors.join(", "))
     }
 
     fn haclt_config_path(&self) -> PathBuf {
@@ -826,16 +846,16 @@ settings = {{ shared_buffers = "16MB", max_connections = "100" }}
     /// them and the operator certificate, or says `dev = true` in a plaintext cluster) and
     /// returns its output.
     pub async fn haclt(&self, args: &[&str]) -> std::process::Output {
-        tokio::process::Command::new(&binaries().haclt)
-            .arg("--config")
-            .arg(self.haclt_config_path())
-            .args(args)
-            .env_remove("HACLT_CONFIG")
-            .env_remove("HACLT_MONITORS")
-            .env_remove("HACLT_DEV")
-            .output()
-            .await
-            .expect("haclt runs")
+        run_haclt(&self.haclt_config_path(), args).await
+    }
+
+    /// Like [`Cluster::haclt`], with `files` as haclt's TLS files (a certificate of another
+    /// CA, a bundle that does not hold the cluster's CA).
+    pub async fn haclt_as(&self, files: &TlsFiles, args: &[&str]) -> std::process::Output {
+        let config = self.root.path().join("haclt-as.toml");
+        std::fs::write(&config, self.haclt_config_text(Some(files)))
+            .expect("writing haclt's other config");
+        run_haclt(&config, args).await
     }
 
     /// An operator client connected to the current leader (retries for 30 s).

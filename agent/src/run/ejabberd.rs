@@ -12,12 +12,13 @@
 //!   last good file in place (the controller restores it), is reported as `last_error`, and is
 //!   retried after [`RETRY_APPLY`];
 //! - MAINTENANCE and REMOVED change nothing in ejabberd: the node keeps its last target.
-//! - every [`HEALTH_EVERY`] the managed file is compared with the controller's last good copy
-//!   (persisted as [`LAST_GOOD_FILE`]) and repaired when it differs; every
-//!   `sql_check_interval`, and as soon as ejabberd is seen (re)started, an uncached write
-//!   through ejabberd's pool must reach the applied target, else ejabberd is reported not
-//!   running and the target is applied again. A repair or failure stays in `last_error`
-//!   until the next clean check.
+//! - every [`HEALTH_EVERY`] ejabberd's health is read and published; beside it (its own task,
+//!   so a slow check never delays the health) the managed file is compared with the
+//!   controller's last good copy (persisted as [`LAST_GOOD_FILE`]) and repaired when it
+//!   differs, and every `sql_check_interval`, and as soon as ejabberd is seen (re)started, an
+//!   uncached write through ejabberd's pool must reach the applied target, else ejabberd is
+//!   reported not running and the target is applied again. A repair or failure stays in
+//!   `last_error` until the next clean check.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -322,10 +323,46 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Reads ejabberd's health and cluster membership every [`HEALTH_EVERY`], compares the
-/// managed file with the last good copy each time (repairing it when it differs), and checks
-/// every `sql_every`, and right after ejabberd was seen (re)started, that ejabberd's pool
-/// reaches the applied target (applying it again when it does not).
+/// What the slow checks last found (each may apply the target again, which takes seconds), read
+/// by the health loop at every publication.
+#[derive(Debug, Default)]
+struct Findings {
+    file_note: Option<String>,
+    sql_note: Option<String>,
+    /// The last SQL check did not reach the applied target (cleared by a clean one).
+    sql_failing: bool,
+    tls_note: Option<String>,
+}
+
+/// Shared between the health loop and the checks.
+struct Shared {
+    findings: std::sync::Mutex<Findings>,
+    /// ejabberd answered and ran at the last health read.
+    running: std::sync::atomic::AtomicBool,
+    /// Wakes the health loop to publish a new finding at once.
+    publish_now: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn findings(&self) -> std::sync::MutexGuard<'_, Findings> {
+        self.findings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a finding and has it published now.
+    fn update(&self, change: impl FnOnce(&mut Findings)) {
+        change(&mut self.findings());
+        self.publish_now.notify_one();
+    }
+}
+
+/// Reads ejabberd's health and cluster membership every [`HEALTH_EVERY`] and publishes them with
+/// what the checks found. The checks (the managed file against the last good copy, every
+/// `sql_every` and right after ejabberd was seen (re)started an uncached write through its pool
+/// to the applied target; each repairs by applying the target again) run in their own task: a
+/// slow check or repair never delays the health reading, so a killed ejabberd is reported
+/// within one interval whatever a check was doing.
 async fn watch_health(
     node: NodeId,
     ctl: Arc<EjabberdController>,
@@ -333,39 +370,55 @@ async fn watch_health(
     tx: watch::Sender<Seen>,
     stop: CancellationToken,
 ) {
+    let shared = Arc::new(Shared {
+        findings: std::sync::Mutex::new(Findings::default()),
+        running: std::sync::atomic::AtomicBool::new(false),
+        publish_now: tokio::sync::Notify::new(),
+    });
+    let (restarted_tx, restarted) = watch::channel(());
+    let checks = tokio::spawn(run_checks(
+        node.clone(),
+        ctl.clone(),
+        sql_every,
+        shared.clone(),
+        restarted,
+        stop.clone(),
+    ));
     // Before the first read, a running ejabberd is not a restart (the agent just started).
     let mut was_running: Option<bool> = None;
     let mut last_pid: Option<u32> = None;
-    let mut file_note: Option<String> = None;
-    let mut sql_note: Option<String> = None;
-    let mut sql_failing = false;
-    let mut next_sql = Instant::now() + sql_every;
-    let mut tls_note: Option<String> = None;
     loop {
         // First: a renewed certificate reaches ejabberd's next SQL connection.
-        match ctl.install_sql_tls() {
-            Ok(_) => {
-                if let Some(previous) = tls_note.take() {
-                    info!(%node, %previous, "TLS material for ejabberd's SQL connections usable again");
+        let tls = ctl.install_sql_tls();
+        {
+            let mut f = shared.findings();
+            match tls {
+                Ok(_) => {
+                    if let Some(previous) = f.tls_note.take() {
+                        info!(%node, %previous, "TLS material for ejabberd's SQL connections usable again");
+                    }
                 }
-            }
-            Err(e) => {
-                if tls_note.is_none() {
-                    warn!(%node, error = %e, "TLS material for ejabberd's SQL connections refused; ejabberd keeps the copies it has");
+                Err(e) => {
+                    if f.tls_note.is_none() {
+                        warn!(%node, error = %e, "TLS material for ejabberd's SQL connections refused; ejabberd keeps the copies it has");
+                    }
+                    f.tls_note = Some(format!(
+                        "TLS material for ejabberd's SQL connections refused: {e}"
+                    ));
                 }
-                tls_note = Some(format!(
-                    "TLS material for ejabberd's SQL connections refused: {e}"
-                ));
             }
         }
         let health = ctl.health().await;
+        shared
+            .running
+            .store(health.running, std::sync::atomic::Ordering::Relaxed);
         if health.running {
             let restarted = was_running == Some(false)
                 || matches!((last_pid, health.os_pid), (Some(a), Some(b)) if a != b);
             if restarted {
                 warn!(%node, old_pid = ?last_pid, new_pid = ?health.os_pid,
                       "ejabberd was (re)started; checking its file and SQL pool now");
-                next_sql = Instant::now();
+                restarted_tx.send_replace(());
             }
             last_pid = health.os_pid.or(last_pid);
         }
@@ -386,79 +439,116 @@ async fn watch_health(
                 ..Seen::default()
             },
         };
-        let publish = |seen: &mut Seen, sql_failing: bool, notes: [&Option<String>; 3]| {
-            seen.running = health.running && !sql_failing;
-            seen.notes = notes.into_iter().flatten().cloned().collect();
-            tx.send(seen.clone()).is_ok()
-        };
-        if !publish(&mut seen, sql_failing, [&file_note, &sql_note, &tls_note]) {
-            return;
+        {
+            let f = shared.findings();
+            seen.running = health.running && !f.sql_failing;
+            seen.notes = [&f.file_note, &f.sql_note, &f.tls_note]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
         }
+        if tx.send(seen).is_err() {
+            break;
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(HEALTH_EVERY) => {}
+            () = shared.publish_now.notified() => {}
+        }
+    }
+    checks.abort();
+}
 
+/// The file and SQL checks of [`watch_health`], until `stop`.
+async fn run_checks(
+    node: NodeId,
+    ctl: Arc<EjabberdController>,
+    sql_every: Duration,
+    shared: Arc<Shared>,
+    mut restarted: watch::Receiver<()>,
+    stop: CancellationToken,
+) {
+    let mut next_sql = Instant::now() + sql_every;
+    loop {
         match ctl.check_file().await {
             FileCheck::Skipped => {}
             FileCheck::Clean => {
-                if let Some(previous) = file_note.take() {
+                if let Some(previous) = shared.findings().file_note.take() {
                     info!(%node, %previous, "managed file clean at this check");
                 }
             }
-            FileCheck::Repaired { difference, report } => {
-                file_note = Some(format!(
+            FileCheck::Repaired { difference, report } => shared.update(|f| {
+                f.file_note = Some(format!(
                     "managed file repaired: it was {difference}; rewritten from the {} and verified",
                     report.source
                 ));
-            }
-            FileCheck::RepairFailed { difference, error } => {
-                file_note = Some(format!("managed file {difference}; repair failed: {error}"));
-            }
+            }),
+            FileCheck::RepairFailed { difference, error } => shared.update(|f| {
+                f.file_note = Some(format!("managed file {difference}; repair failed: {error}"));
+            }),
         }
 
-        if health.running && Instant::now() >= next_sql {
+        let due = Instant::now() >= next_sql || restarted.has_changed().unwrap_or(false);
+        if due && shared.running.load(std::sync::atomic::Ordering::Relaxed) {
+            restarted.mark_unchanged();
             next_sql = Instant::now() + sql_every;
-            match ctl.check_sql().await {
-                SqlCheck::Skipped => {}
-                SqlCheck::Reached { target, elapsed } => {
-                    if sql_failing || sql_note.is_some() {
-                        info!(%node, %target, elapsed_ms = elapsed.as_millis() as u64,
-                              "ejabberd's SQL pool reaches the applied target at this check");
-                    }
-                    sql_failing = false;
-                    sql_note = None;
-                }
-                SqlCheck::Failed { target, error } => {
-                    warn!(%node, %target, %error,
-                          "ejabberd's SQL pool does not reach the applied target; reporting ejabberd not running and applying the target again");
-                    sql_failing = true;
-                    sql_note = Some(format!("SQL pool does not reach {target}: {error}"));
-                    if !publish(&mut seen, sql_failing, [&file_note, &sql_note, &tls_note]) {
-                        return;
-                    }
-                    match ctl.reassert().await {
-                        Some(Ok(report)) => {
-                            info!(%node, %target, total_ms = report.total.as_millis() as u64,
-                                  "ejabberd's SQL pool repaired: target applied again and verified");
-                            sql_failing = false;
-                            sql_note = Some(format!(
-                                "SQL pool did not reach {target} ({error}); applied again and verified"
-                            ));
-                        }
-                        Some(Err(e)) => {
-                            warn!(%node, %target, error = %e, "applying the target again failed; retried at the next SQL check");
-                            sql_note = Some(format!(
-                                "SQL pool does not reach {target} ({error}); applying again failed: {e}"
-                            ));
-                        }
-                        None => {}
-                    }
-                }
-            }
-        }
-        if !publish(&mut seen, sql_failing, [&file_note, &sql_note, &tls_note]) {
-            return;
+            check_sql(&node, &ctl, &shared).await;
         }
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(HEALTH_EVERY) => {}
+            changed = restarted.changed() => {
+                if changed.is_err() {
+                    return; // the health loop ended
+                }
+            }
+        }
+    }
+}
+
+/// One SQL check; a pool that does not reach the applied target is reported at once, then
+/// the target is applied again.
+async fn check_sql(node: &NodeId, ctl: &EjabberdController, shared: &Shared) {
+    match ctl.check_sql().await {
+        SqlCheck::Skipped => {}
+        SqlCheck::Reached { target, elapsed } => {
+            let mut f = shared.findings();
+            if f.sql_failing || f.sql_note.is_some() {
+                info!(%node, %target, elapsed_ms = elapsed.as_millis() as u64,
+                      "ejabberd's SQL pool reaches the applied target at this check");
+            }
+            f.sql_failing = false;
+            f.sql_note = None;
+        }
+        SqlCheck::Failed { target, error } => {
+            warn!(%node, %target, %error,
+                  "ejabberd's SQL pool does not reach the applied target; reporting ejabberd not running and applying the target again");
+            shared.update(|f| {
+                f.sql_failing = true;
+                f.sql_note = Some(format!("SQL pool does not reach {target}: {error}"));
+            });
+            match ctl.reassert().await {
+                Some(Ok(report)) => {
+                    info!(%node, %target, total_ms = report.total.as_millis() as u64,
+                          "ejabberd's SQL pool repaired: target applied again and verified");
+                    shared.update(|f| {
+                        f.sql_failing = false;
+                        f.sql_note = Some(format!(
+                            "SQL pool did not reach {target} ({error}); applied again and verified"
+                        ));
+                    });
+                }
+                Some(Err(e)) => {
+                    warn!(%node, %target, error = %e, "applying the target again failed; retried at the next SQL check");
+                    shared.update(|f| {
+                        f.sql_note = Some(format!(
+                            "SQL pool does not reach {target} ({error}); applying again failed: {e}"
+                        ));
+                    });
+                }
+                None => {}
+            }
         }
     }
 }
