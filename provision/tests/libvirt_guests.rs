@@ -324,7 +324,8 @@ mod e2e {
     }
 
     /// The stand `up` built: `down` runs when it is dropped, even when an assertion failed
-    /// (the console logs of the guests are printed first when the run is failing).
+    /// (the console logs and the daemons' journals of the guests are printed first when the
+    /// run is failing).
     struct Stand {
         state_dir: PathBuf,
         guests: Vec<String>,
@@ -341,6 +342,24 @@ mod e2e {
                         "--- {g} console (last lines, newest first) ---\n{}",
                         tail.join("\n")
                     );
+                    // What the daemons said (they log to the journal, not the console).
+                    let out = provision(
+                        &self.state_dir,
+                        &[
+                            "exec",
+                            g,
+                            "--",
+                            "journalctl",
+                            "--no-pager",
+                            "-n",
+                            "40",
+                            "-u",
+                            "ha-*",
+                            "-u",
+                            "ejabberd",
+                        ],
+                    );
+                    eprintln!("--- {g} journal ---\n{}", summary(&out));
                 }
             }
             let out = provision(&self.state_dir, &["down"]);
