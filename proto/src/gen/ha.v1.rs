@@ -424,7 +424,7 @@ pub struct SetNodeSettingsRequest {
     pub request_id: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub node: ::prost::alloc::string::String,
-    /// 0 means never promote; absent leaves the setting unchanged.
+    /// 0 (never promote) to 100; absent leaves the setting unchanged. PostgreSQL nodes only.
     #[prost(uint32, optional, tag = "3")]
     pub candidate_priority: ::core::option::Option<u32>,
     #[prost(bool, optional, tag = "4")]
