@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ha_pki::{ClientTls, MtlsConnector};
+use ha_pki::{ClientTls, MtlsConnector, error_chain};
 use ha_proto::v1::operator_service_client::OperatorServiceClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -69,7 +69,7 @@ impl Failure {
             Code::FailedPrecondition | Code::Aborted | Code::AlreadyExists => Failure::Refused(msg),
             Code::PermissionDenied | Code::Unauthenticated => Failure::Denied(msg),
             Code::Unavailable | Code::DeadlineExceeded => Failure::Unreachable(msg),
-            _ => Failure::Other(format!("{:?}: {msg}", s.code())),
+            _ => Failure::Other(format!("{:?}: {}", s.code(), error_chain(s))),
         }
     }
 }
@@ -178,14 +178,21 @@ impl Monitors {
                     continue;
                 }
             };
-            match f(client).await {
+            let s = match f(client).await {
                 Ok(r) => {
                     self.leader = Some(addr);
                     return Ok(r.into_inner());
                 }
+                Err(s) => s,
+            };
+            if let Some(refused) = self.refusal(&addr, &s).await {
+                last = refused;
+                continue;
+            }
+            match s {
                 // A follower (with a hint), a monitor going away, or one that did not answer in
                 // time (a leader killed or frozen mid-call): the next monitor is asked.
-                Err(s) if passes_on(&s) && tls_refusal(&s).is_none() => {
+                s if passes_on(&s) => {
                     if self.leader.as_ref() == Some(&addr) {
                         self.leader = None;
                     }
@@ -200,10 +207,31 @@ impl Monitors {
                         queue.insert(0, hint.to_owned());
                     }
                 }
-                Err(s) => return Err(Failure::from_status(&s)),
+                s => return Err(Failure::from_status(&s)),
             }
         }
         Err(last)
+    }
+
+    /// The monitor at `addr` refused this client's certificate, seen in the failed call `s`
+    /// or, when the call failed in the transport (not answered by the monitor), found by a
+    /// probe: under TLS 1.3 the refusal may have been lost in the race with the closing
+    /// connection (see [`MtlsConnector::probe`]).
+    async fn refusal(&self, addr: &str, s: &Status) -> Option<Failure> {
+        if let Some(refused) = tls_refusal(s) {
+            return Some(refused);
+        }
+        let Transport::Tls(tls) = &self.transport else {
+            return None;
+        };
+        if std::error::Error::source(s).is_none() {
+            return None;
+        }
+        let probe = MtlsConnector::new(tls.clone())
+            .probe(addr, self.timeout)
+            .await;
+        tracing::debug!(%addr, ?probe, "the call failed in the transport: probed the handshake");
+        probe.err().and_then(|e| tls_refusal(&e))
     }
 
     /// Like [`Monitors::call`], but keeps trying while no leader answers (an election in
@@ -262,16 +290,4 @@ pub fn tls_refusal(error: &(dyn std::error::Error + 'static)) -> Option<Failure>
         cause = e.source();
     }
     None
-}
-
-/// An error and its causes (a TLS refusal is only visible in the sources).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

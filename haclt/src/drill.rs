@@ -26,7 +26,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_postgres::tls::MakeTlsConnect;
 
-use crate::client::{Failure, Monitors, error_chain};
+use crate::client::{Failure, Monitors};
+use ha_pki::error_chain;
 
 /// Pause between two writes: enough resolution for the unavailability figure without
 /// saturating the small machines the drills run on.

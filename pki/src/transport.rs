@@ -601,6 +601,43 @@ impl MtlsConnector {
     }
 }
 
+impl MtlsConnector {
+    /// Whether the server refuses this client. Under TLS 1.3 a server checks the client's
+    /// certificate only after the client has finished its side of the handshake, so a refusal
+    /// reaches the client as an alert on its first read; a channel whose first request races the
+    /// server's close reports only "transport error" or "operation was canceled". This opens a
+    /// connection of its own, sends the HTTP/2 client preface and waits up to `wait` for the
+    /// server's first bytes: `Err` when the connection or the handshake failed or the server
+    /// answered with an alert (its text names it, see [`error_chain`]); `Ok` when the server
+    /// answered or stayed silent.
+    pub async fn probe(&self, address: &str, wait: Duration) -> Result<(), ConnectError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let uri: Uri = format!("http://{address}")
+            .parse()
+            .map_err(|_| ConnectError::InvalidUrl(address.to_owned()))?;
+        let mut stream = tower::Service::call(&mut self.clone(), uri)
+            .await?
+            .into_inner();
+        let failed = |source| ConnectError::Handshake {
+            addr: address.to_owned(),
+            source,
+        };
+        // The client preface, then an empty SETTINGS frame (length 0, type 4, stream 0).
+        let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        preface.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        stream.write_all(&preface).await.map_err(failed)?;
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(wait, stream.read(&mut first)).await {
+            Ok(Err(e)) => Err(failed(e)),
+            Ok(Ok(0)) => Err(failed(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection without answering",
+            ))),
+            Ok(Ok(_)) | Err(_) => Ok(()),
+        }
+    }
+}
+
 type ConnectFuture = Pin<
     Box<
         dyn Future<
