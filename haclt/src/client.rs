@@ -224,9 +224,8 @@ impl Monitors {
         let Transport::Tls(tls) = &self.transport else {
             return None;
         };
-        if std::error::Error::source(s).is_none() {
-            return None;
-        }
+        // A status the monitor sent has no source: it answered, so the handshake was fine.
+        std::error::Error::source(s)?;
         let probe = MtlsConnector::new(tls.clone())
             .probe(addr, self.timeout)
             .await;

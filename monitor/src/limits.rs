@@ -154,6 +154,7 @@ mod tests {
                     certificate: Some(crate::catalog::IssuedCertificate {
                         serial: "ab".repeat(20),
                         not_after_unix_ms: u64::MAX,
+                        public_key_sha256: "cd".repeat(32),
                     }),
                 };
                 apply(&mut catalog, op);

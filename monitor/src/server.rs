@@ -49,7 +49,7 @@ use tracing::{debug, error, info, warn};
 use ha_pki::{ClientAuth, ClientTls, PeerIdentity, Reload, ReloadWatcher, Role, ServerTls};
 
 use crate::catalog::{
-    self, Applied, Catalog, Command, IssuedCertificate, Op, Registration, Rejected,
+    self, Applied, Catalog, Command, IssuedCertificate, Op, Registration, Rejected, TokenError,
 };
 use crate::config::{self, MonitorConfig};
 use crate::consensus::{self, ProposeError, RaftHandle, RaftSettings};
@@ -527,6 +527,7 @@ impl Monitor {
             IssuedCertificate {
                 serial: info.serial,
                 not_after_unix_ms,
+                public_key_sha256: info.public_key_sha256,
             },
         ))
     }
@@ -634,10 +635,24 @@ impl agent_service_server::AgentService for AgentApi {
         let endpoint: ha_proto::types::Endpoint =
             convert::required(req.endpoint, "endpoint")?.try_into()?;
         let catalog = m.catalog();
-        let grant = catalog.verify_token(&req.token, unix_ms()).map_err(|e| {
+        let refused = |e: TokenError| {
             warn!(%node, reason = %e, "join refused");
             Status::permission_denied(format!("join refused: {e}"))
-        })?;
+        };
+        // A used token is a retry when it comes from the node it admitted, with the key that
+        // node joined with (checked below, once the CSR is signed): its first answer may have
+        // been lost (a timeout, a leader change), and without this the node could never join.
+        let now = unix_ms();
+        let (grant, retry) = match catalog.verify_token(&req.token, now) {
+            Ok(grant) => (grant, false),
+            Err(TokenError::Used) => (
+                catalog
+                    .verify_used_token(&req.token, now)
+                    .map_err(refused)?,
+                true,
+            ),
+            Err(e) => return Err(refused(e)),
+        };
         if grant.node != node {
             warn!(%node, token_node = %grant.node, "join refused: the token is for another node");
             return Err(Status::permission_denied(format!(
@@ -679,21 +694,55 @@ impl agent_service_server::AgentService for AgentApi {
             kind,
         )?;
         let ca_pem = m.ca_bundle_pem()?;
-        // Token id and node name make the request id: the same node retrying its join applies
-        // once, while another node presenting a used token is a new request, which the catalog
-        // refuses even if this leader's copy does not show the token as used yet.
-        m.propose(
-            &format!("join-{}-{node}", grant.id),
-            Op::RegisterNode {
-                node: node.clone(),
-                kind,
-                group,
-                endpoint,
-                source: Registration::JoinToken { token_id: grant.id },
-                certificate: signed.as_ref().map(|(_, c)| c.clone()),
-            },
-        )
-        .await?;
+        if retry {
+            let registered = catalog.node(&node).is_some_and(|n| {
+                !n.removed && n.kind == kind && n.group == group && n.endpoint == endpoint
+            });
+            let same_key = match &signed {
+                Some((_, issued)) => catalog.holds_key(&node, &issued.public_key_sha256, now),
+                // Plaintext (dev) mode, or the node's own certificate presented (checked).
+                None => true,
+            };
+            if !registered || !same_key {
+                warn!(%node, registered, same_key, "join refused: the token was used, and this is not a retry of that join");
+                return Err(Status::permission_denied(format!(
+                    "join refused: {}",
+                    TokenError::Used
+                )));
+            }
+            info!(%node, token = %grant.id, "join retried with the same key: answered again");
+        } else {
+            // Token id and node name make the request id: the same node retrying its join
+            // while the first is in flight applies once, while another node presenting a used
+            // token is a new request, which the catalog refuses even if this leader's copy
+            // does not show the token as used yet.
+            m.propose(
+                &format!("join-{}-{node}", grant.id),
+                Op::RegisterNode {
+                    node: node.clone(),
+                    kind,
+                    group,
+                    endpoint,
+                    source: Registration::JoinToken { token_id: grant.id },
+                    certificate: signed.as_ref().map(|(_, c)| c.clone()),
+                },
+            )
+            .await?;
+        }
+        // A certificate signed for a retry (or for a request that found its twin applied
+        // already) is recorded on its own, so removing the node revokes it too.
+        if let Some((_, issued)) = &signed
+            && m.catalog().certificate(&issued.serial).is_none()
+        {
+            m.propose(
+                &format!("join-certificate-{}", issued.serial),
+                Op::RecordCertificate {
+                    node: node.clone(),
+                    certificate: issued.clone(),
+                },
+            )
+            .await?;
+        }
         let certificate_pem = signed.map(|(pem, _)| pem).unwrap_or_default();
         info!(%node, %kind, certificate_signed = !certificate_pem.is_empty(), "node joined");
         let status = m.raft.status();

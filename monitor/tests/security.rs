@@ -300,6 +300,47 @@ async fn a_node_joins_with_a_csr_and_every_unauthorized_caller_is_refused() {
     let mut agent = AgentServiceClient::new(cluster.channel(leader, &psql1));
     agent.report(report("psql1")).await.unwrap();
 
+    // The join's answer lost (a timeout, a leader change): the same request again is answered
+    // again, with a new certificate for the same key, recorded like the first ...
+    let again = joiner
+        .join(join_request(&secret, "psql1", &csr))
+        .await
+        .unwrap()
+        .into_inner();
+    let again_info = ha_pki::CertInfo::from_pem(&again.certificate_pem).unwrap();
+    assert_eq!(again_info.identity, info.identity);
+    assert_eq!(again_info.public_key_sha256, info.public_key_sha256);
+    assert_ne!(again_info.serial, info.serial);
+    let (_, events) = nodes_and_events(cluster.channel(leader, &operator)).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains(&again_info.serial) && e.node == "psql1"),
+        "the retried join's certificate is not recorded: {events:?}"
+    );
+    // ... while the used token with another key, or the same key and another address, is
+    // refused: only the node that joined can ask again.
+    let (other_csr, _) = ha_pki::generate_csr("psql1").unwrap();
+    assert_refused(
+        "join with the used token and another key",
+        joiner
+            .join(join_request(&secret, "psql1", &other_csr))
+            .await,
+        Code::PermissionDenied,
+        "join token was already used",
+    );
+    let mut moved = join_request(&secret, "psql1", &csr);
+    moved.endpoint = Some(Endpoint {
+        host: "127.0.0.2".to_owned(),
+        port: 5432,
+    });
+    assert_refused(
+        "join with the used token from another address",
+        joiner.join(moved).await,
+        Code::PermissionDenied,
+        "the token is for address 127.0.0.1",
+    );
+
     // A second token, for the refused joins below, and a short-lived one that will expire.
     let (spare, _) = token(&mut op, "t-spare", "psql2", 3_600_000).await;
     let (short, expires_at) = token(&mut op, "t-short", "psql2", 1).await;

@@ -22,6 +22,7 @@ use rcgen::{
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use sha2::{Digest, Sha256};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
@@ -361,14 +362,21 @@ fn is_dns_name(s: &str) -> bool {
 /// Generates a key and a CSR whose common name is `name`, for a joining node. Returns
 /// `(csr_pem, key_pem)`; the key never leaves the node.
 pub fn generate_csr(name: &str) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate()?.serialize_pem();
+    Ok((csr_for_key(name, &key)?, key))
+}
+
+/// A CSR whose common name is `name` for the key `key_pem` a node already holds: a join that
+/// is retried (its first answer lost) asks again for the same key, so the monitor can tell the
+/// retry from another joiner presenting a used token.
+pub fn csr_for_key(name: &str, key_pem: &str) -> Result<String, CaError> {
     validate_name(name)?;
-    let key = KeyPair::generate()?;
+    let key = KeyPair::from_pem(key_pem)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     params.distinguished_name = dn;
-    let csr = params.serialize_request(&key)?;
-    Ok((csr.pem()?, key.serialize_pem()))
+    Ok(params.serialize_request(&key)?.pem()?)
 }
 
 /// The serial number of a DER certificate as lowercase hex of its DER bytes: how revoked
@@ -389,6 +397,9 @@ pub struct CertInfo {
     pub identity: Option<PeerIdentity>,
     /// The serial number, lowercase hex of its DER bytes ([`serial_hex`]).
     pub serial: String,
+    /// SHA-256 of the subject public key info (DER), lowercase hex: which key the certificate
+    /// is for.
+    pub public_key_sha256: String,
 }
 
 impl CertInfo {
@@ -403,6 +414,7 @@ impl CertInfo {
         let is_ca = cert.is_ca();
         Ok(Self {
             serial: hex::encode(cert.raw_serial()),
+            public_key_sha256: hex::encode(Sha256::digest(cert.public_key().raw)),
             not_before: unix_to_system(cert.validity().not_before.timestamp()),
             not_after: unix_to_system(cert.validity().not_after.timestamp()),
             is_ca,

@@ -63,7 +63,7 @@ pub mod tls;
 pub mod transport;
 
 pub use ca::{
-    CLOCK_SKEW_ALLOWANCE, Ca, CaError, CertInfo, IssuedCert, Validity, generate_csr,
+    CLOCK_SKEW_ALLOWANCE, Ca, CaError, CertInfo, IssuedCert, Validity, csr_for_key, generate_csr,
     merge_ca_bundle, serial_hex,
 };
 pub use files::{

@@ -23,6 +23,7 @@ pub mod state;
 pub mod vouch;
 pub mod worker;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -328,29 +329,54 @@ async fn run_postgres(
 /// no certificate yet: generates the key (written 0600) and a CSR, joins over TLS without a
 /// client certificate (the CA bundle authenticates the monitor), and writes the certificate the
 /// leader signed (atomically). With a certificate already there, joins with it and no CSR.
+/// The least time a join may take before it is retried (see [`join`]).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The CSR to join with: for the key a previous start left (its join may have been answered,
+/// and lost, so only that key gets a certificate for this token), or for a new key.
+fn join_csr(cfg: &AgentConfig, key_path: &Path) -> Result<String, RunError> {
+    if let Ok(key) = std::fs::read_to_string(key_path) {
+        match ha_pki::csr_for_key(cfg.node.as_str(), &key) {
+            Ok(csr) => {
+                info!(node = %cfg.node, key = %key_path.display(), "joining with the existing key (of an earlier start)");
+                return Ok(csr);
+            }
+            Err(e) => {
+                warn!(node = %cfg.node, key = %key_path.display(), error = %e, "the key file is unusable: making a new key");
+            }
+        }
+    }
+    let (csr, key) = ha_pki::generate_csr(cfg.node.as_str()).map_err(tls_error)?;
+    ha_pki::write_key_file(key_path, key.as_bytes()).map_err(tls_error)?;
+    Ok(csr)
+}
+
 async fn join(cfg: &AgentConfig) -> Result<(), RunError> {
     let path = cfg.join_token_file.as_ref().ok_or(RunError::NoToken)?;
+    // A join commits through Raft and signs a certificate: on a slow machine it can take longer
+    // than a report. A join that times out anyway is retried, and the monitor answers the
+    // retry again (same token, same node, same key).
+    let join_timeout = cfg.rpc_timeout.max(JOIN_TIMEOUT);
     let (monitors, csr_pem) = match &cfg.tls {
         None => (
-            Monitors::new(cfg.monitors.clone(), cfg.rpc_timeout, None),
+            Monitors::new(cfg.monitors.clone(), join_timeout, None),
             String::new(),
         ),
         Some(files) if files.cert.exists() => {
             let tls = own_client_tls(cfg, files)?;
             info!(node = %cfg.node, cert = %files.cert.display(), "joining with the existing certificate");
             (
-                Monitors::new(cfg.monitors.clone(), cfg.rpc_timeout, Some(Arc::new(tls))),
+                Monitors::new(cfg.monitors.clone(), join_timeout, Some(Arc::new(tls))),
                 String::new(),
             )
         }
         Some(files) => {
-            let (csr, key) = ha_pki::generate_csr(cfg.node.as_str()).map_err(tls_error)?;
-            ha_pki::write_key_file(&files.key, key.as_bytes()).map_err(tls_error)?;
+            let csr = join_csr(cfg, &files.key)?;
             let tls = ha_pki::ClientTls::without_certificate(files.ca_bundle.clone())
                 .map_err(tls_error)?;
             info!(node = %cfg.node, key = %files.key.display(), "no certificate yet: joining with a CSR");
             (
-                Monitors::new(cfg.monitors.clone(), cfg.rpc_timeout, Some(Arc::new(tls))),
+                Monitors::new(cfg.monitors.clone(), join_timeout, Some(Arc::new(tls))),
                 csr,
             )
         }

@@ -186,6 +186,7 @@ mod tests {
             is_ca: false,
             identity: None,
             serial: String::new(),
+            public_key_sha256: String::new(),
         };
         assert_eq!(due(&info), signed + Duration::from_secs(200));
     }

@@ -449,6 +449,8 @@ pub enum TokenError {
     Used,
     #[error("join token expired")]
     Expired,
+    #[error("join token was not used yet")]
+    Unused,
     #[error(
         "join token names no node (made before tokens were bound to one): create a new one with --node and --address"
     )]
@@ -506,6 +508,10 @@ impl Decision {
 pub struct IssuedCertificate {
     pub serial: String,
     pub not_after_unix_ms: u64,
+    /// [`ha_pki::CertInfo::public_key_sha256`]: a retried join is answered only for the key
+    /// the node joined with. Empty in certificates recorded before keys were.
+    #[serde(default)]
+    pub public_key_sha256: String,
 }
 
 /// A recorded node certificate, kept until it expires.
@@ -513,6 +519,9 @@ pub struct IssuedCertificate {
 pub struct Certificate {
     pub node: NodeId,
     pub not_after_unix_ms: u64,
+    /// See [`IssuedCertificate::public_key_sha256`].
+    #[serde(default)]
+    pub public_key_sha256: String,
     /// When it was revoked (proposer's clock); `None` while it is valid.
     pub revoked_at_unix_ms: Option<u64>,
 }
@@ -782,6 +791,18 @@ impl Catalog {
         self.certificates.get(serial)
     }
 
+    /// Whether `node` holds a certificate for the key `public_key_sha256` that is valid at
+    /// `now_unix_ms` (recorded, not expired, not revoked).
+    pub fn holds_key(&self, node: &NodeId, public_key_sha256: &str, now_unix_ms: u64) -> bool {
+        !public_key_sha256.is_empty()
+            && self.certificates.values().any(|c| {
+                &c.node == node
+                    && c.public_key_sha256 == public_key_sha256
+                    && c.not_after_unix_ms > now_unix_ms
+                    && c.revoked_at_unix_ms.is_none()
+            })
+    }
+
     /// Every recorded certificate (valid and revoked) by serial.
     pub fn certificates(&self) -> impl Iterator<Item = (&String, &Certificate)> {
         self.certificates.iter()
@@ -859,12 +880,41 @@ impl Catalog {
         plaintext: &str,
         now_unix_ms: u64,
     ) -> Result<TokenGrant, TokenError> {
+        self.check_token(plaintext, now_unix_ms, false)
+    }
+
+    /// Like [`Catalog::verify_token`] for a token that was used already: what it granted, for
+    /// answering a retried join again (its first answer may have been lost on the way). The
+    /// caller must check that the retry comes from the node that joined (its key).
+    pub fn verify_used_token(
+        &self,
+        plaintext: &str,
+        now_unix_ms: u64,
+    ) -> Result<TokenGrant, TokenError> {
+        self.check_token(plaintext, now_unix_ms, true)
+    }
+
+    fn check_token(
+        &self,
+        plaintext: &str,
+        now_unix_ms: u64,
+        used: bool,
+    ) -> Result<TokenGrant, TokenError> {
         let (id, secret) = token::parse(plaintext).ok_or(TokenError::Malformed)?;
         let t = self.tokens.get(id).ok_or(TokenError::Unknown)?;
         if !token::hashes_equal(&token::hash_secret(secret), &t.secret_sha256_hex) {
             return Err(TokenError::Mismatch);
         }
-        Self::token_usable(t, now_unix_ms)?;
+        if used {
+            if !t.used {
+                return Err(TokenError::Unused);
+            }
+            if now_unix_ms >= t.expires_at_unix_ms {
+                return Err(TokenError::Expired);
+            }
+        } else {
+            Self::token_usable(t, now_unix_ms)?;
+        }
         let (Some(node), Some(address)) = (&t.node, &t.address) else {
             return Err(TokenError::Unbound);
         };
@@ -982,6 +1032,7 @@ impl Catalog {
             Certificate {
                 node: node.clone(),
                 not_after_unix_ms: c.not_after_unix_ms,
+                public_key_sha256: c.public_key_sha256.clone(),
                 revoked_at_unix_ms: None,
             },
         );

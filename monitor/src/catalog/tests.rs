@@ -173,6 +173,11 @@ fn join_tokens_are_single_use_expire_and_resist_forgery() {
         f.cat.verify_token(&t.plaintext, T0 + 60_000),
         Err(TokenError::Expired)
     );
+    // Only a used token is looked up for a retried join.
+    assert_eq!(
+        f.cat.verify_used_token(&t.plaintext, T0),
+        Err(TokenError::Unused)
+    );
 
     let join = Registration::JoinToken {
         token_id: t.id.clone(),
@@ -185,6 +190,17 @@ fn join_tokens_are_single_use_expire_and_resist_forgery() {
     f.run(register_op("p1", NodeKind::Postgres, join.clone()))
         .unwrap();
     assert_eq!(f.cat.verify_token(&t.plaintext, T0), Err(TokenError::Used));
+    // A retried join learns what the used token granted, until the token expires; forged
+    // secrets stay refused.
+    assert_eq!(f.cat.verify_used_token(&t.plaintext, T0), Ok(grant));
+    assert_eq!(
+        f.cat.verify_used_token(&forged, T0),
+        Err(TokenError::Mismatch)
+    );
+    assert_eq!(
+        f.cat.verify_used_token(&t.plaintext, T0 + 60_000),
+        Err(TokenError::Expired)
+    );
     let reuse = f.run(register_op("p2", NodeKind::Postgres, join));
     assert_eq!(
         reuse,
@@ -643,6 +659,7 @@ fn removal_revokes_recorded_certificates_until_they_expire() {
     let cert = |serial: &str, not_after_unix_ms: u64| IssuedCertificate {
         serial: serial.into(),
         not_after_unix_ms,
+        public_key_sha256: format!("key-of-{serial}"),
     };
     let record = |node: &str, c: IssuedCertificate| Op::RecordCertificate {
         node: id(node),
@@ -668,6 +685,18 @@ fn removal_revokes_recorded_certificates_until_they_expire() {
     };
     assert!(revoked(&f.cat, "aa") && revoked(&f.cat, "bb"));
     assert!(!revoked(&f.cat, "cc"));
+    // A node holds the keys of its valid certificates only.
+    assert!(f.cat.holds_key(&id("p1"), "key-of-cc", T0));
+    assert!(
+        !f.cat.holds_key(&id("p1"), "key-of-cc", T0 + 60_000),
+        "expired"
+    );
+    assert!(!f.cat.holds_key(&id("p2"), "key-of-bb", T0), "revoked");
+    assert!(
+        !f.cat.holds_key(&id("p2"), "key-of-cc", T0),
+        "another node's"
+    );
+    assert!(!f.cat.holds_key(&id("p1"), "", T0), "no key recorded");
     // A snapshot keeps them.
     let copy = Catalog::from_bytes(&f.cat.to_bytes()).unwrap();
     assert!(revoked(&copy, "bb") && !revoked(&copy, "cc"));
