@@ -8,8 +8,10 @@
 #   4. connects four XMPP users (two per ejabberd frontend) that keep writing through ejabberd
 #      (private XML storage, committed in PostgreSQL), runs the `crash-primary` drill (kill -9
 #      of the primary's postmaster and agent) from the XMPP frontend e1server while haclt's
-#      writer commits rows, and prints both sets of figures: write unavailability, acknowledged
-#      and lost writes, when each frontend served the new primary, and for the XMPP users the
+#      writers commit rows (directly to the primary, through the gateway's HAProxy and through
+#      the multi-host libpq URI of `haclt show uri`), and prints both sets of figures: write
+#      unavailability, acknowledged and lost writes per writer, when each frontend served the
+#      new primary, and for the XMPP users the
 #      longest gap between acknowledged writes, lost writes and whether their sessions stayed up;
 #   5. waits until the old primary is back as the synchronous standby (the cluster healthy
 #      again), shows `haclt status` and leaves the stand running.
@@ -100,8 +102,8 @@ done
 # A few seconds of steady XMPP traffic before the fault.
 sleep 3
 
-step "drill: crash-primary (kill -9 of the primary's postmaster and agent, writer running)"
-haclt e1server drill crash-primary --wait 60s
+step "drill: crash-primary (kill -9 of the primary's postmaster and agent; writers direct, through the gateway's HAProxy and through the libpq URI)"
+haclt e1server drill crash-primary --wait 60s --via-proxy 192.168.1.1:5000 --via-uri
 # A few seconds of XMPP traffic on the new primary, then the users stop, write once more and
 # read every acknowledged write back through ejabberd.
 sleep 3

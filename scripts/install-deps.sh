@@ -14,6 +14,8 @@ packages=(
   postgresql-15 postgresql-client-15
   # ejabberd frontends and their PostgreSQL driver
   ejabberd erlang-p1-pgsql
+  # the stand's load balancer on the gateway (checks the agents' /primary endpoint)
+  haproxy
   # libvirt backend of ha-provision (virt crate links libvirt; test:///default needs no daemon)
   libvirt-dev pkg-config
   # sshd the ha-provision SSH client tests start on loopback (host-key pinning, exec, upload)

@@ -165,6 +165,14 @@ pub enum Cmd {
         /// about 2 s and 0.6 s).
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         write_timeout: Duration,
+        /// Also write through a proxy at HOST:PORT that forwards to the primary (HAProxy with
+        /// the agents' `/primary` checks) and measure it beside the direct writer; repeatable.
+        #[arg(long, value_name = "HOST:PORT", value_parser = crate::drill::Via::proxy)]
+        via_proxy: Vec<crate::drill::Via>,
+        /// Also write through the read-write URI `haclt show uri` prints (the client finds the
+        /// writable node itself) and measure it beside the direct writer.
+        #[arg(long)]
+        via_uri: bool,
     },
     /// Print a systemd unit file.
     Systemd {
@@ -946,7 +954,12 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             db_user,
             database,
             write_timeout,
+            mut via_proxy,
+            via_uri,
         } => {
+            if via_uri {
+                via_proxy.push(crate::drill::Via::Uri);
+            }
             let options = crate::drill::Options {
                 group,
                 duration,
@@ -955,6 +968,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 database,
                 tls: m.client_tls(),
                 write_timeout,
+                via: via_proxy,
             };
             let outcome =
                 crate::drill::run(&mut m, scenario, &options, request_id("drill"), unix_ms).await;

@@ -2,6 +2,9 @@
 //! through the current primary, then measures what the clients saw: the longest time without
 //! an acknowledged write, how many writes were acknowledged, how many of those the final
 //! primary lacks, the old and new primary, and when each ejabberd node served the new primary.
+//! Writers on other ways to the primary (`--via-proxy HOST:PORT`: a proxy such as HAProxy with
+//! the agents' `/primary` checks; `--via-uri`: the multi-host URI of `haclt show uri`) run beside
+//! the direct writer, each measured the same way.
 //!
 //! Invariants:
 //! - a write counts as acknowledged only when its COMMIT returned success; an attempt that timed
@@ -77,6 +80,54 @@ pub struct Options {
     /// Bound on one connect or one INSERT: a frozen or cut-off primary must not hold the
     /// writer (`--write-timeout`).
     pub write_timeout: Duration,
+    /// Other ways to the primary, each with a writer of its own.
+    pub via: Vec<Via>,
+}
+
+/// A way to the primary other than its endpoint in the status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// A proxy that forwards to the primary (HAProxy with the agents' `/primary` checks).
+    Proxy { host: String, port: u16 },
+    /// The read-write URI `haclt show uri` prints: the client tries the group's nodes in turn
+    /// and keeps the first that accepts writes (`target_session_attrs=read-write`).
+    Uri,
+}
+
+impl Via {
+    /// `HOST:PORT` of a proxy (`--via-proxy`).
+    pub fn proxy(text: &str) -> Result<Self, String> {
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{text:?}: expected HOST:PORT"))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("{text:?}: the port must be a number from 1 to 65535"))?;
+        let host = host.trim_matches(['[', ']']);
+        if host.is_empty() || port == 0 {
+            return Err(format!("{text:?}: expected HOST:PORT"));
+        }
+        Ok(Via::Proxy {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Via::Proxy { host, port } => format!("proxy {host}:{port}"),
+            Via::Uri => "uri".to_owned(),
+        }
+    }
+}
+
+/// What a writer on another way to the primary saw (fields as in [`Report`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct ViaReport {
+    pub via: String,
+    pub write_unavailable_ms: u64,
+    pub acknowledged_writes: u64,
+    pub lost_writes: u64,
 }
 
 /// The figures, printed as a table or as JSON (`--json`; fields are only ever added).
@@ -95,6 +146,8 @@ pub struct Report {
     pub old_epoch: u64,
     pub new_epoch: u64,
     pub ejabberd: Vec<EjabberdRecovery>,
+    /// The writers of `--via-proxy` and `--via-uri`, in the order given.
+    pub via: Vec<ViaReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,11 +165,23 @@ struct Target {
     port: u16,
 }
 
+/// Where a writer connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    /// One server: the primary's endpoint (followed through the status).
+    Server(Target),
+    /// A TCP proxy in front of the PostgreSQL nodes: with TLS, the server certificate must be
+    /// a PostgreSQL node's of the cluster CA (the proxy's name is in none of them).
+    Proxy(Target),
+    /// A multi-host URI; the client finds the writable server itself (`hosts` of them).
+    Uri { uri: String, hosts: u32 },
+}
+
 /// What the writer reports while it runs.
 #[derive(Debug, Clone, Default)]
 struct Progress {
     acked: u64,
-    last_ack: Option<(Instant, Target)>,
+    last_ack: Option<(Instant, Route)>,
 }
 
 /// What the writer hands back when stopped.
@@ -155,36 +220,71 @@ fn leader_of(s: &v1::StatusResponse) -> Option<u64> {
 
 /// A session on the server at `t` (TLS with the operator certificate when there is one).
 async fn connect(t: &Target, o: &Options) -> Result<tokio_postgres::Client, String> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&t.host)
-        .port(t.port)
-        .user(&o.db_user)
-        .dbname(&o.database)
-        .application_name("haclt-drill")
-        .connect_timeout(o.write_timeout);
+    connect_route(&Route::Server(t.clone()), o).await
+}
+
+/// A session through `route`. A URI's own `connect_timeout` bounds each of its hosts, so its
+/// whole attempt gets that much per host on top of `--write-timeout`.
+async fn connect_route(route: &Route, o: &Options) -> Result<tokio_postgres::Client, String> {
+    let (mut config, bound) = match route {
+        Route::Server(t) | Route::Proxy(t) => {
+            let mut config = tokio_postgres::Config::new();
+            config
+                .host(&t.host)
+                .port(t.port)
+                .user(&o.db_user)
+                .dbname(&o.database)
+                .connect_timeout(o.write_timeout);
+            (config, o.write_timeout)
+        }
+        Route::Uri { uri, hosts } => {
+            let config: tokio_postgres::Config = uri
+                .parse()
+                .map_err(|e| format!("{uri}: {}", error_chain(&e)))?;
+            let per_host = config.get_connect_timeout().copied().unwrap_or_default();
+            (config, o.write_timeout + per_host * *hosts)
+        }
+    };
+    config.application_name("haclt-drill");
+    let t = route.label();
     match &o.tls {
         Some(tls) => {
-            let mut rustls = (*tls.current()).clone();
+            let mut rustls = match route {
+                Route::Proxy(_) => (*tls
+                    .through_proxy(ha_pki::Role::Postgres)
+                    .map_err(|e| format!("{t}: {e}"))?)
+                .clone(),
+                Route::Server(_) | Route::Uri { .. } => (*tls.current()).clone(),
+            };
             // The monitors' config offers HTTP/2; PostgreSQL 15 negotiates no ALPN.
             rustls.alpn_protocols.clear();
             config.ssl_mode(tokio_postgres::config::SslMode::Require);
             open(
                 &config,
                 tokio_postgres_rustls::MakeRustlsConnect::new(rustls),
-                t,
-                o.write_timeout,
+                &t,
+                bound,
             )
             .await
         }
-        None => open(&config, tokio_postgres::NoTls, t, o.write_timeout).await,
+        None => open(&config, tokio_postgres::NoTls, &t, bound).await,
+    }
+}
+
+impl Route {
+    /// How errors name it.
+    fn label(&self) -> String {
+        match self {
+            Route::Server(t) | Route::Proxy(t) => format!("{}:{}", t.host, t.port),
+            Route::Uri { uri, .. } => uri.clone(),
+        }
     }
 }
 
 async fn open<T>(
     config: &tokio_postgres::Config,
     tls: T,
-    t: &Target,
+    t: &str,
     timeout: Duration,
 ) -> Result<tokio_postgres::Client, String>
 where
@@ -193,22 +293,23 @@ where
 {
     let (client, conn) = tokio::time::timeout(timeout, config.connect(tls))
         .await
-        .map_err(|_| format!("{}:{}: connect timed out", t.host, t.port))?
-        .map_err(|e| format!("{}:{}: {}", t.host, t.port, error_chain(&e)))?;
+        .map_err(|_| format!("{t}: connect timed out"))?
+        .map_err(|e| format!("{t}: {}", error_chain(&e)))?;
     tokio::spawn(conn);
     Ok(client)
 }
 
-/// Commits one row per attempt to whatever primary `targets` names, until `stop` is set.
+/// Commits one row per attempt through whatever `targets` names (the primary of the moment,
+/// or a fixed route), until `stop` is set.
 async fn writer(
     run: String,
     options: Options,
-    mut targets: watch::Receiver<Option<Target>>,
+    mut targets: watch::Receiver<Option<Route>>,
     progress: watch::Sender<Progress>,
     stop: watch::Receiver<bool>,
 ) -> Written {
     let mut out = Written::default();
-    let mut session: Option<(Target, tokio_postgres::Client)> = None;
+    let mut session: Option<(Route, tokio_postgres::Client)> = None;
     let mut seq: i64 = 0;
     while !*stop.borrow() {
         let target = targets.borrow_and_update().clone();
@@ -220,7 +321,7 @@ async fn writer(
             session = None;
         }
         if session.is_none() {
-            match connect(&target, &options).await {
+            match connect_route(&target, &options).await {
                 Ok(c) => session = Some((target.clone(), c)),
                 Err(e) => {
                     tracing::debug!(error = %e, "writer cannot connect");
@@ -267,14 +368,14 @@ async fn writer(
 
 /// The running writer: where it writes, what it acknowledged so far, how to stop it.
 struct Writer {
-    target: watch::Sender<Option<Target>>,
+    target: watch::Sender<Option<Route>>,
     progress: watch::Receiver<Progress>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Written>,
 }
 
 impl Writer {
-    fn start(run: &str, o: &Options, first: Target) -> Self {
+    fn start(run: &str, o: &Options, first: Route) -> Self {
         let (target, targets) = watch::channel(Some(first));
         let (progress_tx, progress) = watch::channel(Progress::default());
         let (stop, stop_rx) = watch::channel(false);
@@ -299,7 +400,18 @@ impl Writer {
             .borrow()
             .last_ack
             .as_ref()
-            .is_some_and(|(at, t)| *at > after && Some(t) == target)
+            .is_some_and(|(at, r)| {
+                *at > after && target.is_some_and(|t| *r == Route::Server(t.clone()))
+            })
+    }
+
+    /// Whether any write was acknowledged after `after`.
+    fn acked_since(&self, after: Instant) -> bool {
+        self.progress
+            .borrow()
+            .last_ack
+            .as_ref()
+            .is_some_and(|(at, _)| *at > after)
     }
 
     async fn stop(self) -> Written {
@@ -349,22 +461,45 @@ pub async fn run(
         )))
     })?;
 
-    let mut writer = Writer::start(&request_id, o, old_target.clone());
+    let mut writer = Writer::start(&request_id, o, Route::Server(old_target.clone()));
+    let mut vias = Vec::new();
+    for (i, via) in o.via.iter().enumerate() {
+        let route = via_route(via, &before, &group.name, o).map_err(bare)?;
+        let run = format!("{request_id}-via{i}");
+        let w = Writer::start(&run, o, route);
+        vias.push(ViaWriter {
+            name: via.name(),
+            run,
+            writer: w,
+        });
+    }
     // Ten write timeouts (10 s by default): a slower machine that needs a longer timeout per
     // write gets a proportionally longer baseline.
     let baseline_bound = o.write_timeout * 10;
-    let baseline_ok = matches!(
-        tokio::time::timeout(
-            baseline_bound,
-            writer.progress.wait_for(|p| p.acked >= BASELINE_WRITES),
-        )
-        .await,
-        Ok(Ok(_))
-    );
-    if !baseline_ok {
+    let mut slow = None;
+    for (name, w) in std::iter::once((old_primary.clone(), &mut writer))
+        .chain(vias.iter_mut().map(|v| (v.name.clone(), &mut v.writer)))
+    {
+        let ok = matches!(
+            tokio::time::timeout(
+                baseline_bound,
+                w.progress.wait_for(|p| p.acked >= BASELINE_WRITES),
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        if !ok {
+            slow = Some(name);
+            break;
+        }
+    }
+    if let Some(name) = slow {
         writer.stop().await;
+        for v in vias {
+            v.writer.stop().await;
+        }
         return Err(bare(Failure::NotConverged(format!(
-            "the writer could not commit {BASELINE_WRITES} rows on {old_primary} within {baseline_bound:?}"
+            "the writer could not commit {BASELINE_WRITES} rows through {name} within {baseline_bound:?}"
         ))));
     }
 
@@ -385,8 +520,12 @@ pub async fn run(
         at: fault_at,
         duration: o.duration,
     };
-    let waited = await_recovery(m, &fault, &writer, deadline).await;
+    let waited = await_recovery(m, &fault, &writer, &vias, deadline).await;
     let written = writer.stop().await;
+    let mut via_written = Vec::new();
+    for v in vias {
+        via_written.push((v.name, v.run, v.writer.stop().await));
+    }
     let (recovered, mut last_wait) = match waited {
         Ok(Ok(s)) => (Some(s), String::new()),
         Ok(Err(why)) => (None, why),
@@ -414,56 +553,129 @@ pub async fn run(
         last_wait = format!("ejabberd {} does not serve {} yet", e.node, g.primary);
     }
     let converged = recovered.is_some() && ejabberd.iter().all(|e| e.recovered_ms.is_some());
-    let mut write_unavailable = written.max_gap;
-    if recovered.is_none()
-        && let Some(last) = written.last_ack
-    {
-        write_unavailable = write_unavailable.max(Instant::now() - last);
-    }
-    let final_target = target_of(&end, &g.primary);
-    let lost = match final_target {
-        Some(t) => {
-            count_lost(
-                &t,
-                o,
-                &request_id,
-                &written.acked,
-                deadline.max(Instant::now() + Duration::from_secs(10)),
-            )
-            .await
+    let unavailable = |w: &Written| {
+        let mut gap = w.max_gap;
+        if recovered.is_none()
+            && let Some(last) = w.last_ack
+        {
+            gap = gap.max(Instant::now() - last);
         }
-        None => Err("no primary to verify the rows on".to_owned()),
+        millis(gap)
     };
-    let mut report = Report {
+    let final_target = target_of(&end, &g.primary);
+    let verify_by = deadline.max(Instant::now() + Duration::from_secs(10));
+    let lost_of = |run: &str, w: &Written| {
+        let t = final_target.clone();
+        let run = run.to_owned();
+        let acked = w.acked.clone();
+        async move {
+            match t {
+                Some(t) => count_lost(&t, o, &run, &acked, verify_by).await,
+                None => Err("no primary to verify the rows on".to_owned()),
+            }
+        }
+    };
+    // Every writer's rows are looked up; any missing row fails the drill.
+    let mut checks = vec![(
+        "the direct writer".to_owned(),
+        lost_of(&request_id, &written).await,
+    )];
+    let mut via = Vec::new();
+    for (name, run, w) in &via_written {
+        let n = lost_of(run, w).await;
+        via.push(ViaReport {
+            via: name.clone(),
+            write_unavailable_ms: unavailable(w),
+            acknowledged_writes: u64::try_from(w.acked.len()).unwrap_or(u64::MAX),
+            lost_writes: *n.as_ref().unwrap_or(&0),
+        });
+        checks.push((format!("the writer through {name}"), n));
+    }
+    let report = Report {
         scenario,
         group: group.name.clone(),
         converged,
-        write_unavailable_ms: millis(write_unavailable),
+        write_unavailable_ms: unavailable(&written),
         acknowledged_writes: u64::try_from(written.acked.len()).unwrap_or(u64::MAX),
-        lost_writes: 0,
+        lost_writes: *checks[0].1.as_ref().unwrap_or(&0),
         old_primary,
         new_primary: g.primary.clone(),
         old_epoch: group.epoch,
         new_epoch: g.epoch,
         ejabberd,
+        via,
     };
-    match lost {
-        Ok(0) if report.converged => Ok(report),
-        Ok(0) => Err((Some(report), Failure::NotConverged(last_wait))),
-        Ok(n) => {
-            report.lost_writes = n;
-            Err((
-                Some(report),
-                Failure::Other(format!(
-                    "{n} acknowledged writes are missing on {}",
-                    g.primary
-                )),
-            ))
-        }
-        Err(e) => Err((
+    let missing: Vec<String> = checks
+        .iter()
+        .filter_map(|(who, n)| match n {
+            Ok(0) => None,
+            Ok(n) => Some(format!("{n} of {who}")),
+            Err(e) => Some(format!("{who}: cannot verify the rows: {e}")),
+        })
+        .collect();
+    if checks.iter().any(|(_, n)| matches!(n, Ok(1..))) {
+        return Err((
             Some(report),
-            Failure::NotConverged(format!("cannot verify the rows: {e}")),
-        )),
+            Failure::Other(format!(
+                "acknowledged writes are missing on {}: {}",
+                g.primary,
+                missing.join("; ")
+            )),
+        ));
+    }
+    if !missing.is_empty() {
+        return Err((Some(report), Failure::NotConverged(missing.join("; "))));
+    }
+    if report.converged {
+        Ok(report)
+    } else {
+        Err((Some(report), Failure::NotConverged(last_wait)))
+    }
+}
+
+/// A writer on another way to the primary.
+struct ViaWriter {
+    name: String,
+    /// Its rows' `run` in the drill table.
+    run: String,
+    writer: Writer,
+}
+
+/// The route of `via` for the group's state in `status`.
+fn via_route(
+    via: &Via,
+    status: &v1::StatusResponse,
+    group: &str,
+    o: &Options,
+) -> Result<Route, Failure> {
+    match via {
+        Via::Proxy { host, port } => Ok(Route::Proxy(Target {
+            host: host.clone(),
+            port: *port,
+        })),
+        Via::Uri => {
+            let hosts = status
+                .nodes
+                .iter()
+                .filter(|n| n.group == group && n.kind() == v1::NodeKind::Postgres)
+                .count();
+            let uri = crate::uri::uri(
+                &crate::output::Status::from(status.clone()),
+                &crate::uri::UriOptions {
+                    group,
+                    target: crate::uri::Target::Primary,
+                    dbname: &o.database,
+                    user: Some(&o.db_user),
+                    sslrootcert: None,
+                    sslcert: None,
+                    sslkey: None,
+                },
+            )?;
+            Ok(Route::Uri {
+                uri,
+                hosts: u32::try_from(hosts).unwrap_or(u32::MAX),
+            })
+        }
     }
 }
 
@@ -486,6 +698,7 @@ async fn await_recovery(
     m: &mut Monitors,
     fault: &Injected<'_>,
     writer: &Writer,
+    vias: &[ViaWriter],
     deadline: Instant,
 ) -> Result<Result<v1::StatusResponse, String>, Failure> {
     // A timed fault starts when the order reaches the agent, with its next report.
@@ -510,7 +723,9 @@ async fn await_recovery(
             continue;
         };
         let primary = target_of(&s, &g.primary);
-        writer.target.send_replace(primary.clone());
+        writer
+            .target
+            .send_replace(primary.clone().map(Route::Server));
         let settled = g.pending.is_empty() && !g.primary.is_empty();
         let condition = match fault.scenario {
             Scenario::Switchover | Scenario::CrashPrimary => {
@@ -534,10 +749,14 @@ async fn await_recovery(
                 _ => Err("waiting for a new monitor leader".to_owned()),
             },
         };
-        match condition {
-            Ok(()) if writer.acked_by_since(primary.as_ref(), resumed_after) => return Ok(Ok(s)),
-            Ok(()) => waiting = format!("waiting for a write acknowledged by {}", g.primary),
-            Err(w) => waiting = w,
+        let behind = vias.iter().find(|v| !v.writer.acked_since(resumed_after));
+        match (condition, behind) {
+            (Ok(()), _) if !writer.acked_by_since(primary.as_ref(), resumed_after) => {
+                waiting = format!("waiting for a write acknowledged by {}", g.primary);
+            }
+            (Ok(()), Some(v)) => waiting = format!("waiting for a write through {}", v.name),
+            (Ok(()), None) => return Ok(Ok(s)),
+            (Err(w), _) => waiting = w,
         }
         tokio::time::sleep(POLL).await;
     }
@@ -695,6 +914,12 @@ pub fn table(r: &Report) -> String {
         "  write unavailable  {} ms\n  acknowledged       {} writes\n  lost               {}\n",
         r.write_unavailable_ms, r.acknowledged_writes, r.lost_writes
     ));
+    for v in &r.via {
+        out.push_str(&format!(
+            "  through {}  write unavailable {} ms, acknowledged {}, lost {}\n",
+            v.via, v.write_unavailable_ms, v.acknowledged_writes, v.lost_writes
+        ));
+    }
     for e in &r.ejabberd {
         match e.recovered_ms {
             Some(ms) => out.push_str(&format!(
@@ -805,6 +1030,27 @@ mod tests {
     }
 
     #[test]
+    fn a_proxy_is_host_and_port() {
+        assert_eq!(
+            Via::proxy("10.0.0.1:5000"),
+            Ok(Via::Proxy {
+                host: "10.0.0.1".into(),
+                port: 5000
+            })
+        );
+        assert_eq!(
+            Via::proxy("[fd00::1]:5000"),
+            Ok(Via::Proxy {
+                host: "fd00::1".into(),
+                port: 5000
+            })
+        );
+        for bad in ["10.0.0.1", "10.0.0.1:", ":5000", "h:0", "h:70000", "h:x"] {
+            assert!(Via::proxy(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn the_json_report_has_the_documented_fields() {
         let r = Report {
             scenario: Scenario::CrashPrimary,
@@ -821,8 +1067,17 @@ mod tests {
                 node: "e1".into(),
                 recovered_ms: Some(2500),
             }],
+            via: vec![ViaReport {
+                via: "uri".into(),
+                write_unavailable_ms: 2300,
+                acknowledged_writes: 850,
+                lost_writes: 0,
+            }],
         };
         let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["via"][0]["via"], "uri");
+        assert_eq!(v["via"][0]["write_unavailable_ms"], 2300);
+        assert!(table(&r).contains("through uri  write unavailable 2300 ms"));
         assert_eq!(v["scenario"], "crash-primary");
         assert_eq!(v["write_unavailable_ms"], 2100);
         assert_eq!(v["acknowledged_writes"], 900);

@@ -4,12 +4,15 @@
 //! `postgres` role (no other TCP rule admits `postgres`, so every drill proves it).
 //!
 //! 0. the writer as another role (`--db-user replicator`): refused by PostgreSQL before any
-//!    fault, exit 1, nothing changes;
+//!    fault, exit 1, nothing changes; a `--via-proxy` that leads to the standby: its writer
+//!    cannot commit, exit 75 naming it, nothing changes;
 //! 1. `drill switchover --json`: psql1 -> psql2, no acknowledged write lost, some unavailability;
 //! 2. `drill crash-primary` aimed at psql2: its agent refuses (exit 65, `allow_drills` named),
 //!    and nothing happens: same primary, same postmaster, agent still running;
-//! 3. `drill switchover` back to psql1, then `drill crash-primary --json`: psql1's agent kills
-//!    its postmaster and itself with SIGKILL, psql2 is promoted, no acknowledged write lost;
+//! 3. `drill switchover` back to psql1, then `drill crash-primary --json --via-uri`: psql1's
+//!    agent kills its postmaster and itself with SIGKILL, psql2 is promoted, no acknowledged
+//!    write lost, also not by the second writer on the `haclt show uri` URI, which found psql2
+//!    by itself;
 //! 4. psql1's agent restarted (as a supervisor would), back to psql1 by switchover, then
 //!    `drill freeze-primary` for 500 ms, well inside failure detection (no failover, nothing
 //!    lost), and `drill partition-primary` for longer than the lease (psql2 promoted, psql1
@@ -121,6 +124,27 @@ async fn switchover_refusal_crash_freeze_and_partition_drills() {
     let s = status(&cluster).await;
     assert_eq!(s["groups"][0]["primary"], "psql1", "no fault was injected");
 
+    // A "proxy" that leads to the standby: its writer cannot commit, so the drill stops before
+    // the fault (exit 75), naming it.
+    let standby = format!("127.0.0.1:{}", cluster.node("psql2").port);
+    let args = [
+        "drill",
+        "switchover",
+        "--via-proxy",
+        &standby,
+        "--wait",
+        "20s",
+    ];
+    let out = shown(&args, cluster.haclt(&args).await);
+    assert_eq!(out.status.code(), Some(75), "a way that cannot write");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("through proxy {standby}")),
+        "{stderr}"
+    );
+    let s = status(&cluster).await;
+    assert_eq!(s["groups"][0]["primary"], "psql1", "no fault was injected");
+
     let report = drill(&cluster, &["switchover"]).await;
     assert_no_loss(&report, "switchover", "psql1", "psql2");
     cluster.wait_synchronous("psql2", CONVERGE).await;
@@ -151,8 +175,20 @@ async fn switchover_refusal_crash_freeze_and_partition_drills() {
     let postmaster = cluster
         .postmaster("psql1")
         .expect("psql1's postmaster runs");
-    let report = drill(&cluster, &["crash-primary"]).await;
+    // With a second writer on the URI of `haclt show uri`: it finds the new primary by itself.
+    let report = drill(&cluster, &["crash-primary", "--via-uri"]).await;
     assert_no_loss(&report, "crash-primary", "psql1", "psql2");
+    let via = &report["via"][0];
+    assert_eq!(via["via"], "uri", "{report}");
+    assert_eq!(via["lost_writes"], 0, "{report}");
+    assert!(
+        via["acknowledged_writes"].as_u64().unwrap() > 20,
+        "{report}"
+    );
+    assert!(
+        via["write_unavailable_ms"].as_u64().unwrap() > 0,
+        "{report}"
+    );
     let exit = cluster.wait_agent_exit("psql1").await;
     assert_eq!(
         exit.signal(),

@@ -38,7 +38,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::files::{FileError, read_key_file, read_public_file};
-use crate::identity::{IdentityError, PeerIdentity};
+use crate::identity::{IdentityError, PeerIdentity, Role};
 
 /// ALPN for gRPC (HTTP/2).
 const ALPN_H2: &[u8] = b"h2";
@@ -436,6 +436,83 @@ impl ClientTls {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The current config for a connection through a TCP proxy (HAProxy in front of the
+    /// PostgreSQL nodes) to whichever server of `role` it forwards to: the name connected to
+    /// is the proxy's, which no server certificate carries, so instead of the name the
+    /// server's certificate must carry `role` (any node of it), besides chaining to the CA
+    /// bundle and being valid now. The client certificate is presented as usual.
+    pub fn through_proxy(&self, role: Role) -> Result<Arc<ClientConfig>, TlsError> {
+        let mut config = (*self.current()).clone();
+        let verifier = RoleVerifier {
+            roots: Arc::new(read_roots(&self.files.ca_bundle)?),
+            role,
+            algorithms: provider().signature_verification_algorithms,
+        };
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(verifier));
+        Ok(Arc::new(config))
+    }
+}
+
+/// See [`ClientTls::through_proxy`].
+#[derive(Debug)]
+struct RoleVerifier {
+    roots: Arc<RootCertStore>,
+    role: Role,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for RoleVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        let identity = PeerIdentity::from_cert_der(end_entity)
+            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+        if identity.role() != self.role {
+            return Err(rustls::Error::General(format!(
+                "the server presented {identity}, not a {} certificate",
+                self.role
+            )));
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 

@@ -579,3 +579,75 @@ async fn a_checked_client_refuses_a_foreign_expired_or_misnamed_certificate() {
     tls.reload().unwrap();
     assert!(!Arc::ptr_eq(&before, &tls.current()));
 }
+
+/// One TLS handshake with `client` against a server presenting `server` (its own CA bundle
+/// and the server side's usual client verification), the client asking for `name`.
+async fn handshake_as(
+    server: &TlsFiles,
+    client: Arc<rustls::ClientConfig>,
+    name: &str,
+) -> Result<(), String> {
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(ServerTls::load(server.clone()).unwrap().current());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        // The client's view is what is checked; the server side may fail with it.
+        let _ = acceptor.accept(tcp).await;
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let outcome = tokio_rustls::TlsConnector::from(client)
+        .connect(name, tcp)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    accept.await.unwrap();
+    outcome
+}
+
+/// Through a TCP proxy the name connected to is the proxy's: the usual config refuses the
+/// server for it, the proxy config accepts any PostgreSQL node of the CA instead, and still
+/// refuses a monitor's certificate and a certificate of another CA.
+#[tokio::test]
+async fn through_a_proxy_any_postgres_node_of_the_ca_and_nothing_else() {
+    let d = Dir::new();
+    let ca = new_ca("cluster-ca");
+    let other = new_ca("other-ca");
+    let operator = d.files("op", &ca, &[&ca], Role::Operator, "alice", valid());
+    let tls = ClientTls::load(operator).unwrap();
+    let psql1 = d.files("psql1", &ca, &[&ca], Role::Postgres, "psql1", valid());
+    let m1 = d.files("m1", &ca, &[&ca], Role::Monitor, "m1", valid());
+    let foreign = d.files(
+        "foreign",
+        &other,
+        &[&other, &ca],
+        Role::Postgres,
+        "psql1",
+        valid(),
+    );
+    let proxy = tls.through_proxy(Role::Postgres).unwrap();
+
+    let direct = handshake_as(&psql1, tls.current(), "proxy.invalid").await;
+    let direct = direct.unwrap_err();
+    assert!(
+        direct.contains("not valid for name"),
+        "the name is checked: {direct}"
+    );
+    handshake_as(&psql1, proxy.clone(), "proxy.invalid")
+        .await
+        .unwrap();
+    let monitor = handshake_as(&m1, proxy.clone(), "proxy.invalid").await;
+    let monitor = monitor.unwrap_err();
+    assert!(
+        monitor.contains("not a postgres certificate"),
+        "a monitor's certificate is not a PostgreSQL node's: {monitor}"
+    );
+    let stranger = handshake_as(&foreign, proxy, "proxy.invalid").await;
+    let stranger = stranger.unwrap_err();
+    assert!(
+        stranger.contains("UnknownIssuer"),
+        "the chain is checked: {stranger}"
+    );
+}

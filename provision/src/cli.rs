@@ -199,14 +199,14 @@ pub struct NodeReport {
     /// Whether the namespace or domain exists.
     pub present: bool,
     /// Whether it serves: a libvirt domain is active; a netns node's namespace exists and
-    /// every daemon of it runs (a gateway runs no daemon).
+    /// every daemon of it runs (a gateway's: HAProxy).
     pub running: bool,
     /// netns: the node's supervisor, its programs and (PostgreSQL nodes) the postmaster, each
-    /// as `/proc` shows it now. Empty for gateways and on libvirt (not checked over SSH yet).
+    /// as `/proc` shows it now. Empty on libvirt (not checked over SSH yet).
     pub daemons: Vec<daemons::DaemonReport>,
     /// Addresses by network.
     pub addresses: BTreeMap<String, Ipv4Addr>,
-    /// netns: PID of the node's running supervisor (none for gateways or when stopped).
+    /// netns: PID of the node's running supervisor (none when stopped).
     pub supervisor_pid: Option<i32>,
 }
 

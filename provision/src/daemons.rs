@@ -24,7 +24,7 @@ use crate::topology::Role;
 /// One supervised program as its supervisor last recorded it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgramRecord {
-    /// The program's name (`ha-monitor`, `ha-agent`, `epmd`, `ejabberd`).
+    /// The program's name (`ha-monitor`, `ha-agent`, `epmd`, `ejabberd`, `haproxy`).
     pub name: String,
     /// The PID of its process group leader while it runs.
     pub pid: Option<u32>,
@@ -142,16 +142,13 @@ fn single_state(pid: i32) -> Option<DaemonState> {
 
 /// The daemons of a netns node with `role`: its supervisor (`supervisor` = the PID of a live
 /// supervisor, see `lab::supervisor_pid`), every program of its record, and for a PostgreSQL
-/// node the postmaster. Empty for a gateway.
+/// node the postmaster.
 pub fn node_daemons(
     material: &Material<'_>,
     node: &str,
     role: Role,
     supervisor: Option<i32>,
 ) -> Vec<DaemonReport> {
-    if role == Role::Gateway {
-        return Vec::new();
-    }
     let supervisor_state = supervisor.and_then(single_state);
     let mut daemons = vec![DaemonReport {
         name: "supervisor".into(),

@@ -202,6 +202,17 @@ pub fn node_firewall(topology: &Topology, node: &Node) -> NodeFirewall {
                 single(ports.postgres),
                 "PostgreSQL for the operator host's drill writer",
             );
+            push(
+                topology
+                    .gateway_neighbours(node)
+                    .map(Ipv4Cidr::host)
+                    .collect(),
+                vec![
+                    PortRange::single(ports.postgres),
+                    PortRange::single(ports.agent),
+                ],
+                "PostgreSQL and its /primary check for the gateway's HAProxy",
+            );
         }
         Role::Ejabberd => {
             let client_networks: Vec<Ipv4Cidr> = topology
@@ -223,7 +234,18 @@ pub fn node_firewall(topology: &Topology, node: &Node) -> NodeFirewall {
             );
             push(monitors, single(ports.agent), "agent API for the monitors");
         }
-        Role::Gateway => {}
+        Role::Gateway => {
+            let mut clients: Vec<Ipv4Cidr> = topology
+                .service_attachments(node)
+                .map(|a| a.network.cidr)
+                .collect();
+            clients.extend(topology.operator_hosts(node).map(Ipv4Cidr::host));
+            push(
+                clients,
+                single(ports.proxy),
+                "HAProxy (PostgreSQL to the primary) for the service networks",
+            );
+        }
     }
     let forward_between = if node.role == Role::Gateway {
         topology
@@ -302,7 +324,8 @@ mod tests {
     #[test]
     fn postgres_only_from_frontends_peers_and_monitor_probes() {
         let (t, f) = fw("psql1server");
-        let allowed: Vec<Ipv4Addr> = ["192.168.1.2", "192.168.1.3", "192.168.1.11"]
+        // The frontends, the peer, and the gateway's HAProxy on the backend network.
+        let allowed: Vec<Ipv4Addr> = ["192.168.1.2", "192.168.1.3", "192.168.1.11", "192.168.1.9"]
             .iter()
             .map(|s| ip(s))
             .chain(
@@ -392,6 +415,26 @@ mod tests {
         assert!(gw.to_nft().contains("route between service networks"));
         let (_, e1) = fw("e1server");
         assert!(!e1.forwards(ip("192.168.1.2"), ip("192.168.1.10")));
+    }
+
+    #[test]
+    fn the_gateways_haproxy_reaches_postgres_and_serves_the_service_networks() {
+        let (_, gw) = fw("gw1server");
+        assert!(gw.allows_tcp(ip("192.168.1.2"), 5000), "a frontend");
+        assert!(gw.allows_tcp(ip("192.168.1.5"), 5000), "any DMZ host");
+        assert!(
+            !gw.allows_tcp(ip("192.168.121.1"), 5000),
+            "not from management"
+        );
+        assert!(!gw.allows_tcp(ip("192.168.1.2"), 5432), "no other port");
+        let (_, pg) = fw("psql1server");
+        for port in [5432, 7410] {
+            assert!(
+                pg.allows_tcp(ip("192.168.1.9"), port),
+                "gateway, port {port}"
+            );
+        }
+        assert!(!pg.allows_tcp(ip("192.168.1.9"), 7400));
     }
 
     #[test]

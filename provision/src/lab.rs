@@ -348,6 +348,16 @@ pub fn up(
     }
     timed("other postgres nodes started", t);
 
+    // The gateways' HAProxy (netns; a libvirt gateway runs nothing yet).
+    let t = Instant::now();
+    let gateways: Vec<&Node> = topology.nodes_with_role(Role::Gateway).collect();
+    for node in &gateways {
+        fleet.start(material, node)?;
+    }
+    if !gateways.is_empty() {
+        timed("gateways started (HAProxy)", t);
+    }
+
     let frontends: Vec<&Node> = topology.nodes_with_role(Role::Ejabberd).collect();
     if frontends.is_empty() {
         return Ok(steps);

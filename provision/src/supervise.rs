@@ -45,12 +45,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A program that ran this long is considered healthy again: its backoff resets.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 const EPMD: &str = "/usr/bin/epmd";
+const HAPROXY: &str = "/usr/sbin/haproxy";
 
 /// Errors of the supervisor.
 #[derive(Debug, thiserror::Error)]
 pub enum SuperviseError {
-    /// The node does not exist or runs nothing.
-    #[error("node `{0}` is not a monitor, postgres or ejabberd node of the stand")]
+    /// The node is not in the stand.
+    #[error("node `{0}` is not a node of the stand")]
     NothingToRun(String),
     /// A program's log could not be opened, or signal handlers could not be installed.
     #[error("{what}: {source}")]
@@ -126,7 +127,18 @@ fn programs(
                 daemon("ha-agent", "ha-agent", material.agent_config(node)),
             ]
         }
-        Role::Gateway => return Err(SuperviseError::NothingToRun(node.to_owned())),
+        // In the foreground (`-db`), logging to stdout: the supervisor keeps its log.
+        Role::Gateway => vec![Program {
+            name: "haproxy",
+            argv: vec![
+                HAPROXY.into(),
+                "-db".into(),
+                "-f".into(),
+                material.haproxy_config(node).into(),
+            ],
+            user: None,
+            after_port: None,
+        }],
     })
 }
 
@@ -473,7 +485,8 @@ mod tests {
         assert_eq!(names("e2server"), ["epmd", "ejabberd", "ha-agent"]);
         let agent = &programs(&t, &m, bin, "psql1server").unwrap()[0];
         assert_eq!(agent.argv[0], OsString::from("/opt/ha/bin/ha-agent"));
-        assert!(programs(&t, &m, bin, "gw1server").is_err());
+        assert_eq!(names("gw1server"), ["haproxy"]);
+        assert!(programs(&t, &m, bin, "nosuch").is_err());
         assert!(
             cluster_join(&m, &t, "e1server").unwrap().is_none(),
             "first node"

@@ -23,6 +23,7 @@
 //! epmd = 4369
 //! erlang_dist = { first = 4200, last = 4210 }
 //! management = [22]          # reachable from the management network on every node
+//! proxy = 5000               # the gateway's HAProxy (netns): PostgreSQL to the primary
 //!
 //! [libvirt]                  # optional, these are the defaults
 //! uri = "qemu:///system"
@@ -261,6 +262,10 @@ pub struct Ports {
     pub erlang_dist: PortRange,
     /// Management access (SSH) from the management network.
     pub management: Vec<u16>,
+    /// The gateway's HAProxy: PostgreSQL sessions forwarded to the primary of the moment
+    /// (checked through the agents' `/primary` endpoint), for applications on the service
+    /// networks that cannot follow the primary themselves.
+    pub proxy: u16,
 }
 
 impl Default for Ports {
@@ -277,6 +282,7 @@ impl Default for Ports {
                 last: 4210,
             },
             management: vec![22],
+            proxy: 5000,
         }
     }
 }
@@ -304,7 +310,9 @@ impl Ports {
                 ports.push(("erlang_dist", self.erlang_dist));
                 ports.push(("agent", PortRange::single(self.agent)));
             }
-            Role::Gateway => {}
+            Role::Gateway => {
+                ports.push(("proxy", PortRange::single(self.proxy)));
+            }
         }
         ports
     }
@@ -709,6 +717,15 @@ impl Topology {
     pub fn operator_hosts<'a>(&'a self, node: &'a Node) -> impl Iterator<Item = Ipv4Addr> + 'a {
         self.service_attachments(node)
             .filter_map(|a| a.network.host)
+    }
+
+    /// The gateways' addresses on `node`'s service networks: where a gateway's HAProxy
+    /// connects to `node` from.
+    pub fn gateway_neighbours<'a>(&'a self, node: &'a Node) -> impl Iterator<Item = Ipv4Addr> + 'a {
+        self.service_attachments(node).flat_map(move |a| {
+            self.nodes_with_role(Role::Gateway)
+                .filter_map(move |gw| gw.addresses.get(&a.network.name).copied())
+        })
     }
 
     /// The addresses by which other nodes' services reach `node`: its service-network

@@ -491,7 +491,11 @@ fn full_stand_fails_over_and_cleans_up() {
         .iter()
         .filter(|n| n["supervisor_pid"].as_i64().is_some())
         .count();
-    assert_eq!(supervised, 7, "every node but the gateway: {status}");
+    assert_eq!(supervised, 8, "every node, the gateway too: {status}");
+    assert_eq!(
+        daemons_of(&status, "gw1server"),
+        running(&["supervisor", "haproxy"])
+    );
 
     let haclt = stand.haclt(&bin_dir);
     let pg_nodes = ["psql1server", "psql2server"];
@@ -659,6 +663,46 @@ fn full_stand_fails_over_and_cleans_up() {
         );
     }
 
+    // The gateway's HAProxy forwards a session from a frontend to the primary (it checks the
+    // agents' /primary endpoint with its observer certificate); the writer's rule for the
+    // gateway's address admits the operator certificate.
+    let pki = stand.inner.state_dir.join("pki");
+    let through_proxy = || -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &e1, "psql"])
+            .arg(format!(
+                "host=192.168.1.1 port=5000 user=postgres dbname=postgres sslmode=require \
+                 sslcert={cert} sslkey={key} connect_timeout=2",
+                cert = pki.join("operator.pem").display(),
+                key = pki.join("operator.key").display(),
+            ))
+            .args(["-XAtc", "SELECT inet_server_addr()"])
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    };
+    let address_of = |node: &str| {
+        stand
+            .material()
+            .advertise_address(stand.inner.topology.node(node).unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = through_proxy();
+        if seen == address_of(&primary).to_string() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "HAProxy does not lead to the primary {primary}: {seen}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     // XMPP users on both frontends keep writing through ejabberd across the crash.
     let mut exec = stand.cli();
     exec.args(["exec", "e1server", "--"])
@@ -696,6 +740,23 @@ fn full_stand_fails_over_and_cleans_up() {
         .unwrap();
     let failover = killed.elapsed();
     println!("failover: {standby} primary {failover:.2?} after SIGKILL of {primary}");
+    // HAProxy follows by its checks alone: the promoted node answers 200 on /primary.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = through_proxy();
+        if seen == address_of(&standby).to_string() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "HAProxy does not lead to the new primary {standby}: {seen}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "HAProxy on the gateway leads to {standby} {:.2?} after the kill",
+        killed.elapsed()
+    );
     // `ha-provision status` tells what died although the frozen supervisor cannot record it.
     let out = stand.cli().args(["status"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
