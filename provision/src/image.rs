@@ -53,6 +53,17 @@ pub const KERNEL_CMDLINE: &str = "root=/dev/vda rw console=ttyS0 net.ifnames=0";
 const SEED_SCRIPT: &str = r#"#!/bin/sh
 # Applies the ha-provision seed disk (/dev/vdb) onto /: addresses, host key, root key.
 set -eu
+# The kernel's devtmpfs has the disk long before udev announces it: under software emulation
+# that announcement can come after systemd's 90 s device timeout, so wait for the node here.
+waited=0
+while [ ! -b /dev/vdb ]; do
+    if [ "$waited" -ge 900 ]; then
+        echo "ha-seed: no /dev/vdb after $waited s" >&2
+        exit 1
+    fi
+    sleep 1
+    waited=$((waited + 1))
+done
 mnt=/run/ha-seed
 mkdir -p "$mnt"
 mount -o ro /dev/vdb "$mnt"
@@ -61,18 +72,20 @@ umount "$mnt"
 cat /etc/hostname > /proc/sys/kernel/hostname
 "#;
 
-/// Its unit: before networkd and sshd, bound to the seed disk.
+/// Its unit: before networkd and sshd. Not bound to `dev-vdb.device`: that job fails when
+/// udev is slower than systemd's device timeout (software emulation on a busy host), and the
+/// guest would boot without its addresses and host key; the script waits for the disk itself.
 const SEED_UNIT: &str = "[Unit]
 Description=Apply the ha-provision per-guest seed disk
 DefaultDependencies=no
-BindsTo=dev-vdb.device
-After=dev-vdb.device local-fs.target
+After=local-fs.target
 Before=sysinit.target network-pre.target nftables.service systemd-networkd.service ssh.service
 Wants=network-pre.target
 
 [Service]
 Type=oneshot
 RemainAfterExit=yes
+TimeoutStartSec=20min
 ExecStart=/usr/local/sbin/ha-seed
 
 [Install]
