@@ -61,6 +61,13 @@ async fn drill(cluster: &Cluster, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Runs `haclt ARGS`, which must exit with `code`; returns its stderr.
+async fn fails(cluster: &Cluster, args: &[&str], code: i32) -> String {
+    let out = shown(args, cluster.haclt(args).await);
+    assert_eq!(out.status.code(), Some(code), "haclt {args:?}");
+    String::from_utf8(out.stderr).unwrap()
+}
+
 /// `haclt status --json`.
 async fn status(cluster: &Cluster) -> Value {
     let out = cluster.haclt(&["status", "--json"]).await;
@@ -113,9 +120,8 @@ async fn switchover_refusal_crash_freeze_and_partition_drills() {
         "--wait",
         "20s",
     ];
-    let out = shown(&args, cluster.haclt(&args).await);
-    assert_eq!(out.status.code(), Some(1), "refused by PostgreSQL");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Refused by PostgreSQL.
+    let stderr = fails(&cluster, &args, 1).await;
     assert!(
         stderr.contains("cannot prepare the drill table")
             && stderr.contains("certificate authentication failed"),
@@ -135,9 +141,7 @@ async fn switchover_refusal_crash_freeze_and_partition_drills() {
         "--wait",
         "20s",
     ];
-    let out = shown(&args, cluster.haclt(&args).await);
-    assert_eq!(out.status.code(), Some(75), "a way that cannot write");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = fails(&cluster, &args, 75).await;
     assert!(
         stderr.contains(&format!("through proxy {standby}")),
         "{stderr}"
@@ -154,9 +158,8 @@ async fn switchover_refusal_crash_freeze_and_partition_drills() {
         .postmaster("psql2")
         .expect("psql2's postmaster runs");
     let args = ["drill", "crash-primary", "--json", "--wait", "20s"];
-    let out = shown(&args, cluster.haclt(&args).await);
-    assert_eq!(out.status.code(), Some(65), "a refused drill exits 65");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // A refused drill exits 65.
+    let stderr = fails(&cluster, &args, 65).await;
     assert!(
         stderr.contains("refused") && stderr.contains("allow_drills"),
         "{stderr}"

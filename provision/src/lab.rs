@@ -363,7 +363,7 @@ pub fn up(
         return Ok(steps);
     }
     let t = Instant::now();
-    prepare_ejabberd_database(material, fleet, &primary, topology.ports.postgres)?;
+    let primary = prepare_ejabberd_database_on_primary(material, fleet, topology.ports.postgres)?;
     timed(&format!("ejabberd database on {primary}"), t);
     let t = Instant::now();
     for node in &frontends {
@@ -433,6 +433,32 @@ pub fn ejabberd_status<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a s
 
 /// Creates ejabberd's SQL role (with the stand's password), database and schema on the primary
 /// unless they exist. Replication carries them to the standbys.
+/// [`prepare_ejabberd_database`] on the primary of the moment, again until it succeeds or
+/// [`PRIMARY_TIMEOUT`] passes: the script is idempotent, and a run can be cut short by the
+/// primary being fenced or replaced meanwhile (on a slow stand, software-emulated guests, a
+/// monitor election can outlast the lease). Returns the primary it succeeded on.
+fn prepare_ejabberd_database_on_primary(
+    material: &Material<'_>,
+    fleet: &mut dyn Fleet,
+    port: u16,
+) -> Result<String, LabError> {
+    let deadline = Instant::now() + PRIMARY_TIMEOUT;
+    loop {
+        let s = fleet
+            .haclt()
+            .wait_for("a primary", PRIMARY_TIMEOUT, |s| primary_of(s).is_some())?;
+        let primary = primary_of(&s).expect("waited for it");
+        match prepare_ejabberd_database(material, fleet, &primary, port) {
+            Ok(()) => return Ok(primary),
+            Err(e) if Instant::now() < deadline => {
+                warn!(node = %primary, error = %e, "preparing ejabberd's database failed; again on the primary of the moment");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn prepare_ejabberd_database(
     material: &Material<'_>,
     fleet: &mut dyn Fleet,

@@ -685,23 +685,26 @@ fn full_stand_fails_over_and_cleans_up() {
             String::from_utf8_lossy(&out.stderr).trim()
         )
     };
-    let address_of = |node: &str| {
-        stand
+    // Polls until a session through HAProxy lands on `node` (30 s at most).
+    let proxy_leads_to = |node: &str| {
+        let want = stand
             .material()
             .advertise_address(stand.inner.topology.node(node).unwrap())
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let seen = through_proxy();
-        if seen == address_of(&primary).to_string() {
-            break;
+            .to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let seen = through_proxy();
+            if seen == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "HAProxy does not lead to {node} ({want}): {seen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(
-            Instant::now() < deadline,
-            "HAProxy does not lead to the primary {primary}: {seen}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    };
+    proxy_leads_to(&primary);
 
     // XMPP users on both frontends keep writing through ejabberd across the crash.
     let mut exec = stand.cli();
@@ -741,18 +744,7 @@ fn full_stand_fails_over_and_cleans_up() {
     let failover = killed.elapsed();
     println!("failover: {standby} primary {failover:.2?} after SIGKILL of {primary}");
     // HAProxy follows by its checks alone: the promoted node answers 200 on /primary.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let seen = through_proxy();
-        if seen == address_of(&standby).to_string() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "HAProxy does not lead to the new primary {standby}: {seen}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    proxy_leads_to(&standby);
     println!(
         "HAProxy on the gateway leads to {standby} {:.2?} after the kill",
         killed.elapsed()
